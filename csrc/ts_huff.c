@@ -1,0 +1,312 @@
+#include "ts_huff.h"
+#include <string.h>
+
+#define MB TS_HUF_MAX_BITS
+#define KRAFT_ONE (1u << MB)
+
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v; /* little-endian hosts only (checked in ts_codec.c) */
+}
+
+static inline void store64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static inline uint32_t load32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+void ts_huf_count(const uint8_t *src, size_t n, uint64_t counts[256])
+{
+    uint32_t c[4][256];
+    memset(c, 0, sizeof c);
+    memset(counts, 0, 256 * sizeof counts[0]);
+    size_t i = 0;
+    while (i < n) {
+        /* flush the 32-bit sub-histograms before they can overflow */
+        size_t end = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;
+        for (; i + 4 <= end; i += 4) {
+            c[0][src[i]]++;
+            c[1][src[i + 1]]++;
+            c[2][src[i + 2]]++;
+            c[3][src[i + 3]]++;
+        }
+        for (; i < end; i++) c[0][src[i]]++;
+        for (int s = 0; s < 256; s++) {
+            counts[s] += (uint64_t)c[0][s] + c[1][s] + c[2][s] + c[3][s];
+            c[0][s] = c[1][s] = c[2][s] = c[3][s] = 0;
+        }
+    }
+}
+
+int ts_huf_lengths(const uint64_t counts[256], uint8_t lens[256])
+{
+    uint8_t sym[256];
+    int m = 0;
+    memset(lens, 0, 256);
+    for (int s = 0; s < 256; s++)
+        if (counts[s]) sym[m++] = (uint8_t)s;
+    if (m < 2) return m;
+    /* stable insertion sort by count (symbols already ascending) */
+    for (int i = 1; i < m; i++) {
+        uint8_t v = sym[i];
+        int j = i - 1;
+        while (j >= 0 && counts[sym[j]] > counts[v]) {
+            sym[j + 1] = sym[j];
+            j--;
+        }
+        sym[j + 1] = v;
+    }
+    uint64_t w[511];
+    int parent[511];
+    for (int i = 0; i < m; i++) w[i] = counts[sym[i]];
+    int li = 0, ii = m, next = m;
+    for (int step = 0; step < m - 1; step++) {
+        int pick[2];
+        for (int k = 0; k < 2; k++) {
+            if (li < m && (ii >= next || w[li] <= w[ii]))
+                pick[k] = li++;
+            else
+                pick[k] = ii++;
+        }
+        w[next] = w[pick[0]] + w[pick[1]];
+        parent[pick[0]] = parent[pick[1]] = next;
+        next++;
+    }
+    int depth[511];
+    int root = 2 * m - 2;
+    depth[root] = 0;
+    for (int node = root - 1; node >= 0; node--) depth[node] = depth[parent[node]] + 1;
+
+    uint32_t kraft = 0;
+    for (int i = 0; i < m; i++) {
+        int d = depth[i] > MB ? MB : depth[i];
+        lens[sym[i]] = (uint8_t)d;
+        kraft += 1u << (MB - d);
+    }
+    while (kraft > KRAFT_ONE) {
+        int best = -1;
+        for (int s = 0; s < 256; s++) {
+            if (!lens[s] || lens[s] >= MB) continue;
+            if (best < 0 || lens[s] > lens[best] ||
+                (lens[s] == lens[best] && (counts[s] < counts[best] ||
+                                           (counts[s] == counts[best] && s > best))))
+                best = s;
+        }
+        lens[best]++;
+        kraft -= 1u << (MB - lens[best]);
+    }
+    for (;;) {
+        int best = -1;
+        for (int s = 0; s < 256; s++) {
+            if (lens[s] <= 1) continue;
+            if ((1u << (MB - lens[s])) > KRAFT_ONE - kraft) continue;
+            if (best < 0 || counts[s] > counts[best]) best = s;
+        }
+        if (best < 0) break;
+        kraft += 1u << (MB - lens[best]);
+        lens[best]--;
+    }
+    return m;
+}
+
+/* Canonical codes, bit-reversed over their length (so they can be emitted LSB-first). */
+static void canonical_rev(const uint8_t lens[256], uint16_t rev[256])
+{
+    uint16_t count[MB + 1] = {0}, next[MB + 2];
+    for (int s = 0; s < 256; s++) count[lens[s]]++;
+    count[0] = 0;
+    uint16_t code = 0;
+    for (int l = 1; l <= MB; l++) {
+        code = (uint16_t)((code + count[l - 1]) << 1);
+        next[l] = code;
+    }
+    for (int s = 0; s < 256; s++) {
+        int l = lens[s];
+        rev[s] = 0;
+        if (!l) continue;
+        uint16_t c = next[l]++, r = 0;
+        for (int b = 0; b < l; b++) r |= (uint16_t)(((c >> b) & 1u) << (l - 1 - b));
+        rev[s] = r;
+    }
+}
+
+static void split4(size_t n, size_t start[5])
+{
+    size_t q = (n + 3) / 4;
+    for (int j = 0; j <= 4; j++) start[j] = (size_t)j * q < n ? (size_t)j * q : n;
+}
+
+uint64_t ts_huf_size(const uint8_t *src, size_t n, const uint8_t lens[256])
+{
+    size_t st[5];
+    split4(n, st);
+    uint64_t total = TS_HUF_HEADER;
+    for (int j = 0; j < 4; j++) {
+        uint64_t bits = 0;
+        for (size_t i = st[j]; i < st[j + 1]; i++) bits += lens[src[i]];
+        total += (bits + 7) / 8;
+    }
+    return total;
+}
+
+ts_status ts_huf_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_cap, size_t limit,
+                        size_t *out_size)
+{
+    uint64_t counts[256];
+    uint8_t lens[256];
+    uint16_t rev[256];
+    ts_huf_count(src, n, counts);
+    if (ts_huf_lengths(counts, lens) < 2) return TS_E_ARG;
+    size_t st[5];
+    split4(n, st);
+    uint64_t bytes[4], total = TS_HUF_HEADER;
+    for (int j = 0; j < 4; j++) {
+        uint64_t c[256] = {0}, bits = 0;
+        ts_huf_count(src + st[j], st[j + 1] - st[j], c);
+        for (int s = 0; s < 256; s++) bits += c[s] * lens[s];
+        bytes[j] = (bits + 7) / 8;
+        total += bytes[j];
+    }
+    if (total > limit) return TS_E_LIMIT;
+    if (total + TS_HUF_SLACK > dst_cap) return TS_E_ARG;
+    canonical_rev(lens, rev);
+    for (int j = 0; j < 128; j++) dst[j] = (uint8_t)(lens[2 * j] | (lens[2 * j + 1] << 4));
+    for (int j = 0; j < 3; j++) {
+        uint32_t v = (uint32_t)bytes[j];
+        dst[128 + 4 * j] = (uint8_t)v;
+        dst[129 + 4 * j] = (uint8_t)(v >> 8);
+        dst[130 + 4 * j] = (uint8_t)(v >> 16);
+        dst[131 + 4 * j] = (uint8_t)(v >> 24);
+    }
+    uint8_t *out = dst + TS_HUF_HEADER;
+    for (int j = 0; j < 4; j++) {
+        uint64_t acc = 0;
+        unsigned nb = 0;
+        uint8_t *p = out;
+        size_t i = st[j], e = st[j + 1];
+        for (; i + 4 <= e; i += 4) {
+            acc |= (uint64_t)rev[src[i]] << nb;
+            nb += lens[src[i]];
+            acc |= (uint64_t)rev[src[i + 1]] << nb;
+            nb += lens[src[i + 1]];
+            acc |= (uint64_t)rev[src[i + 2]] << nb;
+            nb += lens[src[i + 2]];
+            acc |= (uint64_t)rev[src[i + 3]] << nb;
+            nb += lens[src[i + 3]];
+            store64(p, acc); /* nb <= 7 + 44 < 64 */
+            p += nb >> 3;
+            acc >>= nb & ~7u;
+            nb &= 7;
+        }
+        for (; i < e; i++) {
+            acc |= (uint64_t)rev[src[i]] << nb;
+            nb += lens[src[i]];
+            store64(p, acc);
+            p += nb >> 3;
+            acc >>= nb & ~7u;
+            nb &= 7;
+        }
+        if (nb) *p++ = (uint8_t)acc;
+        out += bytes[j]; /* == p - out by construction */
+    }
+    *out_size = (size_t)total;
+    return TS_OK;
+}
+
+typedef struct {
+    const uint8_t *p; /* sub-stream start */
+    uint64_t size;    /* bytes */
+    uint64_t pos;     /* bits consumed */
+} bitstream;
+
+/* Read 64 bits at bit position pos, bits past the end read as zero. */
+static inline uint64_t peek_safe(const bitstream *b)
+{
+    uint64_t byte = b->pos >> 3;
+    uint8_t tmp[8] = {0};
+    for (int k = 0; k < 8 && byte + (uint64_t)k < b->size; k++) tmp[k] = b->p[byte + k];
+    return load64(tmp) >> (b->pos & 7);
+}
+
+ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
+{
+    if (size < TS_HUF_HEADER) return TS_E_TRUNCATED;
+    uint8_t lens[256];
+    int present = 0;
+    uint32_t kraft = 0;
+    for (int j = 0; j < 128; j++) {
+        lens[2 * j] = src[j] & 15;
+        lens[2 * j + 1] = src[j] >> 4;
+    }
+    for (int s = 0; s < 256; s++) {
+        if (!lens[s]) continue;
+        if (lens[s] > MB) return TS_E_CORRUPT;
+        present++;
+        kraft += 1u << (MB - lens[s]);
+    }
+    if (present < 2 || kraft != KRAFT_ONE) return TS_E_CORRUPT;
+    uint16_t rev[256], table[KRAFT_ONE];
+    canonical_rev(lens, rev);
+    for (int s = 0; s < 256; s++) {
+        int l = lens[s];
+        if (!l) continue;
+        for (uint32_t f = 0; f < (KRAFT_ONE >> l); f++)
+            table[rev[s] | (f << l)] = (uint16_t)((s << 4) | l);
+    }
+    uint64_t sz[4], avail = size - TS_HUF_HEADER, off = TS_HUF_HEADER;
+    for (int j = 0; j < 3; j++) {
+        sz[j] = load32(src + 128 + 4 * j);
+        if (sz[j] > avail) return TS_E_TRUNCATED;
+        avail -= sz[j];
+    }
+    sz[3] = avail;
+    bitstream bs[4];
+    for (int j = 0; j < 4; j++) {
+        bs[j].p = src + off;
+        bs[j].size = sz[j];
+        bs[j].pos = 0;
+        off += sz[j];
+    }
+    size_t st[5];
+    split4(n, st);
+    size_t at[4] = {st[0], st[1], st[2], st[3]};
+    const size_t q = st[1] - st[0];
+    /* fast path: every stream has 8 readable bytes at its position and 5 symbols left */
+    if (n >= 4 * 5) {
+        const size_t last = st[4] - st[3]; /* stream 3 may be shorter than q */
+        size_t done = 0;
+        for (;;) {
+            int ok = done + 5 <= last;
+            for (int j = 0; j < 4; j++) ok &= (bs[j].pos >> 3) + 8 <= bs[j].size;
+            if (!ok) break;
+            for (int j = 0; j < 4; j++) {
+                uint64_t bits = load64(bs[j].p + (bs[j].pos >> 3)) >> (bs[j].pos & 7);
+                uint8_t *o = dst + at[j];
+                unsigned used = 0;
+                for (int k = 0; k < 5; k++) {
+                    uint16_t e = table[(bits >> used) & (KRAFT_ONE - 1)];
+                    o[k] = (uint8_t)(e >> 4);
+                    used += e & 15;
+                }
+                bs[j].pos += used;
+                at[j] += 5;
+            }
+            done += 5;
+        }
+        (void)q;
+    }
+    for (int j = 0; j < 4; j++) {
+        while (at[j] < st[j + 1]) {
+            uint64_t bits = peek_safe(&bs[j]);
+            uint16_t e = table[bits & (KRAFT_ONE - 1)];
+            bs[j].pos += e & 15;
+            if (bs[j].pos > bs[j].size * 8) return TS_E_TRUNCATED;
+            dst[at[j]++] = (uint8_t)(e >> 4);
+        }
+        if ((bs[j].pos + 7) / 8 != bs[j].size) return TS_E_CORRUPT; /* trailing bytes */
+    }
+    return TS_OK;
+}

@@ -1,0 +1,299 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Native codec backend: the only Python code that touches csrc/.  API: docs/native-api.md.
+
+Owns buffer lifetimes (every buffer is held by a typed memoryview for the duration of the C call),
+releases the GIL around the C work, and turns C statuses into tinyserve.errors exceptions in one
+place (_raise)."""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+from tinyserve import errors
+from tinyserve.spec import (DTYPES, DTYPE_BY_CODE, ENCODINGS, Header, ChunkInfo, TensorInfo,
+                            MAX_CHUNK_BYTES)
+
+_MODES = {"huffman": 0, "zstd": 1, "max": 2}
+_ENC_CODES = {v: k for k, v in ENCODINGS.items()}
+
+_CLASSES = {
+    TS_E_TRUNCATED: errors.TruncatedError,
+    TS_E_MAGIC: errors.FormatError,
+    TS_E_VERSION: errors.UnsupportedError,
+    TS_E_LIMIT: errors.LimitError,
+    TS_E_OVERFLOW: errors.LimitError,
+    TS_E_LAYOUT: errors.LayoutError,
+    TS_E_DTYPE: errors.UnsupportedError,
+    TS_E_ENCODING: errors.UnsupportedError,
+    TS_E_CODEC: errors.UnsupportedError,
+    TS_E_CHECKSUM: errors.ChecksumError,
+    TS_E_CORRUPT: errors.CorruptDataError,
+    TS_E_DST_SIZE: errors.DestinationError,
+    TS_E_NOMEM: MemoryError,
+    TS_E_ARG: ValueError,
+    TS_E_NAME: errors.FormatError,
+    TS_E_FIELD: errors.FormatError,
+}
+
+
+cdef _raise(ts_status st, str where):
+    cls = _CLASSES.get(st, errors.TinyserveError)
+    raise cls(f"{where}: {ts_strstatus(st).decode()}")
+
+
+cdef const uint8_t[::1] _bytes_view(obj):
+    """A read-only byte view of any buffer (C-contiguous)."""
+    cdef memoryview mv = memoryview(obj)
+    if not mv.c_contiguous:
+        raise errors.DestinationError("buffer is not C-contiguous")
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")
+    return mv
+
+
+cdef uint8_t[::1] _writable_view(obj, uint64_t nbytes, str what):
+    cdef memoryview mv = memoryview(obj)
+    if mv.readonly:
+        raise errors.DestinationError(f"{what}: destination is read-only")
+    if not mv.c_contiguous:
+        raise errors.DestinationError(f"{what}: destination is not C-contiguous")
+    if mv.nbytes != nbytes:
+        raise errors.DestinationError(f"{what}: destination holds {mv.nbytes} bytes, the tensor needs {nbytes}")
+    if mv.ndim != 1 or mv.format not in ("B", "b", "c"):
+        mv = mv.cast("B")
+    return mv
+
+
+def xxh3_64(data):
+    cdef const uint8_t[::1] v = _bytes_view(data)
+    cdef size_t n = v.shape[0]
+    cdef const uint8_t *p = &v[0] if n else NULL
+    cdef uint64_t h
+    with nogil:
+        h = ts_xxh3(p, n)
+    return h
+
+
+cdef str _describe(ts_parse_error *e, list names):
+    where = ""
+    if e.tensor != 0xFFFFFFFF:
+        where = f"tensor #{e.tensor}"
+        if e.tensor < len(names):
+            where = f"tensor {names[e.tensor]!r}"
+        if e.chunk != 0xFFFFFFFF:
+            where += f" chunk {e.chunk}"
+        where += ": "
+    return f"{where}field {e.field.decode()} = {e.value} (limit/expected {e.limit})"
+
+
+def parse_header(buf):
+    cdef const uint8_t[::1] v = _bytes_view(buf)
+    cdef ts_header h
+    cdef ts_parse_error e
+    cdef ts_status st = ts_parse_header(&v[0] if v.shape[0] else NULL, v.shape[0], &h, &e)
+    if st != TS_OK:
+        if st == TS_E_MAGIC:
+            raise errors.FormatError("not a tinyserve weights file (bad magic)")
+        _raise(st, "header: " + _describe(&e, []))
+    return Header(h.major, h.minor, h.tensor_count, h.index_size, h.data_offset, h.file_size,
+                  h.index_checksum)
+
+
+def parse_index(header, index_buf):
+    cdef const uint8_t[::1] v = _bytes_view(index_buf)
+    cdef ts_header h
+    h.major, h.minor, h.tensor_count, h.index_size, h.data_offset, h.file_size, h.index_checksum = header
+    cdef size_t count = h.tensor_count
+    cdef ts_tensor *ts = <ts_tensor *>malloc((count if count else 1) * sizeof(ts_tensor))
+    cdef ts_parse_error e
+    cdef ts_status st
+    cdef const uint8_t *ix = &v[0] if v.shape[0] else NULL
+    cdef ts_chunk c
+    cdef uint64_t off
+    cdef uint32_t k
+    if ts == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            st = ts_parse_index(&h, ix, v.shape[0], ts, &e)
+        if st != TS_OK:
+            names = []
+            for i in range(min(e.tensor, count) if e.tensor != 0xFFFFFFFF else 0):
+                names.append(bytes(v[ts[i].name_off:ts[i].name_off + ts[i].name_len]).decode("utf-8", "replace"))
+            if e.tensor != 0xFFFFFFFF and e.tensor < count and ts[e.tensor].name_len and e.field != b"name_len":
+                names.append(bytes(v[ts[e.tensor].name_off:ts[e.tensor].name_off + ts[e.tensor].name_len]).decode("utf-8", "replace"))
+            _raise(st, "index: " + _describe(&e, names))
+        out = []
+        seen = set()
+        for i in range(count):
+            raw = bytes(v[ts[i].name_off:ts[i].name_off + ts[i].name_len])
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise errors.FormatError(f"index: tensor #{i}: name is not valid UTF-8: {raw[:64]!r}")
+            if name in seen:
+                raise errors.FormatError(f"index: tensor #{i}: duplicate tensor name {name!r}")
+            seen.add(name)
+            isz = ts[i].itemsize
+            chunks = []
+            off = ts[i].data_offset
+            for k in range(ts[i].chunk_count):
+                ts_get_chunk(ix, &ts[i], k, off, &c)
+                if ts[i].encoding == 0:
+                    chunks.append(ChunkInfo(c.offset, c.size, c.checksum, (), ()))
+                else:
+                    chunks.append(ChunkInfo(c.offset, c.size, c.checksum,
+                                            tuple(c.codecs[p] for p in range(isz)),
+                                            tuple(c.plane_sizes[p] for p in range(isz))))
+                off += c.size
+            out.append(TensorInfo(name, DTYPE_BY_CODE[ts[i].dtype][0], ENCODINGS[ts[i].encoding],
+                                  tuple(ts[i].shape[d] for d in range(ts[i].ndim)),
+                                  ts[i].data_offset, ts[i].data_size, ts[i].chunk_elems, tuple(chunks)))
+        return out
+    finally:
+        free(ts)
+
+
+def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int threads):
+    if dtype not in DTYPES:
+        raise errors.UnsupportedError(f"unknown dtype {dtype!r}")
+    if mode not in _MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(_MODES)}")
+    code, isz = DTYPES[dtype]
+    cdef const uint8_t[::1] s = _bytes_view(src)
+    cdef uint64_t nbytes = s.shape[0]
+    if nbytes % isz:
+        raise errors.DestinationError(f"source holds {nbytes} bytes, not a multiple of {dtype}'s {isz}")
+    if chunk_elems < 1 or chunk_elems * isz > MAX_CHUNK_BYTES:
+        raise errors.LimitError(f"chunk_elems {chunk_elems} outside 1..{MAX_CHUNK_BYTES // isz} for {dtype}")
+    cdef uint64_t numel = nbytes // isz
+    cdef size_t nchunks = (numel + chunk_elems - 1) // chunk_elems
+    out = bytearray(nbytes)
+    cdef uint8_t[::1] o = out
+    cdef ts_chunk_out *chunks = <ts_chunk_out *>malloc((nchunks if nchunks else 1) * sizeof(ts_chunk_out))
+    cdef uint64_t out_size = 0
+    cdef ts_status st
+    cdef int c_mode = _MODES[mode]
+    cdef unsigned c_dtype = code
+    if chunks == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            st = ts_encode_planes(c_dtype, &s[0] if nbytes else NULL, numel, chunk_elems, c_mode, level,
+                                  threads, &o[0] if nbytes else NULL, &out_size, chunks)
+        if st != TS_OK:
+            _raise(st, f"encode {dtype}")
+        recs = []
+        for k in range(nchunks):
+            recs.append((tuple(chunks[k].codecs[p] for p in range(isz)),
+                         tuple(chunks[k].plane_sizes[p] for p in range(isz)),
+                         chunks[k].checksum))
+    finally:
+        free(chunks)
+    del o
+    del out[out_size:]
+    return bytes(out), recs
+
+
+def checksum_chunks(src, uint64_t chunk_bytes, int threads):
+    cdef const uint8_t[::1] s = _bytes_view(src)
+    cdef uint64_t n = s.shape[0]
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be >= 1")
+    cdef size_t count = (n + chunk_bytes - 1) // chunk_bytes
+    cdef uint64_t *out = <uint64_t *>malloc((count if count else 1) * sizeof(uint64_t))
+    cdef ts_status st
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            st = ts_checksum_chunks(&s[0] if n else NULL, n, chunk_bytes, threads, out)
+        if st != TS_OK:
+            _raise(st, "checksum")
+        return [out[k] for k in range(count)]
+    finally:
+        free(out)
+
+
+cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t base, bint verify_only):
+    """Build one job per chunk and run them all; returns (status, failed job, job owners)."""
+    cdef const uint8_t[::1] f = _bytes_view(file_buf)
+    cdef uint64_t flen = f.shape[0]
+    cdef size_t njobs = 0
+    for t in tensors:
+        njobs += len(t.chunks)
+    cdef ts_status *statuses = NULL
+    cdef ts_chunk_job *jobs = <ts_chunk_job *>malloc((njobs if njobs else 1) * sizeof(ts_chunk_job))
+    if jobs == NULL:
+        raise MemoryError()
+    cdef size_t j = 0
+    cdef size_t failed = 0
+    cdef ts_status st = TS_OK
+    cdef uint8_t[::1] d
+    cdef uint64_t first, isz, rel
+    owners = []
+    views = []  # keep every destination view alive until the C call returns
+    try:
+        for ti in range(len(tensors)):
+            t = tensors[ti]
+            code, isz = DTYPES[t.dtype]
+            enc = _ENC_CODES[t.encoding]
+            if not verify_only:
+                d = _writable_view(dsts[ti], t.numel * isz, f"tensor {t.name!r}")
+                views.append(d)
+            for k, c in enumerate(t.chunks):
+                if c.offset < base or c.offset - base > flen or c.size > flen - (c.offset - base):
+                    raise errors.TruncatedError(
+                        f"tensor {t.name!r} chunk {k}: bytes [{c.offset}, {c.offset + c.size}) are not in "
+                        f"the buffer, which holds [{base}, {base + flen})")
+                rel = c.offset - base
+                first = <uint64_t>k * t.chunk_elems
+                memset(&jobs[j], 0, sizeof(ts_chunk_job))
+                jobs[j].src = &f[0] + rel if flen else NULL
+                jobs[j].src_size = c.size
+                jobs[j].n_elems = min(t.chunk_elems, t.numel - first)
+                jobs[j].dst = NULL if verify_only else &d[0] + first * isz
+                jobs[j].checksum = c.checksum
+                jobs[j].dtype = code
+                jobs[j].encoding = enc
+                jobs[j].verify = verify
+                for p in range(len(c.codecs)):
+                    jobs[j].codecs[p] = c.codecs[p]
+                    jobs[j].plane_sizes[p] = c.plane_sizes[p]
+                owners.append((t.name, k))
+                j += 1
+        if verify_only:
+            # every chunk on its own, so all mismatches are reported
+            statuses = <ts_status *>malloc((njobs if njobs else 1) * sizeof(ts_status))
+            if statuses == NULL:
+                raise MemoryError()
+            try:
+                with nogil:
+                    ts_run_jobs(jobs, njobs, threads, &failed, statuses)
+                bad = []
+                for j in range(njobs):
+                    if statuses[j] == TS_E_CHECKSUM:
+                        bad.append(owners[j])
+                    elif statuses[j] != TS_OK:
+                        _raise(statuses[j], f"tensor {owners[j][0]!r} chunk {owners[j][1]}")
+                return bad
+            finally:
+                free(statuses)
+        with nogil:
+            st = ts_run_jobs(jobs, njobs, threads, &failed, NULL)
+        if st != TS_OK:
+            name, k = owners[failed] if failed < njobs else ("?", -1)
+            _raise(st, f"tensor {name!r} chunk {k}")
+        return None
+    finally:
+        free(jobs)
+
+
+def decode_into(file_buf, jobs, bint verify, int threads, uint64_t base=0):
+    tensors = [t for t, _ in jobs]
+    dsts = [dst for _, dst in jobs]
+    _run(file_buf, tensors, dsts, verify, threads, base, False)
+
+
+def verify_chunks(file_buf, tensors, int threads, uint64_t base=0):
+    return _run(file_buf, list(tensors), [], True, threads, base, True)
