@@ -1,0 +1,422 @@
+"""The tinyserve weights file (docs/format.md): write (pack) and open (map + decode into tensors).
+
+Writing: every tensor is encoded (in the codec backend, several threads), the header and index are
+built, and the file is written to a temporary name, fsynced and renamed into place, so a reader never
+sees a half-written file and a live mapping of an older file is never rewritten under it.
+
+Reading: the header and index are read and validated with explicit reads, then the file is mapped
+copy-on-write (MAP_PRIVATE, readable and writable): raw tensors are torch views of that mapping
+(zero-copy until a page is written: a model writing to a buffer in place gets a private copy of that
+page instead of a SIGSEGV), compressed tensors are decoded straight into fresh tensor memory.  The
+mapping lives as long as any tensor viewing it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tinyserve import errors
+from tinyserve._backend import core as _default_core
+from tinyserve.spec import (
+    DTYPES,
+    ENC_PLANES,
+    ENC_RAW,
+    HEADER_SIZE,
+    MAGIC,
+    MAJOR,
+    MAX_CHUNK_BYTES,
+    MAX_NAME_LEN,
+    MINOR,
+    PAGE,
+    ChunkInfo,
+    TensorInfo,
+    align_up,
+    tensor_alignment,
+)
+
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+}
+DTYPE_TO_TORCH = {name: dt for dt, name in TORCH_DTYPES.items()}
+FLOATS = {"float32", "float16", "bfloat16", "float64"}
+
+COMPRESSIONS = ("auto", "none", "zstd", "planes")
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_LEVEL_CHUNK_BYTES = 256 << 10  # smaller chunks adapt their code tables to local statistics
+VERIFY_MODES = ("none", "compressed", "all")
+
+
+def default_threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class TensorSummary:
+    name: str
+    dtype: str
+    shape: tuple
+    encoding: str
+    raw_bytes: int
+    stored_bytes: int
+
+
+@dataclass
+class PackSummary:
+    path: str
+    tensors: list[TensorSummary] = field(default_factory=list)
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.stored_bytes for t in self.tensors)
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.file_bytes if self.file_bytes else 1.0
+
+
+def tensor_bytes(t: torch.Tensor | np.ndarray) -> tuple[str, tuple, memoryview]:
+    """(dtype name, shape, a byte view of the contiguous CPU data) of a tensor or array."""
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(t))
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor or numpy array, got {type(t).__name__}")
+    dtype = TORCH_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise errors.UnsupportedError(f"dtype {t.dtype} is not supported by the weights format")
+    t = t.detach().to("cpu").contiguous()
+    flat = t.reshape(-1).view(torch.uint8)
+    return dtype, tuple(t.shape), memoryview(flat.numpy())
+
+
+def _plan(dtype: str, compression: str, level: int | str | None) -> tuple[str, int, int] | None:
+    """(mode, zstd level, chunk bytes) for a 'planes' attempt, or None for raw."""
+    if compression == "none":
+        return None
+    strongest = level == "max"
+    zlevel = 19 if strongest else int(level) if level is not None else 3
+    if not 1 <= zlevel <= 22:
+        raise errors.ConfigError(f"level {level!r} outside 1..22 (or 'max')")
+    chunk = MAX_LEVEL_CHUNK_BYTES if strongest else DEFAULT_CHUNK_BYTES
+    if compression == "zstd":
+        return "zstd", zlevel, chunk
+    if compression == "planes":
+        return ("max" if strongest else "huffman"), zlevel, chunk
+    # auto: floats through the Huffman plane coder (it reaches the order-0 bound), other dtypes
+    # through zstd, whose matches catch repeated integers; 'max' tries both on every plane.
+    if strongest:
+        return "max", zlevel, chunk
+    return ("huffman" if dtype in FLOATS else "zstd"), zlevel, chunk
+
+
+def _encode_tensor(core, name: str, t, compression: str, level, threads: int, min_saving: float,
+                   chunk_bytes: int | None):
+    dtype, shape, data = tensor_bytes(t)
+    isz = DTYPES[dtype][1]
+    raw_bytes = data.nbytes
+    plan = _plan(dtype, compression, level)
+    if plan is not None and raw_bytes >= 256:
+        mode, zlevel, chunk = plan
+        chunk = chunk_bytes or chunk
+        chunk_elems = max(1, chunk // isz)
+        payload, recs = core.encode_planes(data, dtype, chunk_elems, mode, zlevel, threads)
+        # keep raw when compression saves too little to pay for decoding ('auto' only)
+        if compression != "auto" or len(payload) <= raw_bytes * (1.0 - min_saving):
+            return dtype, shape, ENC_PLANES, chunk_elems, payload, recs
+    chunk = min(chunk_bytes or DEFAULT_CHUNK_BYTES * 4, MAX_CHUNK_BYTES)
+    chunk_elems = max(1, chunk // isz)
+    sums = core.checksum_chunks(data, chunk_elems * isz, threads)
+    return dtype, shape, ENC_RAW, chunk_elems, data, sums
+
+
+def build_index(entries: list[tuple]) -> tuple[bytes, list[int], int]:
+    """Index bytes, each tensor's data offset and the file size for
+    entries = [(name, dtype, shape, encoding, chunk_elems, data_size, chunk_records)], where a chunk
+    record is a checksum (raw) or (codecs, plane_sizes, checksum) (planes)."""
+    def record_size(name, dtype, shape, enc, recs):
+        per_chunk = 8 if enc == ENC_RAW else 8 + 5 * DTYPES[dtype][1]
+        return 2 + len(name.encode("utf-8")) + 4 + 8 * len(shape) + 24 + per_chunk * len(recs)
+
+    index_size = sum(record_size(e[0], e[1], e[2], e[3], e[6]) for e in entries)
+    end = align_up(HEADER_SIZE + index_size, PAGE)
+    parts, offsets = [], []
+    for name, dtype, shape, enc, chunk_elems, data_size, recs in entries:
+        off = align_up(end, tensor_alignment(enc, data_size))
+        offsets.append(off)
+        end = off + data_size
+        nb = name.encode("utf-8")
+        parts.append(struct.pack("<H", len(nb)) + nb)
+        parts.append(struct.pack(f"<BBBB{len(shape)}Q", DTYPES[dtype][0], enc, len(shape), 0, *shape))
+        parts.append(struct.pack("<QQII", off, data_size, chunk_elems, len(recs)))
+        if enc == ENC_RAW:
+            parts.append(struct.pack(f"<{len(recs)}Q", *recs))
+        else:
+            for codecs, sizes, checksum in recs:
+                parts.append(b"".join(struct.pack("<BI", c, s) for c, s in zip(codecs, sizes)))
+                parts.append(struct.pack("<Q", checksum))
+    index = b"".join(parts)
+    assert len(index) == index_size
+    return index, offsets, end
+
+
+def _header(core, index: bytes, file_size: int, count: int) -> bytes:
+    data_offset = align_up(HEADER_SIZE + len(index), PAGE)
+    head = MAGIC + struct.pack("<HHIQQQQ", MAJOR, MINOR, count, len(index), data_offset, file_size,
+                               core.xxh3_64(index))
+    return head + struct.pack("<QQ", core.xxh3_64(head), 0)
+
+
+def write_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | np.ndarray], *,
+                  compression: str = "auto", level: int | str | None = None, threads: int | None = None,
+                  min_saving: float = 0.03, chunk_bytes: int | None = None,
+                  progress: Callable[[int, int], None] | None = None, core=None) -> PackSummary:
+    """Write `tensors` to `path` atomically (temp file, fsync, rename).
+
+    compression: 'auto' (per tensor: the plane coder where it saves at least `min_saving`, else raw),
+    'none' (all raw), 'zstd' (planes, each through zstd at `level`), 'planes' (planes through the
+    Huffman coder).  level: 1..22 for zstd, or 'max' for the strongest (slowest) setting.
+    progress(done_bytes, total_bytes) is called after each tensor."""
+    core = core or _default_core
+    if compression not in COMPRESSIONS:
+        raise errors.ConfigError(f"compression {compression!r} is not one of {COMPRESSIONS}")
+    if chunk_bytes is not None and not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise errors.ConfigError(f"chunk_bytes {chunk_bytes} outside 1..{MAX_CHUNK_BYTES}")
+    threads = threads or default_threads()
+    t0 = time.perf_counter()
+    names = list(tensors)
+    for name in names:
+        if not isinstance(name, str) or not 1 <= len(name.encode("utf-8")) <= MAX_NAME_LEN or "\0" in name:
+            raise errors.FormatError(f"tensor name {name!r}: must be 1..{MAX_NAME_LEN} UTF-8 bytes without NUL")
+    total = sum(tensor_bytes(tensors[n])[2].nbytes for n in names) if progress else 0
+    done = 0
+    encoded, summary = [], PackSummary(str(path))
+    for name in names:
+        dtype, shape, enc, chunk_elems, payload, recs = _encode_tensor(
+            core, name, tensors[name], compression, level, threads, min_saving, chunk_bytes)
+        encoded.append((name, dtype, shape, enc, chunk_elems, len(payload) if enc else payload.nbytes, recs,
+                        payload))
+        raw = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1] if shape else DTYPES[dtype][1]
+        summary.tensors.append(TensorSummary(name, dtype, shape, "planes" if enc else "raw", raw,
+                                             encoded[-1][5]))
+        done += raw
+        if progress:
+            progress(done, total)
+    index, offsets, file_size = build_index([e[:7] for e in encoded])
+    header = _header(core, index, file_size, len(encoded))
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(index)
+            pos = HEADER_SIZE + len(index)
+            for off, e in zip(offsets, encoded):
+                f.write(b"\0" * (off - pos))
+                f.write(e[7])
+                pos = off + e[5]
+            assert pos == file_size or not encoded, (pos, file_size)
+            if not encoded:
+                f.write(b"\0" * (file_size - pos))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    summary.file_bytes = file_size
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class LoadStats:
+    """Where the time of the last load went (seconds) and how many bytes each path handled."""
+
+    decode_s: float = 0.0
+    verify_raw_s: float = 0.0
+    raw_bytes: int = 0
+    decoded_bytes: int = 0
+    verified_compressed: bool = False
+    verified_raw: bool = False
+
+
+class WeightsFile:
+    """An open weights file.  `tensors` maps names to TensorInfo in file order."""
+
+    def __init__(self, path: str | os.PathLike, *, core=None):
+        self.path = os.fspath(path)
+        self._core = core or _default_core
+        self.last_load = LoadStats()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER_SIZE, 0)
+            self.header = self._core.parse_header(head)
+            if size != self.header.file_size:
+                cls = errors.TruncatedError if size < self.header.file_size else errors.LayoutError
+                raise cls(f"{self.path}: file holds {size} bytes, its header declares {self.header.file_size}")
+            index = os.pread(fd, self.header.index_size, HEADER_SIZE)
+            try:
+                infos = self._core.parse_index(self.header, index)
+            except errors.TinyserveError as exc:
+                raise type(exc)(f"{self.path}: {exc}") from None
+            self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
+            # copy-on-write: readable + writable, private (see module docstring)
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Drop this object's reference to the mapping; tensors viewing it keep it alive."""
+        self._map = None
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        if self._map is None:
+            raise ValueError(f"{self.path}: file is closed")
+        return self._map
+
+    def load(self, names: Iterable[str] | None = None, *, verify: str = "compressed",
+             threads: int | None = None) -> dict[str, torch.Tensor]:
+        """Tensors by name: raw ones as zero-copy views of the mapping, compressed ones decoded.
+
+        verify: 'none', 'compressed' (check each compressed chunk as it is decoded: cheap) or 'all'
+        (also hash every raw chunk: a full pass over the raw bytes, timed apart in last_load)."""
+        if verify not in VERIFY_MODES:
+            raise errors.ConfigError(f"verify {verify!r} is not one of {VERIFY_MODES}")
+        threads = threads or default_threads()
+        infos = [self._info(n) for n in (self.tensors if names is None else names)]
+        stats = LoadStats(verified_compressed=verify != "none", verified_raw=verify == "all")
+        out: dict[str, torch.Tensor] = {}
+        jobs = []
+        for info in infos:
+            tdtype = DTYPE_TO_TORCH[info.dtype]
+            if info.encoding == "raw":
+                if info.nbytes:
+                    flat = torch.frombuffer(self.mapping, dtype=torch.uint8, count=info.nbytes,
+                                            offset=info.data_offset)
+                else:
+                    flat = torch.empty(0, dtype=torch.uint8)
+                out[info.name] = flat.view(tdtype).reshape(info.shape)
+                stats.raw_bytes += info.nbytes
+            else:
+                flat = torch.empty(info.nbytes, dtype=torch.uint8)
+                jobs.append((info, flat.numpy()))
+                out[info.name] = flat.view(tdtype).reshape(info.shape)
+                stats.decoded_bytes += info.nbytes
+        t0 = time.perf_counter()
+        if jobs:
+            self._core.decode_into(self.mapping, jobs, verify != "none", threads)
+        t1 = time.perf_counter()
+        if verify == "all":
+            raw = [i for i in infos if i.encoding == "raw"]
+            bad = self._core.verify_chunks(self.mapping, raw, threads)
+            if bad:
+                raise errors.ChecksumError(f"{self.path}: checksum mismatch in {_describe_bad(bad)}")
+        stats.decode_s, stats.verify_raw_s = t1 - t0, time.perf_counter() - t1
+        self.last_load = stats
+        return out
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def verify(self, threads: int | None = None) -> None:
+        """Check every chunk checksum and every padding byte; raise on the first kind of damage found
+        (ChecksumError lists every bad chunk)."""
+        threads = threads or default_threads()
+        infos = list(self.tensors.values())
+        bad = self._core.verify_chunks(self.mapping, infos, threads)
+        if bad:
+            raise errors.ChecksumError(f"{self.path}: checksum mismatch in {_describe_bad(bad)}")
+        view = memoryview(self.mapping)
+        try:
+            pos = HEADER_SIZE + self.header.index_size
+            gaps = [(pos, self.header.data_offset)]
+            end = self.header.data_offset
+            for info in infos:
+                gaps.append((end, info.data_offset))
+                end = info.data_offset + info.data_size
+            for a, b in gaps:
+                if b > a and any(view[a:b]):
+                    raise errors.LayoutError(f"{self.path}: padding bytes [{a}, {b}) are not zero")
+        finally:
+            view.release()
+
+
+def _describe_bad(bad: list[tuple[str, int]]) -> str:
+    shown = ", ".join(f"tensor {n!r} chunk {k}" for n, k in bad[:10])
+    return shown + (f" and {len(bad) - 10} more chunks" if len(bad) > 10 else "")
+
+
+def load_file(path: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None,
+              core=None) -> dict[str, torch.Tensor]:
+    with WeightsFile(path, core=core) as f:
+        return f.load(verify=verify, threads=threads)
+
+
+def verify_file(path: str | os.PathLike, threads: int | None = None, core=None) -> None:
+    """Validate the header, index, every checksum and every padding byte of a weights file."""
+    with WeightsFile(path, core=core) as f:
+        f.verify(threads)
+
+
+def chunk_info_from_records(data_offset: int, recs) -> tuple[ChunkInfo, ...]:
+    """ChunkInfo tuples for planes chunk records laid out from data_offset (used by tests and tools)."""
+    out, off = [], data_offset
+    for codecs, sizes, checksum in recs:
+        out.append(ChunkInfo(off, sum(sizes), checksum, tuple(codecs), tuple(sizes)))
+        off += sum(sizes)
+    return tuple(out)
