@@ -1,0 +1,156 @@
+"""Model programs: how a version's computation is stored apart from its weights, and bound back.
+
+Two kinds (docs/repository.md):
+
+* ``torch_export``: a ``torch.export`` program saved WITHOUT its weights.  At pack time every entry of
+  ``ep.state_dict`` and ``ep.constants`` (non-persistent buffers live there) is written to the weights
+  file once (tied entries share one stored tensor) and replaced in the program by a ``meta`` tensor,
+  so ``program.pt2`` holds only the graph (torch writes 0 bytes for meta tensors: pinned torch, and a
+  test fails if that changes).  ``program.json`` lists every binding with its stored name, shape and
+  dtype.  At load the bindings are checked against the weights index (nothing in torch checks them),
+  put back into the program and ``ep.module()`` is built: parameters share memory with the weights
+  (zero-copy for raw tensors, which view a copy-on-write mapping).
+* ``python``: a ``model.py`` in the version directory (TRUSTED code, executed by the loader) that
+  defines ``build(config: dict) -> nn.Module`` and optionally ``preprocess`` / ``postprocess``; the
+  weights are bound with ``load_state_dict(assign=True, strict=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from tinyserve import errors
+from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES
+
+PROGRAM_FILE = "program.pt2"
+MODEL_FILE = "model.py"
+
+
+def bindings_file(program: str) -> str:
+    """program.pt2 -> program.json: the binding manifest stored beside an exported program."""
+    return program.rsplit(".", 1)[0] + ".json"
+
+
+def export_module(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], out_dir: str | os.PathLike,
+                  *, program: str = PROGRAM_FILE, dynamic_batch: bool = True) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Export `module` with a dynamic batch dimension into out_dir/program.pt2 (+ program.json)
+    without its weights.  Returns (tensors to store in the weights file, example outputs)."""
+    module = module.eval()
+    example_inputs = tuple(example_inputs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        dynamic_shapes = tuple({0: batch} if x.dim() > 0 else None for x in example_inputs)
+    with torch.no_grad():
+        try:
+            ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # torch raises many kinds here; name the model and the cause
+            raise errors.ModelError(f"torch.export failed for {type(module).__name__}: {exc}") from exc
+        outputs = module(*example_inputs)
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+
+    stored: dict[str, torch.Tensor] = {}
+    by_id: dict[int, str] = {}
+    bindings = []
+    for kind, table in (("state_dict", ep.state_dict), ("constants", ep.constants)):
+        for name, value in list(table.items()):
+            if not isinstance(value, torch.Tensor):
+                raise errors.ModelError(f"export: {kind} entry {name!r} is a {type(value).__name__}, "
+                                        "not a tensor (script objects are not supported)")
+            key = id(value)
+            if key not in by_id:  # tied entries (one object under several names) are stored once
+                by_id[key] = name
+                stored[name] = value.detach()
+            bindings.append({"name": name, "kind": kind, "stored": by_id[key],
+                             "parameter": isinstance(value, torch.nn.Parameter),
+                             "shape": list(value.shape), "dtype": TORCH_DTYPES[value.dtype]})
+    metas: dict[int, torch.Tensor] = {}
+    for kind, table in (("state_dict", ep.state_dict), ("constants", ep.constants)):
+        for name, value in list(table.items()):
+            key = id(value)
+            if key not in metas:
+                meta = torch.empty_like(value, device="meta")
+                metas[key] = torch.nn.Parameter(meta, requires_grad=value.requires_grad) \
+                    if isinstance(value, torch.nn.Parameter) else meta
+            table[name] = metas[key]
+    out_dir = Path(out_dir)
+    torch.export.save(ep, out_dir / program)
+    (out_dir / bindings_file(program)).write_text(json.dumps({"bindings": bindings}, indent=1))
+    return stored, outputs
+
+
+def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, torch.Tensor],
+                        program: str = PROGRAM_FILE) -> torch.nn.Module:
+    """Load the exported program and bind `weights` (checked against its bindings file) zero-copy."""
+    version_dir = Path(version_dir)
+    manifest = version_dir / bindings_file(program)
+    try:
+        bindings = json.loads(manifest.read_text())["bindings"]
+        for b in bindings:
+            b["name"], b["kind"], b["stored"], b["parameter"], b["shape"], b["dtype"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise errors.ModelError(f"{manifest}: unreadable bindings: {exc!r}") from None
+    try:
+        ep = torch.export.load(version_dir / program)
+    except Exception as exc:  # torch raises many kinds for a damaged archive
+        raise errors.ModelError(f"{version_dir / program}: cannot load the exported program: {exc!r}") from None
+    params: dict[str, torch.nn.Parameter] = {}
+    for b in bindings:
+        stored = b["stored"]
+        if stored not in weights:
+            raise errors.ModelError(f"{version_dir}: weights file has no tensor {stored!r} for {b['name']!r}")
+        t = weights[stored]
+        want_dtype = DTYPE_TO_TORCH.get(b["dtype"])
+        if tuple(t.shape) != tuple(b["shape"]) or t.dtype != want_dtype:
+            raise errors.ModelError(
+                f"{version_dir}: tensor {stored!r} is {t.dtype} {tuple(t.shape)}, the program expects "
+                f"{b['dtype']} {tuple(b['shape'])} for {b['name']!r}")
+        table = ep.state_dict if b["kind"] == "state_dict" else ep.constants
+        if b["name"] not in table:
+            raise errors.ModelError(f"{version_dir}: program has no {b['kind']} entry {b['name']!r}")
+        if b["parameter"]:
+            # requires_grad=True as in the original: with False the CPU took another kernel path
+            # and results moved by about 1 ulp (shared/notes/torch-export-weights.md)
+            if stored not in params:
+                params[stored] = torch.nn.Parameter(t, requires_grad=True)
+            table[b["name"]] = params[stored]
+        else:
+            table[b["name"]] = t
+    return ep.module()
+
+
+def load_python_model(version_dir: str | os.PathLike, weights: Mapping[str, torch.Tensor],
+                      params: Mapping | None = None, program: str = MODEL_FILE
+                      ) -> tuple[torch.nn.Module, types.ModuleType]:
+    """Import the model file (TRUSTED code) from the version directory, build the module, bind weights."""
+    path = Path(version_dir) / program
+    name = f"tinyserve_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise errors.ModelError(f"{path}: cannot import")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        if not callable(getattr(mod, "build", None)):
+            raise errors.ModelError(f"{path}: defines no build(config) function")
+        module = mod.build(dict(params or {}))
+    except errors.TinyserveError:
+        raise
+    except Exception as exc:
+        raise errors.ModelError(f"{path}: building the model failed: {exc!r}") from exc
+    finally:
+        sys.modules.pop(name, None)
+    try:
+        module.load_state_dict(dict(weights), strict=True, assign=True)
+    except (RuntimeError, KeyError) as exc:
+        raise errors.ModelError(f"{path}: weights do not match the model: {exc}") from None
+    return module.eval(), mod
