@@ -344,6 +344,8 @@ class ModelConfig:
         """Build from parsed JSON / TOML.  Unknown keys and wrong types raise ConfigError."""
         d = _check_keys(d, "model config", _MODEL_KEYS, _MODEL_REQUIRED)
         for key in ("name", "platform", "program", "weights"):
+            if key == "program" and d.get(key, "") is None:
+                continue  # null: the platform's default (none for weights-only models)
             if key in d and not isinstance(d[key], str):
                 raise ConfigError(f"model config: {key} must be a string, got {_type_name(d[key])}")
         sides = {}
