@@ -19,7 +19,7 @@ def pkg_config(flag: str, lib: str, fallback: list[str]) -> list[str]:
         return fallback
 
 
-CSRC = ["csrc/ts_status.c", "csrc/ts_huff.c", "csrc/ts_planes.c", "csrc/ts_codec.c", "csrc/ts_weights.c"]
+CSRC = ["csrc/ts_status.c", "csrc/ts_huff.c", "csrc/ts_rans.c", "csrc/ts_planes.c", "csrc/ts_codec.c", "csrc/ts_weights.c"]
 cflags = ["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"] + pkg_config("--cflags", "libzstd", [])
 if os.environ.get("TINYSERVE_NATIVE_DEBUG"):
     cflags += ["-O1", "-g", "-fno-omit-frame-pointer"]

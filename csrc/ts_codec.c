@@ -1,6 +1,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "ts_codec.h"
 #include "ts_huff.h"
+#include "ts_rans.h"
 
 #include <pthread.h>
 #include <stddef.h>
@@ -80,7 +81,7 @@ static ts_status pool_run(pool *p, int threads)
 /* ---------------------------------------------------------------- encoding */
 typedef struct {
     uint8_t *planes;   /* itemsize * chunk_elems */
-    uint8_t *cand;     /* candidate stream for one plane */
+    uint8_t *cand, *cand2; /* candidate streams for one plane */
     size_t cand_cap;
     ZSTD_CCtx *cctx;
 } enc_worker;
@@ -104,10 +105,12 @@ static int enc_init(void *w, void *c)
     ew->planes = malloc(n * ec->isz + 1);
     ew->cand_cap = ZSTD_compressBound(n) + TS_HUF_HEADER + TS_HUF_SLACK + 64;
     ew->cand = malloc(ew->cand_cap);
+    ew->cand2 = malloc(ew->cand_cap);
     ew->cctx = ZSTD_createCCtx();
-    if (!ew->planes || !ew->cand || !ew->cctx) {
+    if (!ew->planes || !ew->cand || !ew->cand2 || !ew->cctx) {
         free(ew->planes);
         free(ew->cand);
+        free(ew->cand2);
         ZSTD_freeCCtx(ew->cctx);
         return 1;
     }
@@ -119,6 +122,7 @@ static void enc_fini(void *w)
     enc_worker *ew = w;
     free(ew->planes);
     free(ew->cand);
+    free(ew->cand2);
     ZSTD_freeCCtx(ew->cctx);
 }
 
@@ -161,13 +165,24 @@ static void enc_chunk(void *c, size_t k, void *w)
                 best_src = o;
             }
         }
-        if (ec->mode == TS_MODE_HUFFMAN || ec->mode == TS_MODE_MAX) {
+        /* each next candidate must be strictly smaller than the best so far (ties keep the lower
+         * codec number); huffman goes to cand, rans to cand2, so the winner is never overwritten */
+        if (ec->mode != TS_MODE_ZSTD) {
             size_t h;
-            /* strictly smaller than the best so far (ties keep the lower codec number) */
             if (best > 0 && ts_huf_encode(pl, n, ew->cand, ew->cand_cap, best - 1, &h) == TS_OK) {
                 best = h;
                 best_codec = TS_CODEC_HUFFMAN;
                 best_src = ew->cand;
+            }
+        }
+        if (ec->mode == TS_MODE_MAX || ec->mode == TS_MODE_RANS) {
+            /* rans decodes at about half huffman's speed: it must save at least 1/128 of the best
+             * other candidate to pay for that (it does on exponent planes, rarely on mantissas) */
+            size_t r, limit = best / 128 * 127 + (best % 128) * 127 / 128;
+            if (limit > 0 && ts_rans_encode(pl, n, ew->cand2, ew->cand_cap, limit, &r) == TS_OK) {
+                best = r;
+                best_codec = TS_CODEC_RANS;
+                best_src = ew->cand2;
             }
         }
         if (best_src != o) memmove(o, best_src, best);
@@ -185,7 +200,7 @@ ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, u
 {
     unsigned isz = ts_dtype_size(dtype);
     if (!isz) return TS_E_DTYPE;
-    if (!chunk_elems || chunk_elems * isz > (16u << 20) || mode < 0 || mode > 2) return TS_E_ARG;
+    if (!chunk_elems || chunk_elems * isz > (16u << 20) || mode < 0 || mode > 3) return TS_E_ARG;
     *out_size = 0;
     if (!numel) return TS_OK;
     enc_ctx ec = {.dtype = dtype, .isz = isz, .src = src, .numel = numel, .chunk_elems = chunk_elems,
@@ -283,6 +298,11 @@ ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_s
         }
         case TS_CODEC_HUFFMAN: {
             ts_status st = ts_huf_decode(s, (size_t)sz, d, n);
+            if (st) return st;
+            break;
+        }
+        case TS_CODEC_RANS: {
+            ts_status st = ts_rans_decode(s, (size_t)sz, d, n);
             if (st) return st;
             break;
         }

@@ -233,7 +233,7 @@ static inline uint64_t peek_safe(const bitstream *b)
 
 ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
 {
-    if (size < TS_HUF_HEADER) return TS_E_TRUNCATED;
+    if (size < TS_HUF_HEADER) return TS_E_CORRUPT;
     uint8_t lens[256];
     int present = 0;
     uint32_t kraft = 0;
@@ -259,7 +259,7 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
     uint64_t sz[4], avail = size - TS_HUF_HEADER, off = TS_HUF_HEADER;
     for (int j = 0; j < 3; j++) {
         sz[j] = load32(src + 128 + 4 * j);
-        if (sz[j] > avail) return TS_E_TRUNCATED;
+        if (sz[j] > avail) return TS_E_CORRUPT;
         avail -= sz[j];
     }
     sz[3] = avail;
@@ -303,7 +303,7 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
             uint64_t bits = peek_safe(&bs[j]);
             uint16_t e = table[bits & (KRAFT_ONE - 1)];
             bs[j].pos += e & 15;
-            if (bs[j].pos > bs[j].size * 8) return TS_E_TRUNCATED;
+            if (bs[j].pos > bs[j].size * 8) return TS_E_CORRUPT; /* sub-stream ends early */
             dst[at[j]++] = (uint8_t)(e >> 4);
         }
         if ((bs[j].pos + 7) / 8 != bs[j].size) return TS_E_CORRUPT; /* trailing bytes */

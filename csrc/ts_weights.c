@@ -80,8 +80,9 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
         NEED(2, "name_len");
         t->name_len = rd16(ix + pos);
         pos += 2;
-        if (t->name_len < 1 || t->name_len > TS_MAX_NAME_LEN)
-            return fail(e, TS_E_NAME, i, NONE, "name_len", t->name_len, TS_MAX_NAME_LEN);
+        if (t->name_len < 1) return fail(e, TS_E_NAME, i, NONE, "name_len", 0, 1);
+        if (t->name_len > TS_MAX_NAME_LEN)
+            return fail(e, TS_E_LIMIT, i, NONE, "name_len", t->name_len, TS_MAX_NAME_LEN);
         NEED(t->name_len, "name");
         t->name_off = pos;
         if (memchr(ix + pos, 0, t->name_len)) return fail(e, TS_E_NAME, i, NONE, "name", 0, 0);
@@ -135,7 +136,7 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
                 for (unsigned p = 0; p < t->itemsize; p++) {
                     uint8_t codec = r[5 * p];
                     uint32_t sz = rd32(r + 5 * p + 1);
-                    if (codec > TS_CODEC_HUFFMAN) return fail(e, TS_E_CODEC, i, k, "codec", codec, 3);
+                    if (codec > TS_CODEC_RANS) return fail(e, TS_E_CODEC, i, k, "codec", codec, 4);
                     if (sz > n) return fail(e, TS_E_LIMIT, i, k, "plane_size", sz, n);
                     if (codec == TS_CODEC_FILL && sz != 1) return fail(e, TS_E_LAYOUT, i, k, "plane_size", sz, 1);
                     if (codec == TS_CODEC_STORED && sz != n) return fail(e, TS_E_LAYOUT, i, k, "plane_size", sz, n);

@@ -13,7 +13,7 @@ from tinyserve import errors
 from tinyserve.spec import (DTYPES, DTYPE_BY_CODE, ENCODINGS, Header, ChunkInfo, TensorInfo,
                             MAX_CHUNK_BYTES)
 
-_MODES = {"huffman": 0, "zstd": 1, "max": 2}
+_MODES = {"huffman": 0, "zstd": 1, "max": 2, "rans": 3}
 _ENC_CODES = {v: k for k, v in ENCODINGS.items()}
 
 _CLASSES = {
