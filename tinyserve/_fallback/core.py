@@ -1,0 +1,800 @@
+"""Pure-Python twin of the native codec (docs/native-api.md).
+
+This module is the test oracle for ``tinyserve._native._core`` and the fallback used when the
+extension is absent.  It implements docs/format.md (the weights format) with numpy, zstandard and
+xxhash only.  Correctness comes first; the hot loops are vectorised with numpy where that is simple.
+
+Error classes (all from ``tinyserve.errors``) and what raises them:
+
+* ``TruncatedError``   - a buffer, the header, an index record or a chunk ends before its declared bytes
+* ``LimitError``       - a documented limit is broken or an integer would overflow 2^64
+* ``LayoutError``      - offsets/sizes are inconsistent (placement, chunk_count, data_size, file_size)
+* ``UnsupportedError`` - unknown major version, dtype, encoding, codec or non-zero flags
+* ``ChecksumError``    - header, index or chunk checksum mismatch
+* ``CorruptDataError`` - a zstd frame or Huffman stream is malformed
+* ``FormatError``      - anything else wrong with the file (magic, names, reserved field)
+* ``DestinationError`` - a destination buffer is not writable, not contiguous or of the wrong size
+* ``ConfigError``      - bad arguments to the encoder (unknown dtype name or mode, bad chunk_elems)
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import xxhash
+import zstandard
+
+from tinyserve import spec
+from tinyserve.spec import ChunkInfo, Header, TensorInfo
+from tinyserve.errors import (
+    ChecksumError,
+    ConfigError,
+    CorruptDataError,
+    DestinationError,
+    FormatError,
+    LayoutError,
+    LimitError,
+    TruncatedError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "ChunkInfo",
+    "Header",
+    "TensorInfo",
+    "checksum_chunks",
+    "decode_into",
+    "encode_planes",
+    "parse_header",
+    "parse_index",
+    "verify_chunks",
+    "xxh3_64",
+]
+
+_U64 = 1 << 64
+_HUFF_BITS = spec.HUFFMAN_MAX_BITS
+_HUFF_TABLE = 1 << _HUFF_BITS  # 2048: the Kraft sum of a complete code, and the LUT size
+_HUFF_HEADER = 140  # 128 bytes of code lengths + 3 x u32 sub-stream sizes
+_MODES = ("huffman", "zstd", "max")
+
+
+# --------------------------------------------------------------------------------------------------
+# buffers
+# --------------------------------------------------------------------------------------------------
+def _u8(buf, what: str) -> np.ndarray:
+    """A read-only-or-not 1-D uint8 numpy view of any buffer-protocol object (copied if strided)."""
+    if isinstance(buf, np.ndarray):
+        arr = buf if buf.flags.c_contiguous else np.ascontiguousarray(buf)
+        return arr.reshape(-1).view(np.uint8)
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"{what}: expected a buffer-protocol object, got {type(buf).__name__}") from None
+    if mv.nbytes == 0:
+        return np.zeros(0, np.uint8)
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    return np.frombuffer(mv, dtype=np.uint8)
+
+
+def xxh3_64(data) -> int:
+    """XXH3 64-bit, seed 0, of any buffer-protocol object."""
+    if isinstance(data, (bytes, bytearray)):
+        return xxhash.xxh3_64_intdigest(data)
+    return xxhash.xxh3_64_intdigest(_u8(data, "xxh3_64"))
+
+
+# --------------------------------------------------------------------------------------------------
+# header and index
+# --------------------------------------------------------------------------------------------------
+_HEADER = struct.Struct("<8sHHIQQQQQQ")
+assert _HEADER.size == spec.HEADER_SIZE
+
+
+def _check_header_fields(major, tensor_count, index_size, data_offset, file_size) -> None:
+    if major != spec.MAJOR:
+        raise UnsupportedError(
+            f"header field major: version {major} is not supported (this reader reads major {spec.MAJOR})"
+        )
+    if tensor_count > spec.MAX_TENSORS:
+        raise LimitError(f"header field tensor_count: {tensor_count} exceeds the limit {spec.MAX_TENSORS}")
+    if index_size > spec.MAX_INDEX_SIZE:
+        raise LimitError(f"header field index_size: {index_size} exceeds the limit {spec.MAX_INDEX_SIZE} (64 MiB)")
+    expected = spec.align_up(spec.HEADER_SIZE + index_size, spec.PAGE)
+    if data_offset != expected:
+        raise LayoutError(
+            f"header field data_offset: {data_offset} must equal align_up(64 + index_size, 4096) = {expected}"
+        )
+    if file_size > spec.MAX_FILE_SIZE:
+        raise LimitError(f"header field file_size: {file_size} exceeds the limit 2^56")
+    if file_size < data_offset:
+        raise LayoutError(f"header field file_size: {file_size} is smaller than data_offset {data_offset}")
+
+
+def parse_header(buf) -> Header:
+    """Parse and check the 64-byte header (docs/format.md section 2) at the start of ``buf``."""
+    u8 = _u8(buf, "header")
+    if u8.size < spec.HEADER_SIZE:
+        raise TruncatedError(f"header: need {spec.HEADER_SIZE} bytes, the buffer holds {u8.size}")
+    raw = u8[: spec.HEADER_SIZE].tobytes()
+    (magic, major, minor, tensor_count, index_size, data_offset, file_size, index_checksum, header_checksum,
+     reserved) = _HEADER.unpack(raw)
+    if magic != spec.MAGIC:
+        raise FormatError(f"header field magic: {magic!r} is not {spec.MAGIC!r} (not a tinyserve weights file)")
+    if major != spec.MAJOR:
+        raise UnsupportedError(
+            f"header field major: version {major} is not supported (this reader reads major {spec.MAJOR})"
+        )
+    actual = xxhash.xxh3_64_intdigest(raw[:48])
+    if header_checksum != actual:
+        raise ChecksumError(
+            f"header field header_checksum: stored {header_checksum:#018x}, XXH3 of header bytes 0..47 "
+            f"is {actual:#018x}"
+        )
+    if reserved != 0:
+        raise FormatError(f"header field reserved: must be zero, got {reserved:#x}")
+    _check_header_fields(major, tensor_count, index_size, data_offset, file_size)
+    return Header(major, minor, tensor_count, index_size, data_offset, file_size, index_checksum)
+
+
+_REC_FIXED = struct.Struct("<BBBB")
+_REC_TAIL = struct.Struct("<QQII")
+_PLANE_REC = {}
+
+
+def _plane_record(nplanes: int) -> struct.Struct:
+    st = _PLANE_REC.get(nplanes)
+    if st is None:
+        st = _PLANE_REC[nplanes] = struct.Struct("<" + "BI" * nplanes + "Q")
+    return st
+
+
+def _numel(shape, where: str) -> int:
+    numel = 1
+    for d, dim in enumerate(shape):
+        if dim > spec.MAX_DIM:
+            raise LimitError(f"{where}: shape[{d}] = {dim} exceeds the limit 2^48")
+        numel *= dim
+        if numel >= _U64:
+            raise LimitError(f"{where}: the product of shape {tuple(shape)} overflows 2^64 (numel limit 2^48)")
+    if numel > spec.MAX_NUMEL:
+        raise LimitError(f"{where}: numel {numel} of shape {tuple(shape)} exceeds the limit 2^48")
+    return numel
+
+
+def _chunk_lengths(numel: int, chunk_elems: int, count: int):
+    """n_k of every chunk (generator)."""
+    for k in range(count):
+        yield min(chunk_elems, numel - k * chunk_elems)
+
+
+def parse_index(header: Header, index_buf) -> list[TensorInfo]:
+    """Parse and check the index (docs/format.md sections 2-4, everything that needs only header+index)."""
+    _check_header_fields(header.major, header.tensor_count, header.index_size, header.data_offset,
+                         header.file_size)
+    isz = header.index_size
+    u8 = _u8(index_buf, "index")
+    if u8.size < isz:
+        raise TruncatedError(f"index: index_size is {isz} bytes, the buffer holds {u8.size}")
+    data = u8[:isz].tobytes()
+    actual = xxhash.xxh3_64_intdigest(data)
+    if actual != header.index_checksum:
+        raise ChecksumError(
+            f"header field index_checksum: stored {header.index_checksum:#018x}, XXH3 of the index is {actual:#018x}"
+        )
+
+    tensors: list[TensorInfo] = []
+    names: set[str] = set()
+    pos = 0
+    prev_end = header.data_offset
+    for i in range(header.tensor_count):
+        where = f"index record of tensor #{i}"
+
+        def need(nbytes: int, field: str) -> None:
+            if pos + nbytes > isz:
+                raise TruncatedError(
+                    f"{where}: field {field} ({nbytes} bytes at index offset {pos}) runs past the end of the "
+                    f"index (index_size {isz})"
+                )
+
+        need(2, "name_len")
+        (name_len,) = struct.unpack_from("<H", data, pos)
+        pos += 2
+        if name_len == 0:
+            raise FormatError(f"{where}: name_len 0, a tensor name must not be empty")
+        if name_len > spec.MAX_NAME_LEN:
+            raise LimitError(f"{where}: name_len {name_len} exceeds the limit {spec.MAX_NAME_LEN}")
+        need(name_len, "name")
+        raw_name = data[pos:pos + name_len]
+        pos += name_len
+        if b"\x00" in raw_name:
+            raise FormatError(f"{where}: name {raw_name!r} contains a NUL byte")
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{where}: name {raw_name!r} is not valid UTF-8 ({e.reason})") from None
+        if name in names:
+            raise FormatError(f"tensor {name!r} (#{i}): duplicate name, names must be unique")
+        names.add(name)
+        where = f"tensor {name!r}"
+
+        need(4, "dtype")
+        dtype_code, enc_code, ndim, flags = _REC_FIXED.unpack_from(data, pos)
+        pos += 4
+        if dtype_code not in spec.DTYPE_BY_CODE:
+            raise UnsupportedError(f"{where}: dtype code {dtype_code} is not a known dtype")
+        dtype, itemsize = spec.DTYPE_BY_CODE[dtype_code]
+        if enc_code not in spec.ENCODINGS:
+            raise UnsupportedError(f"{where}: encoding code {enc_code} is not 0 (raw) or 1 (planes)")
+        encoding = spec.ENCODINGS[enc_code]
+        if ndim > spec.MAX_NDIM:
+            raise LimitError(f"{where}: ndim {ndim} exceeds the limit {spec.MAX_NDIM}")
+        if flags != 0:
+            raise UnsupportedError(f"{where}: flags {flags:#x} must be 0")
+
+        need(8 * ndim, "shape")
+        shape = struct.unpack_from(f"<{ndim}Q", data, pos)
+        pos += 8 * ndim
+        numel = _numel(shape, where)
+
+        need(_REC_TAIL.size, "data_offset")
+        data_offset, data_size, chunk_elems, chunk_count = _REC_TAIL.unpack_from(data, pos)
+        pos += _REC_TAIL.size
+        if chunk_elems < 1:
+            raise LimitError(f"{where}: chunk_elems {chunk_elems} must be >= 1")
+        if chunk_elems * itemsize > spec.MAX_CHUNK_BYTES:
+            raise LimitError(
+                f"{where}: chunk_elems {chunk_elems} x itemsize {itemsize} exceeds the chunk limit "
+                f"{spec.MAX_CHUNK_BYTES} bytes (16 MiB)"
+            )
+        expected_count = -(-numel // chunk_elems)
+        if chunk_count != expected_count:
+            raise LayoutError(
+                f"{where}: chunk_count {chunk_count} must equal ceil(numel {numel} / chunk_elems {chunk_elems}) "
+                f"= {expected_count}"
+            )
+        if encoding == "raw" and data_size != numel * itemsize:
+            raise LayoutError(
+                f"{where}: raw data_size {data_size} must equal numel {numel} x itemsize {itemsize} "
+                f"= {numel * itemsize}"
+            )
+
+        # placement (section 4), checked before the chunks so offsets below are known to be sane
+        align = spec.tensor_alignment(enc_code, data_size)
+        expected_off = spec.align_up(prev_end, align)
+        if data_offset != expected_off:
+            kind = "a hole after" if data_offset > expected_off else "an overlap with"
+            raise LayoutError(
+                f"{where}: data_offset {data_offset} must equal align_up({prev_end}, {align}) = {expected_off} "
+                f"({kind} the previous data)"
+            )
+        end = data_offset + data_size
+        if end >= _U64:
+            raise LimitError(f"{where}: data_offset {data_offset} + data_size {data_size} overflows 2^64")
+        if end > header.file_size:
+            raise LayoutError(f"{where}: data ends at {end}, past file_size {header.file_size}")
+
+        chunks: list[ChunkInfo] = []
+        if encoding == "raw":
+            need(8 * chunk_count, "chunks")
+            sums = struct.unpack_from(f"<{chunk_count}Q", data, pos)
+            pos += 8 * chunk_count
+            off = data_offset
+            for k, (n_k, cs) in enumerate(zip(_chunk_lengths(numel, chunk_elems, chunk_count), sums)):
+                size = n_k * itemsize
+                chunks.append(ChunkInfo(off, size, cs, (), ()))
+                off += size
+        else:
+            nplanes = itemsize
+            st = _plane_record(nplanes)
+            need(st.size * chunk_count, "chunks")
+            off = data_offset
+            total = 0
+            valid_codecs = spec.CODECS
+            for k, n_k in enumerate(_chunk_lengths(numel, chunk_elems, chunk_count)):
+                rec = st.unpack_from(data, pos)
+                pos += st.size
+                codecs = rec[0:-1:2]
+                sizes = rec[1:-1:2]
+                for p in range(nplanes):
+                    codec, size = codecs[p], sizes[p]
+                    cwhere = f"{where} chunk {k} plane {p}"
+                    if codec not in valid_codecs:
+                        raise UnsupportedError(f"{cwhere}: codec {codec} is not a known codec (0..3)")
+                    if size > n_k:
+                        raise LimitError(f"{cwhere}: stored size {size} exceeds the plane's {n_k} decoded bytes")
+                    if codec == spec.CODEC_STORED and size != n_k:
+                        raise LayoutError(f"{cwhere}: codec stored needs size == {n_k}, got size {size}")
+                    if codec == spec.CODEC_FILL and size != 1:
+                        raise LayoutError(f"{cwhere}: codec fill needs size == 1, got size {size}")
+                csize = sum(sizes)
+                chunks.append(ChunkInfo(off, csize, rec[-1], tuple(codecs), tuple(sizes)))
+                off += csize
+                total += csize
+            if total != data_size:
+                raise LayoutError(f"{where}: planes data_size {data_size} must equal the sum of chunk sizes {total}")
+
+        prev_end = end
+        tensors.append(TensorInfo(name, dtype, encoding, tuple(shape), data_offset, data_size, chunk_elems,
+                                  tuple(chunks)))
+
+    if pos != isz:
+        raise LayoutError(f"index: {isz - pos} bytes left over after the last tensor record (index_size {isz})")
+    if header.file_size != prev_end:
+        raise LayoutError(
+            f"header field file_size: {header.file_size} must equal the end of the last tensor's data {prev_end}"
+        )
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# plane regrouping (section 5)
+# --------------------------------------------------------------------------------------------------
+def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
+    """(itemsize, numel) uint8 array: plane p of every element."""
+    numel = u8.size // itemsize
+    if itemsize == 1:
+        return u8.reshape(1, numel)
+    if dtype == "bfloat16":
+        x = u8.view("<u2")
+        out = np.empty((2, numel), np.uint8)
+        out[0] = ((x >> 7) & 0xFF).astype(np.uint8)
+        out[1] = (((x >> 8) & 0x80) | (x & 0x7F)).astype(np.uint8)
+        return out
+    if dtype == "float32":
+        x = u8.view("<u4")
+        out = np.empty((4, numel), np.uint8)
+        out[0] = ((x >> 23) & 0xFF).astype(np.uint8)
+        out[1] = (((x >> 24) & 0x80) | ((x >> 16) & 0x7F)).astype(np.uint8)
+        out[2] = ((x >> 8) & 0xFF).astype(np.uint8)
+        out[3] = (x & 0xFF).astype(np.uint8)
+        return out
+    return np.ascontiguousarray(u8.reshape(numel, itemsize)[:, ::-1].T)
+
+
+def _merge_planes(planes: np.ndarray, dtype: str, itemsize: int, dst: np.ndarray) -> None:
+    """Inverse of _split_planes: write the elements of (itemsize, n) planes into the uint8 array dst."""
+    if itemsize == 1:
+        dst[:] = planes[0]
+        return
+    if dtype == "bfloat16":
+        p0 = planes[0].astype(np.uint16)
+        p1 = planes[1].astype(np.uint16)
+        dst.view("<u2")[:] = ((p1 & 0x80) << 8) | (p0 << 7) | (p1 & 0x7F)
+        return
+    if dtype == "float32":
+        p0 = planes[0].astype(np.uint32)
+        p1 = planes[1].astype(np.uint32)
+        x = ((p1 & 0x80) << 24) | (p0 << 23) | ((p1 & 0x7F) << 16)
+        x |= planes[2].astype(np.uint32) << 8
+        x |= planes[3]
+        dst.view("<u4")[:] = x
+        return
+    dst.reshape(-1, itemsize)[:, ::-1] = planes.T
+
+
+# --------------------------------------------------------------------------------------------------
+# Huffman (section 6 and the determinism rules of docs/native-api.md)
+# --------------------------------------------------------------------------------------------------
+def _huffman_lengths(counts: list[int]) -> list[int]:
+    """Code lengths (0 = absent) for symbol counts with >= 2 present symbols, per the determinism rules."""
+    leaves = sorted((c, s) for s, c in enumerate(counts) if c > 0)
+    m = len(leaves)
+    assert m >= 2
+    weight = [c for c, _ in leaves]
+    parent = [0] * (2 * m - 1)
+    internal: list[int] = []  # FIFO of internal node ids, in creation order
+    li = ii = 0
+
+    for _ in range(m - 1):
+        pair = []
+        for _take in range(2):
+            if li < m and (ii >= len(internal) or weight[li] <= weight[internal[ii]]):
+                pair.append(li)
+                li += 1
+            else:
+                pair.append(internal[ii])
+                ii += 1
+        node = len(weight)
+        weight.append(weight[pair[0]] + weight[pair[1]])
+        parent[pair[0]] = parent[pair[1]] = node
+        internal.append(node)
+
+    depth = [0] * (2 * m - 1)
+    for node in range(2 * m - 3, -1, -1):  # parents have larger ids than their children
+        depth[node] = depth[parent[node]] + 1
+
+    lens = [0] * 256
+    for leaf, (_, s) in enumerate(leaves):
+        lens[s] = min(depth[leaf], _HUFF_BITS)
+    present = [s for _, s in leaves]
+    kraft = sum(1 << (_HUFF_BITS - lens[s]) for s in present)
+    while kraft > _HUFF_TABLE:
+        # largest len < 11, ties by smallest count, then largest symbol
+        s = max((s for s in present if lens[s] < _HUFF_BITS), key=lambda s: (lens[s], -counts[s], s))
+        lens[s] += 1
+        kraft -= 1 << (_HUFF_BITS - lens[s])
+    while kraft < _HUFF_TABLE:
+        room = _HUFF_TABLE - kraft
+        cands = [s for s in present if lens[s] > 1 and (1 << (_HUFF_BITS - lens[s])) <= room]
+        if not cands:
+            break
+        s = max(cands, key=lambda s: (counts[s], -s))  # largest count, ties by smallest symbol
+        kraft += 1 << (_HUFF_BITS - lens[s])
+        lens[s] -= 1
+    return lens
+
+
+def _canonical_codes(lens: list[int]) -> list[int]:
+    codes = [0] * 256
+    code = -1
+    prev = 0
+    for ln, s in sorted((ln, s) for s, ln in enumerate(lens) if ln):
+        code = 0 if code < 0 else (code + 1) << (ln - prev)
+        codes[s] = code
+        prev = ln
+    return codes
+
+
+def _substream_bounds(n: int):
+    q = -(-n // 4)
+    return [(min(j * q, n), min((j + 1) * q, n)) for j in range(4)]
+
+
+def _huffman_size(plane: np.ndarray, lens: list[int]) -> int:
+    lens_arr = np.asarray(lens, dtype=np.int64)
+    size = _HUFF_HEADER
+    for lo, hi in _substream_bounds(plane.size):
+        if hi > lo:
+            bits = int(np.dot(np.bincount(plane[lo:hi], minlength=256), lens_arr))
+            size += (bits + 7) >> 3
+    return size
+
+
+def _huffman_encode(plane: np.ndarray, lens: list[int]) -> bytes:
+    codes = _canonical_codes(lens)
+    table = bytearray(128)
+    for s, ln in enumerate(lens):
+        table[s >> 1] |= ln << (4 * (s & 1))
+    bitrows = np.zeros((256, _HUFF_BITS), np.uint8)
+    maskrows = np.zeros((256, _HUFF_BITS), bool)
+    for s, ln in enumerate(lens):
+        for j in range(ln):
+            bitrows[s, j] = (codes[s] >> (ln - 1 - j)) & 1
+            maskrows[s, j] = True
+    streams = []
+    block = 1 << 18
+    for lo, hi in _substream_bounds(plane.size):
+        parts = []
+        carry = np.zeros(0, np.uint8)
+        for b in range(lo, hi, block):
+            sym = plane[b:min(b + block, hi)]
+            bits = bitrows[sym][maskrows[sym]]
+            if carry.size:
+                bits = np.concatenate((carry, bits))
+            full = bits.size & ~7
+            parts.append(np.packbits(bits[:full], bitorder="little").tobytes())
+            carry = bits[full:]
+        if carry.size:
+            parts.append(np.packbits(carry, bitorder="little").tobytes())
+        streams.append(b"".join(parts))
+    return b"".join([bytes(table), struct.pack("<III", *(len(s) for s in streams[:3]))] + streams)
+
+
+def _huffman_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
+    size = stream.size
+    if size < _HUFF_HEADER:
+        raise CorruptDataError(f"{where}: huffman stream of {size} bytes is shorter than its 140-byte header")
+    table = stream[:128]
+    lens = np.empty(256, np.uint8)
+    lens[0::2] = table & 0x0F
+    lens[1::2] = table >> 4
+    bad = np.flatnonzero(lens > _HUFF_BITS)
+    if bad.size:
+        s = int(bad[0])
+        raise CorruptDataError(f"{where}: huffman code length {int(lens[s])} of symbol {s} exceeds 11")
+    present = np.flatnonzero(lens)
+    if present.size < 2:
+        raise CorruptDataError(
+            f"{where}: huffman code lengths table has {present.size} symbol(s), at least 2 are required"
+        )
+    kraft = int(np.sum(np.left_shift(1, _HUFF_BITS - lens[present].astype(np.int64))))
+    if kraft != _HUFF_TABLE:
+        raise CorruptDataError(
+            f"{where}: huffman code lengths do not form a complete prefix code (Kraft sum {kraft}, must be 2048)"
+        )
+    s0, s1, s2 = struct.unpack("<III", stream[128:140].tobytes())
+    s3 = size - _HUFF_HEADER - s0 - s1 - s2
+    if s3 < 0:
+        raise CorruptDataError(
+            f"{where}: huffman sub-stream sizes {s0} + {s1} + {s2} exceed the {size - _HUFF_HEADER} bytes "
+            f"after the stream header"
+        )
+    lens_list = lens.tolist()
+    codes = _canonical_codes(lens_list)
+    lut_sym = np.zeros(_HUFF_TABLE, np.uint8)
+    lut_len = np.zeros(_HUFF_TABLE, np.uint8)
+    for s in present.tolist():
+        ln = lens_list[s]
+        lo = codes[s] << (_HUFF_BITS - ln)
+        hi = (codes[s] + 1) << (_HUFF_BITS - ln)
+        lut_sym[lo:hi] = s
+        lut_len[lo:hi] = ln
+
+    out = np.empty(n, np.uint8)
+    off = _HUFF_HEADER
+    for j, ((lo, hi), sz) in enumerate(zip(_substream_bounds(n), (s0, s1, s2, s3))):
+        out[lo:hi] = _huffman_substream(stream[off:off + sz], hi - lo, lut_sym, lut_len, f"{where} sub-stream {j}")
+        off += sz
+    return out
+
+
+def _huffman_substream(buf: np.ndarray, count: int, lut_sym, lut_len, where: str) -> np.ndarray:
+    nbytes = buf.size
+    nbits = 8 * nbytes
+    if count == 0:
+        if nbytes:
+            raise CorruptDataError(f"{where}: codes no symbol but has {nbytes} bytes left over")
+        return np.zeros(0, np.uint8)
+    if count > nbits:  # every code is at least one bit long
+        raise CorruptDataError(
+            f"{where}: ends before its {count} symbols are decoded ({nbytes} bytes hold at most {nbits} codes)"
+        )
+    # the 11-bit window starting at every bit position (bits past the end read as zero)
+    bits = np.zeros(nbits + _HUFF_BITS, np.uint8)
+    bits[:nbits] = np.unpackbits(buf, bitorder="little")
+    win = np.zeros(nbits, np.uint16)
+    for j in range(_HUFF_BITS):
+        win <<= 1
+        win |= bits[j:j + nbits]
+    # step[b]: the length of the code starting at bit b; 0 past the end, where the chase stops moving
+    step = lut_len[win].tolist()
+    step.extend([0] * _HUFF_BITS)
+    starts = [0] * count
+    pos = 0
+    for i in range(count):
+        starts[i] = pos
+        pos += step[pos]
+    last = starts[-1]
+    if last >= nbits or pos > nbits:
+        raise CorruptDataError(
+            f"{where}: ends before its {count} symbols are decoded (runs past its {nbytes} bytes)"
+        )
+    used = (pos + 7) >> 3
+    if used != nbytes:
+        raise CorruptDataError(
+            f"{where}: {nbytes - used} bytes left over after its {count} symbols ({pos} bits need {used} bytes)"
+        )
+    return lut_sym[win[np.asarray(starts, dtype=np.int64)]]
+
+
+# --------------------------------------------------------------------------------------------------
+# encoder
+# --------------------------------------------------------------------------------------------------
+def _encode_plane(plane: np.ndarray, mode: str, cctx) -> tuple[int, bytes]:
+    n = plane.size
+    counts = np.bincount(plane, minlength=256)
+    distinct = int(np.count_nonzero(counts))
+    if distinct == 1:
+        # fill is 1 byte, which no other codec can beat; stored wins the tie at n == 1
+        if n == 1:
+            return spec.CODEC_STORED, plane.tobytes()
+        return spec.CODEC_FILL, plane[:1].tobytes()
+    best_size, best_codec, best_blob = n, spec.CODEC_STORED, None
+    lens = None
+    if mode in ("huffman", "max") and n > _HUFF_HEADER:
+        lens = _huffman_lengths(counts.tolist())
+        hsize = _huffman_size(plane, lens)
+        if (hsize, spec.CODEC_HUFFMAN) < (best_size, best_codec):
+            best_size, best_codec = hsize, spec.CODEC_HUFFMAN
+    if mode in ("zstd", "max"):
+        frame = cctx.compress(plane.tobytes())
+        if (len(frame), spec.CODEC_ZSTD) < (best_size, best_codec):
+            best_size, best_codec, best_blob = len(frame), spec.CODEC_ZSTD, frame
+    if best_codec == spec.CODEC_STORED:
+        return best_codec, plane.tobytes()
+    if best_codec == spec.CODEC_HUFFMAN:
+        blob = _huffman_encode(plane, lens)
+        assert len(blob) == best_size
+        return best_codec, blob
+    return best_codec, best_blob
+
+
+def _dtype_info(dtype: str) -> tuple[int, int]:
+    try:
+        return spec.DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(spec.DTYPES)}") from None
+
+
+def encode_planes(src, dtype: str, chunk_elems: int, mode: str, level: int, threads: int):
+    """Encode a tensor's raw little-endian bytes with the 'planes' encoding.
+
+    Returns (stored bytes of all chunks back to back, [(codecs, plane_sizes, checksum) per chunk]).
+    ``threads`` is accepted for API parity; the output never depends on it.
+    """
+    _, itemsize = _dtype_info(dtype)
+    if mode not in _MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {list(_MODES)}")
+    if not isinstance(chunk_elems, int) or chunk_elems < 1 or chunk_elems * itemsize > spec.MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"chunk_elems {chunk_elems!r} must be an int >= 1 with chunk_elems x itemsize {itemsize} <= "
+            f"{spec.MAX_CHUNK_BYTES} (16 MiB)"
+        )
+    u8 = _u8(src, "src")
+    if u8.size % itemsize:
+        raise ConfigError(f"src: {u8.size} bytes is not a multiple of the {dtype} itemsize {itemsize}")
+    numel = u8.size // itemsize
+    if numel > spec.MAX_NUMEL:
+        raise LimitError(f"src: numel {numel} exceeds the limit 2^48")
+    cctx = None
+    if mode in ("zstd", "max"):
+        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    planes = _split_planes(u8, dtype, itemsize)
+    out: list[bytes] = []
+    meta: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+    for start in range(0, numel, chunk_elems):
+        stop = min(start + chunk_elems, numel)
+        codecs, sizes, blobs = [], [], []
+        for p in range(itemsize):
+            codec, blob = _encode_plane(planes[p, start:stop], mode, cctx)
+            codecs.append(codec)
+            sizes.append(len(blob))
+            blobs.append(blob)
+        chunk = b"".join(blobs)
+        out.append(chunk)
+        meta.append((tuple(codecs), tuple(sizes), xxhash.xxh3_64_intdigest(chunk)))
+    return b"".join(out), meta
+
+
+def checksum_chunks(src, chunk_bytes: int, threads: int) -> list[int]:
+    """XXH3_64 of each ``chunk_bytes`` slice of ``src`` (the last one may be shorter)."""
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes {chunk_bytes!r} must be an int >= 1")
+    u8 = _u8(src, "src")
+    return [xxhash.xxh3_64_intdigest(u8[o:o + chunk_bytes]) for o in range(0, u8.size, chunk_bytes)]
+
+
+# --------------------------------------------------------------------------------------------------
+# decoder
+# --------------------------------------------------------------------------------------------------
+def _tensor_geometry(t: TensorInfo) -> tuple[int, int, int]:
+    """(itemsize, numel, nbytes) of a TensorInfo, after checking that its chunks are self-consistent."""
+    where = f"tensor {t.name!r}"
+    if t.dtype not in spec.DTYPES:
+        raise UnsupportedError(f"{where}: dtype {t.dtype!r} is not a known dtype")
+    if t.encoding not in ("raw", "planes"):
+        raise UnsupportedError(f"{where}: encoding {t.encoding!r} is not 'raw' or 'planes'")
+    _, itemsize = spec.DTYPES[t.dtype]
+    numel = _numel(t.shape, where)
+    if t.chunk_elems < 1:
+        raise LimitError(f"{where}: chunk_elems {t.chunk_elems} must be >= 1")
+    expected = -(-numel // t.chunk_elems)
+    if len(t.chunks) != expected:
+        raise LayoutError(f"{where}: {len(t.chunks)} chunks, ceil(numel {numel} / chunk_elems {t.chunk_elems}) "
+                          f"= {expected} expected (chunk_count)")
+    for k, (c, n_k) in enumerate(zip(t.chunks, _chunk_lengths(numel, t.chunk_elems, expected))):
+        cwhere = f"{where} chunk {k}"
+        if t.encoding == "raw":
+            if c.size != n_k * itemsize:
+                raise LayoutError(f"{cwhere}: raw chunk size {c.size} must equal {n_k} x {itemsize}")
+            continue
+        if len(c.codecs) != itemsize or len(c.plane_sizes) != itemsize:
+            raise LayoutError(f"{cwhere}: {len(c.codecs)} codecs / {len(c.plane_sizes)} plane sizes, "
+                              f"{itemsize} planes expected")
+        if sum(c.plane_sizes) != c.size:
+            raise LayoutError(f"{cwhere}: plane sizes {c.plane_sizes} do not add up to the chunk size {c.size}")
+        for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
+            if codec not in spec.CODECS:
+                raise UnsupportedError(f"{cwhere} plane {p}: codec {codec} is not a known codec (0..3)")
+            if size > n_k:
+                raise LimitError(f"{cwhere} plane {p}: stored size {size} exceeds the plane's {n_k} decoded bytes")
+    return itemsize, numel, numel * itemsize
+
+
+def _chunk_bytes(fb: np.ndarray, base: int, c: ChunkInfo, where: str) -> np.ndarray:
+    rel = c.offset - base
+    if rel < 0:
+        raise LayoutError(f"{where}: offset {c.offset} lies before the buffer's base offset {base}")
+    if rel + c.size > fb.size:
+        raise TruncatedError(
+            f"{where}: bytes [{c.offset}, {c.offset + c.size}) run past the end of the buffer "
+            f"(which ends at file offset {base + fb.size})"
+        )
+    return fb[rel:rel + c.size]
+
+
+def _dest_view(dst, nbytes: int, name: str) -> np.ndarray:
+    where = f"tensor {name!r}: destination"
+    try:
+        mv = memoryview(dst)
+    except TypeError:
+        raise DestinationError(f"{where}: {type(dst).__name__} does not support the buffer protocol") from None
+    if mv.readonly:
+        raise DestinationError(f"{where} is read-only")
+    if not mv.c_contiguous:
+        raise DestinationError(f"{where} is not C-contiguous")
+    if mv.nbytes != nbytes:
+        raise DestinationError(f"{where} holds {mv.nbytes} bytes, the tensor decodes to exactly {nbytes}")
+    if nbytes == 0:
+        return np.zeros(0, np.uint8)
+    arr = np.frombuffer(mv, dtype=np.uint8)
+    if not arr.flags.writeable:
+        raise DestinationError(f"{where} is read-only")
+    return arr
+
+
+def _decode_plane(blob: np.ndarray, codec: int, n: int, where: str) -> np.ndarray:
+    if codec == spec.CODEC_STORED:
+        if blob.size != n:
+            raise CorruptDataError(f"{where}: stored plane of {blob.size} bytes, {n} expected")
+        return blob
+    if codec == spec.CODEC_FILL:
+        if blob.size != 1:
+            raise CorruptDataError(f"{where}: fill plane of {blob.size} bytes, 1 expected")
+        return np.full(n, blob[0], np.uint8)
+    if codec == spec.CODEC_ZSTD:
+        frame = blob.tobytes()
+        try:
+            declared = zstandard.get_frame_parameters(frame).content_size
+        except zstandard.ZstdError as e:
+            raise CorruptDataError(f"{where}: zstd frame header is invalid ({e})") from None
+        if declared == zstandard.CONTENTSIZE_UNKNOWN:
+            raise CorruptDataError(f"{where}: zstd frame does not declare its content size ({n} expected)")
+        if declared != n:
+            raise CorruptDataError(f"{where}: zstd frame declares content size {declared}, the plane holds {n}")
+        try:
+            out = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise CorruptDataError(f"{where}: zstd frame is malformed ({e})") from None
+        if len(out) != n:
+            raise CorruptDataError(f"{where}: zstd frame decoded to {len(out)} bytes, {n} expected")
+        return np.frombuffer(out, np.uint8)
+    if codec == spec.CODEC_HUFFMAN:
+        return _huffman_decode(blob, n, where)
+    raise UnsupportedError(f"{where}: codec {codec} is not a known codec (0..3)")
+
+
+def decode_into(file_buf, jobs, verify: bool, threads: int, base: int = 0) -> None:
+    """Decode each (TensorInfo, dst) job from ``file_buf`` (the file's bytes from offset ``base``)."""
+    fb = _u8(file_buf, "file_buf")
+    prepared = []
+    for t, dst in jobs:
+        itemsize, numel, nbytes = _tensor_geometry(t)
+        prepared.append((t, itemsize, numel, _dest_view(dst, nbytes, t.name)))
+    for t, itemsize, numel, out in prepared:
+        where = f"tensor {t.name!r}"
+        for k, c in enumerate(t.chunks):
+            cwhere = f"{where} chunk {k}"
+            stored = _chunk_bytes(fb, base, c, cwhere)
+            if verify:
+                actual = xxhash.xxh3_64_intdigest(stored)
+                if actual != c.checksum:
+                    raise ChecksumError(
+                        f"{cwhere}: checksum mismatch (stored {c.checksum:#018x}, computed {actual:#018x})"
+                    )
+            start = k * t.chunk_elems
+            n_k = min(t.chunk_elems, numel - start)
+            target = out[start * itemsize:(start + n_k) * itemsize]
+            if t.encoding == "raw":
+                target[:] = stored
+                continue
+            planes = np.empty((itemsize, n_k), np.uint8)
+            off = 0
+            for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
+                planes[p] = _decode_plane(stored[off:off + size], codec, n_k, f"{cwhere} plane {p}")
+                off += size
+            _merge_planes(planes, t.dtype, itemsize, target)
+
+
+def verify_chunks(file_buf, tensors, threads: int, base: int = 0) -> list[tuple[str, int]]:
+    """(tensor name, chunk index) of every chunk whose XXH3_64 does not match its checksum."""
+    fb = _u8(file_buf, "file_buf")
+    bad = []
+    for t in tensors:
+        for k, c in enumerate(t.chunks):
+            stored = _chunk_bytes(fb, base, c, f"tensor {t.name!r} chunk {k}")
+            if xxhash.xxh3_64_intdigest(stored) != c.checksum:
+                bad.append((t.name, k))
+    return bad
