@@ -200,7 +200,7 @@ ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, u
 {
     unsigned isz = ts_dtype_size(dtype);
     if (!isz) return TS_E_DTYPE;
-    if (!chunk_elems || chunk_elems * isz > (16u << 20) || mode < 0 || mode > 3) return TS_E_ARG;
+    if (!chunk_elems || chunk_elems > (16u << 20) / isz || mode < 0 || mode > 3) return TS_E_ARG;
     *out_size = 0;
     if (!numel) return TS_OK;
     enc_ctx ec = {.dtype = dtype, .isz = isz, .src = src, .numel = numel, .chunk_elems = chunk_elems,
@@ -243,7 +243,7 @@ ts_status ts_checksum_chunks(const uint8_t *src, uint64_t n, uint64_t chunk_byte
 {
     if (!chunk_bytes) return TS_E_ARG;
     sum_ctx sc = {src, n, chunk_bytes, out};
-    pool p = {.n = (size_t)((n + chunk_bytes - 1) / chunk_bytes), .ctx = &sc, .fn = sum_one};
+    pool p = {.n = (size_t)(n / chunk_bytes + (n % chunk_bytes != 0)), .ctx = &sc, .fn = sum_one};
     atomic_init(&p.next, 0);
     atomic_init(&p.failed_init, 0);
     return pool_run(&p, threads);
@@ -373,11 +373,7 @@ ts_status ts_run_jobs(const ts_chunk_job *jobs, size_t njobs, int threads, size_
 {
     size_t scratch = 0;
     for (size_t i = 0; i < njobs; i++) {
-        unsigned isz = ts_dtype_size(jobs[i].dtype);
-        if (!isz) {
-            *failed = i;
-            return TS_E_DTYPE;
-        }
+        unsigned isz = ts_dtype_size(jobs[i].dtype); /* 0 for an unknown dtype: ts_run_job reports it */
         if (jobs[i].encoding == TS_ENC_PLANES && jobs[i].dst) {
             size_t need = 0;
             for (unsigned p = 0; p < isz; p++)

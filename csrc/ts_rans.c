@@ -77,7 +77,7 @@ ts_status ts_rans_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_
     for (size_t i = n; i-- > 0;) {
         int j = (int)(i % NS);
         uint32_t f = freq[src[i]];
-        if (x[j] >= (f << 20)) {
+        if (x[j] >= ((uint64_t)f << 20)) { /* f may be 4096: 2^32 does not fit in 32 bits */
             if (!w) {
                 free(words);
                 return TS_E_LIMIT;

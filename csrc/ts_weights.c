@@ -153,7 +153,8 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
         if (t->data_offset != want_off)
             return fail(e, TS_E_LAYOUT, i, NONE, "data_offset", t->data_offset, want_off);
         if (add_ovf(t->data_offset, t->data_size, &end) || end > h->file_size)
-            return fail(e, TS_E_LAYOUT, i, NONE, "data_size", t->data_size, h->file_size - t->data_offset);
+            return fail(e, TS_E_LAYOUT, i, NONE, "data_size", t->data_size,
+                        h->file_size > t->data_offset ? h->file_size - t->data_offset : 0);
         end_prev = end;
     }
 #undef NEED

@@ -164,7 +164,7 @@ def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int
     cdef uint64_t nbytes = s.shape[0]
     if nbytes % isz:
         raise errors.DestinationError(f"source holds {nbytes} bytes, not a multiple of {dtype}'s {isz}")
-    if chunk_elems < 1 or chunk_elems * isz > MAX_CHUNK_BYTES:
+    if chunk_elems < 1 or chunk_elems > MAX_CHUNK_BYTES // isz:
         raise errors.LimitError(f"chunk_elems {chunk_elems} outside 1..{MAX_CHUNK_BYTES // isz} for {dtype}")
     cdef uint64_t numel = nbytes // isz
     cdef size_t nchunks = (numel + chunk_elems - 1) // chunk_elems
@@ -200,7 +200,7 @@ def checksum_chunks(src, uint64_t chunk_bytes, int threads):
     cdef uint64_t n = s.shape[0]
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be >= 1")
-    cdef size_t count = (n + chunk_bytes - 1) // chunk_bytes
+    cdef size_t count = n // chunk_bytes + (n % chunk_bytes != 0)
     cdef uint64_t *out = <uint64_t *>malloc((count if count else 1) * sizeof(uint64_t))
     cdef ts_status st
     if out == NULL:
