@@ -1,0 +1,290 @@
+"""Frames of the wire protocol (docs/protocol.md): encode and decode, every length checked first.
+
+A frame is `u32 body_len | u32 header_len | msgpack header | pad to 8 | payload | pad to 8`, all
+little-endian; frames are multiples of 8 bytes so every payload is 8-aligned in the stream.  Tensor
+bytes never go through msgpack: they are written from the arrays' own memory (writelines) and read
+as views of the receive buffer.
+
+Pure functions, no I/O: the server's protocol and both clients use them.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from tinyserve import errors
+from tinyserve.spec import DTYPES
+
+PROTOCOL_VERSION = 1
+PREFIX = struct.Struct("<II")  # body_len, header_len
+PREFIX_SIZE = PREFIX.size
+ALIGN = 8
+BYTES_DTYPE = "bytes"
+WIRE_DTYPES = tuple(n for n in DTYPES if not n.startswith("float8")) + (BYTES_DTYPE,)
+NUMPY_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64, "int8": np.int8,
+    "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
+}
+DTYPE_OF_NUMPY = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+_ZEROS = bytes(ALIGN)
+
+
+# --- wire error codes (docs/protocol.md section 5) ------------------------------------------------
+class WireError(errors.TinyserveError):
+    """A protocol-level error with a wire code; `fatal` ones close the connection."""
+
+    fatal = False
+
+
+def _wire_error(name: str, code: str, fatal: bool = False, base=WireError):
+    return type(name, (base,), {"code": code, "fatal": fatal, "__doc__": f"wire code {code}"})
+
+
+BadFrame = _wire_error("BadFrame", "BAD_FRAME", fatal=True)
+FrameTooLarge = _wire_error("FrameTooLarge", "FRAME_TOO_LARGE", fatal=True)
+Unauthenticated = _wire_error("Unauthenticated", "UNAUTHENTICATED", fatal=True)
+BadRequest = _wire_error("BadRequest", "BAD_REQUEST")
+DuplicateId = _wire_error("DuplicateId", "DUPLICATE_ID")
+InvalidInput = _wire_error("InvalidInput", "INVALID_INPUT", base=WireError)
+Unavailable = _wire_error("Unavailable", "UNAVAILABLE")
+TooManyRequests = _wire_error("TooManyRequests", "TOO_MANY_REQUESTS")
+DeadlineExceeded = _wire_error("DeadlineExceeded", "DEADLINE_EXCEEDED")
+ShuttingDown = _wire_error("ShuttingDown", "SHUTTING_DOWN")
+
+# every code a reply may carry -> the exception class a client raises for it
+WIRE_ERRORS: dict[str, type[errors.TinyserveError]] = {
+    cls.code: cls for cls in (BadFrame, FrameTooLarge, Unauthenticated, BadRequest, DuplicateId,
+                               InvalidInput, Unavailable, TooManyRequests, DeadlineExceeded, ShuttingDown)
+}
+WIRE_ERRORS["NOT_FOUND"] = errors.ModelNotFoundError
+WIRE_ERRORS["MODEL_ERROR"] = errors.ModelError
+WIRE_ERRORS["INTERNAL"] = errors.TinyserveError
+
+
+def wire_code(exc: BaseException) -> str:
+    """The wire code for an exception raised while serving a request."""
+    if isinstance(exc, WireError):
+        return exc.code
+    if isinstance(exc, errors.ModelNotFoundError):
+        return "NOT_FOUND"
+    if isinstance(exc, errors.InvalidNameError):
+        return "BAD_REQUEST"
+    if isinstance(exc, errors.ModelError):
+        return "MODEL_ERROR"
+    return "INTERNAL"
+
+
+def error_from_reply(code: str, message: str) -> errors.TinyserveError:
+    return WIRE_ERRORS.get(code, errors.TinyserveError)(message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 256 << 20
+    max_header_bytes: int = 1 << 20
+    max_tensors: int = 256
+    max_ndim: int = 8
+
+    def to_dict(self) -> dict:
+        return {"max_frame_bytes": self.max_frame_bytes, "max_header_bytes": self.max_header_bytes,
+                "max_tensors": self.max_tensors}
+
+
+def align8(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+# --- encoding ------------------------------------------------------------------------------------
+def _array_bytes(value) -> tuple[str, tuple, memoryview]:
+    """(wire dtype, shape, byte view) of a numpy array, a torch tensor or a sequence of bytes/str."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bytes, bytearray, memoryview, str)) for v in value):
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value]
+        out = bytearray()
+        for it in items:
+            out += struct.pack("<I", len(it))
+            out += it
+        return BYTES_DTYPE, (len(items),), memoryview(out)
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        name = str(t.dtype).removeprefix("torch.")  # torch's dtype names are the wire's
+        if name not in WIRE_DTYPES:
+            raise InvalidInput(f"dtype {t.dtype} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
+        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        return name, tuple(t.shape), memoryview(flat.numpy())
+    arr = np.asarray(value)
+    if arr.dtype.kind in ("U", "S", "O"):
+        return _array_bytes(list(arr.reshape(-1).tolist()))
+    name = DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
+    if name is None:
+        raise InvalidInput(f"numpy dtype {arr.dtype} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    return name, arr.shape, memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def tensor_parts(tensors: Mapping[str, object]) -> tuple[list[dict], list[memoryview]]:
+    """Descriptors and byte views for named tensors (numpy arrays, torch tensors, lists of bytes/str)."""
+    descs, views = [], []
+    for name, value in tensors.items():
+        dtype, shape, view = _array_bytes(value)
+        descs.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": view.nbytes})
+        views.append(view)
+    return descs, views
+
+
+def encode_frame(header: Mapping, views: Sequence[memoryview] = ()) -> list:
+    """The buffers of one frame, ready for transport.writelines (tensor bytes are not copied)."""
+    head = msgpack.packb(header, use_bin_type=True)
+    payload_off = align8(PREFIX_SIZE + len(head))
+    parts: list = [b"", head, _ZEROS[: payload_off - PREFIX_SIZE - len(head)]]
+    size = payload_off
+    for v in views:
+        n = v.nbytes
+        if n:
+            parts.append(v)
+        pad = align8(n) - n
+        if pad:
+            parts.append(_ZEROS[:pad])
+        size += n + pad
+    parts[0] = PREFIX.pack(size - 4, len(head))
+    return parts
+
+
+def encode_bytes(header: Mapping, views: Sequence[memoryview] = ()) -> bytes:
+    return b"".join(bytes(p) for p in encode_frame(header, views))
+
+
+# --- decoding ------------------------------------------------------------------------------------
+def frame_size(prefix: bytes | memoryview, limits: Limits) -> tuple[int, int]:
+    """(total frame bytes, header_len) from the first 8 bytes; raises before anything is allocated."""
+    body_len, header_len = PREFIX.unpack_from(prefix)
+    total = 4 + body_len
+    if total > limits.max_frame_bytes:
+        raise FrameTooLarge(f"frame of {total} bytes exceeds max_frame_bytes {limits.max_frame_bytes}")
+    if header_len > limits.max_header_bytes:
+        raise FrameTooLarge(f"header of {header_len} bytes exceeds max_header_bytes {limits.max_header_bytes}")
+    if total % ALIGN:
+        raise BadFrame(f"frame of {total} bytes is not a multiple of {ALIGN}")
+    if align8(PREFIX_SIZE + header_len) > total:
+        raise BadFrame(f"header_len {header_len} does not fit in a frame of {total} bytes")
+    return total, header_len
+
+
+def decode_header(frame: memoryview, header_len: int) -> dict:
+    try:
+        header = msgpack.unpackb(frame[PREFIX_SIZE:PREFIX_SIZE + header_len], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise BadFrame(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadFrame(f"header is a msgpack {type(header).__name__}, not a map")
+    return header
+
+
+def payload_view(frame: memoryview, header_len: int) -> memoryview:
+    return frame[align8(PREFIX_SIZE + header_len):]
+
+
+def _shape(desc: Mapping, limits: Limits, where: str) -> tuple[int, ...]:
+    shape = desc.get("shape")
+    if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
+        raise BadRequest(f"{where}: shape must be a list of at most {limits.max_ndim} integers")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 48:
+            raise BadRequest(f"{where}: shape {shape!r} has a dimension outside 0..2^48")
+    return tuple(shape)
+
+
+def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[str, tuple[str, tuple, memoryview]]:
+    """Validate descriptors against the payload; {name: (dtype, shape, byte view)} without copying."""
+    if not isinstance(descs, (list, tuple)):
+        raise BadRequest("tensors must be a list of descriptors")
+    if len(descs) > limits.max_tensors:
+        raise BadRequest(f"{len(descs)} tensors exceed max_tensors {limits.max_tensors}")
+    out: dict[str, tuple[str, tuple, memoryview]] = {}
+    off = 0
+    for i, d in enumerate(descs):
+        if not isinstance(d, dict):
+            raise BadRequest(f"tensor #{i}: descriptor is not a map")
+        name, dtype, nbytes = d.get("name"), d.get("dtype"), d.get("nbytes")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"tensor #{i}: name must be a non-empty string")
+        where = f"tensor {name!r}"
+        if name in out:
+            raise BadRequest(f"{where}: named twice")
+        if dtype not in WIRE_DTYPES:
+            raise InvalidInput(f"{where}: unknown dtype {dtype!r} (wire dtypes: {', '.join(WIRE_DTYPES)})")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise BadRequest(f"{where}: nbytes must be a non-negative integer")
+        shape = _shape(d, limits, where)
+        if dtype != BYTES_DTYPE:
+            numel = 1
+            for s in shape:
+                numel *= s
+            want = numel * DTYPES[dtype][1]
+            if nbytes != want:
+                raise InvalidInput(f"{where}: nbytes is {nbytes} but {dtype} {list(shape)} needs {want}")
+        elif len(shape) != 1:
+            raise InvalidInput(f"{where}: a bytes tensor must be 1-D, got shape {list(shape)}")
+        if off + nbytes > payload.nbytes:
+            raise InvalidInput(f"{where}: needs payload bytes [{off}, {off + nbytes}) but the payload "
+                               f"holds {payload.nbytes}")
+        out[name] = (dtype, shape, payload[off:off + nbytes])
+        off = align8(off + nbytes)
+    if off != payload.nbytes:
+        raise InvalidInput(f"payload holds {payload.nbytes} bytes, the descriptors account for {off}")
+    return out
+
+
+def to_array(dtype: str, shape: tuple, view: memoryview):
+    """A numpy array (zero-copy view) for numeric dtypes, a torch tensor for bfloat16, a list of
+    bytes for the bytes dtype."""
+    if dtype == BYTES_DTYPE:
+        return split_bytes(view, shape[0])
+    if dtype == "bfloat16":
+        import torch
+
+        if not view.nbytes:
+            return torch.empty(shape, dtype=torch.bfloat16)
+        return torch.frombuffer(view, dtype=torch.bfloat16).reshape(shape)
+    return np.frombuffer(view, dtype=np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
+
+
+def split_bytes(view: memoryview, count: int) -> list[bytes]:
+    items, off, n = [], 0, view.nbytes
+    for k in range(count):
+        if off + 4 > n:
+            raise InvalidInput(f"bytes tensor: item {k} length runs past the end ({n} bytes)")
+        (ln,) = struct.unpack_from("<I", view, off)
+        off += 4
+        if off + ln > n:
+            raise InvalidInput(f"bytes tensor: item {k} declares {ln} bytes, only {n - off} remain")
+        items.append(bytes(view[off:off + ln]))
+        off += ln
+    if off != n:
+        raise InvalidInput(f"bytes tensor: {n - off} bytes left after {count} items")
+    return items
+
+
+def iter_frames(data: bytes, limits: Limits = Limits()) -> Iterable[tuple[dict, memoryview]]:
+    """Decode back-to-back frames from bytes (tests, tools)."""
+    mv = memoryview(data)
+    pos = 0
+    while pos < len(mv):
+        if len(mv) - pos < PREFIX_SIZE:
+            raise BadFrame("truncated frame prefix")
+        total, hlen = frame_size(mv[pos:pos + PREFIX_SIZE], limits)
+        if len(mv) - pos < total:
+            raise BadFrame(f"truncated frame: {len(mv) - pos} of {total} bytes")
+        frame = mv[pos:pos + total]
+        yield decode_header(frame, hlen), payload_view(frame, hlen)
+        pos += total
