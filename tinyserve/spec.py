@@ -28,7 +28,9 @@ CODEC_STORED = 0
 CODEC_FILL = 1
 CODEC_ZSTD = 2
 CODEC_HUFFMAN = 3
-CODECS = {CODEC_STORED: "stored", CODEC_FILL: "fill", CODEC_ZSTD: "zstd", CODEC_HUFFMAN: "huffman"}
+CODEC_RANS = 4
+CODECS = {CODEC_STORED: "stored", CODEC_FILL: "fill", CODEC_ZSTD: "zstd", CODEC_HUFFMAN: "huffman",
+          CODEC_RANS: "rans"}
 
 # name -> (code, itemsize)
 DTYPES: dict[str, tuple[int, int]] = {

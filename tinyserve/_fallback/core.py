@@ -11,7 +11,7 @@ Error classes (all from ``tinyserve.errors``) and what raises them:
 * ``LayoutError``      - offsets/sizes are inconsistent (placement, chunk_count, data_size, file_size)
 * ``UnsupportedError`` - unknown major version, dtype, encoding, codec or non-zero flags
 * ``ChecksumError``    - header, index or chunk checksum mismatch
-* ``CorruptDataError`` - a zstd frame or Huffman stream is malformed
+* ``CorruptDataError`` - a zstd frame, Huffman stream or rANS stream is malformed
 * ``FormatError``      - anything else wrong with the file (magic, names, reserved field)
 * ``DestinationError`` - a destination buffer is not writable, not contiguous or of the wrong size
 * ``ConfigError``      - bad arguments to the encoder (unknown dtype name or mode, bad chunk_elems)
@@ -19,7 +19,9 @@ Error classes (all from ``tinyserve.errors``) and what raises them:
 
 from __future__ import annotations
 
+import heapq
 import struct
+from fractions import Fraction
 
 import numpy as np
 import xxhash
@@ -56,7 +58,14 @@ _U64 = 1 << 64
 _HUFF_BITS = spec.HUFFMAN_MAX_BITS
 _HUFF_TABLE = 1 << _HUFF_BITS  # 2048: the Kraft sum of a complete code, and the LUT size
 _HUFF_HEADER = 140  # 128 bytes of code lengths + 3 x u32 sub-stream sizes
-_MODES = ("huffman", "zstd", "max")
+_RANS_BITS = 12
+_RANS_M = 1 << _RANS_BITS  # 4096: the frequencies' sum
+_RANS_L = 1 << 16  # the states' lower bound; every state ends (decoder) / starts (encoder) here
+_RANS_STATES = 8
+_RANS_MIN_SIZE = 256 + 4 * _RANS_STATES  # 256 one-byte varints and the states, no word
+_CODEC_RANS = spec.CODEC_RANS
+_CODECS = frozenset(spec.CODECS) | {_CODEC_RANS}
+_MODES = ("huffman", "zstd", "rans", "max")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,15 +160,17 @@ def _plane_record(nplanes: int) -> struct.Struct:
 
 
 def _numel(shape, where: str) -> int:
+    """Product of the dimensions; every dimension and every partial product from the first one on <= 2^48."""
     numel = 1
     for d, dim in enumerate(shape):
         if dim > spec.MAX_DIM:
             raise LimitError(f"{where}: shape[{d}] = {dim} exceeds the limit 2^48")
         numel *= dim
-        if numel >= _U64:
-            raise LimitError(f"{where}: the product of shape {tuple(shape)} overflows 2^64 (numel limit 2^48)")
-    if numel > spec.MAX_NUMEL:
-        raise LimitError(f"{where}: numel {numel} of shape {tuple(shape)} exceeds the limit 2^48")
+        if numel > spec.MAX_NUMEL:
+            raise LimitError(
+                f"{where}: numel: the product {numel} of the first {d + 1} dimensions of shape {tuple(shape)} "
+                f"exceeds the limit 2^48"
+            )
     return numel
 
 
@@ -242,7 +253,7 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
         data_offset, data_size, chunk_elems, chunk_count = _REC_TAIL.unpack_from(data, pos)
         pos += _REC_TAIL.size
         if chunk_elems < 1:
-            raise LimitError(f"{where}: chunk_elems {chunk_elems} must be >= 1")
+            raise LayoutError(f"{where}: chunk_elems {chunk_elems} must be >= 1")
         if chunk_elems * itemsize > spec.MAX_CHUNK_BYTES:
             raise LimitError(
                 f"{where}: chunk_elems {chunk_elems} x itemsize {itemsize} exceeds the chunk limit "
@@ -291,7 +302,7 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
             need(st.size * chunk_count, "chunks")
             off = data_offset
             total = 0
-            valid_codecs = spec.CODECS
+            valid_codecs = _CODECS
             for k, n_k in enumerate(_chunk_lengths(numel, chunk_elems, chunk_count)):
                 rec = st.unpack_from(data, pos)
                 pos += st.size
@@ -301,13 +312,15 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
                     codec, size = codecs[p], sizes[p]
                     cwhere = f"{where} chunk {k} plane {p}"
                     if codec not in valid_codecs:
-                        raise UnsupportedError(f"{cwhere}: codec {codec} is not a known codec (0..3)")
+                        raise UnsupportedError(f"{cwhere}: codec {codec} is not a known codec (0..4)")
                     if size > n_k:
                         raise LimitError(f"{cwhere}: stored size {size} exceeds the plane's {n_k} decoded bytes")
                     if codec == spec.CODEC_STORED and size != n_k:
                         raise LayoutError(f"{cwhere}: codec stored needs size == {n_k}, got size {size}")
                     if codec == spec.CODEC_FILL and size != 1:
                         raise LayoutError(f"{cwhere}: codec fill needs size == 1, got size {size}")
+                    if size == 0:
+                        raise LayoutError(f"{cwhere}: stored size 0 (every plane holds at least 1 byte)")
                 csize = sum(sizes)
                 chunks.append(ChunkInfo(off, csize, rec[-1], tuple(codecs), tuple(sizes)))
                 off += csize
@@ -570,9 +583,170 @@ def _huffman_substream(buf: np.ndarray, count: int, lut_sym, lut_len, where: str
 
 
 # --------------------------------------------------------------------------------------------------
+# rANS (section 7 and the normalisation rule of docs/native-api.md)
+# --------------------------------------------------------------------------------------------------
+def _rans_frequencies(counts: list[int], n: int) -> list[int]:
+    """12-bit frequencies (sum 4096, every present symbol >= 1) for the counts of an n-byte plane.
+
+    The remainder goes one unit at a time where count/freq is largest, the excess is taken where it is
+    smallest among freq > 1 (ties: the smallest symbol), exactly as docs/native-api.md; a heap of exact
+    ratios finds each pick without rescanning the 256 symbols.
+    """
+    freq = [max(1, c * _RANS_M // n) if c else 0 for c in counts]
+    total = sum(freq)
+    if total < _RANS_M:
+        heap = [(-Fraction(c, f), s) for s, (c, f) in enumerate(zip(counts, freq)) if c]
+        heapq.heapify(heap)
+        for _ in range(_RANS_M - total):
+            _, s = heapq.heappop(heap)
+            freq[s] += 1
+            heapq.heappush(heap, (-Fraction(counts[s], freq[s]), s))
+    elif total > _RANS_M:
+        heap = [(Fraction(c, f), s) for s, (c, f) in enumerate(zip(counts, freq)) if f > 1]
+        heapq.heapify(heap)
+        for _ in range(total - _RANS_M):
+            _, s = heapq.heappop(heap)
+            freq[s] -= 1
+            if freq[s] > 1:
+                heapq.heappush(heap, (Fraction(counts[s], freq[s]), s))
+    return freq
+
+
+def _rans_table(freq: list[int]) -> bytes:
+    """The frequency table: 256 minimal LEB128 varints (1 byte below 128, else 2)."""
+    out = bytearray()
+    for f in freq:
+        if f < 128:
+            out.append(f)
+        else:
+            out += bytes((0x80 | (f & 0x7F), f >> 7))
+    return bytes(out)
+
+
+def _rans_encode(plane: np.ndarray, counts: list[int], limit: int) -> bytes | None:
+    """The rANS stream of an n >= 1 byte plane (its byte counts given), or None when it would exceed
+    ``limit`` bytes.
+
+    State j codes the symbols i = j, j+8, ... on its own; the words of all states share one stream in
+    the order the decoder reads them: by symbol index.  Each state's loop therefore records, per
+    symbol, the word emitted before coding it (or -1), and the stream is every recorded word in symbol
+    order.
+    """
+    n = plane.size
+    freq = _rans_frequencies(counts, n)
+    table = _rans_table(freq)
+    head = len(table) + 4 * _RANS_STATES
+    if head > limit:
+        return None
+    max_words = (limit - head) // 2
+    cum = 0
+    sym = []  # per symbol: (freq, 4096 - freq, freq << 20, cum)
+    for f in freq:
+        sym.append((f, _RANS_M - f, f << 20, cum))
+        cum += f
+    emitted = np.empty(n, np.int32)  # the word emitted before coding symbol i, -1 for none
+    states = [_RANS_L] * _RANS_STATES
+    nwords = 0
+    for j in range(min(_RANS_STATES, n)):
+        x = _RANS_L
+        words: list[int] = []
+        put = words.append
+        for s in plane[j::_RANS_STATES][::-1].tolist():
+            f, g, lim, c = sym[s]
+            if x >= lim:  # x < 2^32 and lim >= 2^20: one word brings x below lim
+                put(x & 0xFFFF)
+                x >>= 16
+            else:
+                put(-1)
+            # ((x // f) << 12) + x % f + c, with x % f = x - (x // f) * f
+            x += x // f * g + c
+        states[j] = x
+        emitted[j::_RANS_STATES] = words[::-1]
+        nwords += len(words) - words.count(-1)
+        if nwords > max_words:
+            return None
+    stream = emitted[emitted >= 0].astype("<u2")
+    return b"".join((table, struct.pack(f"<{_RANS_STATES}I", *states), stream.tobytes()))
+
+
+def _rans_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
+    raw = stream.tobytes()
+    size = len(raw)
+    freq: list[int] = []
+    pos = 0
+    for s in range(256):
+        if pos >= size:
+            raise CorruptDataError(f"{where}: rans frequency table runs past the end of the {size}-byte stream "
+                                   f"(at symbol {s})")
+        v = raw[pos]
+        pos += 1
+        if v & 0x80:
+            if pos >= size:
+                raise CorruptDataError(f"{where}: rans frequency table runs past the end of the {size}-byte "
+                                       f"stream (inside the varint of symbol {s})")
+            hi = raw[pos]
+            pos += 1
+            if hi == 0:
+                raise CorruptDataError(f"{where}: rans frequency of symbol {s} is a non-minimal varint "
+                                       f"({v:#04x} 0x00)")
+            v = (v & 0x7F) | (hi << 7)
+        if v > _RANS_M:
+            raise CorruptDataError(f"{where}: rans frequency {v} of symbol {s} exceeds 4096")
+        freq.append(v)
+    total = sum(freq)
+    if total != _RANS_M:
+        raise CorruptDataError(f"{where}: rans frequencies sum to {total}, must be 4096")
+    if size - pos < 4 * _RANS_STATES:
+        raise CorruptDataError(f"{where}: rans stream ends inside its {_RANS_STATES} initial states "
+                               f"({size - pos} of {4 * _RANS_STATES} bytes)")
+    xs = list(struct.unpack_from(f"<{_RANS_STATES}I", raw, pos))
+    pos += 4 * _RANS_STATES
+    for j, x in enumerate(xs):
+        if x < _RANS_L:
+            raise CorruptDataError(f"{where}: rans initial state {j} is {x}, below 2^16")
+    if (size - pos) & 1:
+        raise CorruptDataError(f"{where}: rans words take {size - pos} bytes, an odd number")
+
+    # per slot (x mod 4096): (its symbol, the symbol's frequency, slot - cum[symbol])
+    f_arr = np.asarray(freq, np.int64)
+    slot_sym = np.repeat(np.arange(256, dtype=np.int64), f_arr)
+    cum = np.cumsum(f_arr) - f_arr
+    slots = list(zip(slot_sym.tolist(), f_arr[slot_sym].tolist(), (np.arange(_RANS_M) - cum[slot_sym]).tolist()))
+    words = iter(np.frombuffer(raw, "<u2", offset=pos).tolist())
+    word = words.__next__
+    out = bytearray()
+    put = out.append
+    j = 0
+    try:
+        for _ in range(n):
+            x = xs[j]
+            s, f, bias = slots[x & (_RANS_M - 1)]
+            put(s)
+            x = f * (x >> _RANS_BITS) + bias
+            if x < _RANS_L:  # x >= 16 here, so one word brings it back to >= 2^16
+                x = (x << 16) | word()
+            xs[j] = x
+            j = (j + 1) & (_RANS_STATES - 1)
+    except StopIteration:
+        raise CorruptDataError(f"{where}: rans stream runs out of words before its {n} symbols are decoded") from None
+    left = sum(1 for _ in words)
+    if left:
+        raise CorruptDataError(f"{where}: rans stream has {left} unread word(s) left over after its {n} symbols")
+    for j, x in enumerate(xs):
+        if x != _RANS_L:
+            raise CorruptDataError(f"{where}: rans state {j} ends at {x}, not 2^16 (the stream is corrupt)")
+    return np.frombuffer(out, np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
 # encoder
 # --------------------------------------------------------------------------------------------------
 def _encode_plane(plane: np.ndarray, mode: str, cctx) -> tuple[int, bytes]:
+    """(codec, stream) of one plane: the candidates of docs/native-api.md in the native order.
+
+    stored/fill, then zstd ('zstd', 'max'), huffman ('huffman', 'rans', 'max'), rans ('rans', 'max');
+    each must be strictly smaller than the best so far, and rans at most floor(best x 127 / 128).
+    """
     n = plane.size
     counts = np.bincount(plane, minlength=256)
     distinct = int(np.count_nonzero(counts))
@@ -582,22 +756,28 @@ def _encode_plane(plane: np.ndarray, mode: str, cctx) -> tuple[int, bytes]:
             return spec.CODEC_STORED, plane.tobytes()
         return spec.CODEC_FILL, plane[:1].tobytes()
     best_size, best_codec, best_blob = n, spec.CODEC_STORED, None
-    lens = None
-    if mode in ("huffman", "max") and n > _HUFF_HEADER:
-        lens = _huffman_lengths(counts.tolist())
-        hsize = _huffman_size(plane, lens)
-        if (hsize, spec.CODEC_HUFFMAN) < (best_size, best_codec):
-            best_size, best_codec = hsize, spec.CODEC_HUFFMAN
     if mode in ("zstd", "max"):
         frame = cctx.compress(plane.tobytes())
-        if (len(frame), spec.CODEC_ZSTD) < (best_size, best_codec):
+        if len(frame) < best_size:
             best_size, best_codec, best_blob = len(frame), spec.CODEC_ZSTD, frame
+    lens = None
+    if mode != "zstd" and n > _HUFF_HEADER:  # a Huffman stream is longer than its 140-byte header
+        lens = _huffman_lengths(counts.tolist())
+        hsize = _huffman_size(plane, lens)
+        if hsize < best_size:
+            best_size, best_codec, best_blob = hsize, spec.CODEC_HUFFMAN, None
+    if mode in ("rans", "max"):
+        # rans decodes at about half huffman's speed: it must save 1/128 of the best so far
+        limit = best_size // 128 * 127 + (best_size % 128) * 127 // 128
+        if limit >= _RANS_MIN_SIZE:
+            blob = _rans_encode(plane, counts.tolist(), limit)
+            if blob is not None:
+                best_size, best_codec, best_blob = len(blob), _CODEC_RANS, blob
     if best_codec == spec.CODEC_STORED:
         return best_codec, plane.tobytes()
     if best_codec == spec.CODEC_HUFFMAN:
-        blob = _huffman_encode(plane, lens)
-        assert len(blob) == best_size
-        return best_codec, blob
+        best_blob = _huffman_encode(plane, lens)
+        assert len(best_blob) == best_size
     return best_codec, best_blob
 
 
@@ -686,8 +866,8 @@ def _tensor_geometry(t: TensorInfo) -> tuple[int, int, int]:
         if sum(c.plane_sizes) != c.size:
             raise LayoutError(f"{cwhere}: plane sizes {c.plane_sizes} do not add up to the chunk size {c.size}")
         for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
-            if codec not in spec.CODECS:
-                raise UnsupportedError(f"{cwhere} plane {p}: codec {codec} is not a known codec (0..3)")
+            if codec not in _CODECS:
+                raise UnsupportedError(f"{cwhere} plane {p}: codec {codec} is not a known codec (0..4)")
             if size > n_k:
                 raise LimitError(f"{cwhere} plane {p}: stored size {size} exceeds the plane's {n_k} decoded bytes")
     return itemsize, numel, numel * itemsize
@@ -753,7 +933,9 @@ def _decode_plane(blob: np.ndarray, codec: int, n: int, where: str) -> np.ndarra
         return np.frombuffer(out, np.uint8)
     if codec == spec.CODEC_HUFFMAN:
         return _huffman_decode(blob, n, where)
-    raise UnsupportedError(f"{where}: codec {codec} is not a known codec (0..3)")
+    if codec == _CODEC_RANS:
+        return _rans_decode(blob, n, where)
+    raise UnsupportedError(f"{where}: codec {codec} is not a known codec (0..4)")
 
 
 def decode_into(file_buf, jobs, verify: bool, threads: int, base: int = 0) -> None:

@@ -32,7 +32,7 @@ _CLASSES = {
     TS_E_NOMEM: MemoryError,
     TS_E_ARG: ValueError,
     TS_E_NAME: errors.FormatError,
-    TS_E_FIELD: errors.FormatError,
+    TS_E_FIELD: errors.UnsupportedError,  # non-zero flags/reserved: meaning from a later version
 }
 
 
