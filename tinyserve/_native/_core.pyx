@@ -155,17 +155,18 @@ def parse_index(header, index_buf):
 
 
 def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int threads):
+    # argument errors are the caller's configuration (ConfigError), as in the fallback
     if dtype not in DTYPES:
-        raise errors.UnsupportedError(f"unknown dtype {dtype!r}")
+        raise errors.ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(_MODES)}")
+        raise errors.ConfigError(f"mode {mode!r} is not one of {list(_MODES)}")
     code, isz = DTYPES[dtype]
     cdef const uint8_t[::1] s = _bytes_view(src)
     cdef uint64_t nbytes = s.shape[0]
     if nbytes % isz:
-        raise errors.DestinationError(f"source holds {nbytes} bytes, not a multiple of {dtype}'s {isz}")
+        raise errors.ConfigError(f"src: {nbytes} bytes is not a multiple of the {dtype} itemsize {isz}")
     if chunk_elems < 1 or chunk_elems > MAX_CHUNK_BYTES // isz:
-        raise errors.LimitError(f"chunk_elems {chunk_elems} outside 1..{MAX_CHUNK_BYTES // isz} for {dtype}")
+        raise errors.ConfigError(f"chunk_elems {chunk_elems} outside 1..{MAX_CHUNK_BYTES // isz} for {dtype}")
     cdef uint64_t numel = nbytes // isz
     cdef size_t nchunks = (numel + chunk_elems - 1) // chunk_elems
     out = bytearray(nbytes)
