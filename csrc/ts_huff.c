@@ -216,6 +216,27 @@ ts_status ts_huf_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_c
     return TS_OK;
 }
 
+/* Multi-symbol table: entry = up to 7 symbols (bytes 0..6) | count << 56 | bits used << 59, the
+ * whole codes that fit in the 11-bit window at that index (at least one: codes are <= 11 bits). */
+#define MULTI_MIN 65536 /* below this the table build costs more than it saves */
+
+static void build_multi(const uint16_t table[KRAFT_ONE], uint64_t multi[KRAFT_ONE])
+{
+    for (uint32_t idx = 0; idx < KRAFT_ONE; idx++) {
+        uint64_t syms = 0;
+        unsigned used = 0, count = 0;
+        while (count < 7) {
+            uint16_t e = table[(idx >> used) & (KRAFT_ONE - 1)];
+            unsigned len = e & 15;
+            if (used + len > MB) break;
+            syms |= (uint64_t)(e >> 4) << (8 * count);
+            count++;
+            used += len;
+        }
+        multi[idx] = syms | ((uint64_t)count << 56) | ((uint64_t)used << 59);
+    }
+}
+
 typedef struct {
     const uint8_t *p; /* sub-stream start */
     uint64_t size;    /* bytes */
@@ -273,30 +294,46 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
     size_t st[5];
     split4(n, st);
     size_t at[4] = {st[0], st[1], st[2], st[3]};
-    const size_t q = st[1] - st[0];
-    /* fast path: every stream has 8 readable bytes at its position and 5 symbols left */
-    if (n >= 4 * 5) {
-        const size_t last = st[4] - st[3]; /* stream 3 may be shorter than q */
-        size_t done = 0;
+    /* fast path for long planes: one lookup in an 11-bit window yields every whole code in it (up
+     * to 7 symbols, about 4 on exponent planes), 5 lookups per 64-bit refill, 4 streams in
+     * lockstep for instruction-level parallelism. Each lookup stores 8 bytes, so a stream keeps
+     * 40 bytes of its own output region ahead (never writing into the next stream's region). */
+    if (n >= MULTI_MIN) {
+        uint64_t multi[KRAFT_ONE];
+        build_multi(table, multi);
         for (;;) {
-            int ok = done + 5 <= last;
-            for (int j = 0; j < 4; j++) ok &= (bs[j].pos >> 3) + 8 <= bs[j].size;
+            int ok = 1;
+            for (int j = 0; j < 4; j++)
+                ok &= ((bs[j].pos >> 3) + 8 <= bs[j].size) & (at[j] + 40 <= st[j + 1]);
             if (!ok) break;
             for (int j = 0; j < 4; j++) {
                 uint64_t bits = load64(bs[j].p + (bs[j].pos >> 3)) >> (bs[j].pos & 7);
                 uint8_t *o = dst + at[j];
                 unsigned used = 0;
                 for (int k = 0; k < 5; k++) {
-                    uint16_t e = table[(bits >> used) & (KRAFT_ONE - 1)];
-                    o[k] = (uint8_t)(e >> 4);
-                    used += e & 15;
+                    uint64_t e = multi[(bits >> used) & (KRAFT_ONE - 1)];
+                    store64(o, e);
+                    o += (e >> 56) & 7;
+                    used += (unsigned)(e >> 59);
                 }
                 bs[j].pos += used;
-                at[j] += 5;
+                at[j] = (size_t)(o - dst);
             }
-            done += 5;
         }
-        (void)q;
+    }
+    /* then one symbol per lookup, 5 per refill, while 8 bytes are readable */
+    for (int j = 0; j < 4; j++) {
+        while ((bs[j].pos >> 3) + 8 <= bs[j].size && at[j] + 5 <= st[j + 1]) {
+            uint64_t bits = load64(bs[j].p + (bs[j].pos >> 3)) >> (bs[j].pos & 7);
+            unsigned used = 0;
+            for (int k = 0; k < 5; k++) {
+                uint16_t e = table[(bits >> used) & (KRAFT_ONE - 1)];
+                dst[at[j] + (size_t)k] = (uint8_t)(e >> 4);
+                used += e & 15;
+            }
+            bs[j].pos += used;
+            at[j] += 5;
+        }
     }
     for (int j = 0; j < 4; j++) {
         while (at[j] < st[j + 1]) {

@@ -620,6 +620,40 @@ static void test_huf_decode_rejects(void)
     free(src);
 }
 
+/* The multi-symbol fast path (n >= 65536): round trips over skewed distributions of several
+ * lengths around the path's boundaries, and every damaged stream is decoded in bounds (ASan) and
+ * either rejected or decoded to n bytes. */
+static void test_huf_multi_symbol_path(void)
+{
+    static const size_t sizes[] = {65536, 65537, 65536 + 39, 200003, 1 << 20};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        size_t n = sizes[si];
+        uint8_t *src = malloc(n), *enc = malloc(2 * n + 256), *dec = malloc(n);
+        for (int dist = 0; dist < 3; dist++) {
+            for (size_t i = 0; i < n; i++) {
+                uint64_t r = tst_rand();
+                src[i] = dist == 0 ? (uint8_t)(120 + __builtin_ctzll(r | (1ull << 12)))    /* ~exponents */
+                       : dist == 1 ? (uint8_t)(r % 2)                                    /* 1-bit codes: 7 per lookup */
+                                   : (uint8_t)(__builtin_ctzll(r | (1ull << 30)) * 8); /* long tail up to 11 bits */
+            }
+            size_t size;
+            CHECK_ST(ts_huf_encode(src, n, enc, 2 * n + 256, 2 * n, &size), TS_OK);
+            memset(dec, 0xAA, n);
+            CHECK_ST(ts_huf_decode(enc, size, dec, n), TS_OK);
+            CHECK_MEM(src, dec, n);
+            for (int k = 0; k < 40; k++) { /* compounding bit flips after the lengths table */
+                size_t at = 128 + 12 + (size_t)(tst_rand() % (size - 140));
+                enc[at] ^= (uint8_t)(1u << (tst_rand() % 8));
+                ts_status st = ts_huf_decode(enc, size, dec, n);
+                CHECK(st == TS_OK || st == TS_E_CORRUPT);
+            }
+        }
+        free(src);
+        free(enc);
+        free(dec);
+    }
+}
+
 static void test_huf_encode_args(void)
 {
     uint8_t dst[300];
@@ -775,6 +809,7 @@ void suite_huff(void)
     RUN(test_huf_lengths_vs_reference);
     RUN(test_huf_limit_skewed);
     RUN(test_huf_roundtrip_small_n);
+    RUN(test_huf_multi_symbol_path);
     RUN(test_huf_roundtrip_distributions);
     RUN(test_huf_worked_example);
     RUN(test_huf_decode_rejects);
