@@ -290,3 +290,23 @@ def test_level_max_is_at_least_as_small_as_default(tmp_path):
     b = W.write_weights(tmp_path / "b.tsw", ts, level="max")
     assert b.file_bytes <= a.file_bytes * 1.001
     assert torch.equal(W.load_file(tmp_path / "b.tsw")["w"], ts["w"])
+
+
+def test_load_into_existing_tensors(tmp_path, core):
+    ts = sample_tensors(2)
+    path = tmp_path / "w.tsw"
+    W.write_weights(path, ts, core=core)
+    wf = W.WeightsFile(path, core=core)
+    dst = {k: torch.empty_like(v) for k, v in ts.items()}
+    ptrs = {k: v.data_ptr() for k, v in dst.items()}
+    stats = wf.load_into(dst, verify="all")
+    for k, v in ts.items():
+        assert same_bits(dst[k], v), k
+        assert dst[k].data_ptr() == ptrs[k]  # filled in place, no new memory
+    assert stats.decoded_bytes > 0 and stats.raw_bytes > 0
+    with pytest.raises(errors.DestinationError, match="'f32'"):
+        wf.load_into({"f32": torch.empty(70, 120)})
+    with pytest.raises(errors.DestinationError, match="'f32'"):
+        wf.load_into({"f32": torch.empty(120, 70, dtype=torch.float64)})
+    with pytest.raises(errors.DestinationError, match="not contiguous"):
+        wf.load_into({"f32": torch.empty(70, 120).t()})

@@ -367,6 +367,40 @@ class WeightsFile:
         self.last_load = stats
         return out
 
+    def load_into(self, dst: Mapping[str, torch.Tensor], *, verify: str = "compressed",
+                  threads: int | None = None) -> LoadStats:
+        """Decode (compressed) or copy (raw) the named tensors into the caller's existing CPU tensors,
+        which must match in dtype and shape and be contiguous.  Memory that is already paged in
+        takes no page faults: this is how a host buffer (e.g. a pinned pool) is refilled.  verify as
+        in load(); with 'compressed', raw chunks are copied unverified."""
+        if verify not in VERIFY_MODES:
+            raise errors.ConfigError(f"verify {verify!r} is not one of {VERIFY_MODES}")
+        threads = threads or default_threads()
+        raw_jobs, packed_jobs = [], []
+        stats = LoadStats(verified_compressed=verify != "none", verified_raw=verify == "all")
+        for name, t in dst.items():
+            info = self._info(name)
+            want = DTYPE_TO_TORCH[info.dtype]
+            if t.dtype != want or tuple(t.shape) != info.shape or t.device.type != "cpu" or not t.is_contiguous():
+                raise errors.DestinationError(
+                    f"{self.path}: tensor {name!r} is {info.dtype} {list(info.shape)}; the destination is "
+                    f"{t.dtype} {list(t.shape)} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+            view = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+            (raw_jobs if info.encoding == "raw" else packed_jobs).append((info, view))
+            if info.encoding == "raw":
+                stats.raw_bytes += info.nbytes
+            else:
+                stats.decoded_bytes += info.nbytes
+        t0 = time.perf_counter()
+        if packed_jobs:
+            self._core.decode_into(self.mapping, packed_jobs, verify != "none", threads)
+        t1 = time.perf_counter()
+        if raw_jobs:
+            self._core.decode_into(self.mapping, raw_jobs, verify == "all", threads)
+        stats.decode_s, stats.verify_raw_s = t1 - t0, time.perf_counter() - t1
+        self.last_load = stats
+        return stats
+
     def _info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
