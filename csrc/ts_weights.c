@@ -99,13 +99,18 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
         if (t->ndim > TS_MAX_NDIM) return fail(e, TS_E_LIMIT, i, NONE, "ndim", t->ndim, TS_MAX_NDIM);
         if (flags) return fail(e, TS_E_FIELD, i, NONE, "flags", flags, 0);
         NEED(8u * t->ndim, "shape");
-        t->numel = 1;
+        /* the product of the dimensions with zeros counted as 1 ("extent") is capped, so an empty
+         * tensor cannot declare dimensions whose strides overflow (order-independent) */
+        uint64_t extent = 1;
+        int empty = 0;
         for (unsigned d = 0; d < t->ndim; d++) {
             t->shape[d] = rd64(ix + pos + 8u * d);
             if (t->shape[d] > TS_MAX_DIM) return fail(e, TS_E_LIMIT, i, NONE, "shape", t->shape[d], TS_MAX_DIM);
-            if (mul_ovf(t->numel, t->shape[d], &t->numel) || t->numel > TS_MAX_DIM)
-                return fail(e, TS_E_LIMIT, i, NONE, "numel", t->numel, TS_MAX_DIM);
+            empty |= t->shape[d] == 0;
+            if (t->shape[d] && (mul_ovf(extent, t->shape[d], &extent) || extent > TS_MAX_DIM))
+                return fail(e, TS_E_LIMIT, i, NONE, "numel", extent, TS_MAX_DIM);
         }
+        t->numel = empty ? 0 : extent;
         pos += 8u * t->ndim;
         NEED(24, "data_offset");
         t->data_offset = rd64(ix + pos);

@@ -68,6 +68,17 @@ def default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _alloc(nbytes: int, path: str, name: str) -> torch.Tensor:
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    except RuntimeError as exc:  # torch reports allocation failure as RuntimeError
+        raise errors.LimitError(f"{path}: cannot allocate {nbytes} bytes for tensor {name!r}: {exc}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # writing
 
@@ -327,15 +338,22 @@ class WeightsFile:
         return self._map
 
     def load(self, names: Iterable[str] | None = None, *, verify: str = "compressed",
-             threads: int | None = None) -> dict[str, torch.Tensor]:
+             threads: int | None = None, max_decoded_bytes: int | None = None) -> dict[str, torch.Tensor]:
         """Tensors by name: raw ones as zero-copy views of the mapping, compressed ones decoded.
 
         verify: 'none', 'compressed' (check each compressed chunk as it is decoded: cheap) or 'all'
-        (also hash every raw chunk: a full pass over the raw bytes, timed apart in last_load)."""
+        (also hash every raw chunk: a full pass over the raw bytes, timed apart in last_load).
+        max_decoded_bytes (default: this machine's physical memory) caps the memory compressed
+        tensors may claim: a small valid file can declare terabytes of fill chunks."""
         if verify not in VERIFY_MODES:
             raise errors.ConfigError(f"verify {verify!r} is not one of {VERIFY_MODES}")
         threads = threads or default_threads()
         infos = [self._info(n) for n in (self.tensors if names is None else names)]
+        limit = physical_memory() if max_decoded_bytes is None else max_decoded_bytes
+        need = sum(i.nbytes for i in infos if i.encoding != "raw")
+        if need > limit:
+            raise errors.LimitError(f"{self.path}: decoding needs {need} bytes of memory, more than the limit "
+                                    f"{limit} (max_decoded_bytes)")
         stats = LoadStats(verified_compressed=verify != "none", verified_raw=verify == "all")
         out: dict[str, torch.Tensor] = {}
         jobs = []
@@ -350,7 +368,7 @@ class WeightsFile:
                 out[info.name] = flat.view(tdtype).reshape(info.shape)
                 stats.raw_bytes += info.nbytes
             else:
-                flat = torch.empty(info.nbytes, dtype=torch.uint8)
+                flat = _alloc(info.nbytes, self.path, info.name)
                 jobs.append((info, flat.numpy()))
                 out[info.name] = flat.view(tdtype).reshape(info.shape)
                 stats.decoded_bytes += info.nbytes

@@ -710,7 +710,8 @@ static void test_dims(void)
         {{1ull << 48, 1ull << 48, 0}, TS_E_LIMIT, "numel"},         /* 2^96 overflows 2^64 */
         {{1ull << 40, 1ull << 40, 1}, TS_E_LIMIT, "numel"},
         {{0xFFFFFFFFull, 0xFFFFFFFFull, 0xFFFFFFFFull}, TS_E_LIMIT, "numel"},
-        {{0, 1ull << 48, 1ull << 48}, TS_OK, NULL},                /* 0 from the first factor */
+        {{0, 1ull << 48, 1ull << 48}, TS_E_LIMIT, "numel"},        /* empty, but its extent is 2^96 */
+        {{0, 1ull << 24, 1ull << 24}, TS_OK, NULL},                /* empty, extent 2^48 */
         {{0, 0, (1ull << 48) + 1}, TS_E_LIMIT, "shape"},
         {{1, UINT64_MAX, 0}, TS_E_LIMIT, "shape"},
         {{1ull << 48, 1, 1}, TS_E_LAYOUT, "chunk_count"},
@@ -723,8 +724,9 @@ static void test_dims(void)
         EXPECT(&m, cases[i].st, cases[i].st ? 2 : 0, cases[i].st ? 0 : ANY, ANY, cases[i].field);
         tb_free(&m);
     }
-    /* format.md 3: every partial product from the first dimension on must be <= 2^48, so
-     * (2^48, 2, 0) is invalid although its numel is 0 (test/repro/numel_partial_product.tsw) */
+    /* format.md 3: the extent (product with zeros counted as 1) must be <= 2^48, so (2^48, 2, 0)
+     * is invalid although its numel is 0 (test/repro/numel_partial_product.tsw), and so is
+     * (0, 2^31, 2^32), whose strides would overflow (tests/corpus/findings: F-A) */
     {
         tb_file m;
         tb_copy(&f, &m);
@@ -732,10 +734,14 @@ static void test_dims(void)
         for (int k = 0; k < 3; k++) tb_put64(tb_index(&m) + sh + 8 * k, d[k]);
         tb_seal(&m);
         EXPECT(&m, TS_E_LIMIT, 2, 0, NONE, "numel");
-        d[0] = 1ull << 47; /* (2^47, 2, 0): every partial product <= 2^48 */
+        d[0] = 1ull << 47; /* (2^47, 2, 0): extent 2^48 */
         tb_put64(tb_index(&m) + sh, d[0]);
         tb_seal(&m);
         EXPECT(&m, TS_OK, 0, 0, 0, NULL);
+        uint64_t z[3] = {0, 1ull << 31, 1ull << 32};
+        for (int k = 0; k < 3; k++) tb_put64(tb_index(&m) + sh + 8 * k, z[k]);
+        tb_seal(&m);
+        EXPECT(&m, TS_E_LIMIT, 2, 0, NONE, "numel");
         tb_free(&m);
     }
     /* ndim 8 is the maximum; ndim 9 is rejected before the shape is read */

@@ -9,10 +9,10 @@ Error classes (all from ``tinyserve.errors``) and what raises them:
 * ``TruncatedError``   - a buffer, the header, an index record or a chunk ends before its declared bytes
 * ``LimitError``       - a documented limit is broken or an integer would overflow 2^64
 * ``LayoutError``      - offsets/sizes are inconsistent (placement, chunk_count, data_size, file_size)
-* ``UnsupportedError`` - unknown major version, dtype, encoding, codec or non-zero flags
+* ``UnsupportedError`` - unknown major version, dtype, encoding, codec, non-zero flags or reserved field
 * ``ChecksumError``    - header, index or chunk checksum mismatch
 * ``CorruptDataError`` - a zstd frame, Huffman stream or rANS stream is malformed
-* ``FormatError``      - anything else wrong with the file (magic, names, reserved field)
+* ``FormatError``      - anything else wrong with the file (magic, names)
 * ``DestinationError`` - a destination buffer is not writable, not contiguous or of the wrong size
 * ``ConfigError``      - bad arguments to the encoder (unknown dtype name or mode, bad chunk_elems)
 """
@@ -142,7 +142,7 @@ def parse_header(buf) -> Header:
             f"is {actual:#018x}"
         )
     if reserved != 0:
-        raise FormatError(f"header field reserved: must be zero, got {reserved:#x}")
+        raise UnsupportedError(f"header field reserved: must be zero, got {reserved:#x}")
     _check_header_fields(major, tensor_count, index_size, data_offset, file_size)
     return Header(major, minor, tensor_count, index_size, data_offset, file_size, index_checksum)
 
@@ -160,18 +160,19 @@ def _plane_record(nplanes: int) -> struct.Struct:
 
 
 def _numel(shape, where: str) -> int:
-    """Product of the dimensions; every dimension and every partial product from the first one on <= 2^48."""
-    numel = 1
+    """Product of the dimensions.  Every dimension <= 2^48, and the product with zero dimensions
+    counted as 1 <= 2^48 too, so an empty tensor cannot declare strides that overflow."""
+    extent = 1
     for d, dim in enumerate(shape):
         if dim > spec.MAX_DIM:
             raise LimitError(f"{where}: shape[{d}] = {dim} exceeds the limit 2^48")
-        numel *= dim
-        if numel > spec.MAX_NUMEL:
+        extent *= dim or 1
+        if extent > spec.MAX_NUMEL:
             raise LimitError(
-                f"{where}: numel: the product {numel} of the first {d + 1} dimensions of shape {tuple(shape)} "
+                f"{where}: numel: the product of the non-zero dimensions of shape {tuple(shape)} "
                 f"exceeds the limit 2^48"
             )
-    return numel
+    return 0 if 0 in shape else extent
 
 
 def _chunk_lengths(numel: int, chunk_elems: int, count: int):
