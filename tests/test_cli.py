@@ -43,7 +43,174 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--repo", str(tmp_path / "demo")]) == 0
+    """The README's `make demo`: pack, inspect, load, then serve, query, measure and stop."""
+    assert main(["demo", "--repo", str(tmp_path / "demo"), "--requests", "300"]) == 0
     out = capsys.readouterr().out
-    assert "demo OK" in out and out.count("bit-exact") == 2
+    assert "demo OK" in out and out.count("bit-exact vs the original module") == 2
     assert Repository(tmp_path / "demo").models() == ["encoder-bf16", "mlp"]
+    for part in ("listening on 127.0.0.1:", "[answer]  mlp(x) ->", "(equal to the module run directly)",
+                 "[latency] mlp, 300 requests one at a time: p50", "[pipeline] mlp, 300 requests 32 in flight",
+                 "[check]   600/600 answers bit-exact", "SIGTERM -> drained and exited 0"):
+        assert part in out, part
+
+
+# --- client commands, against the fake server of test_client.py -----------------------------------
+import socket  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from test_client import FakeServer  # noqa: E402  (pytest puts tests/ on sys.path)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def fake():
+    srv = FakeServer().start()
+    yield srv
+    srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_infer_command(fake, tmp_path, capsys):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "n.npy", np.array([1, 2], dtype=np.int64))
+    out_dir = tmp_path / "out"
+    rc = main(["infer", "echo:2", "--port", str(fake.port), "--input", f"x={tmp_path / 'x.npy'}",
+               "--input", f"n={tmp_path / 'n.npy'}", "--text", "words=hello", "--text", "words=wörld",
+               "--output-dir", str(out_dir), "--priority", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "echo:2: 3 outputs" in out and "float32 [3x4]" in out and "int64 [2]" in out
+    assert "bytes [2]" in out and "min 0 max 11" in out
+    assert np.array_equal(np.load(out_dir / "x.npy"), x)
+    assert np.load(out_dir / "words.npy").tolist() == [b"hello", "wörld".encode()]
+    h = fake.headers[-1]
+    assert (h["model"], h["version"], h["priority"]) == ("echo", 2, 3)
+    assert main(["infer", "echo", "--port", str(fake.port), "--input", f"x={tmp_path / 'x.npy'}",
+                 "--output", "x"]) == 0
+    assert fake.headers[-1]["outputs"] == ["x"]
+
+
+def test_infer_errors_are_clean(fake, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros(2))
+    x = f"x={tmp_path / 'x.npy'}"
+    cases = [
+        (["infer", "fail-NOT_FOUND", "--input", x], "error [NOT_FOUND]: fake failure NOT_FOUND"),
+        (["infer", "fail-INVALID_INPUT", "--input", x], "error [INVALID_INPUT]"),
+        (["infer", "echo", "--input", f"x={tmp_path / 'missing.npy'}"], "missing.npy"),
+        (["infer", "echo"], "no inputs"),
+        (["infer", "slow", "--input", x, "--timeout", "0.2"], "error [DEADLINE_EXCEEDED]"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--port", str(fake.port)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    (tmp_path / "obj.npy").write_bytes(b"not numpy")
+    assert main(["infer", "echo", "--port", str(fake.port), "--input", f"x={tmp_path / 'obj.npy'}"]) == 2
+    assert "obj.npy" in capsys.readouterr().err
+    port = free_port()
+    assert main(["infer", "echo", "--port", str(port), "--input", x]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot connect to tinyserve at 127.0.0.1:{port}" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["infer", "echo", "--input", "no-equals-sign"])
+
+
+def test_models_load_unload_stats(fake, capsys, monkeypatch):
+    monkeypatch.setenv("TINYSERVE_PORT", str(fake.port))  # the client commands' default port
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "echo" in out and "v1 READY" in out
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["name"] == "echo"
+    assert main(["load", "echo:3"]) == 0
+    assert "loaded echo version 3: READY" in capsys.readouterr().out
+    assert fake.headers[-1] == {"id": fake.headers[-1]["id"], "op": "load", "model": "echo", "version": 3}
+    assert main(["unload", "echo"]) == 0
+    assert "unloaded echo version 1" in capsys.readouterr().out
+    assert main(["stats"]) == 0
+    assert "requests" in capsys.readouterr().out
+    assert main(["stats", "--model", "echo", "--json"]) == 0
+    assert "latency_us" in json.loads(capsys.readouterr().out)
+
+
+def test_health_exit_codes(fake, capsys):
+    assert main(["health", "--port", str(fake.port)]) == 0
+    assert capsys.readouterr().out.startswith("ready")
+    fake.ready = False
+    assert main(["health", "--port", str(fake.port), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ready"] is False
+    assert main(["health", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable [CONNECT_FAILED]" in err and "Traceback" not in err
+
+
+def test_token_options(tmp_path, capsys, monkeypatch):
+    srv = FakeServer(token="tok-123").start()
+    try:
+        (tmp_path / "token").write_text("tok-123\n")
+        assert main(["health", "--port", str(srv.port), "--token-file", str(tmp_path / "token")]) == 0
+        assert main(["models", "--port", str(srv.port), "--token", "tok-123"]) == 0
+        monkeypatch.setenv("TINYSERVE_TOKEN", "tok-123")
+        assert main(["models", "--port", str(srv.port)]) == 0
+        monkeypatch.delenv("TINYSERVE_TOKEN")
+        capsys.readouterr()
+        assert main(["models", "--port", str(srv.port), "--token", "nope"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main(["health", "--port", str(srv.port)]) == 2
+        (tmp_path / "empty").write_text("")
+        assert main(["models", "--port", str(srv.port), "--token-file", str(tmp_path / "empty")]) == 2
+        assert "is empty" in capsys.readouterr().err
+    finally:
+        srv.stop()
+
+
+# --- serve, with the real server -------------------------------------------------------------------
+def test_serve_command(tmp_path, capsys):
+    """`tinyserve serve` in a subprocess: the client commands against it, then SIGTERM -> exit 0."""
+    from tinyserve.cli import _start_server, _stop_server
+
+    repo = tmp_path / "repo"
+    assert main(["pack", "tinyserve.examples:mlp", "--repo", str(repo), "--name", "mlp", "--quiet"]) == 0
+    proc, port, banner = _start_server(repo, ["mlp"], threads=1, port=0)
+    try:
+        assert "models: mlp:1" in banner
+        p = ["--port", str(port)]
+        assert main(["health"] + p) == 0
+        np.save(tmp_path / "x.npy", np.ones((2, 64), dtype=np.float32))
+        capsys.readouterr()
+        assert main(["infer", "mlp"] + p + ["--input", f"x={tmp_path / 'x.npy'}", "--output-dir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "mlp: 1 output in" in out and "float32 [2x10]" in out
+        assert np.load(next(tmp_path.glob("output*.npy"))).shape == (2, 10)
+        assert main(["models"] + p) == 0 and "v1 READY" in capsys.readouterr().out
+        assert main(["stats", "--model", "mlp"] + p) == 0 and "mlp: " in capsys.readouterr().out
+        assert main(["unload", "mlp"] + p) == 0 and "unloaded mlp version 1" in capsys.readouterr().out
+        assert main(["infer", "mlp"] + p + ["--input", f"x={tmp_path / 'x.npy'}"]) == 2
+        assert "error [UNAVAILABLE]" in capsys.readouterr().err
+        assert main(["load", "mlp:1"] + p) == 0 and "loaded mlp version 1: READY" in capsys.readouterr().out
+        assert main(["infer", "nope"] + p + ["--input", f"x={tmp_path / 'x.npy'}"]) == 2
+        assert "error [NOT_FOUND]" in capsys.readouterr().err
+    finally:
+        code, out = _stop_server(proc)
+    assert code == 0 and "stopped" in out
+
+
+def test_serve_errors_are_clean(tmp_path, capsys):
+    assert main(["serve", "--repo", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinyserve: error") and "Traceback" not in err
+    repo = tmp_path / "repo"
+    assert main(["pack", "tinyserve.examples:mlp", "--repo", str(repo), "--name", "mlp", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--repo", str(repo), "--port", "0", "--model", "nope"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["serve", "--repo", str(repo), "--port", "0", "--tls-cert", str(tmp_path / "c.pem")]) == 2
+    assert "tls" in capsys.readouterr().err.lower()

@@ -132,21 +132,303 @@ def cmd_inspect(args) -> int:
     return 0 if damage is None else 1
 
 
+# --- talking to a server ---------------------------------------------------------------------------
+ENV_HOST, ENV_PORT, ENV_TOKEN = "TINYSERVE_HOST", "TINYSERVE_PORT", "TINYSERVE_TOKEN"
+
+
+def _default_port() -> int:
+    from tinyserve.client import DEFAULT_PORT
+
+    value = os.environ.get(ENV_PORT)
+    if value is None:
+        return DEFAULT_PORT
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.ConfigError(f"{ENV_PORT}={value!r} is not a port number") from None
+
+
+def _token(args) -> str | None:
+    """--token-file, then --token, then $TINYSERVE_TOKEN (a file keeps the secret out of `ps`)."""
+    if getattr(args, "token_file", None):
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise errors.ConfigError(f"token file {args.token_file} is empty")
+        return token
+    return getattr(args, "token", None) or os.environ.get(ENV_TOKEN) or None
+
+
+def _client(args, *, attempts: int = 3):
+    from tinyserve.client import Client
+
+    ssl = None
+    if args.tls_ca or args.tls:
+        import ssl as ssl_mod
+
+        ssl = ssl_mod.create_default_context(cafile=args.tls_ca)
+    port = args.port if args.port is not None else _default_port()
+    host = args.host or os.environ.get(ENV_HOST) or "127.0.0.1"
+    return Client(host, port, token=_token(args), ssl=ssl, timeout=args.timeout,
+                  connect_timeout=min(10.0, args.timeout), connect_attempts=attempts, backoff=0.1)
+
+
+def _model_arg(value: str) -> tuple[str, int | None]:
+    name, sep, ver = value.rpartition(":")
+    if sep and ver.isdigit() and name:
+        return name, int(ver)
+    return value, None
+
+
+def _print_json(doc) -> None:
+    print(json.dumps(doc, indent=1, sort_keys=True, default=str))
+
+
+def _summary(value) -> str:
+    """One line about an output: dtype, shape, a few values, range."""
+    if isinstance(value, list):  # the bytes dtype
+        shown = ", ".join(repr(v[:40]) for v in value[:3])
+        return f"bytes [{len(value)}]  [{shown}{', ...' if len(value) > 3 else ''}]"
+    import numpy as np
+
+    if not isinstance(value, np.ndarray):  # bfloat16 arrives as a torch tensor
+        dtype = str(value.dtype).removeprefix("torch.")
+        value = value.float().numpy()
+    else:
+        dtype = str(value.dtype)
+    shape = "x".join(map(str, value.shape)) or "scalar"
+    flat = value.reshape(-1)
+    head = np.array2string(flat[:6], precision=4, separator=", ", suppress_small=True)
+    if flat.size > 6:
+        head = head[:-1] + ", ...]"
+    stats = ""
+    if flat.size and value.dtype != np.bool_:
+        stats = f"  min {flat.min():.4g} max {flat.max():.4g} mean {flat.astype(np.float64).mean():.4g}"
+    return f"{dtype} [{shape}]  {head}{stats}"
+
+
+def _save_output(directory: Path, name: str, value) -> Path:
+    import numpy as np
+
+    if isinstance(value, list):
+        arr = np.array(value, dtype=np.bytes_) if value else np.zeros(0, dtype="S1")
+    elif not isinstance(value, np.ndarray):  # bfloat16 (torch): numpy has no bfloat16
+        arr = value.float().numpy()
+    else:
+        arr = value
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "output"
+    path = directory / f"{safe}.npy"
+    np.save(path, arr, allow_pickle=False)
+    return path
+
+
+def _input_arg(value: str) -> tuple[str, str]:
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    return name, rest
+
+
+def cmd_serve(args) -> int:
+    from tinyserve.server import ServerConfig, run
+
+    port = args.port if args.port is not None else _default_port()
+    config = ServerConfig(repo=args.repo, host=args.host or "127.0.0.1", port=port, models=tuple(args.model),
+                          token=_token(args), tls_certfile=args.tls_cert, tls_keyfile=args.tls_key,
+                          torch_threads=args.threads, use_uvloop=not args.no_uvloop,
+                          idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout)
+    return run(config)
+
+
+def cmd_infer(args) -> int:
+    import numpy as np
+
+    inputs: dict = {}
+    for name, path in args.input:
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise errors.ConfigError(f"--input {name}={path}: not a plain .npy array ({exc})") from None
+    for name, text in args.text:
+        inputs.setdefault(name, [])
+        if not isinstance(inputs[name], list):
+            raise errors.ConfigError(f"input {name!r} is given both as --input and --text")
+        inputs[name].append(text)
+    if not inputs:
+        raise errors.ConfigError("no inputs: give at least one --input NAME=FILE.npy or --text NAME=STRING")
+    model, version = _model_arg(args.model)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client:
+        t0 = time.perf_counter()
+        outputs = client.infer(model, inputs, version=version, outputs=args.output or None,
+                               timeout=args.timeout, priority=args.priority)
+        dt = time.perf_counter() - t0
+    where = f"{model}" + (f":{version}" if version is not None else "")
+    print(f"{where}: {len(outputs)} output{'s' if len(outputs) != 1 else ''} in {dt * 1e3:.2f} ms")
+    width = max([len(n) for n in outputs] + [4])
+    for name, value in outputs.items():
+        line = f"  {name:<{width}}  {_summary(value)}"
+        if out_dir is not None:
+            line += f"  -> {_save_output(out_dir, name, value)}"
+        print(line)
+    return 0
+
+
+def cmd_models(args) -> int:
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        _print_json(models)
+        return 0
+    if not models:
+        print("no models in the repository")
+        return 0
+    width = max(len(m.get("name", "")) for m in models)
+    print(f"{'name':<{width}}  {'versions':<12} loaded")
+    for m in models:
+        versions = ",".join(str(v) for v in m.get("versions", [])) or "-"
+        loaded = ", ".join(f"v{x.get('version')} {x.get('state')} ({_fmt_bytes(x.get('bytes') or 0)})"
+                           for x in m.get("loaded", [])) or "-"
+        print(f"{m.get('name', '?'):<{width}}  {versions:<12} {loaded}")
+    return 0
+
+
+def cmd_load(args) -> int:
+    model, version = _model_arg(args.model)
+    with _client(args) as client:
+        t0 = time.perf_counter()
+        reply = client.load(model, version, timeout=args.timeout)
+    print(f"loaded {reply.get('model', model)} version {reply.get('version')}: {reply.get('state')} "
+          f"({(time.perf_counter() - t0) * 1e3:.0f} ms)")
+    return 0
+
+
+def cmd_unload(args) -> int:
+    model, version = _model_arg(args.model)
+    with _client(args) as client:
+        reply = client.unload(model, version, timeout=args.timeout)
+    versions = reply.get("versions") or []
+    print(f"unloaded {reply.get('model', model)} version{'s' if len(versions) != 1 else ''} "
+          f"{', '.join(map(str, versions)) or '(none was loaded)'}")
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Exit 0: ready; 1: the server answered but is not ready; 2: no answer (unreachable, refused)."""
+    try:
+        with _client(args, attempts=1) as client:
+            health = client.health(timeout=args.timeout)
+    except (errors.TinyserveError, OSError) as exc:
+        code = getattr(exc, "code", None)
+        print(f"tinyserve: unreachable{f' [{code}]' if code else ''}: {exc}", file=sys.stderr)
+        return 2
+    ready = health.get("ready") is True
+    if args.json:
+        _print_json(health)
+    else:
+        print(f"{'ready' if ready else 'NOT READY'} (live: {health.get('live')})")
+        for name, st in sorted((health.get("models") or {}).items()):
+            st = st if isinstance(st, dict) else {}
+            reason = f": {st.get('reason')}" if st.get("reason") else ""
+            print(f"  {name}: {st.get('state')}{reason}")
+    return 0 if ready else 1
+
+
+def cmd_stats(args) -> int:
+    with _client(args) as client:
+        stats = client.stats(args.model)
+    if args.json:
+        _print_json(stats)
+        return 0
+
+    def line(label: str, st: dict) -> str:
+        lat = st.get("latency_us") or {}
+        errs = st.get("errors") or {}
+        err = ", ".join(f"{k} {v}" for k, v in sorted(errs.items())) or "none"
+        pcts = " ".join(f"{k} {lat[k]}" for k in ("p50", "p90", "p99", "max") if k in lat)
+        return f"{label}: {st.get('requests', 0)} requests, errors: {err}; latency us: {pcts or '-'}"
+
+    print(line("server" if args.model is None else args.model, stats))
+    if args.model is None:
+        for name, st in sorted((stats.get("models") or {}).items()):
+            print("  " + line(name, st if isinstance(st, dict) else {}))
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------------------
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1e6 for q in (50, 90, 99)}
+
+
+def _start_server(root: Path, models: list[str], threads: int | None, port: int, timeout: float = 120.0):
+    """`tinyserve serve` in a subprocess; (process, port) once it listens (its models are loaded)."""
+    import selectors
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tinyserve.cli", "serve", "--repo", str(root), "--port", str(port)]
+    for m in models:
+        cmd += ["--model", m]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            if "listening on" in line:
+                addr = line.split("listening on", 1)[1].split()[0]
+                return proc, int(addr.rsplit(":", 1)[1]), line.strip()
+    finally:
+        sel.close()
+    proc.kill()
+    proc.wait()
+    raise errors.TinyserveError("the demo server did not start:\n  " + "\n  ".join(lines[-10:] or ["(no output)"]))
+
+
+def _stop_server(proc, timeout: float = 30.0) -> tuple[int | None, str]:
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
+
+
 def cmd_demo(args) -> int:
+    import numpy as np
     import torch
 
     from tinyserve import _backend
     from tinyserve import examples
+    from tinyserve.client import Client
     from tinyserve.pack import pack
     from tinyserve.repository import Repository
     from tinyserve.runtime import load_version
 
+    t_start = time.perf_counter()
     root = Path(args.repo) if args.repo else Path(tempfile.mkdtemp(prefix="tinyserve-demo-"))
     repo = Repository(root, create=True)
     print(f"tinyserve demo: repository {root} (codec backend: {_backend.NAME})\n")
     ok = True
+    modules = {}
     for name, factory in (("mlp", examples.mlp), ("encoder-bf16", examples.encoder_bf16)):
         module, example = factory()
+        modules[name] = (module, example)
         version, summary = pack(repo, name, f"tinyserve.examples:{factory.__name__}", threads=args.threads)
         print(f"[pack]    {name} v{version}: {len(summary.tensors)} tensors, {_fmt_bytes(summary.raw_bytes)} -> "
               f"{_fmt_bytes(summary.file_bytes)} (ratio {summary.ratio:.3f}) in {summary.seconds * 1e3:.1f} ms")
@@ -167,8 +449,91 @@ def cmd_demo(args) -> int:
               f"(decode {loaded.weights_stats.decode_s * 1e3:.2f} ms), program {tm['program_s'] * 1e3:.1f} ms, "
               f"total {tm['total_s'] * 1e3:.1f} ms; first inference {t_first * 1e3:.2f} ms; "
               f"output {'bit-exact' if same else 'DIFFERS'} vs the original module\n")
-    print("demo OK" if ok else "demo FAILED: outputs differ")
+
+    # --- serve the repository and query it ---
+    t0 = time.perf_counter()
+    proc, port, banner = _start_server(root, ["mlp"], args.server_threads, args.port)
+    print(f"[serve]   tinyserve serve --repo {root} --port {args.port} --model mlp --threads {args.server_threads}")
+    print(f"          {banner}  (ready in {time.perf_counter() - t0:.1f} s)")
+    try:
+        ok &= _demo_requests(args, port, modules, np, torch, Client)
+    finally:
+        code, out = _stop_server(proc)
+        for line in out.splitlines():
+            print(f"          {line}")
+        stopped = code == 0
+        ok &= stopped
+        print(f"[stop]    SIGTERM -> {'drained and exited 0' if stopped else f'exit status {code}'}\n")
+    print(f"demo {'OK' if ok else 'FAILED'} in {time.perf_counter() - t_start:.1f} s")
     return 0 if ok else 1
+
+
+def _demo_requests(args, port: int, modules: dict, np, torch, Client) -> bool:
+    ok = True
+    mlp, _ = modules["mlp"]
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, 64), dtype=np.float32) for _ in range(64)]
+    with torch.inference_mode():
+        want = [mlp(torch.from_numpy(x)).numpy() for x in xs]
+    n, depth = args.requests, args.depth
+    with Client("127.0.0.1", port, timeout=30.0) as client:
+        t0 = time.perf_counter()
+        reply = client.load("encoder-bf16")
+        print(f"[load]    encoder-bf16 over the wire: version {reply.get('version')} {reply.get('state')} "
+              f"in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+        health = client.health()
+        print(f"[health]  ready: {health.get('ready')}; models: "
+              + ", ".join(f"{k} {v.get('state')}" for k, v in sorted((health.get("models") or {}).items())))
+        y = client.infer("mlp", {"x": xs[0]})
+        name, value = next(iter(y.items()))
+        print(f"[answer]  mlp(x) -> {name}: {_summary(value)}")
+        enc, (ids,) = modules["encoder-bf16"]
+        ids = ids[:1]
+        got = client.infer("encoder-bf16", {"ids": ids})
+        ename, evalue = next(iter(got.items()))
+        with torch.inference_mode():
+            ewant = enc(ids)
+        esame = isinstance(evalue, torch.Tensor) and torch.equal(evalue, ewant)
+        ok &= esame
+        print(f"[answer]  encoder-bf16(ids) -> {ename}: {_summary(evalue)} "
+              f"({'equal to' if esame else 'DIFFERS from'} the module run directly)")
+
+        for i in range(200):  # warm-up
+            client.infer("mlp", {"x": xs[i % 64]})
+        lat, bad, worst = [], 0, 0.0
+        t_all = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            out = client.infer("mlp", {"x": xs[i % 64]})[name]
+            lat.append(time.perf_counter() - t)
+            if not np.array_equal(out, want[i % 64]):
+                bad += 1
+                worst = max(worst, float(np.abs(out - want[i % 64]).max()))
+        t_all = time.perf_counter() - t_all
+        p = _percentiles(lat)
+        print(f"[latency] mlp, {n} requests one at a time: p50 {p['p50']:.0f} us, p90 {p['p90']:.0f} us, "
+              f"p99 {p['p99']:.0f} us; {n / t_all:,.0f} requests/s")
+        t = time.perf_counter()
+        outs = client.infer_many("mlp", [{"x": xs[i % 64]} for i in range(n)], depth=depth)
+        dt = time.perf_counter() - t
+        print(f"[pipeline] mlp, {n} requests {depth} in flight on one connection: {n / dt:,.0f} requests/s "
+              f"({dt / n * 1e6:.0f} us per request)")
+        for i, o in enumerate(outs):
+            if not np.array_equal(o[name], want[i % 64]):
+                bad += 1
+                worst = max(worst, float(np.abs(o[name] - want[i % 64]).max()))
+        # dynamic batching may run several rows together, which can move float sums by an ulp or so
+        close = worst <= 1e-5
+        ok &= close
+        total = 2 * n
+        print(f"[check]   {total - bad}/{total} answers bit-exact vs the model run directly"
+              + (f"; the rest within {worst:.1e}" if bad and close else "")
+              + (f"; WRONG: max difference {worst:.3g}" if not close else ""))
+        st = client.stats("mlp")
+        lat_us = st.get("latency_us") or {}
+        print(f"[stats]   server side, mlp: {st.get('requests')} requests, p50 {lat_us.get('p50')} us, "
+              f"p99 {lat_us.get('p99')} us")
+    return ok
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,9 +561,78 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--threads", type=int, default=None)
     ins.set_defaults(fn=cmd_inspect)
 
-    dm = sub.add_parser("demo", help="pack the built-in example models, inspect them and load them back")
+    def client_options(sp, timeout: float = 60.0):
+        sp.add_argument("--host", default=None, help=f"server host (default: ${ENV_HOST} or 127.0.0.1)")
+        sp.add_argument("--port", type=int, default=None, help=f"server port (default: ${ENV_PORT} or 8470)")
+        sp.add_argument("--token", default=None,
+                        help=f"shared secret (visible in ps: prefer --token-file or ${ENV_TOKEN})")
+        sp.add_argument("--token-file", default=None, help="read the shared secret from this file")
+        sp.add_argument("--tls", action="store_true", help="use TLS, verified against the system's CAs")
+        sp.add_argument("--tls-ca", default=None, help="use TLS, verified against this CA / certificate file")
+        sp.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+
+    sv = sub.add_parser("serve", help="serve a repository's models over TCP (SIGTERM / SIGINT: drain and exit)")
+    sv.add_argument("--repo", required=True, help="repository root directory")
+    sv.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help=f"port (default: ${ENV_PORT} or 8470; 0: any free port)")
+    sv.add_argument("--model", action="append", default=[], metavar="NAME[:VERSION]",
+                    help="load and warm up before listening (repeatable)")
+    sv.add_argument("--token", default=None,
+                    help=f"shared secret clients must send (visible in ps: prefer --token-file or ${ENV_TOKEN})")
+    sv.add_argument("--token-file", default=None, help="read the shared secret from this file")
+    sv.add_argument("--tls-cert", default=None, help="TLS certificate (PEM); with --tls-key")
+    sv.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads per model worker")
+    sv.add_argument("--no-uvloop", action="store_true", help="use the asyncio event loop")
+    sv.add_argument("--idle-timeout", type=float, default=300.0, help="close idle connections after S seconds")
+    sv.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait S seconds for requests")
+    sv.set_defaults(fn=cmd_serve)
+
+    inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")
+    inf.add_argument("model", metavar="MODEL[:VERSION]")
+    inf.add_argument("--input", type=_input_arg, action="append", default=[], metavar="NAME=FILE.npy",
+                     help="an input tensor from a .npy file (repeatable)")
+    inf.add_argument("--text", type=_input_arg, action="append", default=[], metavar="NAME=STRING",
+                     help="a string for a bytes input; repeat a NAME for several strings")
+    inf.add_argument("--output", action="append", default=[], metavar="NAME", help="only these outputs")
+    inf.add_argument("--output-dir", default=None, help="save each output as NAME.npy in this directory")
+    inf.add_argument("--priority", type=int, default=None, help="0..15, higher first")
+    client_options(inf)
+    inf.set_defaults(fn=cmd_infer)
+
+    md = sub.add_parser("models", help="the repository's models, versions and what is loaded")
+    md.add_argument("--json", action="store_true")
+    client_options(md)
+    md.set_defaults(fn=cmd_models)
+
+    ld = sub.add_parser("load", help="load (and warm up) a model version on the server")
+    ld.add_argument("model", metavar="MODEL[:VERSION]")
+    client_options(ld, timeout=600.0)
+    ld.set_defaults(fn=cmd_load)
+
+    ul = sub.add_parser("unload", help="unload a model version (default: every loaded version)")
+    ul.add_argument("model", metavar="MODEL[:VERSION]")
+    client_options(ul, timeout=600.0)
+    ul.set_defaults(fn=cmd_unload)
+
+    hl = sub.add_parser("health", help="liveness and readiness; exit 0 ready, 1 not ready, 2 unreachable")
+    hl.add_argument("--json", action="store_true")
+    client_options(hl, timeout=5.0)
+    hl.set_defaults(fn=cmd_health)
+
+    stt = sub.add_parser("stats", help="request and error counts, latency percentiles")
+    stt.add_argument("--model", default=None, help="one model only")
+    stt.add_argument("--json", action="store_true")
+    client_options(stt)
+    stt.set_defaults(fn=cmd_stats)
+
+    dm = sub.add_parser("demo", help="pack the example models, serve them, query them: answers, latency, throughput")
     dm.add_argument("--repo", default=None, help="repository directory (default: a new temporary one)")
-    dm.add_argument("--threads", type=int, default=None)
+    dm.add_argument("--threads", type=int, default=None, help="codec threads for pack / load")
+    dm.add_argument("--server-threads", type=int, default=1, help="torch threads per model worker in the server")
+    dm.add_argument("--port", type=int, default=0, help="server port (default: any free port)")
+    dm.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
+    dm.add_argument("--depth", type=int, default=32, help="requests in flight when pipelining (default 32)")
     dm.set_defaults(fn=cmd_demo)
     return p
 
@@ -213,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"tinyserve: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tinyserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

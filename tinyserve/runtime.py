@@ -1,21 +1,63 @@
-"""A loaded model version: weights mapped/decoded, program bound, ready to run.
+"""A loaded model version and the instance that serves it: one dedicated worker thread per instance.
 
-(The server issue extends this with warm-up, worker threads and lifecycle states.)"""
+`load_version(dir)` maps/decodes the weights and binds the program (`LoadedModel`).
+
+`ModelInstance` wraps a `LoadedModel` with ONE worker thread fed by a `queue.SimpleQueue` (a hand-off
+costs a lock release and a GIL switch, about 10-30 us, against 50-120 us for a ThreadPoolExecutor
+round trip).  The thread loads the version, warms it up (one run on inputs made from the config with
+batch 1), then runs requests; model compute, pre- and post-processing never touch the event loop.
+Results go back to the loop through `Completions`, which wakes the loop once for however many results
+are ready (`loop.call_soon_threadsafe`).
+
+Lifecycle states: LOADING -> READY -> UNLOADING -> UNLOADED, or LOADING -> FAILED (reason kept).
+Requests are accepted only while READY; requests queued before `unload()` still run.
+
+The worker API is batch-shaped (`run(list of requests)`) for the batching issue; for now each request
+runs alone.
+
+Python model files (docs/repository.md section 4.2) may define, besides `build(params)`:
+
+* `preprocess(inputs: dict) -> dict`: receives the request's tensors by name (numeric dtypes as torch
+  tensors viewing the request frame, dtype `bytes` as a list of `bytes`), returns the module's inputs by
+  the names of the config's `inputs`.  When a model defines it, the config's `inputs` describe what
+  `preprocess` returns (the module's inputs, used for the warm-up), and requests are not checked
+  against them: `preprocess` validates (raise to refuse; the reply is MODEL_ERROR).
+* `postprocess(outputs: dict) -> dict`: receives the module's outputs by the names of the config's
+  `outputs` and returns the reply's tensors by name (torch tensors, numpy arrays, or lists of
+  bytes/str for the `bytes` dtype).
+
+Both run in the worker thread, per request.  An exception from the model or a hook is reported as
+`ModelError` naming the model and the exception; the instance keeps serving.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tinyserve import errors
+from tinyserve import errors, wire
 from tinyserve.config import ModelConfig
 from tinyserve.program import load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
-from tinyserve.weights import LoadStats, WeightsFile
+from tinyserve.weights import DTYPE_TO_TORCH, LoadStats, WeightsFile
+
+__all__ = ["FAILED", "LOADING", "READY", "STATES", "UNLOADED", "UNLOADING", "Completions", "LoadedModel",
+           "ModelInstance", "Request", "load_version"]
+
+log = logging.getLogger("tinyserve.runtime")
+
+LOADING, READY, UNLOADING, UNLOADED, FAILED = "LOADING", "READY", "UNLOADING", "UNLOADED", "FAILED"
+STATES = (LOADING, READY, UNLOADING, UNLOADED, FAILED)
 
 
 @dataclass
@@ -33,6 +75,17 @@ class LoadedModel:
         if self.module is None:
             raise errors.ModelError(f"model {self.config.name!r} holds weights only; it has no program to run")
         return self.module(*inputs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights in memory (tied tensors once)."""
+        seen, total = set(), 0
+        for t in self.weights.values():
+            key = t.data_ptr() if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
 
 
 def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None) -> LoadedModel:
@@ -54,3 +107,380 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
     return LoadedModel(config, version_dir, module, weights, stats,
                        {"open_s": t1 - t0, "weights_s": t2 - t1, "program_s": t3 - t2, "total_s": t3 - t0},
                        hooks)
+
+
+# --- requests and their way back to the loop -------------------------------------------------------
+class Request:
+    """One inference request travelling loop -> worker -> loop.
+
+    inputs: {name: (wire dtype, shape, byte view)} as `wire.split_tensors` returns them (already checked).
+    outputs: the names to return (None: all).  deadline: `time.monotonic()` value or None.
+    owner, tag: opaque to the runtime (the server's connection and request id).
+    After the worker: `result` ({name: tensor}) or `error` (a TinyserveError); `reply` is whatever the
+    instance's `finish` callable made of it in the worker (the encoded reply frame).
+    """
+
+    __slots__ = ("inputs", "outputs", "deadline", "priority", "owner", "tag", "t0", "instance",
+                 "result", "error", "reply", "code")
+
+    def __init__(self, inputs: dict, outputs: list | None = None, deadline: float | None = None,
+                 priority: int = 0, owner: object = None, tag: object = None, t0: int = 0) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.deadline = deadline
+        self.priority = priority
+        self.owner = owner
+        self.tag = tag
+        self.t0 = t0
+        self.instance: ModelInstance | None = None
+        self.result: dict | None = None
+        self.error: errors.TinyserveError | None = None
+        self.reply = None
+        self.code = "OK"
+
+
+class Completions:
+    """Hands items from worker threads to `deliver(list)` on the loop, one wakeup for many items."""
+
+    __slots__ = ("_loop", "_deliver", "_items", "_pending")
+
+    def __init__(self, loop, deliver: Callable[[list], None]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._items: collections.deque = collections.deque()
+        self._pending = False
+
+    def post(self, item: object) -> None:
+        """From any thread."""
+        self._items.append(item)
+        if not self._pending:
+            self._pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                self._pending = False
+
+    def _drain(self) -> None:
+        self._pending = False
+        items = self._items
+        batch = []
+        while items:
+            batch.append(items.popleft())
+        if batch:
+            self._deliver(batch)
+
+
+# --- the model instance ------------------------------------------------------------------------------
+_STOP = object()
+
+
+def _to_torch(dtype: str, shape: tuple, view: memoryview):
+    """A request tensor as the model gets it: a torch tensor viewing the frame (no copy), or a list of
+    bytes for the `bytes` dtype."""
+    if dtype == wire.BYTES_DTYPE:
+        return wire.split_bytes(view, shape[0])
+    tdt = DTYPE_TO_TORCH[dtype]
+    if not view.nbytes:
+        return torch.empty(shape, dtype=tdt)
+    return torch.frombuffer(view, dtype=tdt).view(shape)
+
+
+def _release(model: LoadedModel) -> None:
+    """Drop every reference the model holds to its weights, now.  A torch.export module is full of
+    reference cycles (graph <-> nodes) that only a full garbage collection (about 0.2 s here, holding
+    the GIL, so a stall of the event loop) would free; without this the weights and their mapping of
+    the file would stay until some later collection."""
+    module = model.module
+    if module is not None:
+        for sub in module.modules():
+            sub._parameters.clear()
+            sub._buffers.clear()
+            for key, value in list(vars(sub).items()):
+                if isinstance(value, torch.Tensor):  # lifted constants live as plain attributes
+                    del sub.__dict__[key]
+    model.weights.clear()
+
+
+class ModelInstance:
+    """One loaded version of a model served by one worker thread (see the module docstring).
+
+    Construct on the event loop thread; `start()` returns a future that resolves when the version is
+    READY (or fails with ModelError, state FAILED).  `submit(request)` queues a request (READY only);
+    the worker runs it, calls `finish(request)` in the worker thread (the server encodes the reply
+    there) and posts the request to `completions`.  `unload()` returns a future that resolves when
+    the queued requests have run and the worker thread has ended (state UNLOADED).
+    """
+
+    def __init__(self, name: str, version: int, path: str | os.PathLike, *, loop, completions: Completions,
+                 finish: Callable[[Request], None] | None = None, torch_threads: int | None = None,
+                 verify: str = "compressed", warmup: bool = True) -> None:
+        self.name = name
+        self.version = version
+        self.path = Path(path)
+        self.state = LOADING
+        self.reason = ""
+        self.model: LoadedModel | None = None
+        self.config: ModelConfig | None = None
+        self.nbytes = 0
+        self.load_s = 0.0
+        self._loop = loop
+        self._completions = completions
+        self._finish = finish
+        self._threads = torch_threads
+        self._verify = verify
+        self._warmup = warmup
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(target=self._main, name=f"tinyserve-{name}-{version}", daemon=True)
+        self._started = False
+        # filled at load: what the hot path needs, precomputed
+        self._in_specs: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._in_names: tuple[str, ...] = ()
+        self._out_names: tuple[str, ...] = ()
+        self._pre = self._post = None
+        self.output_names: frozenset[str] = frozenset()
+        self.checks_inputs = True
+
+    def __repr__(self) -> str:
+        return f"<ModelInstance {self.name}:{self.version} {self.state}>"
+
+    # --- loop side ----------------------------------------------------------------------------------
+    def start(self) -> asyncio.Future:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        return self._ready
+
+    def check_ready(self) -> None:
+        """Raise UNAVAILABLE unless the instance takes requests."""
+        if self.state is not READY:
+            raise wire.Unavailable(f"model {self.name!r} version {self.version} is {self.state}"
+                                   + (f" ({self.reason})" if self.reason else ""))
+
+    def submit(self, req: Request) -> None:
+        """Queue one request (READY only)."""
+        self.check_ready()
+        req.instance = self
+        self._q.put([req])
+
+    def submit_many(self, reqs: list[Request]) -> None:
+        """Queue requests as one hand-off (one wakeup of the worker for all of them)."""
+        self.check_ready()
+        for req in reqs:
+            req.instance = self
+        self._q.put(reqs)
+
+    def unload(self) -> asyncio.Future:
+        """Stop taking requests, run what is queued, end the worker thread."""
+        if self.state in (UNLOADING, UNLOADED, FAILED):
+            return self._stopped  # a FAILED instance's thread ends by itself
+        if not self._started:
+            self._set_stopped()
+            return self._stopped
+        self.state = UNLOADING
+        self._q.put(_STOP)
+        return self._stopped
+
+    @property
+    def stopped(self) -> asyncio.Future:
+        """Resolves when the worker thread has ended (after unload, or after a failed load)."""
+        return self._stopped
+
+    def check_inputs(self, tensors: Mapping[str, tuple]) -> None:
+        """Request tensors (wire.split_tensors' result) against the config's inputs: INVALID_INPUT
+        naming the tensor.  Skipped for models with a `preprocess` hook (it validates)."""
+        if not self.checks_inputs:
+            return
+        specs = self._in_specs
+        for name, (dtype, shape, _) in tensors.items():
+            spec = specs.get(name)
+            if spec is None:
+                raise wire.InvalidInput(f"input {wire.shown(name)} is not an input of model {self.name!r} "
+                                        f"(inputs: {', '.join(self._in_names)})")
+            want_dtype, want_shape = spec
+            if dtype != want_dtype:
+                raise wire.InvalidInput(f"input {name!r} of model {self.name!r}: dtype is {dtype}, "
+                                        f"the model takes {want_dtype}")
+            if len(shape) != len(want_shape) or any(w != -1 and w != d for d, w in zip(shape, want_shape)):
+                raise wire.InvalidInput(f"input {name!r} of model {self.name!r}: shape is {list(shape)}, "
+                                        f"the model takes {list(want_shape)} (-1: any size)")
+        if len(tensors) != len(specs):
+            missing = [n for n in self._in_names if n not in tensors]
+            raise wire.InvalidInput(f"input {missing[0]!r} of model {self.name!r} is missing "
+                                    f"(inputs: {', '.join(self._in_names)})")
+
+    def _call_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            pass
+
+    def _set_ready(self, exc: BaseException | None) -> None:
+        if exc is None:
+            if self.state == LOADING:
+                self.state = READY
+            if not self._ready.done():
+                self._ready.set_result(self)
+        else:
+            self.state = FAILED
+            self.reason = str(exc)
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+                self._ready.exception()  # retrieved: callers that never await it are not warned
+
+    def _set_stopped(self) -> None:
+        if self.state != FAILED:
+            self.state = UNLOADED
+        if not self._ready.done():
+            self._ready.set_exception(wire.Unavailable(f"model {self.name!r} version {self.version} was unloaded"))
+            self._ready.exception()
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    # --- worker thread ------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            if self._threads:
+                torch.set_num_threads(self._threads)
+            with torch.inference_mode():
+                try:
+                    t0 = time.perf_counter()
+                    self._load()
+                    if self._warmup and self.model.module is not None:
+                        self._run_warmup()
+                    self.load_s = time.perf_counter() - t0
+                except BaseException as exc:  # noqa: BLE001 - every failure becomes the reason
+                    if isinstance(exc, errors.ModelError):
+                        err = exc
+                    else:
+                        err = errors.ModelError(f"model {self.name!r} version {self.version}: loading failed: "
+                                                f"{type(exc).__name__}: {exc}")
+                    self._call_loop(self._set_ready, err)
+                    return
+                self._call_loop(self._set_ready, None)
+                self._serve()
+        finally:
+            model, self.model = self.model, None
+            self._pre = self._post = None
+            if model is not None:
+                _release(model)
+                del model
+            self._call_loop(self._set_stopped)
+
+    def _load(self) -> None:
+        model = load_version(self.path, verify=self._verify)
+        cfg = model.config
+        if cfg.name != self.name:
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: its config names {cfg.name!r}")
+        hooks = model.hooks
+        pre = getattr(hooks, "preprocess", None) if hooks is not None else None
+        post = getattr(hooks, "postprocess", None) if hooks is not None else None
+        self._pre = pre if callable(pre) else None
+        self._post = post if callable(post) else None
+        self._in_specs = {s.name: (s.dtype, tuple(s.shape)) for s in cfg.inputs}
+        self._in_names = tuple(s.name for s in cfg.inputs)
+        self._out_names = tuple(s.name for s in cfg.outputs)
+        self.output_names = frozenset(self._out_names)
+        self.checks_inputs = self._pre is None
+        self.nbytes = model.nbytes
+        self.config = cfg
+        self.model = model
+
+    def _run_warmup(self) -> None:
+        args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype])
+                for s in self.config.inputs]
+        try:
+            self._outputs_of(self.model.module(*args))
+        except Exception as exc:
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run on zeros "
+                                    f"(batch 1) failed: {type(exc).__name__}: {exc}") from exc
+
+    def _serve(self) -> None:
+        get = self._q.get
+        run = self.run
+        finish = self._finish
+        post = self._completions.post
+
+        def done(req: Request) -> None:
+            if finish is not None:
+                try:
+                    finish(req)
+                except Exception as exc:  # never lose a reply
+                    log.exception("tinyserve: finishing a reply of %s failed", self)
+                    req.error = errors.TinyserveError(f"encoding the reply failed: {exc!r}")
+                    req.reply = None
+            post(req)
+
+        while True:
+            batch = get()
+            if batch is _STOP:
+                return
+            run(batch, done)
+
+    def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
+        """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;
+        `done(request)` is called as each finishes.  For now each request runs alone."""
+        monotonic = time.monotonic
+        for req in requests:
+            self._run_request(req, monotonic())
+            if done is not None:
+                done(req)
+
+    def _run_request(self, req: Request, now: float) -> None:
+        if req.deadline is not None and now > req.deadline:
+            req.error = wire.DeadlineExceeded(
+                f"request to model {self.name!r} expired {1e3 * (now - req.deadline):.1f} ms before it "
+                "could run (timeout_ms)")
+            return
+        try:
+            req.result = self._run_one(req)
+        except errors.ModelError as exc:
+            req.error = exc
+        except Exception as exc:
+            log.debug("model %s raised", self, exc_info=True)
+            req.error = errors.ModelError(f"model {self.name!r} version {self.version} raised "
+                                          f"{type(exc).__name__}: {exc}")
+
+    def _run_one(self, req: Request) -> dict:
+        tensors = {name: _to_torch(*t) for name, t in req.inputs.items()}
+        if self._pre is not None:
+            tensors = self._pre(tensors)
+            if not isinstance(tensors, Mapping):
+                raise errors.ModelError(f"model {self.name!r}: preprocess returned a "
+                                        f"{type(tensors).__name__}, not a dict")
+            try:
+                args = [tensors[n] for n in self._in_names]
+            except KeyError as exc:
+                raise errors.ModelError(f"model {self.name!r}: preprocess returned no input {exc.args[0]!r}") from None
+        else:
+            args = [tensors[n] for n in self._in_names]
+        module = self.model.module
+        if module is None:
+            raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
+        outputs = self._outputs_of(module(*args))
+        if self._post is not None:
+            outputs = self._post(outputs)
+            if not isinstance(outputs, Mapping):
+                raise errors.ModelError(f"model {self.name!r}: postprocess returned a "
+                                        f"{type(outputs).__name__}, not a dict")
+        want = req.outputs
+        if want is not None:
+            try:
+                outputs = {n: outputs[n] for n in want}
+            except KeyError as exc:
+                raise errors.ModelError(f"model {self.name!r} produced no output {exc.args[0]!r}") from None
+        return outputs
+
+    def _outputs_of(self, out) -> dict:
+        names = self._out_names
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        elif isinstance(out, Mapping):
+            return dict(out)
+        if len(out) != len(names):
+            raise errors.ModelError(f"model {self.name!r} returned {len(out)} outputs, its config lists "
+                                    f"{len(names)} ({', '.join(names)})")
+        return dict(zip(names, out))
+
+

@@ -21,6 +21,7 @@ from tinyserve import errors
 from tinyserve.spec import DTYPES
 
 PROTOCOL_VERSION = 1
+MAX_REQUEST_ID = (1 << 64) - 1  # ids are 1..2^64-1; 0 is reserved for connection-level errors
 PREFIX = struct.Struct("<II")  # body_len, header_len
 PREFIX_SIZE = PREFIX.size
 ALIGN = 8
@@ -128,8 +129,9 @@ def _array_bytes(value) -> tuple[str, tuple, memoryview]:
     name = DTYPE_OF_NUMPY.get(arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else arr.dtype)
     if name is None:
         raise InvalidInput(f"numpy dtype {arr.dtype} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
+    shape = arr.shape  # before ascontiguousarray, which makes a 0-d array 1-d
     arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    return name, arr.shape, memoryview(arr.reshape(-1).view(np.uint8))
+    return name, shape, memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def tensor_parts(tensors: Mapping[str, object]) -> tuple[list[dict], list[memoryview]]:
@@ -143,10 +145,15 @@ def tensor_parts(tensors: Mapping[str, object]) -> tuple[list[dict], list[memory
 
 
 def encode_frame(header: Mapping, views: Sequence[memoryview] = ()) -> list:
-    """The buffers of one frame, ready for transport.writelines (tensor bytes are not copied)."""
+    """The buffers of one frame, ready for transport.writelines (tensor bytes are not copied).
+
+    The first buffer holds the prefix, the header and its padding; then each view and its padding."""
     head = msgpack.packb(header, use_bin_type=True)
-    payload_off = align8(PREFIX_SIZE + len(head))
-    parts: list = [b"", head, _ZEROS[: payload_off - PREFIX_SIZE - len(head)]]
+    hlen = len(head)
+    payload_off = align8(PREFIX_SIZE + hlen)
+    if not views:
+        return [PREFIX.pack(payload_off - 4, hlen) + head + _ZEROS[: payload_off - PREFIX_SIZE - hlen]]
+    parts: list = [None]
     size = payload_off
     for v in views:
         n = v.nbytes
@@ -156,8 +163,23 @@ def encode_frame(header: Mapping, views: Sequence[memoryview] = ()) -> list:
         if pad:
             parts.append(_ZEROS[:pad])
         size += n + pad
-    parts[0] = PREFIX.pack(size - 4, len(head))
+    parts[0] = PREFIX.pack(size - 4, hlen) + head + _ZEROS[: payload_off - PREFIX_SIZE - hlen]
     return parts
+
+
+def error_header(rid: int, code: str, message: str) -> dict:
+    """The header of an error reply (docs/protocol.md section 2)."""
+    return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+
+
+def encode_error(rid: int, code: str, message: str) -> list:
+    return encode_frame(error_header(rid, code, message))
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """repr() of an offending item for an error message, cut to about `limit` characters."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def encode_bytes(header: Mapping, views: Sequence[memoryview] = ()) -> bytes:
@@ -165,9 +187,10 @@ def encode_bytes(header: Mapping, views: Sequence[memoryview] = ()) -> bytes:
 
 
 # --- decoding ------------------------------------------------------------------------------------
-def frame_size(prefix: bytes | memoryview, limits: Limits) -> tuple[int, int]:
-    """(total frame bytes, header_len) from the first 8 bytes; raises before anything is allocated."""
-    body_len, header_len = PREFIX.unpack_from(prefix)
+def frame_size(prefix: bytes | bytearray | memoryview, limits: Limits, offset: int = 0) -> tuple[int, int]:
+    """(total frame bytes, header_len) from the 8 prefix bytes at `offset`; raises before anything is
+    allocated (FrameTooLarge for a length over a limit, BadFrame for inconsistent lengths)."""
+    body_len, header_len = PREFIX.unpack_from(prefix, offset)
     total = 4 + body_len
     if total > limits.max_frame_bytes:
         raise FrameTooLarge(f"frame of {total} bytes exceeds max_frame_bytes {limits.max_frame_bytes}")
@@ -255,6 +278,8 @@ def to_array(dtype: str, shape: tuple, view: memoryview):
 
         if not view.nbytes:
             return torch.empty(shape, dtype=torch.bfloat16)
+        if view.readonly:  # torch has no read-only tensors: copy rather than alias immutable bytes
+            view = memoryview(bytearray(view))
         return torch.frombuffer(view, dtype=torch.bfloat16).reshape(shape)
     return np.frombuffer(view, dtype=np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
 

@@ -1,0 +1,273 @@
+"""wire.py: frames and tensors encode/decode (hypothesis round trips) and every frame-level bad input."""
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinyserve import errors, wire
+
+pytestmark = pytest.mark.timeout(60)
+
+LIM = wire.Limits()
+NUMERIC = [d for d in wire.WIRE_DTYPES if d not in ("bytes", "bfloat16")]
+
+
+def frames_of(data: bytes, limits=LIM):
+    return list(wire.iter_frames(data, limits))
+
+
+def raw_frame(header_bytes: bytes, payload: bytes = b"", body_len: int | None = None, header_len: int | None = None) -> bytes:
+    """A frame built by hand (so tests can break any field)."""
+    off = wire.align8(8 + len(header_bytes))
+    body = header_bytes + bytes(off - 8 - len(header_bytes)) + payload
+    body += bytes(wire.align8(8 + len(body)) - 8 - len(body))
+    bl = 4 + len(body) if body_len is None else body_len
+    hl = len(header_bytes) if header_len is None else header_len
+    return struct.pack("<II", bl, hl) + body
+
+
+# --- the worked example of docs/protocol.md section 7 ------------------------------------------------
+def test_worked_example_ping_bytes():
+    data = wire.encode_bytes({"id": 1, "op": "ping"})
+    assert data.hex(" ") == "14 00 00 00 0d 00 00 00 82 a2 69 64 01 a2 6f 70 a4 70 69 6e 67 00 00 00"
+    [(header, payload)] = frames_of(data)
+    assert header == {"id": 1, "op": "ping"} and payload.nbytes == 0
+
+
+# --- round trips ------------------------------------------------------------------------------------
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
+                         st.floats(allow_nan=False), st.text(max_size=20))
+json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                             st.dictionaries(st.text(max_size=8), c, max_size=4)),
+                           max_leaves=20)
+headers = st.dictionaries(st.text(max_size=12), json_values, max_size=6)
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
+
+
+@st.composite
+def tensors(draw):
+    out = {}
+    for i in range(draw(st.integers(0, 5))):
+        kind = draw(st.sampled_from(NUMERIC + ["bytes", "bfloat16"]))
+        if kind == "bytes":
+            out[f"t{i}"] = draw(st.lists(st.binary(max_size=20), max_size=5))
+        elif kind == "bfloat16":
+            shape = draw(shapes)
+            out[f"t{i}"] = torch.randn(shape).to(torch.bfloat16)
+        else:
+            shape = draw(shapes)
+            n = int(np.prod(shape)) if shape else 1
+            raw = draw(st.binary(min_size=n * np.dtype(wire.NUMPY_DTYPES[kind]).itemsize,
+                                 max_size=n * np.dtype(wire.NUMPY_DTYPES[kind]).itemsize))
+            arr = np.frombuffer(raw, dtype=wire.NUMPY_DTYPES[kind]).reshape(shape)
+            if kind == "bool":
+                arr = arr.astype(bool)
+            out[f"t{i}"] = arr
+    return out
+
+
+@given(headers, tensors())
+def test_frame_round_trip(header, named):
+    descs, views = wire.tensor_parts(named)
+    header = dict(header, tensors=descs)
+    parts = wire.encode_frame(header, views)
+    data = b"".join(bytes(p) for p in parts)
+    assert len(data) % 8 == 0
+    [(got, payload)] = frames_of(data)
+    assert got == header
+    split = wire.split_tensors(got["tensors"], payload, LIM)
+    assert list(split) == list(named)
+    for name, value in named.items():
+        dtype, shape, view = split[name]
+        arr = wire.to_array(dtype, shape, view)
+        if isinstance(value, list):
+            assert arr == value
+        elif isinstance(value, torch.Tensor):
+            assert arr.dtype == value.dtype and torch.equal(arr.view(torch.int16), value.view(torch.int16))
+        else:
+            assert arr.dtype == value.dtype and arr.shape == value.shape
+            assert arr.tobytes() == np.ascontiguousarray(value).tobytes()
+
+
+@given(st.lists(st.tuples(headers, tensors()), min_size=1, max_size=4))
+def test_back_to_back_frames_keep_payloads_aligned(items):
+    data = b""
+    for header, named in items:
+        descs, views = wire.tensor_parts(named)
+        data += wire.encode_bytes(dict(header, tensors=descs), views)
+    buf = bytearray(len(data) + 8)
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    off = -addr % 8
+    buf[off:off + len(data)] = data
+    mv = memoryview(buf)[off:off + len(data)]
+    got = list(wire.iter_frames(mv))
+    assert len(got) == len(items)
+    for (header, named), (h, payload) in zip(items, got):
+        split = wire.split_tensors(h["tensors"], payload, LIM)
+        for dtype, shape, view in split.values():
+            if view.nbytes:
+                assert np.frombuffer(view, np.uint8).ctypes.data % 8 == 0
+
+
+def test_tensor_parts_accepts_numpy_torch_and_strings():
+    descs, views = wire.tensor_parts({
+        "a": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "b": torch.arange(4, dtype=torch.float32)[::2],  # non-contiguous
+        "c": ["héllo", b"\x00\xff"],
+        "d": np.arange(3, dtype=">i4"),  # big-endian numpy -> little-endian on the wire
+        "e": torch.ones(2, 2, dtype=torch.bfloat16),
+    })
+    assert [d["dtype"] for d in descs] == ["int64", "float32", "bytes", "int32", "bfloat16"]
+    assert descs[1]["shape"] == [2] and bytes(views[1]) == np.array([0, 2], np.float32).tobytes()
+    assert bytes(views[3]) == np.arange(3, dtype="<i4").tobytes()
+    assert wire.split_bytes(views[2], 2) == ["héllo".encode(), b"\x00\xff"]
+
+
+def test_unsendable_dtypes():
+    with pytest.raises(wire.InvalidInput, match="complex"):
+        wire.tensor_parts({"z": np.zeros(2, np.complex64)})
+    with pytest.raises(wire.InvalidInput, match="float8"):
+        wire.tensor_parts({"z": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+
+
+def test_frame_size_with_offset():
+    data = bytes(8) + wire.encode_bytes({"id": 3, "op": "ping"})
+    total, hlen = wire.frame_size(data, LIM, 8)
+    assert total == len(data) - 8 and hlen == 13
+
+
+def test_encode_frame_first_part_holds_prefix_and_header():
+    parts = wire.encode_frame({"id": 1}, [memoryview(b"abc")])
+    assert len(parts) == 3 and len(parts[0]) % 8 == 0 and bytes(parts[1]) == b"abc" and parts[2] == bytes(5)
+
+
+# --- frame-level bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize("body_len, header_len, error, match", [
+    (0xFFFFFFFF, 8, wire.FrameTooLarge, "max_frame_bytes"),  # near 2^32
+    ((256 << 20) - 3, 8, wire.FrameTooLarge, "max_frame_bytes"),  # one byte (after 4) over the limit
+    (20, (1 << 20) + 1, wire.FrameTooLarge, "max_header_bytes"),
+    (20, 0xFFFFFFFF, wire.FrameTooLarge, "max_header_bytes"),
+    (21, 13, wire.BadFrame, "multiple of 8"),
+    (19, 13, wire.BadFrame, "multiple of 8"),
+    (12, 13, wire.BadFrame, "does not fit"),
+    (4, 1, wire.BadFrame, "does not fit"),
+    (0, 0, wire.BadFrame, "multiple of 8"),
+])
+def test_bad_lengths_are_refused_before_allocation(body_len, header_len, error, match):
+    prefix = struct.pack("<II", body_len, header_len)
+    with pytest.raises(error, match=match):
+        wire.frame_size(prefix, LIM)
+    assert error.fatal
+
+
+def test_limit_boundaries():
+    lim = wire.Limits(max_frame_bytes=64, max_header_bytes=16)
+    assert wire.frame_size(struct.pack("<II", 60, 16), lim) == (64, 16)
+    with pytest.raises(wire.FrameTooLarge):
+        wire.frame_size(struct.pack("<II", 68, 16), lim)
+    with pytest.raises(wire.FrameTooLarge):
+        wire.frame_size(struct.pack("<II", 60, 17), lim)
+
+
+@pytest.mark.parametrize("head, match", [
+    (b"\xc1", "not valid msgpack"),  # a reserved msgpack byte
+    (b"\x82\xa2id", "not valid msgpack"),  # truncated map
+    (b"\x93\x01\x02\x03", "list, not a map"),
+    (b"\x2a", "int, not a map"),
+    (b"\xa3abc", "str, not a map"),
+    (msgpack.packb({1: 2}), "not valid msgpack"),  # non-string key
+    (msgpack.packb({"a": 1}) + b"\x00", "not valid msgpack"),  # trailing bytes inside header_len
+    (b"", "not valid msgpack"),
+])
+def test_bad_headers(head, match):
+    data = raw_frame(head)
+    with pytest.raises(wire.BadFrame, match=match):
+        frames_of(data)
+
+
+def test_truncated_streams():
+    data = wire.encode_bytes({"id": 1, "op": "ping"})
+    for k in range(1, len(data)):
+        with pytest.raises(wire.BadFrame, match="truncated"):
+            frames_of(data[:k])
+
+
+def desc(name="x", dtype="float32", shape=(2,), nbytes=8):
+    return {"name": name, "dtype": dtype, "shape": list(shape), "nbytes": nbytes}
+
+
+@pytest.mark.parametrize("descs, payload, error, match", [
+    ("nope", b"", wire.BadRequest, "list of descriptors"),
+    ([desc()] * 300, b"", wire.BadRequest, "max_tensors"),
+    ([5], b"", wire.BadRequest, "not a map"),
+    ([{"dtype": "float32", "shape": [], "nbytes": 4}], b"", wire.BadRequest, "name"),
+    ([desc(name="")], bytes(8), wire.BadRequest, "name"),
+    ([desc(), desc()], bytes(16), wire.BadRequest, "named twice"),
+    ([desc(dtype="complex64")], bytes(8), wire.InvalidInput, "unknown dtype"),
+    ([desc(dtype="float8_e4m3fn", nbytes=2)], bytes(8), wire.InvalidInput, "unknown dtype"),
+    ([desc(nbytes=-8)], bytes(8), wire.BadRequest, "nbytes"),
+    ([desc(nbytes=True)], bytes(8), wire.BadRequest, "nbytes"),
+    ([desc(nbytes="8")], bytes(8), wire.BadRequest, "nbytes"),
+    ([dict(desc(), shape="2")], bytes(8), wire.BadRequest, "shape"),
+    ([desc(shape=[1] * 9, nbytes=4)], bytes(8), wire.BadRequest, "shape"),
+    ([desc(shape=[-1], nbytes=4)], bytes(8), wire.BadRequest, "outside"),
+    ([desc(shape=[True], nbytes=4)], bytes(8), wire.BadRequest, "outside"),
+    ([desc(shape=[2**49], nbytes=4)], bytes(8), wire.BadRequest, "outside"),
+    ([desc(shape=[2, 384], nbytes=3000)], bytes(3000), wire.InvalidInput, "nbytes is 3000 but float32 \\[2, 384\\] needs 3072"),
+    ([desc(shape=[2**40, 2**40], nbytes=0)], b"", wire.InvalidInput, "needs"),
+    ([desc()], bytes(4), wire.InvalidInput, "payload holds 4"),
+    ([desc()], bytes(16), wire.InvalidInput, "descriptors account for 8"),
+    ([desc(dtype="bytes", shape=[1, 1], nbytes=4)], bytes(8), wire.InvalidInput, "1-D"),
+])
+def test_bad_tensor_descriptors(descs, payload, error, match):
+    with pytest.raises(error, match=match):
+        wire.split_tensors(descs, memoryview(payload), LIM)
+
+
+def test_bad_bytes_tensors():
+    with pytest.raises(wire.InvalidInput, match="runs past"):
+        wire.split_bytes(memoryview(b"\x01\x00"), 1)
+    with pytest.raises(wire.InvalidInput, match="declares 9 bytes"):
+        wire.split_bytes(memoryview(b"\x09\x00\x00\x00abc"), 1)
+    with pytest.raises(wire.InvalidInput, match="left after"):
+        wire.split_bytes(memoryview(b"\x01\x00\x00\x00ab"), 1)
+
+
+def test_zero_size_tensors():
+    descs, views = wire.tensor_parts({"e": np.zeros((0, 3), np.float32), "b": torch.zeros(0, dtype=torch.bfloat16)})
+    data = wire.encode_bytes({"t": descs}, views)
+    [(h, payload)] = frames_of(data)
+    split = wire.split_tensors(h["t"], payload, LIM)
+    assert wire.to_array(*split["e"]).shape == (0, 3)
+    assert wire.to_array(*split["b"]).shape == (0,)
+
+
+def test_error_codes_table():
+    assert {c.code for c in (wire.BadFrame, wire.FrameTooLarge, wire.Unauthenticated)} == {
+        "BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED"}
+    assert all(wire.WIRE_ERRORS[c].fatal for c in ("BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED"))
+    assert not any(getattr(wire.WIRE_ERRORS[c], "fatal", False) for c in
+                   ("BAD_REQUEST", "DUPLICATE_ID", "INVALID_INPUT", "UNAVAILABLE", "TOO_MANY_REQUESTS",
+                    "DEADLINE_EXCEEDED", "SHUTTING_DOWN"))
+    assert set(wire.WIRE_ERRORS) == {"BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED", "BAD_REQUEST",
+                                     "DUPLICATE_ID", "INVALID_INPUT", "NOT_FOUND", "UNAVAILABLE",
+                                     "TOO_MANY_REQUESTS", "DEADLINE_EXCEEDED", "MODEL_ERROR", "SHUTTING_DOWN",
+                                     "INTERNAL"}
+    assert wire.wire_code(errors.ModelNotFoundError("x")) == "NOT_FOUND"
+    assert wire.wire_code(errors.ModelError("x")) == "MODEL_ERROR"
+    assert wire.wire_code(errors.InvalidNameError("x")) == "BAD_REQUEST"
+    assert wire.wire_code(ValueError("x")) == "INTERNAL"
+    assert isinstance(wire.error_from_reply("WHAT_IS_THIS", "m"), errors.TinyserveError)
+    assert isinstance(wire.error_from_reply("DEADLINE_EXCEEDED", "m"), wire.DeadlineExceeded)
+    [(h, _)] = frames_of(b"".join(wire.encode_error(7, "NOT_FOUND", "model 'x'")))
+    assert h == {"id": 7, "ok": False, "error": {"code": "NOT_FOUND", "message": "model 'x'"}}
+
+
+def test_shown_cuts_long_items():
+    assert wire.shown("a" * 1000).endswith("...") and len(wire.shown("a" * 1000)) == 64
+    assert wire.shown("op") == "'op'"

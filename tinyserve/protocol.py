@@ -1,0 +1,528 @@
+"""One client connection: bytes -> frames -> ONE injected dispatch callable; replies -> one write per tick.
+
+`Connection` is an `asyncio.BufferedProtocol`.  It knows the frame layout and request ids of
+docs/protocol.md, nothing about models or ops (except that `hello` is the one op an unauthenticated
+connection may send).  Everything here runs on the event loop thread.
+
+Receiving
+    The transport reads straight into a buffer the connection owns (`get_buffer` / `buffer_updated`).
+    Both length fields of a frame are checked against the limits before anything is sized by them.
+    Frames smaller than `BIG_FRAME` are parsed in place from a reusable receive buffer whose start is
+    8-aligned; since every frame is a multiple of 8 bytes, every frame and payload stays 8-aligned.
+    A frame's payload outlives the dispatch call (tensors go to a worker thread), so a small frame's
+    payload is copied out into a bytearray of its own (a few hundred bytes for typical requests).
+    Frames of `BIG_FRAME` bytes or more are received into a dedicated bytearray of exactly the frame's
+    size: the transport reads into it directly and tensors view it without a copy (only the bytes that
+    arrived together with earlier frames, at most one receive buffer, are copied).
+
+Dispatch
+    Every complete frame is decoded (msgpack header), its `id` checked (1..2^64-1, not in flight on
+    this connection: DUPLICATE_ID; the server-wide budget: TOO_MANY_REQUESTS), recorded as in flight
+    and handed to `dispatch(conn, rid, header, payload)`.  The dispatcher answers by calling
+    `send`/`send_parts`/`send_error` exactly once for that id, now or later; an exception escaping it
+    becomes an error reply (a WireError's code, else INTERNAL).
+
+Replying
+    `send*` queue the reply's buffers; they are written with one `transport.writelines` per
+    connection per loop tick: at the end of `buffer_updated` for replies made while reading, else by
+    the shared `ReplyFlusher` (which the server also flushes explicitly after a batch of completions).
+
+Flow control (a client cannot grow the server's memory without bound)
+    * `max_in_flight` requests in flight on this connection: the connection stops parsing and pauses
+      reading until a reply goes out (backpressure, no error);
+    * the server-wide `InFlight` budget full: TOO_MANY_REQUESTS;
+    * the transport's write buffer above its high-water mark (`pause_writing`): reading pauses until
+      `resume_writing`.  So a client that never reads its replies stops being read.
+    Fatal wire errors (BAD_FRAME, FRAME_TOO_LARGE, UNAUTHENTICATED) are answered (id 0 when the id is
+    unknown) and the connection closes.  A connection that receives nothing and has nothing in
+    flight for `idle_timeout_s` is closed.  `connection_lost` releases everything it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tinyserve import errors, wire
+
+__all__ = ["BIG_FRAME", "Connection", "InFlight", "ReplyFlusher"]
+
+log = logging.getLogger("tinyserve.protocol")
+
+RECV_BUFFER = 16 << 10  # initial reusable receive buffer
+RECV_BUFFER_MAX = 128 << 10  # it grows to this when a small frame does not fit
+BIG_FRAME = 64 << 10  # frames this large get a dedicated buffer of exactly their size
+MIN_READ = 4 << 10  # compact the receive buffer when less than this is free after the data
+WRITE_HIGH_WATER = 1 << 20
+WRITE_LOW_WATER = 256 << 10
+
+_PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
+_PAUSE_IN_FLIGHT = 2  # max_in_flight requests in flight on this connection
+_MAX_ID = wire.MAX_REQUEST_ID
+_ALIGN = wire.ALIGN
+
+
+class InFlight:
+    """The server-wide budget of requests in flight, shared by every connection of a server."""
+
+    __slots__ = ("count", "limit", "_idle")
+
+    def __init__(self, limit: int) -> None:
+        self.count = 0
+        self.limit = limit
+        self._idle: list[asyncio.Future] = []
+
+    def release(self, n: int = 1) -> None:
+        self.count -= n
+        if not self.count and self._idle:
+            waiters, self._idle = self._idle, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def wait_idle(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """A future that resolves once nothing is in flight."""
+        f = loop.create_future()
+        if self.count <= 0:
+            f.set_result(None)
+        else:
+            self._idle.append(f)
+        return f
+
+
+class ReplyFlusher:
+    """Writes the queued replies of every connection together, once per loop tick."""
+
+    __slots__ = ("_loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def mark(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every dirty connection's replies now (the server calls this after completions)."""
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for conn in dirty:
+                conn._flush()
+
+
+def _aligned_buffer(size: int) -> tuple[bytearray, memoryview]:
+    """A bytearray and a view of `size` bytes of it that starts at an 8-aligned address."""
+    buf = bytearray(size + _ALIGN)
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    off = -addr % _ALIGN
+    return buf, memoryview(buf)[off:off + size]
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection (see the module docstring).
+
+    dispatch(conn, rid, header, payload): called once per accepted request; `payload` is a memoryview
+    of a bytearray owned by this request alone (writable, 8-aligned), empty when the frame has none.
+    on_open(conn) -> None or (code, message): refuse the connection with that error (id 0) and close.
+    on_close(conn): after the connection is gone and its in-flight ids are released.
+    on_error(code): for every error reply the connection makes by itself (for statistics).
+    on_read_done(): after the frames of one read were dispatched, before the replies are written (the
+    server hands the requests of a read to the model workers there, in one go).
+    """
+
+    def __init__(self, dispatch: Callable[[Connection, int, dict, memoryview], None], *,
+                 limits: wire.Limits | None = None, max_in_flight: int = 128, budget: InFlight | None = None,
+                 idle_timeout_s: float | None = None, authenticated: bool = True,
+                 flusher: ReplyFlusher | None = None, on_open: Callable | None = None,
+                 on_close: Callable | None = None, on_error: Callable[[str], None] | None = None,
+                 on_read_done: Callable[[], None] | None = None, write_high_water: int = WRITE_HIGH_WATER, write_low_water: int | None = None) -> None:
+        self._dispatch = dispatch
+        self._limits = limits or wire.Limits()
+        self._max_in_flight = max_in_flight
+        self._budget = budget
+        self._idle_timeout = idle_timeout_s
+        self.authenticated = authenticated
+        self._flusher = flusher
+        self._on_open, self._on_close, self._on_error = on_open, on_close, on_error
+        self._on_read_done = on_read_done
+        self._high = write_high_water
+        self._low = write_low_water if write_low_water is not None else min(WRITE_LOW_WATER, write_high_water // 4)
+
+        self._transport: asyncio.BaseTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._buf, self._mv = _aligned_buffer(RECV_BUFFER)
+        self._start = 0  # unparsed bytes are self._mv[_start:_end]
+        self._end = 0
+        self._need = 0  # size of the partial frame at _start, when its prefix is known
+        self._big: bytearray | None = None  # a large frame being received into its own buffer
+        self._big_mv: memoryview | None = None
+        self._big_got = 0
+        self._big_hlen = 0
+        self._inflight: set[int] = set()
+        self._out: list = []
+        self._dirty = False
+        self._in_read = False
+        self._pause = 0
+        self._resume_scheduled = False
+        self._eof = False
+        self._closing = False
+        self._closed = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+        self.peername = None
+
+    # --- information -----------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._closed
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._pause)
+
+    @property
+    def transport(self):
+        return self._transport
+
+    # --- asyncio protocol callbacks --------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._loop = loop = asyncio.get_running_loop()
+        if self._flusher is None:
+            self._flusher = ReplyFlusher(loop)
+        self.peername = transport.get_extra_info("peername")
+        try:
+            transport.set_write_buffer_limits(high=self._high, low=self._low)
+        except (AttributeError, NotImplementedError):  # a transport without write flow control
+            pass
+        if self._on_open is not None:
+            refusal = self._on_open(self)
+            if refusal is not None:
+                code, message = refusal
+                self._fatal(0, code, message)
+                return
+        self._last_rx = loop.time()
+        if self._idle_timeout:
+            self._idle_handle = loop.call_later(self._idle_timeout, self._check_idle)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        big = self._big_mv
+        if big is not None:
+            return big[self._big_got:]
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+            return self._mv
+        cap = len(self._mv)
+        need = max(self._need, wire.PREFIX_SIZE)
+        if start and (cap - end < MIN_READ or cap - start < need):
+            n = end - start
+            self._mv[:n] = self._mv[start:end]
+            self._start, self._end = 0, n
+            start, end = 0, n
+        if cap - end < MIN_READ and cap < RECV_BUFFER_MAX or need > cap:
+            buf, mv = _aligned_buffer(RECV_BUFFER_MAX)
+            n = end - start
+            mv[:n] = self._mv[start:end]
+            self._buf, self._mv = buf, mv
+            self._start, self._end = 0, n
+            end = n
+        return self._mv[end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._closing:
+            return
+        self._last_rx = self._loop.time()
+        self._in_read = True
+        try:
+            if self._big is not None:
+                self._big_got += nbytes
+                if self._big_got < len(self._big):
+                    return
+                frame, hlen = self._big, self._big_hlen
+                self._big = self._big_mv = None
+                self._frame(memoryview(frame), hlen, True)
+                if not self._closing:
+                    self._process()
+            else:
+                self._end += nbytes
+                self._process()
+        except Exception as exc:  # a bug here must not kill the loop's reader silently
+            log.exception("tinyserve: internal error while reading a frame")
+            self._fatal(0, "INTERNAL", f"internal error while reading a frame: {exc!r}")
+        finally:
+            self._in_read = False
+            if self._on_read_done is not None:
+                self._on_read_done()
+            if self._dirty:
+                self._flush()
+
+    def eof_received(self) -> bool:
+        if self._closing:
+            return False
+        self._eof = True
+        if self._pause & _PAUSE_IN_FLIGHT:
+            return True  # complete frames are held in the buffer; _resume_held finishes the job
+        return self._after_eof()
+
+    def _after_eof(self) -> bool:
+        """The peer sent EOF and every complete frame was handled: a partial frame left over is an
+        error; otherwise stay half-open until the replies in flight are written, then close."""
+        if self._big is not None or self._end > self._start:
+            got = self._big_got if self._big is not None else self._end - self._start
+            want = len(self._big) if self._big is not None else self._need
+            detail = f"{got} of {want} bytes" if want else f"{got} bytes of a frame prefix"
+            self._fatal(0, "BAD_FRAME", f"connection ended inside a frame ({detail})")
+            return False
+        if self._inflight:
+            return True
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        n = len(self._inflight)
+        self._inflight.clear()
+        if n and self._budget is not None:
+            self._budget.release(n)
+        self._out = []
+        self._big = self._big_mv = None
+        self._transport = None
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._set_pause(_PAUSE_WRITE)
+
+    def resume_writing(self) -> None:
+        self._clear_pause(_PAUSE_WRITE)
+
+    # --- replies (the dispatcher's API) ----------------------------------------------------------
+    def send(self, header: dict, views: Sequence[memoryview] = ()) -> None:
+        """Queue the reply for request header["id"] (and its tensor payload views)."""
+        self.send_parts(header["id"], wire.encode_frame(header, views))
+
+    def send_parts(self, rid: int, parts: list) -> None:
+        """Queue an already encoded reply frame (wire.encode_frame's buffers) for request `rid`."""
+        if self._closing:
+            self._release(rid)
+            return
+        self._out += parts
+        self._release(rid)
+        if not self._dirty:
+            self._dirty = True
+            if not self._in_read:
+                self._flusher.mark(self)
+
+    def send_error(self, rid: int, code: str, message: str, *, close: bool = False) -> None:
+        """Reply with an error for request `rid`; `close=True` also closes the connection."""
+        if close:
+            self._release(rid)
+            self._fatal(rid, code, message)
+        else:
+            self.send_parts(rid, wire.encode_error(rid, code, message))
+
+    def close(self) -> None:
+        """Close after the queued replies are written."""
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._flush()
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._closing = True
+            self._transport.abort()
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Handle every complete frame in the receive buffer (stops when holding or closing)."""
+        mv = self._mv
+        limits = self._limits
+        while not self._closing:
+            start, end = self._start, self._end
+            if end - start < 8:
+                self._need = 0
+                break
+            if len(self._inflight) >= self._max_in_flight:
+                self._set_pause(_PAUSE_IN_FLIGHT)
+                break
+            try:
+                total, hlen = wire.frame_size(mv, limits, start)
+            except wire.WireError as exc:
+                self._fatal(0, exc.code, str(exc))
+                return
+            if total >= BIG_FRAME:
+                frame = bytearray(total)
+                n = min(end - start, total)
+                fmv = memoryview(frame)
+                fmv[:n] = mv[start:start + n]
+                self._start = start + n
+                if n < total:
+                    self._big, self._big_mv, self._big_got, self._big_hlen = frame, fmv, n, hlen
+                    self._need = 0
+                    break
+                self._frame(fmv, hlen, True)
+                continue
+            if end - start < total:
+                self._need = total
+                break
+            self._start = start + total
+            self._frame(mv[start:start + total], hlen, False)
+        if self._start == self._end and self._big is None:
+            self._start = self._end = 0
+
+    def _frame(self, frame: memoryview, hlen: int, owned: bool) -> None:
+        """One complete frame: decode, check the id, hand it to dispatch."""
+        try:
+            header = wire.decode_header(frame, hlen)
+        except wire.WireError as exc:
+            self._fatal(0, exc.code, str(exc))
+            return
+        rid = header.get("id")
+        ok_id = type(rid) is int and 0 < rid <= _MAX_ID
+        if not self.authenticated and header.get("op") != "hello":
+            self._fatal(rid if ok_id else 0, "UNAUTHENTICATED",
+                        f"op {wire.shown(header.get('op'))} before hello: this server requires a token")
+            return
+        if not ok_id:
+            self._reply_error(0, "BAD_REQUEST", f"request id {wire.shown(rid)} is not an integer 1..2^64-1")
+            return
+        inflight = self._inflight
+        if rid in inflight:
+            self._reply_error(rid, "DUPLICATE_ID", f"request id {rid} is already in flight on this connection")
+            return
+        budget = self._budget
+        if budget is not None:
+            if budget.count >= budget.limit:
+                self._reply_error(rid, "TOO_MANY_REQUESTS",
+                                  f"the server has {budget.count} requests in flight (max_in_flight {budget.limit})")
+                return
+            budget.count += 1
+        inflight.add(rid)
+        payload = frame[wire.align8(wire.PREFIX_SIZE + hlen):]
+        if not owned and payload.nbytes:
+            payload = memoryview(bytearray(payload))  # it outlives this call; the receive buffer does not
+        try:
+            self._dispatch(self, rid, header, payload)
+        except wire.WireError as exc:
+            self._dispatch_failed(rid, exc.code, str(exc), exc.fatal)
+        except errors.TinyserveError as exc:
+            self._dispatch_failed(rid, wire.wire_code(exc), str(exc), False)
+        except Exception as exc:
+            log.exception("tinyserve: dispatch raised for request %d", rid)
+            self._dispatch_failed(rid, "INTERNAL", f"{type(exc).__name__}: {exc}", False)
+
+    def _dispatch_failed(self, rid: int, code: str, message: str, fatal: bool) -> None:
+        if fatal:
+            self._release(rid)
+            self._fatal(rid, code, message)  # reports the error itself
+        elif rid in self._inflight:  # (else the dispatcher replied before raising: nothing to add)
+            if self._on_error is not None:
+                self._on_error(code)
+            self.send_error(rid, code, message)
+
+    def _reply_error(self, rid: int, code: str, message: str) -> None:
+        """An error reply that is not the answer to an in-flight request (nothing is released)."""
+        if self._on_error is not None:
+            self._on_error(code)
+        self._out += wire.encode_error(rid, code, message)
+        if not self._dirty:
+            self._dirty = True
+            if not self._in_read:
+                self._flusher.mark(self)
+
+    def _fatal(self, rid: int, code: str, message: str) -> None:
+        """Answer with an error that leaves the stream unusable, then close."""
+        if self._closing:
+            return
+        self._reply_error(rid, code, message)
+        self.close()
+
+    def _release(self, rid: int) -> None:
+        inflight = self._inflight
+        if rid in inflight:
+            inflight.remove(rid)
+            if self._budget is not None:
+                self._budget.release()
+            if self._pause & _PAUSE_IN_FLIGHT and not self._resume_scheduled:
+                self._resume_scheduled = True
+                self._loop.call_soon(self._resume_held)
+            if self._eof and not inflight and not self._pause & _PAUSE_IN_FLIGHT:
+                self._loop.call_soon(self.close)
+
+    def _resume_held(self) -> None:
+        self._resume_scheduled = False
+        if self._closing or len(self._inflight) >= self._max_in_flight:
+            return
+        self._clear_pause(_PAUSE_IN_FLIGHT)
+        self._in_read = True
+        try:
+            self._process()
+            if self._eof and not self._closing and not self._pause & _PAUSE_IN_FLIGHT:
+                self._after_eof()
+        finally:
+            self._in_read = False
+            if self._on_read_done is not None:
+                self._on_read_done()
+            if self._dirty:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._dirty = False
+        out = self._out
+        if out:
+            self._out = []
+            t = self._transport
+            if t is not None and not t.is_closing():
+                t.writelines(out)
+
+    def _set_pause(self, bit: int) -> None:
+        was = self._pause
+        self._pause |= bit
+        if not was and self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def _clear_pause(self, bit: int) -> None:
+        if not self._pause & bit:
+            return
+        self._pause &= ~bit
+        if not self._pause and self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        self._idle_handle = None
+        if self._closing:
+            return
+        loop = self._loop
+        due = self._last_rx + self._idle_timeout
+        now = loop.time()
+        if self._inflight or now < due:
+            delay = self._idle_timeout if self._inflight else due - now
+            self._idle_handle = loop.call_later(max(delay, 0.001), self._check_idle)
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peername} in_flight={len(self._inflight)} paused={self._pause}>"

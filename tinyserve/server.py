@@ -1,0 +1,825 @@
+"""The tinyserve server: the composition root (config -> repository, model instances, connections).
+
+Public API (used by `tinyserve serve` and the tests):
+
+    ServerConfig(repo, host="127.0.0.1", port=0, models=(), token=None, tls_certfile=None,
+                 tls_keyfile=None, limits=wire.Limits(), max_connections=1024, max_in_flight=4096,
+                 max_in_flight_per_connection=128, idle_timeout_s=300.0, torch_threads=None,
+                 use_uvloop=True, verify="compressed", drain_timeout_s=30.0)
+    server = Server(config)
+    await server.start()            # loads + warms up config.models, then listens
+    server.port / server.host       # the bound address (port 0 -> the one picked)
+    await server.stop(drain_timeout=30.0)   # stop accepting, finish in-flight requests, close
+    await server.wait_stopped()
+    run(config, *, on_ready=None) -> int    # blocking; SIGTERM/SIGINT -> graceful stop -> 0
+
+`python -m tinyserve.server --repo DIR [--model NAME[:VERSION]]... [--port N]` runs `run()`.
+
+Ops and error codes: docs/protocol.md.  The event loop does framing, validation and routing only;
+each loaded model version has its own worker thread (tinyserve/runtime.py), which also encodes the
+reply so the loop merely writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import os
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tinyserve import __version__, errors, wire
+from tinyserve.protocol import Connection, InFlight, ReplyFlusher
+from tinyserve.repository import Repository
+from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
+                               Request)
+
+__all__ = ["Server", "ServerConfig", "Stats", "run", "main"]
+
+_perf_ns = time.perf_counter_ns
+_monotonic = time.monotonic
+
+
+# --- configuration ---------------------------------------------------------------------------------
+def _model_ref(item: object) -> tuple[str, int | None]:
+    """'name', 'name:version' or (name, version) -> (name, version or None)."""
+    if isinstance(item, str):
+        name, sep, ver = item.partition(":")
+        if sep:
+            if not ver.isdigit():
+                raise errors.ConfigError(f"models: {item!r} must be NAME or NAME:VERSION")
+            version: int | None = int(ver)
+        else:
+            version = None
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        name, version = item
+    else:
+        raise errors.ConfigError(f"models: {item!r} must be NAME, NAME:VERSION or (name, version)")
+    try:
+        Repository.validate_name(name)
+        if version is not None:
+            Repository.validate_version(version)
+    except errors.InvalidNameError as exc:
+        raise errors.ConfigError(f"models: {exc}") from None
+    return name, version
+
+
+def _positive_int(name: str, value: object, hi: int = 1 << 40) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+        raise errors.ConfigError(f"{name} must be an integer 1..{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server is built from (validated at construction; ConfigError names the field)."""
+
+    repo: str | os.PathLike
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port (see Server.port)
+    models: tuple = ()  # loaded and warmed up before the server listens: "name", "name:3", (name, 3)
+    token: str | None = None  # shared secret; the first request must be hello with it
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    limits: wire.Limits = field(default_factory=wire.Limits)
+    max_connections: int = 1024
+    max_in_flight: int = 4096  # requests in flight, server-wide; beyond: TOO_MANY_REQUESTS
+    max_in_flight_per_connection: int = 128  # beyond: the connection is not read (backpressure)
+    idle_timeout_s: float = 300.0  # 0: never
+    torch_threads: int | None = None  # torch.set_num_threads in each worker; None: torch's default
+    use_uvloop: bool = True  # run(): uvloop when importable, else asyncio
+    verify: str = "compressed"  # weights checks at load: none | compressed | all
+    drain_timeout_s: float = 30.0  # run(): how long SIGTERM waits for in-flight requests
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise errors.ConfigError(f"host must be a non-empty string, got {self.host!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise errors.ConfigError(f"port must be 0..65535, got {self.port!r}")
+        models = self.models
+        if isinstance(models, str):
+            models = (models,)
+        object.__setattr__(self, "models", tuple(_model_ref(m) for m in models))
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise errors.ConfigError("token must be a non-empty string or None")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise errors.ConfigError("tls_certfile and tls_keyfile go together")
+        if not isinstance(self.limits, wire.Limits):
+            raise errors.ConfigError(f"limits must be a wire.Limits, got {type(self.limits).__name__}")
+        lim = self.limits
+        _positive_int("limits.max_frame_bytes", lim.max_frame_bytes, (1 << 32) - 4)
+        _positive_int("limits.max_header_bytes", lim.max_header_bytes, lim.max_frame_bytes)
+        _positive_int("limits.max_tensors", lim.max_tensors, 1 << 16)
+        _positive_int("max_connections", self.max_connections, 1 << 20)
+        _positive_int("max_in_flight", self.max_in_flight, 1 << 24)
+        _positive_int("max_in_flight_per_connection", self.max_in_flight_per_connection, 1 << 20)
+        for name in ("idle_timeout_s", "drain_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9:
+                raise errors.ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if self.torch_threads is not None:
+            _positive_int("torch_threads", self.torch_threads, 1024)
+        if self.verify not in ("none", "compressed", "all"):
+            raise errors.ConfigError(f"verify must be none, compressed or all, got {self.verify!r}")
+
+    def limits_dict(self) -> dict:
+        """The `limits` map of the hello reply (docs/protocol.md section 6)."""
+        return {**self.limits.to_dict(), "max_in_flight_per_connection": self.max_in_flight_per_connection,
+                "max_in_flight": self.max_in_flight, "max_connections": self.max_connections,
+                "idle_timeout_s": self.idle_timeout_s}
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+class Histogram:
+    """Latency histogram in microseconds: log-linear buckets (8 per power of two, about 9% wide),
+    bounded memory whatever the count; percentiles report the bucket's upper edge."""
+
+    __slots__ = ("counts", "max", "n")
+    SUB = 3  # 2**SUB buckets per power of two
+
+    def __init__(self) -> None:
+        self.counts = [0] * (64 << self.SUB)
+        self.max = 0
+        self.n = 0
+
+    def add(self, us: int) -> None:
+        if us < 0:
+            us = 0
+        k = us.bit_length()
+        if k <= self.SUB + 1:
+            idx = us
+        else:
+            idx = ((k - self.SUB) << self.SUB) + ((us >> (k - self.SUB - 1)) & ((1 << self.SUB) - 1))
+        self.counts[idx] += 1
+        self.n += 1
+        if us > self.max:
+            self.max = us
+
+    @classmethod
+    def _upper(cls, idx: int) -> int:
+        if idx <= (1 << (cls.SUB + 1)):
+            return idx
+        k = (idx >> cls.SUB) + cls.SUB
+        sub = idx & ((1 << cls.SUB) - 1)
+        return ((1 << cls.SUB) + sub + 1) << (k - cls.SUB - 1)
+
+    def percentiles(self) -> dict:
+        out = {"p50": 0, "p90": 0, "p99": 0, "max": self.max}
+        if not self.n:
+            return out
+        targets = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)]
+        seen, t = 0, 0
+        for idx, c in enumerate(self.counts):
+            if not c:
+                continue
+            seen += c
+            while t < len(targets) and seen >= targets[t][1] * self.n:
+                out[targets[t][0]] = min(self._upper(idx), self.max)
+                t += 1
+            if t == len(targets):
+                break
+        return out
+
+
+class Stats:
+    """Request / error counts by code and latency, for the server or one model."""
+
+    __slots__ = ("requests", "errors", "latency")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.latency = Histogram()
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "errors": dict(self.errors), "latency_us": self.latency.percentiles()}
+
+
+# --- the server ----------------------------------------------------------------------------------------
+class Server:
+    """See the module docstring.  All methods run on the event loop thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        if not isinstance(config, ServerConfig):
+            raise errors.ConfigError(f"Server needs a ServerConfig, got {type(config).__name__}")
+        self.config = config
+        self.repo = Repository(config.repo)
+        self._limits = config.limits
+        self._token = config.token.encode("utf-8") if config.token is not None else None
+        self._hello_reply = {"server": "tinyserve", "version": __version__,
+                             "protocol": wire.PROTOCOL_VERSION, "limits": config.limits_dict()}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._conns: set[Connection] = set()
+        self._conns_empty: asyncio.Event | None = None
+        self._budget = InFlight(config.max_in_flight)
+        self._flusher: ReplyFlusher | None = None
+        self._completions: Completions | None = None
+        self._instances: dict[tuple[str, int], ModelInstance] = {}
+        self._routes: dict[str, ModelInstance] = {}  # name -> the highest READY version
+        self._pending: list[tuple[ModelInstance, Request]] = []  # infer requests of the current read
+        self._startup: tuple = config.models
+        self._ready = False
+        self._draining = False
+        self._stopping = False
+        self._stopped: asyncio.Event | None = None
+        self.stats = Stats()
+        self._model_stats: dict[str, Stats] = {}
+        self._ops = {
+            "hello": self._op_hello, "ping": self._op_ping, "infer": self._op_infer, "load": self._op_load,
+            "unload": self._op_unload, "models": self._op_models, "metadata": self._op_metadata,
+            "health": self._op_health, "stats": self._op_stats,
+        }
+        self.started_at = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm up the start-up models, then listen.  Raises (and cleans up) if a start-up
+        model fails to load or the address cannot be bound."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._flusher = ReplyFlusher(loop)
+        self._completions = Completions(loop, self._deliver)
+        self._conns_empty = asyncio.Event()
+        self._conns_empty.set()
+        self._stopped = asyncio.Event()
+        try:
+            futs = [self._load(name, version) for name, version in self._startup]
+            if futs:
+                results = await asyncio.gather(*futs, return_exceptions=True)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
+            ctx = None
+            if self.config.tls_certfile is not None:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                try:
+                    ctx.load_cert_chain(self.config.tls_certfile, self.config.tls_keyfile)
+                except (OSError, ssl.SSLError) as exc:
+                    raise errors.ConfigError(f"TLS certificate {self.config.tls_certfile!r} / key "
+                                             f"{self.config.tls_keyfile!r}: {exc}") from None
+            srv = await loop.create_server(self._make_connection, self.config.host, self.config.port,
+                                           ssl=ctx, backlog=min(4096, self.config.max_connections),
+                                           reuse_address=True)
+            self._servers.append(srv)
+        except BaseException:
+            await self._stop_models(5.0)
+            raise
+        self.started_at = time.time()
+        self._ready = True
+
+    @property
+    def port(self) -> int:
+        return self._servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def host(self) -> str:
+        return self._servers[0].sockets[0].getsockname()[0]
+
+    @property
+    def ready(self) -> bool:
+        """Listening, not draining, and every start-up model READY."""
+        if not self._ready or self._draining:
+            return False
+        for name, version in self._startup:
+            inst = self._routes.get(name) if version is None else self._instances.get((name, version))
+            if inst is None or inst.state != READY:
+                return False
+        return True
+
+    @property
+    def connections(self) -> frozenset:
+        return frozenset(self._conns)
+
+    @property
+    def in_flight(self) -> int:
+        return self._budget.count
+
+    def instances(self) -> list[ModelInstance]:
+        return list(self._instances.values())
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting connections, refuse new work (SHUTTING_DOWN), wait up to `drain_timeout`
+        seconds for the requests in flight, close every connection, stop the model workers."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = self._draining = True
+        loop = self._loop
+        for srv in self._servers:
+            srv.close()
+        deadline = loop.time() + drain_timeout
+        try:
+            await asyncio.wait_for(self._budget.wait_idle(loop), max(drain_timeout, 0))
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        self._flusher.flush()
+        for conn in list(self._conns):
+            conn.close()
+        try:
+            await asyncio.wait_for(self._conns_empty.wait(), max(1.0, deadline - loop.time()))
+        except (asyncio.TimeoutError, TimeoutError):
+            for conn in list(self._conns):
+                conn.abort()
+        await self._stop_models(max(1.0, deadline - loop.time()))
+        for srv in self._servers:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+        self._ready = False
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def wait_connections_closed(self) -> None:
+        """Resolves when no connection is open (tests, drain)."""
+        await self._conns_empty.wait()
+
+    async def _stop_models(self, timeout: float) -> None:
+        futs = [inst.unload() for inst in list(self._instances.values())]
+        self._routes.clear()
+        if futs:
+            try:
+                await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+        self._instances.clear()
+
+    # --- models -----------------------------------------------------------------------------------------
+    async def load(self, name: str, version: int | None = None) -> ModelInstance:
+        """Load (and warm up) a model version; the latest in the repository when version is None."""
+        return await self._load(name, version)
+
+    async def unload(self, name: str, version: int | None = None) -> list[int]:
+        targets = self._unload_targets(name, version)
+        if targets:
+            await asyncio.gather(*(inst.unload() for inst in targets))
+        return [inst.version for inst in targets]
+
+    def _load(self, name: str, version: int | None) -> asyncio.Future:
+        """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure)."""
+        try:
+            path = self.repo.resolve(name, version)
+        except errors.ModelNotFoundError:
+            raise
+        version = int(path.name)
+        key = (name, version)
+        inst = self._instances.get(key)
+        if inst is not None:
+            if inst.state in (READY, LOADING):
+                return inst.start()
+            if inst.state == UNLOADING:
+                raise wire.Unavailable(f"model {name!r} version {version} is unloading; load it again "
+                                       "once the unload has finished")
+        inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
+                             finish=self._finish, torch_threads=self.config.torch_threads, verify=self.config.verify)
+        self._instances[key] = inst
+        self._model_stats.setdefault(name, Stats())
+        fut = inst.start()
+        fut.add_done_callback(lambda f, inst=inst: self._update_route(inst.name))
+        inst.stopped.add_done_callback(lambda f, inst=inst: self._unloaded(inst))
+        return fut
+
+    def _unloaded(self, inst: ModelInstance, force: bool = False) -> None:
+        """The instance's worker ended: forget it (a FAILED one stays listed, with its reason, until
+        it is unloaded or loaded again)."""
+        key = (inst.name, inst.version)
+        if self._instances.get(key) is inst and (inst.state != FAILED or force):
+            del self._instances[key]
+        self._update_route(inst.name)
+
+    def _update_route(self, name: str) -> None:
+        best = None
+        for (n, v), inst in self._instances.items():
+            if n == name and inst.state == READY and (best is None or v > best.version):
+                best = inst
+        if best is None:
+            self._routes.pop(name, None)
+        else:
+            self._routes[name] = best
+
+    def _unload_targets(self, name: str, version: int | None) -> list[ModelInstance]:
+        targets = [inst for (n, v), inst in self._instances.items()
+                   if n == name and (version is None or v == version) and inst.state != UNLOADED]
+        for inst in targets:
+            inst.unload()
+            if inst.state == FAILED:
+                self._unloaded(inst, force=True)
+        self._update_route(name)
+        return targets
+
+    def _instance_for(self, name: object, version: object) -> ModelInstance:
+        """The instance an infer goes to: NOT_FOUND, UNAVAILABLE or BAD_REQUEST otherwise."""
+        if type(name) is not str:
+            raise wire.BadRequest(f"field 'model' must be a string, got {wire.shown(name)}")
+        if version is None:
+            inst = self._routes.get(name)
+            if inst is not None:
+                return inst
+            states = [i for (n, _), i in self._instances.items() if n == name]
+            if states:
+                i = max(states, key=lambda i: i.version)
+                raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
+                                       + (f" ({i.reason})" if i.reason else ""))
+            self.repo.resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
+            raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
+        if type(version) is not int:
+            raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
+        inst = self._instances.get((name, version))
+        if inst is not None:
+            if inst.state is READY:
+                return inst
+            raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
+                                   + (f" ({inst.reason})" if inst.reason else ""))
+        self.repo.resolve(name, version)
+        raise wire.Unavailable(f"model {name!r} version {version} is not loaded (load it first)")
+
+    # --- connections ------------------------------------------------------------------------------------
+    def _make_connection(self) -> Connection:
+        cfg = self.config
+        return Connection(self._dispatch, limits=self._limits, max_in_flight=cfg.max_in_flight_per_connection,
+                          budget=self._budget, idle_timeout_s=cfg.idle_timeout_s or None,
+                          authenticated=self._token is None, flusher=self._flusher,
+                          on_open=self._conn_opened, on_close=self._conn_closed, on_error=self._protocol_error,
+                          on_read_done=self._submit_pending)
+
+    def _submit_pending(self) -> None:
+        """End of a read: hand the requests it carried to the model workers, one hand-off per instance
+        (a queue put wakes the worker, which then wants the GIL; doing it once per read, just before
+        the loop goes back to waiting, avoids a thread ping-pong per request)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        if len(pending) == 1:
+            inst, req = pending[0]
+            groups = {inst: [req]}
+        else:
+            groups = {}
+            for inst, req in pending:
+                groups.setdefault(inst, []).append(req)
+        for inst, reqs in groups.items():
+            try:
+                inst.submit_many(reqs)
+            except wire.WireError as exc:  # cannot happen within one loop callback; never lose a reply
+                for req in reqs:
+                    self._fail(req.owner, req.tag, exc.code, str(exc), {})
+
+    def _conn_opened(self, conn: Connection):
+        if self._draining:
+            return "SHUTTING_DOWN", "the server is shutting down"
+        if len(self._conns) >= self.config.max_connections:
+            self.stats.error("TOO_MANY_REQUESTS")
+            return ("TOO_MANY_REQUESTS", f"connection refused: {len(self._conns)} connections are open "
+                    f"(max_connections {self.config.max_connections})")
+        self._conns.add(conn)
+        self._conns_empty.clear()
+        return None
+
+    def _conn_closed(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            self._conns_empty.set()
+
+    def _protocol_error(self, code: str) -> None:
+        st = self.stats
+        st.requests += 1
+        st.error(code)
+
+    # --- dispatch ---------------------------------------------------------------------------------------
+    def _dispatch(self, conn: Connection, rid: int, header: dict, payload: memoryview) -> None:
+        """The one dispatch callable: every request of every connection comes through here."""
+        op = header.get("op")
+        handler = self._ops.get(op) if type(op) is str else None
+        try:
+            if handler is None:
+                raise wire.BadRequest(f"unknown op {wire.shown(op)} "
+                                      f"(ops: {', '.join(self._ops)})")
+            handler(conn, rid, header, payload)
+        except wire.WireError as exc:
+            self._fail(conn, rid, exc.code, str(exc), header, exc.fatal)
+        except errors.InvalidNameError as exc:
+            self._fail(conn, rid, "BAD_REQUEST", str(exc), header)
+        except errors.ModelNotFoundError as exc:
+            self._fail(conn, rid, "NOT_FOUND", str(exc), header)
+        except (errors.ModelError, errors.ConfigError) as exc:
+            self._fail(conn, rid, "MODEL_ERROR", str(exc), header)
+        except errors.TinyserveError as exc:
+            self._fail(conn, rid, wire.wire_code(exc), str(exc), header)
+
+    def _fail(self, conn, rid, code, message, header, fatal=False) -> None:
+        if fatal:  # the connection counts it (on_error) as it closes
+            conn.send_error(rid, code, message, close=True)
+            return
+        st = self.stats
+        st.requests += 1
+        st.error(code)
+        model = header.get("model")
+        if header.get("op") == "infer" and type(model) is str:
+            ms = self._model_stats.get(model)
+            if ms is not None:
+                ms.requests += 1
+                ms.error(code)
+        conn.send_error(rid, code, message)
+
+    def _ok(self, conn: Connection, rid: int, fields: dict) -> None:
+        self.stats.requests += 1
+        conn.send({"id": rid, "ok": True, **fields})
+
+    # --- ops ---------------------------------------------------------------------------------------------
+    def _op_hello(self, conn, rid, h, payload) -> None:
+        proto = h.get("protocol")
+        if proto != wire.PROTOCOL_VERSION or type(proto) is not int:
+            raise wire.BadRequest(f"hello: protocol {wire.shown(proto)} is not supported "
+                                  f"(this server speaks {wire.PROTOCOL_VERSION})")
+        if self._token is not None:
+            tok = h.get("token")
+            given = tok.encode("utf-8", "surrogatepass") if isinstance(tok, str) else b""
+            if not hmac.compare_digest(given, self._token):
+                raise wire.Unauthenticated("hello: wrong or missing token")
+            conn.authenticated = True
+        self._ok(conn, rid, self._hello_reply)
+
+    def _op_ping(self, conn, rid, h, payload) -> None:
+        self.stats.requests += 1
+        conn.send_parts(rid, wire.encode_frame({"id": rid, "ok": True}))
+
+    def _op_infer(self, conn, rid, h, payload) -> None:
+        t0 = _perf_ns()
+        if self._draining:
+            raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
+        inst = self._instance_for(h.get("model"), h.get("version"))
+        inputs = h.get("inputs")
+        if type(inputs) is not list:
+            raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, got {wire.shown(inputs)}")
+        tensors = wire.split_tensors(inputs, payload, self._limits)
+        inst.check_inputs(tensors)
+        outputs = h.get("outputs")
+        if outputs is not None:
+            if type(outputs) is not list or not outputs:
+                raise wire.BadRequest("field 'outputs' must be a non-empty list of output names")
+            names = inst.output_names
+            for o in outputs:
+                if o not in names:
+                    raise wire.InvalidInput(f"output {wire.shown(o)} is not an output of model {inst.name!r} "
+                                            f"(outputs: {', '.join(sorted(names))})")
+        deadline = None
+        timeout_ms = h.get("timeout_ms")
+        if timeout_ms is not None:
+            if type(timeout_ms) is not int or not 0 < timeout_ms <= 1 << 40:
+                raise wire.BadRequest(f"field 'timeout_ms' must be an integer > 0, got {wire.shown(timeout_ms)}")
+            deadline = _monotonic() + timeout_ms / 1000.0
+        priority = h.get("priority", 0)
+        if type(priority) is not int or not 0 <= priority <= 15:
+            raise wire.BadRequest(f"field 'priority' must be an integer 0..15, got {wire.shown(priority)}")
+        inst.check_ready()
+        self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
+
+    def _finish(self, req: Request) -> None:
+        """In the worker thread: encode the reply frame of a finished request."""
+        rid = req.tag
+        if req.error is None:
+            inst = req.instance
+            try:
+                descs, views = wire.tensor_parts(req.result)
+            except wire.InvalidInput as exc:
+                req.error = errors.ModelError(f"model {inst.name!r}: cannot send its output: {exc}")
+            else:
+                req.reply = wire.encode_frame({"id": rid, "ok": True, "model": inst.name, "version": inst.version,
+                                               "outputs": descs}, views)
+                req.result = None
+                return
+        exc = req.error
+        req.code = code = wire.wire_code(exc)
+        req.reply = wire.encode_error(rid, code, str(exc))
+
+    def _deliver(self, batch: list) -> None:
+        """On the loop: write the finished requests' replies (one wakeup, one flush)."""
+        now = _perf_ns()
+        st = self.stats
+        mstats = self._model_stats
+        for req in batch:
+            reply = req.reply
+            if reply is None:  # finish failed
+                reply = wire.encode_error(req.tag, "INTERNAL", str(req.error))
+                req.code = "INTERNAL"
+            req.owner.send_parts(req.tag, reply)
+            us = (now - req.t0) // 1000
+            ms = mstats.get(req.instance.name)
+            st.requests += 1
+            st.latency.add(us)
+            if ms is not None:
+                ms.requests += 1
+                ms.latency.add(us)
+            if req.code != "OK":
+                st.error(req.code)
+                if ms is not None:
+                    ms.error(req.code)
+        self._flusher.flush()
+
+    def _name_field(self, h: dict, op: str) -> str:
+        name = h.get("model")
+        if type(name) is not str:
+            raise wire.BadRequest(f"{op}: field 'model' must be a string, got {wire.shown(name)}")
+        return name
+
+    def _version_field(self, h: dict, op: str) -> int | None:
+        version = h.get("version")
+        if version is not None and (type(version) is not int or version < 1):
+            raise wire.BadRequest(f"{op}: field 'version' must be an integer >= 1, got {wire.shown(version)}")
+        return version
+
+    def _op_load(self, conn, rid, h, payload) -> None:
+        if self._draining:
+            raise wire.ShuttingDown("the server is shutting down; it loads no models")
+        name, version = self._name_field(h, "load"), self._version_field(h, "load")
+        fut = self._load(name, version)
+
+        def done(f, conn=conn, rid=rid):
+            exc = wire.Unavailable(f"loading {name!r} was cancelled") if f.cancelled() else f.exception()
+            if exc is None:
+                inst = f.result()
+                self._ok(conn, rid, {"model": inst.name, "version": inst.version, "state": inst.state})
+            else:
+                code = wire.wire_code(exc)
+                self._fail(conn, rid, code, str(exc), {})
+            self._flusher.flush()
+
+        if fut.done():
+            done(fut)
+        else:
+            fut.add_done_callback(done)
+
+    def _op_unload(self, conn, rid, h, payload) -> None:
+        if self._draining:
+            raise wire.ShuttingDown("the server is shutting down")
+        name, version = self._name_field(h, "unload"), self._version_field(h, "unload")
+        targets = self._unload_targets(name, version)
+        if not targets:
+            self.repo.resolve(name, version)  # NOT_FOUND for an unknown model or version
+            self._ok(conn, rid, {"model": name, "versions": []})
+            return
+        versions = sorted(inst.version for inst in targets)
+        gathered = asyncio.gather(*(inst.unload() for inst in targets), return_exceptions=True)
+
+        def done(f, conn=conn, rid=rid):
+            f.result()
+            self._ok(conn, rid, {"model": name, "versions": versions})
+            self._flusher.flush()
+
+        gathered.add_done_callback(done)
+
+    def _op_models(self, conn, rid, h, payload) -> None:
+        names = set(self.repo.models()) | {n for n, _ in self._instances}
+        out = []
+        for name in sorted(names):
+            loaded = [{"version": v, "state": inst.state, "bytes": inst.nbytes}
+                      for (n, v), inst in sorted(self._instances.items()) if n == name]
+            out.append({"name": name, "versions": self.repo.versions(name), "loaded": loaded})
+        self._ok(conn, rid, {"models": out})
+
+    def _op_metadata(self, conn, rid, h, payload) -> None:
+        name, version = self._name_field(h, "metadata"), self._version_field(h, "metadata")
+        inst = self._routes.get(name) if version is None else self._instances.get((name, version))
+        if inst is not None and inst.config is not None:
+            cfg, version = inst.config, inst.version
+        else:
+            path = self.repo.resolve(name, version)
+            version = int(path.name)
+            try:
+                cfg = self.repo.read_config(name, version)
+            except errors.ConfigError as exc:
+                raise errors.ModelError(f"model {name!r} version {version}: {exc}") from None
+        self._ok(conn, rid, {"model": name, "version": version, "platform": cfg.platform,
+                             "inputs": [s.to_dict() for s in cfg.inputs],
+                             "outputs": [s.to_dict() for s in cfg.outputs],
+                             "batching": None if cfg.batching is None else cfg.batching.to_dict()})
+
+    def _model_health(self) -> dict:
+        out: dict[str, dict] = {}
+        for (name, version), inst in sorted(self._instances.items()):
+            cur = out.get(name)
+            # a READY version wins; else the newest
+            if cur is None or inst.state == READY or cur["state"] != READY:
+                out[name] = {"state": inst.state, "reason": inst.reason, "version": version}
+        return out
+
+    def _op_health(self, conn, rid, h, payload) -> None:
+        self._ok(conn, rid, {"live": True, "ready": self.ready, "models": self._model_health()})
+
+    def _op_stats(self, conn, rid, h, payload) -> None:
+        name = h.get("model")
+        if name is None:
+            reply = self.stats.to_dict()
+            reply["models"] = {n: s.to_dict() for n, s in sorted(self._model_stats.items())}
+        else:
+            if type(name) is not str:
+                raise wire.BadRequest(f"stats: field 'model' must be a string, got {wire.shown(name)}")
+            st = self._model_stats.get(name)
+            if st is None:
+                self.repo.resolve(name)  # NOT_FOUND for a model the server never heard of
+                st = Stats()
+            reply = st.to_dict()
+            reply["models"] = {name: st.to_dict()}
+        reply["in_flight"] = self._budget.count
+        reply["connections"] = len(self._conns)
+        reply["uptime_s"] = round(time.time() - self.started_at, 3)
+        self._ok(conn, rid, reply)
+
+
+# --- running it ---------------------------------------------------------------------------------------
+def _loop_factory(use_uvloop: bool):
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.new_event_loop, "asyncio"
+        return uvloop.new_event_loop, "uvloop"
+    return asyncio.new_event_loop, "asyncio"
+
+
+def _announce(server: Server, loop_name: str) -> None:
+    models = ", ".join(f"{i.name}:{i.version}" for i in server.instances()) or "none"
+    tls = " (TLS)" if server.config.tls_certfile else ""
+    print(f"tinyserve: listening on {server.host}:{server.port}{tls} [{loop_name}], models: {models}", flush=True)
+
+
+async def _serve(config: ServerConfig, on_ready: Callable[[Server], None] | None, loop_name: str) -> int:
+    server = Server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+            pass
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        else:
+            _announce(server, loop_name)
+        await stop.wait()
+        if on_ready is None:
+            print(f"tinyserve: draining ({server.in_flight} requests in flight)", flush=True)
+        await server.stop(config.drain_timeout_s)
+        if on_ready is None:
+            print("tinyserve: stopped", flush=True)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def run(config: ServerConfig, *, on_ready: Callable[[Server], None] | None = None) -> int:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; returns the exit code (0).
+
+    Blocking.  Uses uvloop when `config.use_uvloop` and it is importable.  `on_ready(server)` is
+    called once the server listens (default: print `tinyserve: listening on HOST:PORT ...`).
+    Errors while starting (a model that fails to load, a port in use) propagate."""
+    factory, name = _loop_factory(config.use_uvloop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_serve(config, on_ready, name))
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyserve.server", description="run a tinyserve server")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--model", action="append", default=[], help="NAME or NAME:VERSION to load at start")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--idle-timeout", type=float, default=300.0)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    args = p.parse_args(None if argv is None else list(argv))
+    token = os.environ.get("TINYSERVE_TOKEN") or None  # never on the command line (ps shows it)
+    try:
+        config = ServerConfig(repo=args.repo, host=args.host, port=args.port, models=tuple(args.model),
+                              token=token, tls_certfile=args.tls_cert, tls_keyfile=args.tls_key,
+                              torch_threads=args.torch_threads, use_uvloop=not args.no_uvloop,
+                              idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout)
+        return run(config)
+    except errors.TinyserveError as exc:
+        print(f"tinyserve: error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"tinyserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
