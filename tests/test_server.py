@@ -7,6 +7,7 @@ Models: the example MLP (torch.export) and python models packed into a temporary
 tests can hold a request in flight without sleeping."""
 
 import asyncio
+import concurrent.futures
 import os
 import select
 import signal
@@ -305,11 +306,16 @@ def error_of(h, code, *fragments):
 
 
 MLP, _ = examples.mlp()
+# The reference runs with one torch thread, like the servers' workers (torch_threads=1): a different
+# thread count can move float results by an ulp.
+_REF = concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
 
 
 def mlp_ref(x):
-    with torch.inference_mode():
-        return MLP(torch.from_numpy(x)).numpy()
+    def run():
+        with torch.inference_mode():
+            return MLP(torch.from_numpy(x)).numpy()
+    return _REF.submit(run).result()
 
 
 def assert_alive(st_or_port):
@@ -677,6 +683,19 @@ def test_inference_on_an_unloading_model(st, gate):
     assert_alive(st)
 
 
+def test_requests_read_before_an_unload_still_run(st):
+    with Client(st.port) as c:
+        descs, views = wire.tensor_parts({"x": np.ones((1, 4), np.float32)})
+        c.send_raw(wire.encode_bytes({"id": 1, "op": "infer", "model": "gate", "inputs": descs}, views)
+                   + wire.encode_bytes({"id": 2, "op": "unload", "model": "gate"})
+                   + wire.encode_bytes({"id": 3, "op": "infer", "model": "gate", "inputs": descs}, views))
+        replies = {h["id"]: h for h in (c.recv()[0], c.recv()[0], c.recv()[0])}
+        assert replies[1]["ok"], replies[1]
+        assert replies[2]["versions"] == [1]
+        error_of(replies[3], "UNAVAILABLE", "'gate'")
+        assert c.call("load", model="gate")["state"] == "READY"
+
+
 def test_disconnect_mid_frame_and_mid_reply(st, gate):
     settle(st)
     base_fds = fd_count()
@@ -765,7 +784,7 @@ def test_thousands_of_connections_opened_and_dropped(st):
 
 # --- configurations of their own -------------------------------------------------------------------------------------
 def test_token_auth(repo_root, kind):
-    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), token="s3cret-token"), kind)
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), token="s3cret-token", torch_threads=1), kind)
     try:
         with Client(s.port) as c:  # anything before hello
             c.send({"id": 1, "op": "ping"})
@@ -805,7 +824,7 @@ def tls_pair(tmp_path_factory):
 
 def test_tls(repo_root, kind, tls_pair):
     cert, key = tls_pair
-    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), tls_certfile=cert, tls_keyfile=key), kind)
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), tls_certfile=cert, tls_keyfile=key, torch_threads=1), kind)
     try:
         ctx = ssl.create_default_context(cafile=cert)
         with Client(s.port, ssl_ctx=ctx) as c:

@@ -147,7 +147,8 @@ class Connection(asyncio.BufferedProtocol):
                  idle_timeout_s: float | None = None, authenticated: bool = True,
                  flusher: ReplyFlusher | None = None, on_open: Callable | None = None,
                  on_close: Callable | None = None, on_error: Callable[[str], None] | None = None,
-                 on_read_done: Callable[[], None] | None = None, write_high_water: int = WRITE_HIGH_WATER, write_low_water: int | None = None) -> None:
+                 on_read_done: Callable[[], None] | None = None, write_high_water: int = WRITE_HIGH_WATER,
+                 write_low_water: int | None = None) -> None:
         self._dispatch = dispatch
         self._limits = limits or wire.Limits()
         self._max_in_flight = max_in_flight

@@ -160,6 +160,16 @@ class Completions:
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 self._pending = False
 
+    def post_many(self, items: list) -> None:
+        """From any thread: several items, one wakeup at most."""
+        self._items.extend(items)
+        if not self._pending:
+            self._pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                self._pending = False
+
     def _drain(self) -> None:
         self._pending = False
         items = self._items
@@ -172,6 +182,7 @@ class Completions:
 
 # --- the model instance ------------------------------------------------------------------------------
 _STOP = object()
+COALESCE = 8  # most finished requests held back while the worker has a backlog
 
 
 def _to_torch(dtype: str, shape: tuple, view: memoryview):
@@ -302,13 +313,19 @@ class ModelInstance:
             if dtype != want_dtype:
                 raise wire.InvalidInput(f"input {name!r} of model {self.name!r}: dtype is {dtype}, "
                                         f"the model takes {want_dtype}")
-            if len(shape) != len(want_shape) or any(w != -1 and w != d for d, w in zip(shape, want_shape)):
-                raise wire.InvalidInput(f"input {name!r} of model {self.name!r}: shape is {list(shape)}, "
-                                        f"the model takes {list(want_shape)} (-1: any size)")
+            if len(shape) != len(want_shape):
+                self._bad_shape(name, shape, want_shape)
+            for d, w in zip(shape, want_shape):
+                if w != d and w != -1:
+                    self._bad_shape(name, shape, want_shape)
         if len(tensors) != len(specs):
             missing = [n for n in self._in_names if n not in tensors]
             raise wire.InvalidInput(f"input {missing[0]!r} of model {self.name!r} is missing "
                                     f"(inputs: {', '.join(self._in_names)})")
+
+    def _bad_shape(self, name: str, shape: tuple, want: tuple) -> None:
+        raise wire.InvalidInput(f"input {name!r} of model {self.name!r}: shape is {list(shape)}, "
+                                f"the model takes {list(want)} (-1: any size)")
 
     def _call_loop(self, fn, *args) -> None:
         try:
@@ -397,10 +414,18 @@ class ModelInstance:
                                     f"(batch 1) failed: {type(exc).__name__}: {exc}") from exc
 
     def _serve(self) -> None:
-        get = self._q.get
+        """The worker loop.  Finished requests go back to the loop at once when the worker has
+        nothing else to do; while a backlog is queued they go in groups of up to COALESCE (each
+        wakeup of the loop thread preempts the worker, so fewer wakeups mean more throughput, and
+        with a backlog the wait is dominated by the queue anyway)."""
+        q = self._q
+        get = q.get
         run = self.run
         finish = self._finish
-        post = self._completions.post
+        post_many = self._completions.post_many
+        ready: list[Request] = []
+        state = {"left": 0}  # requests of the current batch not yet run
+        limit = COALESCE
 
         def done(req: Request) -> None:
             if finish is not None:
@@ -410,13 +435,21 @@ class ModelInstance:
                     log.exception("tinyserve: finishing a reply of %s failed", self)
                     req.error = errors.TinyserveError(f"encoding the reply failed: {exc!r}")
                     req.reply = None
-            post(req)
+            ready.append(req)
+            state["left"] -= 1
+            if len(ready) >= limit or (state["left"] <= 0 and q.empty()):
+                post_many(ready)
+                ready.clear()
 
         while True:
             batch = get()
             if batch is _STOP:
                 return
+            state["left"] = len(batch)
             run(batch, done)
+            if ready:
+                post_many(ready)
+                ready.clear()
 
     def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;
@@ -443,9 +476,8 @@ class ModelInstance:
                                           f"{type(exc).__name__}: {exc}")
 
     def _run_one(self, req: Request) -> dict:
-        tensors = {name: _to_torch(*t) for name, t in req.inputs.items()}
         if self._pre is not None:
-            tensors = self._pre(tensors)
+            tensors = self._pre({name: _to_torch(*t) for name, t in req.inputs.items()})
             if not isinstance(tensors, Mapping):
                 raise errors.ModelError(f"model {self.name!r}: preprocess returned a "
                                         f"{type(tensors).__name__}, not a dict")
@@ -454,7 +486,8 @@ class ModelInstance:
             except KeyError as exc:
                 raise errors.ModelError(f"model {self.name!r}: preprocess returned no input {exc.args[0]!r}") from None
         else:
-            args = [tensors[n] for n in self._in_names]
+            inputs = req.inputs
+            args = [_to_torch(*inputs[n]) for n in self._in_names]
         module = self.model.module
         if module is None:
             raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")

@@ -308,6 +308,8 @@ class Server:
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting connections, refuse new work (SHUTTING_DOWN), wait up to `drain_timeout`
         seconds for the requests in flight, close every connection, stop the model workers."""
+        if self._loop is None:  # never started
+            return
         if self._stopping:
             await self._stopped.wait()
             return
@@ -367,10 +369,7 @@ class Server:
 
     def _load(self, name: str, version: int | None) -> asyncio.Future:
         """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure)."""
-        try:
-            path = self.repo.resolve(name, version)
-        except errors.ModelNotFoundError:
-            raise
+        path = self.repo.resolve(name, version)  # NOT_FOUND, or BAD_REQUEST for an invalid name
         version = int(path.name)
         key = (name, version)
         inst = self._instances.get(key)
@@ -470,7 +469,7 @@ class Server:
         for inst, reqs in groups.items():
             try:
                 inst.submit_many(reqs)
-            except wire.WireError as exc:  # cannot happen within one loop callback; never lose a reply
+            except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
                 for req in reqs:
                     self._fail(req.owner, req.tag, exc.code, str(exc), {})
 
@@ -560,7 +559,8 @@ class Server:
         inst = self._instance_for(h.get("model"), h.get("version"))
         inputs = h.get("inputs")
         if type(inputs) is not list:
-            raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, got {wire.shown(inputs)}")
+            raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, "
+                                  f"got {wire.shown(inputs)}")
         tensors = wire.split_tensors(inputs, payload, self._limits)
         inst.check_inputs(tensors)
         outputs = h.get("outputs")
@@ -581,7 +581,6 @@ class Server:
         priority = h.get("priority", 0)
         if type(priority) is not int or not 0 <= priority <= 15:
             raise wire.BadRequest(f"field 'priority' must be an integer 0..15, got {wire.shown(priority)}")
-        inst.check_ready()
         self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
 
     def _finish(self, req: Request) -> None:
@@ -663,6 +662,7 @@ class Server:
         if self._draining:
             raise wire.ShuttingDown("the server is shutting down")
         name, version = self._name_field(h, "unload"), self._version_field(h, "unload")
+        self._submit_pending()  # requests read before this unload still go to the model
         targets = self._unload_targets(name, version)
         if not targets:
             self.repo.resolve(name, version)  # NOT_FOUND for an unknown model or version
