@@ -29,6 +29,7 @@ from tinyserve.client import Client  # noqa: E402
 from tinyserve.repository import Repository  # noqa: E402
 from tinyserve.runtime import load_version  # noqa: E402
 from tinyserve.server import Server, ServerConfig  # noqa: E402
+from tinyserve.wire import InvalidInput  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -112,7 +113,7 @@ def test_packed_version_layout(repo, model_dir):
     tree = ast.parse((vdir / "model.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "math", "pathlib", "torch", "tokenizers"}, imported
+    assert imported <= {"__future__", "math", "pathlib", "torch", "tokenizers", "tinyserve"}, imported
 
 
 def test_state_dict_keys_are_the_checkpoints(repo, model_dir):
@@ -143,11 +144,11 @@ def test_direct_equals_transformers(repo, reference):
 
 def test_preprocess_refusals(repo):
     hooks = load_version(repo.resolve("minilm")).hooks
-    with pytest.raises(ValueError, match=r"sentence 1 is not UTF-8"):
+    with pytest.raises(InvalidInput, match=r"sentence 1 is not UTF-8"):
         hooks.preprocess({"text": [b"fine", b"\xff\xfe broken"]})
-    with pytest.raises(ValueError, match=r"one input 'text'"):
+    with pytest.raises(InvalidInput, match=r"one input 'text'"):
         hooks.preprocess({"sentences": [b"hi"]})
-    with pytest.raises(TypeError, match=r"must have dtype bytes"):
+    with pytest.raises(InvalidInput, match=r"must have dtype bytes"):
         hooks.preprocess({"text": torch.zeros(2, dtype=torch.int64)})
     empty = hooks.preprocess({"text": []})
     assert empty["input_ids"].shape == (0, 0) and empty["attention_mask"].dtype == torch.int64
@@ -209,11 +210,11 @@ def test_served_equals_transformers(served, reference):
 def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(served, reference):
     want, _ = reference(SENTENCES[:2])
     with Client("127.0.0.1", served.port, timeout=30) as client:
-        with pytest.raises(errors.ModelError, match=r"minilm.*sentence 1 is not UTF-8"):
+        with pytest.raises(InvalidInput, match=r"minilm.*sentence 1 is not UTF-8"):
             client.infer("minilm", {"text": [b"fine", b"\xc3\x28 not utf-8"]})
-        with pytest.raises(errors.ModelError, match=r"minilm.*one input 'text'.*'sentences'"):
+        with pytest.raises(InvalidInput, match=r"minilm.*one input 'text'.*'sentences'"):
             client.infer("minilm", {"sentences": SENTENCES[:2]})
-        with pytest.raises(errors.ModelError, match=r"minilm.*must have dtype bytes"):
+        with pytest.raises(InvalidInput, match=r"minilm.*must have dtype bytes"):
             client.infer("minilm", {"text": np.zeros((2, 3), dtype=np.int64)})
         # the same connection still gets answers
         got = client.infer("minilm", {"text": SENTENCES[:2]})["embedding"]

@@ -257,3 +257,37 @@ def test_explicit_version_conflict(repo):
         pack(repo, "mlp", "tinyserve.examples:mlp", version=3)
     v, _ = pack(repo, "mlp", "tinyserve.examples:mlp")
     assert v == 4 and repo.versions("mlp") == [3, 4]
+
+
+def test_extra_files_are_copied_into_the_version(repo, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("hello\nworld\n")
+    version, _ = pack(repo, "mlp", "tinyserve.examples:mlp", files={"vocab.txt": vocab})
+    assert (repo.resolve("mlp", version) / "vocab.txt").read_text() == "hello\nworld\n"
+    for bad in ("../x", "model.json", "a/b", ".hidden"):
+        with pytest.raises(errors.ConfigError, match="extra file name"):
+            pack(repo, "mlp", "tinyserve.examples:mlp", files={bad: vocab})
+    assert repo.versions("mlp") == [version]
+
+
+def test_exported_programs_load_concurrently(repo):
+    """torch.export.load keeps global deserializer state; the server loads models on several threads."""
+    import threading
+
+    pack(repo, "mlp", "tinyserve.examples:mlp")
+    pack(repo, "enc", "tinyserve.examples:encoder_bf16")
+    errors_seen, done = [], []
+
+    def load(name):
+        try:
+            for _ in range(3):
+                done.append(load_version(repo.resolve(name)).module is not None)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in ("mlp", "enc", "mlp", "enc")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors_seen and len(done) == 12 and all(done)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tinyserve import errors
-from tinyserve.config import ModelConfig, TensorSpec
+from tinyserve.config import ModelConfig, TensorSpec, name_problem
 from tinyserve.program import MODEL_FILE, export_module
 from tinyserve.repository import Repository
 from tinyserve.weights import TORCH_DTYPES, PackSummary, verify_file, write_weights
@@ -99,9 +99,16 @@ def _input_names(module: torch.nn.Module, n: int) -> list[str]:
 def pack(repo: Repository, name: str, source: str, *, version: int | None = None,
          program: str | None = None, config: Mapping | None = None, compression: str = "auto",
          level: int | str | None = None, threads: int | None = None,
-         progress: Callable[[int, int], None] | None = None) -> tuple[int, PackSummary]:
-    """Pack `source` as version `version` (None: the next) of model `name`; returns (version, summary)."""
+         progress: Callable[[int, int], None] | None = None,
+         files: Mapping[str, str | os.PathLike] | None = None) -> tuple[int, PackSummary]:
+    """Pack `source` as version `version` (None: the next) of model `name`; returns (version, summary).
+    `files` maps file names of the version directory to files copied there (e.g. a tokenizer a
+    python model file reads); names follow the repository's file-name rule."""
     repo.validate_name(name)
+    for fname in files or {}:
+        problem = name_problem(fname)
+        if problem or fname in ("model.json", "model.toml", MODEL_FILE):
+            raise errors.ConfigError(f"extra file name {fname!r} {problem or 'is reserved'}")
     staging = repo.stage(name)
     try:
         cfg = dict(config or {})
@@ -124,6 +131,8 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
             cfg.setdefault("platform", "python" if program else "weights")
             cfg.setdefault("inputs", [])
             cfg.setdefault("outputs", [])
+        for fname, src in (files or {}).items():
+            shutil.copyfile(src, outdir / fname)
         if program:
             shutil.copyfile(program, outdir / MODEL_FILE)
             cfg["program"] = MODEL_FILE

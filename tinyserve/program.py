@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES
 
 PROGRAM_FILE = "program.pt2"
 MODEL_FILE = "model.py"
+_EXPORT_LOAD_LOCK = threading.Lock()
 
 
 def bindings_file(program: str) -> str:
@@ -99,7 +101,8 @@ def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, to
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise errors.ModelError(f"{manifest}: unreadable bindings: {exc!r}") from None
     try:
-        ep = torch.export.load(version_dir / program)
+        with _EXPORT_LOAD_LOCK:  # torch.export.load keeps global deserializer state: one at a time
+            ep = torch.export.load(version_dir / program)
     except Exception as exc:  # torch raises many kinds for a damaged archive
         raise errors.ModelError(f"{version_dir / program}: cannot load the exported program: {exc!r}") from None
     params: dict[str, torch.nn.Parameter] = {}

@@ -26,8 +26,10 @@ Python model files (docs/repository.md section 4.2) may define, besides `build(p
   `outputs` and returns the reply's tensors by name (torch tensors, numpy arrays, or lists of
   bytes/str for the `bytes` dtype).
 
-Both run in the worker thread, per request.  An exception from the model or a hook is reported as
-`ModelError` naming the model and the exception; the instance keeps serving.
+Both run in the worker thread, per request.  A hook may refuse a request by raising
+`tinyserve.wire.InvalidInput` (reply INVALID_INPUT, the client's mistake); any other exception from the
+model or a hook is reported as `ModelError` naming the model and the exception; the instance keeps
+serving.
 """
 
 from __future__ import annotations
@@ -468,7 +470,9 @@ class ModelInstance:
             return
         try:
             req.result = self._run_one(req)
-        except errors.ModelError as exc:
+        except (errors.ModelError, wire.InvalidInput) as exc:
+            # a hook that refuses a request with wire.InvalidInput answers INVALID_INPUT (the client's
+            # mistake); anything else a model raises is MODEL_ERROR naming the model
             req.error = exc
         except Exception as exc:
             log.debug("model %s raised", self, exc_info=True)

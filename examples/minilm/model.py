@@ -38,6 +38,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from tinyserve.wire import InvalidInput  # refusals answer INVALID_INPUT: the client's mistake
 import torch.nn.functional as F
 from torch import nn
 
@@ -252,20 +254,22 @@ def _decode(items: list) -> list[str]:
         try:
             texts.append(bytes(item).decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise ValueError(f"input {INPUT!r}: sentence {i} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise InvalidInput(f"model minilm: input {INPUT!r}: sentence {i} is not UTF-8 ({exc.reason} at byte "
+                               f"{exc.start})") from None
     return texts
 
 
 def preprocess(inputs: dict) -> dict:
     if set(inputs) != {INPUT}:
-        raise ValueError(f"this model takes one input {INPUT!r} (a bytes tensor of UTF-8 sentences), "
-                         f"got {sorted(inputs)}")
+        raise InvalidInput(f"model minilm takes one input {INPUT!r} (a bytes tensor of UTF-8 sentences), "
+                           f"got {sorted(inputs)}")
     items = inputs[INPUT]
     if not isinstance(items, list):
-        raise TypeError(f"input {INPUT!r} must have dtype bytes (UTF-8 sentences), got a "
-                        f"{getattr(items, 'dtype', type(items).__name__)} tensor")
+        raise InvalidInput(f"model minilm: input {INPUT!r} must have dtype bytes (UTF-8 sentences), got a "
+                           f"{getattr(items, 'dtype', type(items).__name__)} tensor")
     if len(items) > _max_sentences:
-        raise ValueError(f"input {INPUT!r}: {len(items)} sentences, at most {_max_sentences} per request")
+        raise InvalidInput(f"model minilm: input {INPUT!r}: {len(items)} sentences, at most {_max_sentences} "
+                           "per request")
     texts = _decode(items)
     if not texts:
         empty = torch.zeros((0, 0), dtype=torch.int64)

