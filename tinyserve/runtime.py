@@ -155,16 +155,14 @@ class Completions:
     def post(self, item: object) -> None:
         """From any thread."""
         self._items.append(item)
-        if not self._pending:
-            self._pending = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                self._pending = False
+        self._wake()
 
     def post_many(self, items: list) -> None:
         """From any thread: several items, one wakeup at most."""
         self._items.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
         if not self._pending:
             self._pending = True
             try:
