@@ -271,3 +271,22 @@ def test_error_codes_table():
 def test_shown_cuts_long_items():
     assert wire.shown("a" * 1000).endswith("...") and len(wire.shown("a" * 1000)) == 64
     assert wire.shown("op") == "'op'"
+
+
+def test_protocol_md_worked_examples_are_exact():
+    """docs/protocol.md section 7 shows these frames byte for byte."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+
+    from tinyserve import wire as W
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    blocks = re.findall(r"```\n([0-9a-f ]{2}[^`]*?)```", text.split("## 7. Worked example", 1)[1])
+    def hexbytes(block):  # the hex of each line, without the annotation after 5 spaces
+        return bytes.fromhex(" ".join(line.split("     ")[0] for line in block.strip().splitlines()))
+    ping = W.encode_bytes({"id": 1, "op": "ping"})
+    descs, views = W.tensor_parts({"x": np.array([[1.0, 2.0, 3.0]], dtype=np.float32)})
+    infer = W.encode_bytes({"id": 2, "op": "infer", "model": "m", "inputs": descs}, views)
+    assert [hexbytes(b) for b in blocks] == [ping, infer]
