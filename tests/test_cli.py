@@ -214,3 +214,13 @@ def test_serve_errors_are_clean(tmp_path, capsys):
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["serve", "--repo", str(repo), "--port", "0", "--tls-cert", str(tmp_path / "c.pem")]) == 2
     assert "tls" in capsys.readouterr().err.lower()
+
+
+def test_bad_model_version_and_timeout_are_clean_errors(tmp_path, capsys):
+    for argv in (["inspect", "--repo", str(tmp_path), "name:abc"], ["load", "name:abc"],
+                 ["health", "--timeout", "0"], ["stats", "--timeout", "-1"], ["models", "--timeout", "x"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("NAME[:VERSION]" in err or "--timeout" in err), err

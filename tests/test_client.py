@@ -1,7 +1,9 @@
 """tinyserve.Client and tinyserve.AsyncClient against a fake server written here (asyncio, loopback,
 speaking docs/protocol.md through tinyserve.wire) that can be told to misbehave: hold replies until
 released, reorder them, answer with any error code, close in the middle of a reply, send garbage,
-stop and restart on the same port.  No test sleeps to synchronise; every wait is bounded.
+stop and restart on the same port.  No test sleeps to synchronise; every wait is bounded (a few
+sleep to make a connection idle: the client polls a connection before a send only after
+`_IDLE_CHECK` without a reply).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import asyncio
 import concurrent.futures
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import tinyserve
+import tinyserve.client as client_mod
 from tinyserve import errors, wire
 from tinyserve.client import (AsyncClient, Client, ClientConnectionError, ConnectFailed, ConnectionLost,
                               RequestTimeout, _advance, _FrameReader)
@@ -35,9 +39,12 @@ class FakeServer:
     reply, then close).  `reorder = n` holds infer replies until n are ready and sends them reversed.
     """
 
-    def __init__(self, token: str | None = None, max_frame_bytes: int = wire.Limits().max_frame_bytes):
+    def __init__(self, token: str | None = None, max_frame_bytes: int = wire.Limits().max_frame_bytes,
+                 max_header_bytes: int = 1 << 20, max_tensors: int = 256):
         self.token = token
         self.max_frame_bytes = max_frame_bytes
+        self.max_header_bytes = max_header_bytes
+        self.max_tensors = max_tensors
         self.port = 0
         self.reorder = 0
         self.ready = True
@@ -142,7 +149,8 @@ class _FakeProto(asyncio.Protocol):
 
     def data_received(self, data):  # noqa: C901
         self.buf += data
-        limits = wire.Limits(max_frame_bytes=self.server.max_frame_bytes)
+        limits = wire.Limits(max_frame_bytes=self.server.max_frame_bytes,
+                             max_header_bytes=self.server.max_header_bytes)
         while len(self.buf) >= wire.PREFIX_SIZE and not self.transport.is_closing():
             total, hlen = wire.frame_size(bytes(self.buf[:wire.PREFIX_SIZE]), limits)
             if len(self.buf) < total:
@@ -170,8 +178,9 @@ class _FakeProto(asyncio.Protocol):
             self.authed = True
         if op == "hello":
             return self.send({"id": rid, "ok": True, "server": "fake", "version": "0", "protocol": 1,
-                              "limits": {"max_frame_bytes": srv.max_frame_bytes, "max_header_bytes": 1 << 20,
-                                         "max_in_flight_per_connection": 128, "max_tensors": 256}})
+                              "limits": {"max_frame_bytes": srv.max_frame_bytes,
+                                         "max_header_bytes": srv.max_header_bytes,
+                                         "max_in_flight_per_connection": 128, "max_tensors": srv.max_tensors}})
         if op == "ping":
             return self.send({"id": rid, "ok": True})
         if op == "models":
@@ -500,6 +509,7 @@ def test_reconnect_after_server_restart(fake):
     with Client("127.0.0.1", fake.port, connect_attempts=5, backoff=0.01) as c:
         assert c.infer("echo", {"x": np.array([1])})["x"][0] == 1
         fake.restart()
+        time.sleep(2 * client_mod._IDLE_CHECK)  # idle: polled before the send (a restart takes longer)
         assert c.infer("echo", {"x": np.array([2])})["x"][0] == 2  # the call reconnects transparently
         assert c.reconnects == 1 and fake.connections_made == 2
         assert c.ping() > 0
@@ -1024,5 +1034,113 @@ def test_idle_connection_closed_by_the_server_is_replaced(fake):
             before = c.reconnects
             fake.drop_connections()
             assert wait_for(lambda: not fake.conns)
+            time.sleep(2 * client_mod._IDLE_CHECK)  # no reply for this long: the connection is idle
             assert call() == 1
             assert c.reconnects == before + 1
+
+
+# --- review fixes ---------------------------------------------------------------------------------
+def test_submit_timeout_is_honoured_while_the_helper_thread_reads(fake):
+    """The helper thread reads with no deadline (a future without a timeout is in flight); a later
+    submit with a timeout must still fail at its timeout, not when the first reply comes."""
+    with Client("127.0.0.1", fake.port, timeout=None) as c:
+        first = c.submit("slow", {"x": np.zeros(1)})
+        conn = c._conns[0]
+        assert wait_for(lambda: conn._reading and conn._pump_thread is not None)
+        t0 = time.monotonic()
+        second = c.submit("slow", {"x": np.zeros(1)}, timeout=0.3)
+        with pytest.raises(RequestTimeout):
+            second.result(5)
+        assert time.monotonic() - t0 < 2.5
+        assert not first.done()
+        fake.release()
+        assert first.result(10)["x"].shape == (1,)
+
+
+def test_the_helper_thread_does_constant_work_per_reply(fake, monkeypatch):
+    """Completing one future must not look at every other outstanding one (O(1) per reply)."""
+    member = client_mod._Slot.__dict__["done"]
+    reads = [0]
+
+    def get(slot):
+        reads[0] += 1
+        return member.__get__(slot)
+
+    monkeypatch.setattr(client_mod._Slot, "done", property(get, member.__set__))
+    with Client("127.0.0.1", fake.port) as c:
+        held = [c.submit("slow", {"x": np.zeros(1)}) for _ in range(400)]
+        assert wait_for(lambda: sum(h.get("model") == "slow" for h in fake.headers) == 400)
+        reads[0] = 0
+        for i in range(50):
+            assert int(c.submit("add1", {"x": np.array([i])}).result(10)["y"][0]) == i + 1
+        assert reads[0] / 50 < 40, f"{reads[0] / 50:.0f} slot checks per reply with 400 outstanding"
+        fake.release()
+        assert all(f.result(10)["x"].shape == (1,) for f in held)
+
+
+def test_header_and_tensor_limits_of_the_server_are_checked_locally():
+    srv = FakeServer(max_header_bytes=512, max_tensors=4).start()
+    try:
+        with Client("127.0.0.1", srv.port) as c:
+            held = c.submit("slow", {"x": np.zeros(1)})  # in flight: must survive the failures below
+            with pytest.raises(wire.FrameTooLarge, match="max_header_bytes 512"):
+                c.infer("echo", {f"x{i}" + "_" * 150: np.zeros(1) for i in range(4)})
+            with pytest.raises(wire.BadRequest, match="max_tensors 4"):
+                c.infer("echo", {f"x{i}": np.zeros(1) for i in range(5)})
+            with pytest.raises(wire.FrameTooLarge, match="max_header_bytes 512"):
+                c.load("m" * 600)
+            assert c.infer("echo", {f"x{i}": np.zeros(1) for i in range(4)})["x3"].shape == (1,)
+            srv.release()
+            assert held.result(10)["x"].shape == (1,)
+            assert c.reconnects == 0 and srv.connections_made == 1
+    finally:
+        srv.stop()
+
+
+def test_no_idle_poll_between_back_to_back_requests(fake):
+    with Client("127.0.0.1", fake.port) as c:
+        conn = c._conns[0]
+        polls = [0]
+
+        class Counting:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def poll(self, *a):
+                polls[0] += 1
+                return self.inner.poll(*a)
+
+        conn._spoll = Counting(conn._spoll)
+        c.infer("echo", {"x": np.zeros(1)})
+        polls[0] = 0
+        for _ in range(50):
+            c.infer("echo", {"x": np.zeros(1)})
+        assert polls[0] <= 2  # only when the machine stalls for _IDLE_CHECK between two requests
+        time.sleep(2 * client_mod._IDLE_CHECK)
+        c.infer("echo", {"x": np.zeros(1)})
+        assert polls[0] >= 1  # an idle connection is still checked before a send
+
+
+def test_timeout_is_patched_into_the_cached_head(fake):
+    with Client("127.0.0.1", fake.port) as c:
+        conn = c._conns[0]
+        for i in range(1, 40):
+            assert c.infer("echo", {"x": np.zeros(2)}, timeout=i / 8)["x"].shape == (2,)
+            assert fake.headers[-1]["timeout_ms"] == i * 125
+        c.infer("echo", {"x": np.zeros(2)})
+        assert "timeout_ms" not in fake.headers[-1]
+        c.infer("echo", {"x": [b"ab", b"c"]}, timeout=7)  # the descriptor path too
+        assert fake.headers[-1]["timeout_ms"] == 7000
+        assert len(conn.encoder._cache) == 3  # timed, untimed, the bytes input
+
+
+def test_one_function_for_each_shared_piece():
+    import tinyserve.cli as cli
+
+    assert cli._model_arg("m:3") == ("m", 3) and cli._model_arg("m") == ("m", None)
+    assert client_mod._parse_model("m:\u00b2", None) == ("m:\u00b2", None)  # a unicode digit is no version
+    with pytest.raises(Exception):
+        cli._model_arg("m:abc")
+    assert not hasattr(client_mod._Encoder, "_infer_slow")
+    lost = client_mod._lost_error("h:1", RuntimeError("x"))
+    assert isinstance(lost, ConnectionLost) and "h:1" in str(lost)

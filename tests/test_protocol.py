@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 from tinyserve import errors, protocol, wire
-from tinyserve.protocol import Connection, InFlight
+from tinyserve.protocol import Connection, FrameMemory, InFlight
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -307,8 +307,10 @@ def test_server_budget_gives_too_many_requests(loop):
         feed(c2, frame({"id": 3, "op": "a"}))
         assert budget.count == 2 and len(r2.frames) == 1
         idle = budget.wait_idle(loop)
-        c1.connection_lost(None)  # a dropped connection gives its budget back
-        assert budget.count == 1 and not idle.done()
+        c1.connection_lost(None)  # the dropped connection's request is still being worked on:
+        assert budget.count == 2 and not idle.done()  # its budget comes back with its (dropped) reply
+        r1.release()
+        assert budget.count == 1 and not idle.done() and t1.writes == []
         r2.release()
         assert budget.count == 0 and idle.done()
     arun(loop, go())
@@ -347,6 +349,7 @@ def test_write_backpressure_pauses_reading(loop):
         conn.pause_writing()
         assert t.paused and conn.reading_paused
         conn.resume_writing()
+        await asyncio.sleep(0)
         assert not t.paused
         # both reasons: reading resumes only when both are gone
         conn2, t2, rec2 = make(loop, Recorder(defer=True), max_in_flight=1)
@@ -357,6 +360,7 @@ def test_write_backpressure_pauses_reading(loop):
         await asyncio.sleep(0)
         assert t2.paused  # still paused for writing
         conn2.resume_writing()
+        await asyncio.sleep(0)
         assert not t2.paused or conn2.in_flight == 1
     arun(loop, go())
 
@@ -484,11 +488,12 @@ def test_connection_lost_releases_everything(loop):
         feed(conn, data[:len(data) - 100])  # a big frame half received
         assert budget.count == 1 and conn._big is not None and conn._idle_handle is not None
         conn.connection_lost(ConnectionResetError())
-        assert budget.count == 0 and conn.in_flight == 0 and conn._big is None and closed == [conn]
-        assert conn._idle_handle is None
+        assert conn._big is None and closed == [conn] and conn._idle_handle is None
+        # request 1 is still being worked on: its share of the server budget comes back with its reply
+        assert budget.count == 1
         rec.release()  # a late reply is dropped quietly
         await asyncio.sleep(0)
-        assert t.writes == []
+        assert t.writes == [] and budget.count == 0 and conn.in_flight == 0
     arun(loop, go())
 
 
@@ -513,4 +518,161 @@ def test_refused_on_open(loop):
         [r] = t.replies()
         assert r["id"] == 0 and r["error"]["code"] == "TOO_MANY_REQUESTS"
         await asyncio.wait_for(t.closed, 5)
+    arun(loop, go())
+
+
+# --- memory and flow-control limits ------------------------------------------------------------------
+def big_prefix(total, hlen=16):
+    return struct.pack("<II", total - 4, hlen)
+
+
+def test_unauthenticated_connection_cannot_make_the_server_allocate(loop):
+    """Before hello, a frame over the pre-auth cap is refused from its 8-byte prefix: nothing sized by
+    it is allocated."""
+    async def go():
+        for total in (256 << 20, protocol.PREAUTH_FRAME_MAX + 8):
+            conn, t, rec = make(loop, authenticated=False)
+            feed(conn, big_prefix(total))
+            [r] = t.replies()
+            assert r["id"] == 0 and r["error"]["code"] == "FRAME_TOO_LARGE" and "before hello" in r["error"]["message"]
+            assert conn._big is None and t.closing and rec.frames == []
+        # the cap follows max_header_bytes when that is smaller
+        conn, t, rec = make(loop, authenticated=False, limits=wire.Limits(max_header_bytes=100))
+        feed(conn, big_prefix(256))
+        assert t.replies()[0]["error"]["code"] == "FRAME_TOO_LARGE"
+        # once authenticated, large frames are fine again
+        conn, t, rec = make(loop, authenticated=True)
+        feed(conn, frame({"id": 1, "op": "a"}, b"z" * (protocol.PREAUTH_FRAME_MAX + 8)))
+        assert [f[0] for f in rec.frames] == [1]
+    arun(loop, go())
+
+
+def test_frame_memory_budget_pauses_connections_until_freed(loop):
+    async def go():
+        size = protocol.BIG_FRAME * 3
+        memory = FrameMemory(size * 3 // 2)
+        data1 = frame({"id": 1, "op": "a"}, b"a" * size)
+        data2 = frame({"id": 1, "op": "a"}, b"b" * size)
+        c1, t1, r1 = make(loop, frame_memory=memory)
+        c2, t2, r2 = make(loop, frame_memory=memory)
+        feed(c1, data1[:1000])  # c1's frame is being received: its whole size is reserved
+        assert memory.used == len(data1) and c1._big is not None
+        assert feed(c2, data2[:1000]) == 1000  # c2's does not fit: it holds the prefix and stops reading
+        assert t2.paused and c2._big is None and memory.used == len(data1)
+        feed(c1, data1[1000:])  # c1's frame completes: the memory is free again and c2 goes on
+        assert memory.used == 0 and [f[0] for f in r1.frames] == [1]
+        await asyncio.sleep(0)
+        assert not t2.paused and c2._big is not None and memory.used == len(data2)
+        feed(c2, data2[1000:])
+        assert [f[2] for f in r2.frames] == [b"b" * size] and memory.used == 0
+        # a connection lost mid-frame gives its reservation back
+        c3, t3, r3 = make(loop, frame_memory=memory)
+        feed(c3, data1[:1000])
+        assert memory.used == len(data1)
+        c3.connection_lost(None)
+        assert memory.used == 0
+        # EOF while waiting for memory: the partial frame is reported once it could be read
+        c4, t4, r4 = make(loop, frame_memory=memory)
+        c5, t5, r5 = make(loop, frame_memory=memory)
+        feed(c4, data1[:1000])
+        feed(c5, data2[:1000])
+        assert t5.paused
+        assert c5.eof_received() is True
+        c4.connection_lost(None)
+        await asyncio.sleep(0)
+        assert t5.replies()[0]["error"]["code"] == "BAD_FRAME"
+    arun(loop, go())
+
+
+class StuckTransport(FakeTransport):
+    """close() never finishes (a peer that does not read what is buffered); abort() does."""
+
+    def close(self):
+        self.closing = True
+
+    def abort(self):
+        if not self.closed.done():
+            self.closing = True
+            self.loop.call_soon(self._lost)
+
+
+def test_close_aborts_after_the_grace_period(loop):
+    async def go():
+        conn = Connection(Recorder(), close_grace_s=0.05)
+        t = StuckTransport(conn, loop)
+        conn.connection_made(t)
+        conn.close()
+        assert conn.closed and not t.closed.done()
+        await asyncio.wait_for(t.closed, 5)
+        assert conn._closed and conn._grace_handle is None
+    arun(loop, go())
+
+
+class PausingTransport(FakeTransport):
+    """Each write goes over the high-water mark: pause_writing at once, as real transports do."""
+
+    def writelines(self, parts):
+        super().writelines(parts)
+        self.protocol.pause_writing()
+
+
+def test_frames_are_held_while_writing_is_paused(loop):
+    async def go():
+        rec = Recorder()
+        conn = Connection(rec, write_high_water=1)
+        t = PausingTransport(conn, loop)
+        conn.connection_made(t)
+        data = b"".join(frame({"id": i, "op": "a", "n": i}) for i in range(1, 6))
+        assert feed(conn, data) == len(data)  # one read holds all five
+        assert [f[0] for f in rec.frames] == [1] and t.paused  # the rest is held, not answered
+        for n in range(2, 6):
+            conn.resume_writing()
+            await asyncio.sleep(0)
+            assert [f[0] for f in rec.frames] == list(range(1, n + 1))
+        assert [h["echo"] for h in t.replies()] == [1, 2, 3, 4, 5]
+        # EOF while held: the held frames are still answered, then the connection closes
+        conn2 = Connection(Recorder(), write_high_water=1)
+        t2 = PausingTransport(conn2, loop)
+        conn2.connection_made(t2)
+        feed(conn2, b"".join(frame({"id": i, "op": "a", "n": i}) for i in range(1, 4)))
+        assert conn2.eof_received() is True
+        for _ in range(3):
+            conn2.resume_writing()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [h["echo"] for h in t2.replies()] == [1, 2, 3]
+        await asyncio.wait_for(t2.closed, 5)
+    arun(loop, go())
+
+
+def test_held_frames_are_handled_before_reading_resumes(loop):
+    """A reply frees one slot of max_in_flight: the next held frame takes it at once, so reading is
+    not resumed (and paused again) for every reply."""
+    async def go():
+        conn, t, rec = make(loop, Recorder(defer=True), max_in_flight=1)
+        feed(conn, b"".join(frame({"id": i, "op": "a"}) for i in range(1, 6)))
+        assert t.paused and len(rec.frames) == 1
+        for n in range(2, 5):
+            rec.release()
+            await asyncio.sleep(0)
+            assert len(rec.frames) == n and t.paused
+        assert t.resume_calls == 0 and t.pause_calls == 1
+        rec.release()
+        await asyncio.sleep(0)
+        assert not t.paused and t.resume_calls == 1
+    arun(loop, go())
+
+
+def test_a_bug_while_handling_held_frames_is_internal(loop, monkeypatch):
+    async def go():
+        conn, t, rec = make(loop, Recorder(defer=True), max_in_flight=1)
+        feed(conn, frame({"id": 1, "op": "a"}) + frame({"id": 2, "op": "a"}))
+
+        def boom():
+            raise RuntimeError("bug")
+        monkeypatch.setattr(conn, "_process", boom)
+        rec.release()
+        await asyncio.sleep(0)
+        codes = [h["error"]["code"] for h in t.replies() if not h["ok"]]
+        assert codes == ["INTERNAL"] and t.closing
     arun(loop, go())

@@ -299,7 +299,7 @@ def test_completions_batch_wakeups(loop):
 
         def worker():
             for i in range(1000):
-                c.post(i)
+                c.post_many([i])
 
         t = threading.Thread(target=worker)
         t.start()
@@ -313,3 +313,48 @@ def test_completions_batch_wakeups(loop):
 def test_load_version_still_serves_existing_callers(repo):
     loaded = load_version(repo.resolve("mlp"))
     assert loaded.config.name == "mlp" and loaded.nbytes > 300_000
+
+
+def test_unload_during_load_resolves_the_load_unavailable(loop, repo):
+    async def go():
+        h = Harness(loop, repo, "probe")
+        ready = h.inst.start()
+        stopped = h.inst.unload()
+        assert h.inst.state == UNLOADING
+        with pytest.raises(wire.Unavailable, match="unloaded while it was loading"):
+            await ready
+        await stopped
+        assert h.inst.state == UNLOADED
+    arun(loop, go())
+
+
+def test_a_failed_load_after_an_unload_request_ends_unloaded_not_failed(loop, repo):
+    async def go():
+        h = Harness(loop, repo, "broken")
+        ready = h.inst.start()
+        stopped = h.inst.unload()
+        with pytest.raises(wire.Unavailable, match="load failed too.*cannot build"):
+            await ready
+        await stopped
+        assert h.inst.state == UNLOADED
+    arun(loop, go())
+
+
+class _Owner:
+    closed = False
+
+
+def test_requests_of_a_closed_connection_do_not_run(loop, repo):
+    async def go():
+        h = Harness(loop, repo, "probe")
+        await h.inst.start()
+        n = len(module_calls(h.inst))
+        gone, alive = _Owner(), _Owner()
+        gone.closed = True
+        f1, _ = h.submit(1, {"x": np.ones((1, 4), np.float32)}, owner=gone)
+        f2, _ = h.submit(2, {"x": np.ones((1, 4), np.float32)}, owner=alive)
+        r1, r2 = await f1, await f2
+        assert r1.result is None and isinstance(r1.error, wire.Unavailable) and "closed" in str(r1.error)
+        assert r2.error is None and len(module_calls(h.inst)) == n + 1
+        await h.inst.unload()
+    arun(loop, go())

@@ -1014,3 +1014,170 @@ def test_histogram_is_bounded_and_close():
     for v in (0, 1, 2, 3):
         small.add(v)
     assert small.percentiles()["p50"] == 1
+
+
+# --- review fixes ----------------------------------------------------------------------------------------
+def test_unauthenticated_prefixes_allocate_nothing(repo_root, kind):
+    """With a token, a frame prefix announcing a huge frame is refused before hello: FRAME_TOO_LARGE,
+    no buffer of that size, the connection closed."""
+    s = ServerThread(ServerConfig(repo=repo_root, token="sesame"), kind)
+    try:
+        clients = [Client(s.port) for _ in range(4)]
+        for c in clients:
+            c.send_raw(struct.pack("<II", (256 << 20) - 4, 16))
+        for c in clients:
+            h, _ = c.recv()
+            error_of(h, "FRAME_TOO_LARGE", "before hello")
+            assert c.closed_by_server()
+            c.close()
+        assert s.run(lambda: s.server._frame_memory.used) == 0
+        with Client(s.port) as c:
+            assert c.call("hello", protocol=wire.PROTOCOL_VERSION, token="sesame")["ok"]
+            assert c.call("ping")["ok"]
+    finally:
+        s.stop()
+
+
+def test_large_frames_share_a_server_wide_memory_budget(repo_root, kind):
+    big = protocol.BIG_FRAME * 4
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), max_frame_memory=big + big // 2), kind)
+    try:
+        x = np.random.default_rng(3).standard_normal((big // 256, 64), dtype=np.float32)
+        descs, views = wire.tensor_parts({"x": x})
+        data = wire.encode_bytes({"id": 1, "op": "infer", "model": "mlp", "inputs": descs}, views)
+        with Client(s.port) as a, Client(s.port) as b:
+            a.send_raw(data[:4096])  # a's frame is being received: its size is reserved
+            deadline = time.monotonic() + 10
+            while s.run(lambda: s.server._frame_memory.used) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s.run(lambda: s.server._frame_memory.used) == len(data)
+            b.send_raw(data[:4096])  # b's does not fit: b is not read meanwhile
+            conn_b = s.conn_of(b)
+            deadline = time.monotonic() + 10
+            while not s.run(lambda: conn_b.reading_paused) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s.run(lambda: conn_b.reading_paused and conn_b._big is None)
+            a.send_raw(data[4096:])
+            b.send_raw(data[4096:])
+            for c in (a, b):
+                h, payload = c.recv()
+                assert h["ok"], h
+                np.testing.assert_array_equal(outputs_of(h, payload)["output0"], mlp_ref(x))
+        assert s.run(lambda: s.server._frame_memory.used) == 0
+    finally:
+        s.stop()
+
+
+def test_disconnect_keeps_queued_requests_in_the_budget_and_they_do_not_run(repo_root, kind, gate):
+    s = ServerThread(ServerConfig(repo=repo_root, models=("gate",), max_in_flight=16,
+                                  max_in_flight_per_connection=8), kind)
+    try:
+        with Client(s.port) as a:
+            a.infer_send("gate", {"x": np.full((1, 4), 42, np.float32)}, rid=1)
+            gate.wait()  # the worker is busy with a's request
+            try:
+                b = Client(s.port)
+                for i in range(1, 9):
+                    b.infer_send("gate", {"x": np.ones((1, 4), np.float32)}, rid=i)
+                deadline = time.monotonic() + 10
+                while s.run(lambda: s.server.in_flight) < 9 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert s.run(lambda: s.server.in_flight) == 9
+                b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                b.close()  # reset: the 8 requests are still queued in the worker
+                deadline = time.monotonic() + 10
+                while s.run(lambda: len(s.server.connections)) > 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert s.run(lambda: s.server.in_flight) == 9  # still counted: the work is still queued
+                before = s.run(lambda: s.server._model_stats["gate"].requests)
+            finally:
+                gate.release()
+            assert a.recv()[0]["ok"]
+            deadline = time.monotonic() + 10
+            while s.run(lambda: s.server.in_flight) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s.run(lambda: s.server.in_flight) == 0
+            # only a's request was answered (and counted); b's were skipped, not run
+            assert s.run(lambda: s.server._model_stats["gate"].requests) == before + 1
+    finally:
+        s.stop()
+
+
+def test_a_client_that_never_reads_is_aborted_after_the_close_grace(repo_root, kind, monkeypatch):
+    monkeypatch.setattr(protocol, "CLOSE_GRACE_S", 0.3)
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), idle_timeout_s=0.5), kind)
+    try:
+        c = Client(s.port, rcvbuf=4096)
+        x = np.zeros((2000, 64), np.float32)
+        descs, views = wire.tensor_parts({"x": x})
+        frame_ = wire.encode_bytes({"id": 1, "op": "infer", "model": "mlp", "inputs": descs}, views)
+        conn = s.conn_of(c)
+        for i in range(1, 40):  # replies (~80 KB each) pile up in the server's write buffer
+            c.send_raw(frame_.replace(b"\xa2id\x01", b"\xa2id" + bytes([i]), 1))
+            if s.run(lambda: conn.reading_paused):
+                break
+        deadline = time.monotonic() + 20
+        while s.run(lambda: len(s.server.connections)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.run(lambda: len(s.server.connections)) == 0  # idle close, then abort: the slot is free
+        c.close()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("outputs, fragment", [([[1]], "strings"), ([1], "strings"), ([None], "strings"),
+                                               (["output0", "output0"], "more than once")])
+def test_outputs_must_be_distinct_names(st, outputs, fragment):
+    with Client(st.port) as c:
+        h, _ = c.infer("mlp", {"x": np.zeros((1, 64), np.float32)}, outputs=outputs)
+        error_of(h, "BAD_REQUEST", fragment)
+        assert c.call("ping")["ok"]
+
+
+def test_refused_connection_is_counted_once(repo_root, kind):
+    s = ServerThread(ServerConfig(repo=repo_root, max_connections=1), kind)
+    try:
+        with Client(s.port) as a:
+            assert a.call("ping")["ok"]
+            with Client(s.port) as b:
+                error_of(b.recv()[0], "TOO_MANY_REQUESTS", "max_connections 1")
+                assert b.closed_by_server()
+            st_ = a.call("stats")
+            assert st_["errors"] == {"TOO_MANY_REQUESTS": 1}
+    finally:
+        s.stop()
+
+
+def test_histogram_upper_edges_are_never_below_the_values():
+    for v in list(range(0, 300)) + [1000, 12345, 1 << 20]:
+        h = Histogram()
+        h.add(v)
+        h.add(v)
+        h.max = 1 << 40  # (the max clamp must not hide the edge)
+        p = h.percentiles()["p50"]
+        assert v <= p <= max(v * 1.13, v + 1), (v, p)
+    h = Histogram()
+    for _ in range(10):
+        h.add(17)
+    assert h.percentiles()["p50"] == 17
+    h = Histogram()
+    for _ in range(10):
+        h.add(16)
+    assert h.percentiles()["p50"] == 16
+
+
+def test_requests_for_unknown_models_do_not_scan_the_repository_each_time(st, monkeypatch):
+    calls = []
+    real = st.server.repo.resolve
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+    monkeypatch.setattr(st.server.repo, "resolve", counting)
+    with Client(st.port) as c:
+        for _ in range(20):
+            h, _ = c.infer("nosuchmodel", {"x": np.zeros((1, 64), np.float32)})
+            error_of(h, "NOT_FOUND", "nosuchmodel")
+            error_of(c.call("stats", model="nosuchmodel"), "NOT_FOUND")
+            assert c.call("metadata", model="mlp")["ok"]
+    assert len(calls) <= 2, calls

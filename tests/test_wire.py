@@ -290,3 +290,58 @@ def test_protocol_md_worked_examples_are_exact():
     descs, views = W.tensor_parts({"x": np.array([[1.0, 2.0, 3.0]], dtype=np.float32)})
     infer = W.encode_bytes({"id": 2, "op": "infer", "model": "m", "inputs": descs}, views)
     assert [hexbytes(b) for b in blocks] == [ping, infer]
+
+
+def test_header_keys_must_be_strings():
+    for head, match in (({b"id": 1}, "header key b'id' is not a string"), ({"id": 1, b"op": "x"}, "b'op'"),
+                        ({1: 2, "id": 1}, "map key")):
+        body = msgpack.packb(head, use_bin_type=True)
+        hlen = len(body)
+        total = wire.align8(wire.PREFIX_SIZE + hlen)
+        frame = bytearray(struct.pack("<II", total - 4, hlen) + body + bytes(total - 8 - hlen))
+        with pytest.raises(wire.BadFrame, match=match):
+            wire.decode_header(memoryview(frame), hlen)
+
+
+def test_header_decoding_errors_name_the_exception_when_its_message_is_empty(monkeypatch):
+    def boom(*a, **k):
+        raise ValueError()
+    monkeypatch.setattr(wire.msgpack, "unpackb", boom)
+    frame = memoryview(bytearray(wire.encode_bytes({"id": 1})))
+    with pytest.raises(wire.BadFrame, match="not valid msgpack: ValueError"):
+        wire.decode_header(frame, 4)
+
+
+def test_wire_code_is_the_one_mapping():
+    assert wire.wire_code(errors.ConfigError("bad config")) == "MODEL_ERROR"
+    assert wire.wire_code(errors.ModelError("m")) == "MODEL_ERROR"
+    assert wire.wire_code(errors.InvalidNameError("n")) == "BAD_REQUEST"
+    assert wire.wire_code(errors.ModelNotFoundError("n")) == "NOT_FOUND"
+    assert wire.wire_code(wire.Unavailable("u")) == "UNAVAILABLE"
+    assert wire.wire_code(errors.TinyserveError("t")) == "INTERNAL"
+
+
+@pytest.mark.parametrize("dtype", [d for d in wire.WIRE_DTYPES if d != "bytes"])
+def test_to_array_as_torch_views_the_bytes(dtype):
+    t = torch.ones((2, 3), dtype=getattr(torch, dtype))
+    [desc], [view] = wire.tensor_parts({"t": t})
+    buf = bytearray(view)
+    out = wire.to_array(dtype, (2, 3), memoryview(buf), torch=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == t.dtype and torch.equal(out, t)
+    assert out.data_ptr() == np.frombuffer(buf, np.uint8).ctypes.data  # no copy
+    empty = wire.to_array(dtype, (0, 3), memoryview(b""), torch=True)
+    assert empty.shape == (0, 3) and empty.dtype == t.dtype
+
+
+@pytest.mark.parametrize("dtype", [d for d in wire.WIRE_DTYPES if d != "bytes"])
+@pytest.mark.parametrize("shape", [(), (0, 3), (2, 3)])
+def test_tensor_parts_torch_round_trip(dtype, shape):
+    dt = getattr(torch, dtype)
+    t = {(): torch.tensor(5).to(dt), (0, 3): torch.zeros((0, 3), dtype=dt),
+         (2, 3): torch.arange(6).reshape(3, 2).t().to(dt)}[shape]  # (a non-contiguous one)
+    [desc], [view] = wire.tensor_parts({"t": t})
+    assert desc == {"name": "t", "dtype": dtype, "shape": list(shape), "nbytes": t.numel() * t.element_size()}
+    out = wire.to_array(dtype, shape, memoryview(bytearray(view)), torch=True)
+    assert torch.equal(out, t)
+    with pytest.raises(wire.InvalidInput, match="cannot be sent"):
+        wire.tensor_parts({"c": torch.zeros(2, dtype=torch.complex64)})

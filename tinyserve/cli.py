@@ -75,9 +75,9 @@ def _weights_path(target: str, repo: str | None) -> Path:
     if repo is not None:
         from tinyserve.repository import Repository
 
-        name, _, ver = target.partition(":")
+        name, ver = _model_arg(target)
         r = Repository(repo)
-        vdir = r.resolve(name, int(ver) if ver else None)
+        vdir = r.resolve(name, ver)
         return vdir / r.read_config(name, int(vdir.name)).weights
     if p.is_dir():
         from tinyserve.repository import load_config_dir
@@ -173,10 +173,29 @@ def _client(args, *, attempts: int = 3):
 
 
 def _model_arg(value: str) -> tuple[str, int | None]:
-    name, sep, ver = value.rpartition(":")
-    if sep and ver.isdigit() and name:
-        return name, int(ver)
-    return value, None
+    """NAME[:VERSION] -> (name, version or None); an argparse type (model names have no ':')."""
+    from tinyserve.client import _parse_model
+
+    name, version = _parse_model(value, None)
+    if not name or ":" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME[:VERSION] with an integer VERSION, got {value!r}")
+    return name, version
+
+
+def _model_text(value: str) -> str:
+    """argparse type of a MODEL[:VERSION] argument: checked, kept as text."""
+    _model_arg(value)
+    return value
+
+
+def _positive(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not t > 0 or t == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value!r}")
+    return t
 
 
 def _print_json(doc) -> None:
@@ -569,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--token-file", default=None, help="read the shared secret from this file")
         sp.add_argument("--tls", action="store_true", help="use TLS, verified against the system's CAs")
         sp.add_argument("--tls-ca", default=None, help="use TLS, verified against this CA / certificate file")
-        sp.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+        sp.add_argument("--timeout", type=_positive, default=timeout, help=f"seconds, > 0 (default {timeout:g})")
 
     sv = sub.add_parser("serve", help="serve a repository's models over TCP (SIGTERM / SIGINT: drain and exit)")
     sv.add_argument("--repo", required=True, help="repository root directory")
@@ -589,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")
-    inf.add_argument("model", metavar="MODEL[:VERSION]")
+    inf.add_argument("model", metavar="MODEL[:VERSION]", type=_model_text)
     inf.add_argument("--input", type=_input_arg, action="append", default=[], metavar="NAME=FILE.npy",
                      help="an input tensor from a .npy file (repeatable)")
     inf.add_argument("--text", type=_input_arg, action="append", default=[], metavar="NAME=STRING",
@@ -606,12 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     md.set_defaults(fn=cmd_models)
 
     ld = sub.add_parser("load", help="load (and warm up) a model version on the server")
-    ld.add_argument("model", metavar="MODEL[:VERSION]")
+    ld.add_argument("model", metavar="MODEL[:VERSION]", type=_model_text)
     client_options(ld, timeout=600.0)
     ld.set_defaults(fn=cmd_load)
 
     ul = sub.add_parser("unload", help="unload a model version (default: every loaded version)")
-    ul.add_argument("model", metavar="MODEL[:VERSION]")
+    ul.add_argument("model", metavar="MODEL[:VERSION]", type=_model_text)
     client_options(ul, timeout=600.0)
     ul.set_defaults(fn=cmd_unload)
 
@@ -638,7 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fn is cmd_inspect and args.repo is not None:  # the path is NAME[:VERSION] in the repository
+        try:
+            _model_arg(args.path)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"inspect: {exc}")
     try:
         return args.fn(args)
     except errors.TinyserveError as exc:

@@ -39,8 +39,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import math
+import os
 import select
 import socket
 import ssl as _ssl
@@ -76,6 +78,7 @@ _BIG_FRAME = 64 << 10  # replies larger than this get their own buffer (zero-cop
 _MAX_IOV = 512  # buffers per sendmsg call (IOV_MAX is 1024 on Linux)
 _SEND_SLICE = 0.05  # s: re-check interval while a send is blocked and another thread reads
 _PUMP_IDLE = 5.0  # s: the futures helper thread ends after this long without submitted requests
+_IDLE_CHECK = 0.001  # s: a connection without a reply for this long is polled once before a send
 _MAX_PRIORITY = 15
 
 
@@ -113,21 +116,26 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 # --- request encoding ----------------------------------------------------------------------------
 _ID_OFFSET = wire.PREFIX_SIZE + 5  # fixmap byte, 0xa2 "id", 0xcf, then the id (8 bytes, big-endian)
+# with a timeout, "timeout_ms" follows the id: 0xaa "timeout_ms", 0xcf, then the value (8 bytes, big-endian)
+_TIMEOUT_OFFSET = _ID_OFFSET + 8 + 1 + 10 + 1
+_TIMEOUT_KEY = b"\xaatimeout_ms\xcf"
 _ZEROS = bytes(wire.ALIGN)
 _EMPTY = memoryview(b"")
 _INFER, _OTHER = 1, 0
 
 
-def _pack_head(fields: Mapping, payload_bytes: int) -> tuple[bytes, int]:
-    """(frame head with id 0, total frame bytes) for a header `{"id": uint64} | fields`."""
+def _pack_head(fields: Mapping, payload_bytes: int, timed: bool = False) -> tuple[bytes, int, int]:
+    """(frame head with id 0, total frame bytes, header bytes) for a header `{"id": uint64} | fields`;
+    with `timed`, `{"id": uint64, "timeout_ms": uint64} | fields` (both patched in per request)."""
     rest = msgpack.packb(fields, use_bin_type=True)
-    n = len(fields) + 1
+    n = len(fields) + 1 + timed
     if n > 15 or rest[0] & 0xF0 != 0x80:  # never: requests have a handful of fields
         raise wire.BadRequest(f"a request header has {n} fields, at most 15 are supported")
-    head = bytes((0x80 | n,)) + b"\xa2id\xcf" + bytes(8) + rest[1:]
+    head = bytes((0x80 | n,)) + b"\xa2id\xcf" + bytes(8) + (_TIMEOUT_KEY + bytes(8) if timed else b"") + rest[1:]
     off = wire.align8(wire.PREFIX_SIZE + len(head))
     total = off + payload_bytes
-    return wire.PREFIX.pack(total - 4, len(head)) + head + _ZEROS[: off - wire.PREFIX_SIZE - len(head)], total
+    return (wire.PREFIX.pack(total - 4, len(head)) + head + _ZEROS[: off - wire.PREFIX_SIZE - len(head)], total,
+            len(head))
 
 
 def _set_id(head: bytearray, rid: int) -> None:  # the asyncio client's; _Conn.register inlines it
@@ -155,52 +163,55 @@ _FAST_DTYPES = frozenset(np.dtype(t) for t in wire.NUMPY_DTYPES.values()) if sys
 
 
 class _Encoder:
-    """Request frames.  `infer` heads are cached per request shape (bounded)."""
+    """Request frames.  `infer` heads are cached per request shape (bounded); the id and the
+    timeout are patched into a copy of the cached head per request, so they are not part of the key.
+    The server's limits (from `hello`) are checked here: a request over them fails alone, before it
+    is sent, instead of making the server close the connection."""
 
-    def __init__(self, max_frame_bytes: int, max_entries: int = 512):
+    def __init__(self, max_frame_bytes: int, max_entries: int = 512, *,
+                 max_header_bytes: int = wire.Limits().max_header_bytes, max_tensors: int = wire.Limits().max_tensors):
         self.max_frame_bytes = max_frame_bytes
+        self.max_header_bytes = max_header_bytes
+        self.max_tensors = max_tensors
         self._cache: dict[tuple, tuple[bytes, int, tuple]] = {}
         self._max_entries = max_entries
 
+    def set_limits(self, info: dict) -> None:
+        """Take the server's limits from its `hello` reply (the defaults where it gives none)."""
+        self.max_frame_bytes = _server_limit(info, "max_frame_bytes", self.max_frame_bytes)
+        self.max_header_bytes = _server_limit(info, "max_header_bytes", self.max_header_bytes)
+        self.max_tensors = _server_limit(info, "max_tensors", self.max_tensors)
+
     def infer(self, model: str, inputs: Mapping, version, outputs, timeout_ms, priority) -> tuple[list, int]:
         """(buffers of the frame, id 0 in the bytearray head at index 0; total bytes)."""
-        # fast path: C-contiguous numpy arrays of a wire dtype go out as they are (no descriptor dicts)
         try:
             items = inputs.items()
         except AttributeError:
             raise TypeError(f"inputs must be a mapping of name -> tensor, got {type(inputs).__name__}") from None
-        key: list = [model, version, outputs, timeout_ms, priority]
-        arrays = []
+        timed = timeout_ms is not None
+        key: list = [model, version, outputs, timed, priority]
+        views: list = []
+        descs = None
+        # fast path: C-contiguous numpy arrays of a wire dtype go out as they are (no descriptor dicts)
         for name, v in items:
             if type(v) is not np.ndarray or v.dtype not in _FAST_DTYPES or not v.flags.c_contiguous:
-                return self._infer_slow(model, inputs, version, outputs, timeout_ms, priority)
-            key.append(name)
-            key.append(v.dtype)
-            key.append(v.shape)
-            arrays.append(v)
+                descs, views = wire.tensor_parts(inputs)
+                key[5:] = [(d["name"], d["dtype"], d["nbytes"], *d["shape"]) for d in descs]
+                key.append(None)  # never equal to a fast-path key
+                break
+            key += (name, v.dtype, v.shape)
+            views.append(v)
         key = tuple(key)
         hit = self._cache.get(key)
         if hit is None:
-            descs, _views = wire.tensor_parts(inputs)
-            hit = self._infer_head(key, model, descs, version, outputs, timeout_ms, priority)
+            if descs is None:
+                descs = wire.tensor_parts(inputs)[0]
+            hit = self._infer_head(key, model, descs, version, outputs, timed, priority)
         head, total, pads = hit
-        parts: list = [bytearray(head)]
-        for v, pad in zip(arrays, pads):
-            if v.nbytes:
-                parts.append(v)
-            if pad:
-                parts.append(pad)
-        return parts, total
-
-    def _infer_slow(self, model, inputs, version, outputs, timeout_ms, priority) -> tuple[list, int]:
-        descs, views = wire.tensor_parts(inputs)
-        key = (model, version, outputs, timeout_ms, priority,
-               tuple([(d["name"], d["dtype"], d["nbytes"], *d["shape"]) for d in descs]))
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._infer_head(key, model, descs, version, outputs, timeout_ms, priority)
-        head, total, pads = hit
-        parts: list = [bytearray(head)]
+        head = bytearray(head)
+        if timed:
+            head[_TIMEOUT_OFFSET:_TIMEOUT_OFFSET + 8] = timeout_ms.to_bytes(8, "big")
+        parts: list = [head]
         for v, pad in zip(views, pads):
             if v.nbytes:
                 parts.append(v)
@@ -208,22 +219,23 @@ class _Encoder:
                 parts.append(pad)
         return parts, total
 
-    def _infer_head(self, key, model, descs, version, outputs, timeout_ms, priority):
+    def _infer_head(self, key, model, descs, version, outputs, timed, priority):
         if not isinstance(model, str) or not model:
             raise wire.BadRequest(f"model must be a non-empty string, got {model!r}")
+        if len(descs) > self.max_tensors:
+            raise wire.BadRequest(f"infer {model!r}: {len(descs)} tensors exceed the server's max_tensors "
+                                  f"{self.max_tensors}")
         fields: dict = {"op": "infer", "model": model, "inputs": descs}
         if version is not None:
             fields["version"] = version
         if outputs is not None:
             fields["outputs"] = list(outputs)
-        if timeout_ms is not None:
-            fields["timeout_ms"] = timeout_ms
         if priority is not None:
             fields["priority"] = priority
         pads = tuple(_ZEROS[: wire.align8(d["nbytes"]) - d["nbytes"]] for d in descs)
         payload = sum(wire.align8(d["nbytes"]) for d in descs)
-        head, total = _pack_head(fields, payload)
-        self._check_size(total, f"infer {model!r}")
+        head, total, hlen = _pack_head(fields, payload, timed)
+        self._check_size(total, hlen, f"infer {model!r}")
         if len(self._cache) >= self._max_entries:
             self._cache.clear()
         entry = (head, total, pads)
@@ -231,14 +243,17 @@ class _Encoder:
         return entry
 
     def other(self, fields: Mapping) -> tuple[list, int]:
-        head, total = _pack_head(fields, 0)
-        self._check_size(total, f"{fields.get('op')!r} request")
+        head, total, hlen = _pack_head(fields, 0)
+        self._check_size(total, hlen, f"{fields.get('op')!r} request")
         return [bytearray(head)], total
 
-    def _check_size(self, total: int, what: str) -> None:
+    def _check_size(self, total: int, header_bytes: int, what: str) -> None:
         if total > self.max_frame_bytes:
             raise wire.FrameTooLarge(f"{what}: frame of {total} bytes exceeds the server's max_frame_bytes "
                                      f"{self.max_frame_bytes}")
+        if header_bytes > self.max_header_bytes:
+            raise wire.FrameTooLarge(f"{what}: header of {header_bytes} bytes exceeds the server's "
+                                     f"max_header_bytes {self.max_header_bytes}")
 
 
 # --- reply decoding ------------------------------------------------------------------------------
@@ -391,6 +406,20 @@ def _check_hello(reply: dict, where: str) -> dict:
     return reply
 
 
+def _apply_limits(conn, info: dict) -> None:
+    """The server's `hello` limits, on a blocking or an asyncio connection."""
+    conn.info = info
+    conn.encoder.set_limits(info)
+    conn.max_in_flight = _server_limit(info, "max_in_flight_per_connection", conn.max_in_flight)
+
+
+def _lost_error(addr: str, cause: BaseException | None) -> ConnectionLost:
+    """The error of a call on a connection that has dropped (`cause`: why it dropped)."""
+    if isinstance(cause, ClientConnectionError) or cause is None:
+        return ConnectionLost(str(cause) if cause is not None else f"connection to {addr} is closed")
+    return ConnectionLost(f"connection to {addr} is closed: {cause}")
+
+
 def _server_limit(info: dict, name: str, default: int) -> int:
     limits = info.get("limits")
     value = limits.get(name) if isinstance(limits, dict) else None
@@ -401,7 +430,7 @@ def _parse_model(model: str, version):
     """'name:3' -> ('name', 3) when no version is given separately."""
     if version is None and isinstance(model, str) and ":" in model:
         name, _, ver = model.rpartition(":")
-        if ver.isdigit() and name:
+        if ver.isascii() and ver.isdigit() and name:
             return name, int(ver)
     return model, version
 
@@ -427,7 +456,7 @@ def _hello_fields(token: str | None) -> dict:
 class _Slot:
     """One request in flight on a blocking connection."""
 
-    __slots__ = ("rid", "kind", "deadline", "done", "header", "payload", "error", "future")
+    __slots__ = ("rid", "kind", "deadline", "done", "header", "payload", "error", "future", "pumped")
 
     def __init__(self, kind: int, deadline: float | None, future=None):
         self.kind = kind
@@ -436,6 +465,7 @@ class _Slot:
         self.header = self.payload = self.error = None
         self.future = future
         self.rid = 0
+        self.pumped = False  # its future is completed by the helper thread (Conn.pump_add)
 
 
 class _Stale(Exception):
@@ -475,9 +505,23 @@ class _Conn:
         self._wpoll.register(fd, select.POLLOUT)
         self._rwpoll = select.poll()  # used under the send lock by the reader only
         self._rwpoll.register(fd, select.POLLIN | select.POLLOUT)
-        self._pumped: set[_Slot] = set()
+        self._last_reply = time.monotonic()  # when bytes last came in (the idle check before a send)
+        # the futures' helper thread (pump_add, _pump): outstanding pumped slots, those done and not yet
+        # handed to their futures (O(1) per reply), their deadlines (a heap), and a wake-up pipe in the
+        # reader's poll, for a submit whose deadline is earlier than the one the reader waits for
+        self._pump_count = 0
+        self._pump_done: collections.deque[_Slot] = collections.deque()
+        self._pump_deadlines: list = []
+        self._pump_deadline: float | None = None
+        self._pump_idle = False
         self._pump_thread: threading.Thread | None = None
         self._pump_new = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_sent = False
+        self._rpoll.register(self._wake_r, select.POLLIN)
+        self._fd = fd
         self._closing = False
 
     # -- opening ---------------------------------------------------------------------------------
@@ -498,9 +542,7 @@ class _Conn:
         except BaseException:
             sock.close()
             raise
-        conn.info = info
-        conn.encoder.max_frame_bytes = _server_limit(info, "max_frame_bytes", conn.encoder.max_frame_bytes)
-        conn.max_in_flight = _server_limit(info, "max_in_flight_per_connection", conn.max_in_flight)
+        _apply_limits(conn, info)
         return conn
 
     # -- requests --------------------------------------------------------------------------------
@@ -533,12 +575,22 @@ class _Conn:
 
     def _expire(self, slot: _Slot) -> None:
         with self._lock:
-            if slot.done:
-                return
-            self._pending.pop(slot.rid, None)
-            slot.done = True
-            slot.error = RequestTimeout(f"no reply from {self.addr} within the request's timeout "
-                                        f"(request id {slot.rid}); the request was abandoned")
+            self._expire_locked(slot)
+
+    def _expire_locked(self, slot: _Slot) -> None:
+        if slot.done:
+            return
+        self._pending.pop(slot.rid, None)
+        self._finish_locked(slot, RequestTimeout(f"no reply from {self.addr} within the request's timeout "
+                                                 f"(request id {slot.rid}); the request was abandoned"))
+
+    def _finish_locked(self, slot: _Slot, error: BaseException | None) -> None:
+        """Mark a slot done (with the lock held); a pumped one is queued for the helper thread."""
+        if error is not None:
+            slot.error = error
+        slot.done = True
+        if slot.pumped:
+            self._pump_done.append(slot)
 
     def forget(self, slots: Iterable[_Slot], error: BaseException | None = None) -> None:
         """Stop waiting for these requests: their replies, if any come, are dropped."""
@@ -546,8 +598,7 @@ class _Conn:
             for s in slots:
                 if not s.done:
                     self._pending.pop(s.rid, None)
-                    s.done = True
-                    s.error = error or errors.TinyserveError(f"request {s.rid} was abandoned")
+                    self._finish_locked(s, error or errors.TinyserveError(f"request {s.rid} was abandoned"))
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, parts: list, total: int, deadline: float | None, slots: Sequence[_Slot]) -> None:
@@ -556,7 +607,8 @@ class _Conn:
         Raises _Stale (with `slots` forgotten) when the connection was idle and the server has
         closed it: nothing was sent."""
         with self._send_lock:
-            if self.broken is None and len(self._pending) == len(slots) and self._spoll.poll(0):
+            if (self.broken is None and len(self._pending) == len(slots)
+                    and time.monotonic() - self._last_reply > _IDLE_CHECK and self._spoll.poll(0)):
                 self._check_idle(slots)  # bytes (or EOF) waiting on an idle connection
             if self.broken is not None:
                 self.forget(slots)
@@ -580,11 +632,7 @@ class _Conn:
                 raise self._lost_error() from None
 
     def _check_idle(self, slots) -> None:
-        took = False
-        with self._lock:
-            if not self._reading:
-                self._reading = took = True
-        if took:
+        if self._take_reader():
             try:
                 self._read_once(0.0)
             finally:
@@ -627,11 +675,7 @@ class _Conn:
                                            f"being sent ({sent} of {total} bytes)"))
             self.forget(slots)
             raise RequestTimeout(f"request to {self.addr} timed out while being sent ({sent} of {total} bytes)")
-        took = False
-        with self._lock:
-            if not self._reading:
-                self._reading = took = True
-        if not took:  # another thread reads; look again soon in case it stops
+        if not self._take_reader():  # another thread reads; look again soon in case it stops
             self._wpoll.poll(_poll_ms(deadline, _SEND_SLICE))
             return
         try:
@@ -650,8 +694,7 @@ class _Conn:
         lock = self._lock
         with lock:
             while not check():
-                if not self._reading:
-                    self._reading = True
+                if self._take_reader_locked():
                     break
                 if deadline is None:
                     remaining = None
@@ -673,10 +716,18 @@ class _Conn:
                 self._read_once(deadline)
             return True
         finally:
-            with lock:
-                self._reading = False
-                if self._waiters:
-                    self._cond.notify_all()
+            self._release_reader()
+
+    def _take_reader_locked(self) -> bool:
+        """Take the reader role if it is free (the lock held)."""
+        if self._reading:
+            return False
+        self._reading = True
+        return True
+
+    def _take_reader(self) -> bool:
+        with self._lock:
+            return self._take_reader_locked()
 
     def _release_reader(self) -> None:
         with self._lock:
@@ -695,6 +746,10 @@ class _Conn:
                 ready = self._rpoll.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
             if not ready:
                 return
+            if len(ready) > 1 or ready[0][0] != self._fd:
+                self._woken()
+                if not any(fd == self._fd for fd, _ev in ready):
+                    return
         try:
             n = self.sock.recv_into(self._reader.get_buffer())
         except (BlockingIOError, InterruptedError, _ssl.SSLWantReadError, _ssl.SSLWantWriteError):
@@ -705,6 +760,7 @@ class _Conn:
         if n == 0:
             self._break(ConnectionLost(f"the server at {self.addr} closed the connection"))
             return
+        self._last_reply = time.monotonic()
         try:
             frames = self._reader.feed(n)
         except errors.TinyserveError as exc:
@@ -731,7 +787,7 @@ class _Conn:
                         self.late_replies += 1
                     continue
                 slot.header, slot.payload = header, payload
-                slot.done = True
+                self._finish_locked(slot, None)
                 if fatal is None and header.get("ok") is not True:
                     err = header.get("error")
                     code = err.get("code") if isinstance(err, dict) else None
@@ -751,59 +807,97 @@ class _Conn:
             pending, self._pending = self._pending, {}
             for slot in list(pending.values()):  # a copy: register() inserts without the lock
                 if not slot.done:
-                    slot.error = _copy_error(exc)
-                    slot.done = True
+                    self._finish_locked(slot, _copy_error(exc))
             self._cond.notify_all()
+            self._wake_locked()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def _lost_error(self) -> BaseException:
-        b = self.broken
-        if isinstance(b, ClientConnectionError) or b is None:
-            return ConnectionLost(str(b) if b is not None else f"connection to {self.addr} is closed")
-        return ConnectionLost(f"connection to {self.addr} is closed: {b}")
+    def _lost_error(self) -> ConnectionLost:
+        return _lost_error(self.addr, self.broken)
 
     # -- futures ---------------------------------------------------------------------------------
-    def pump_add(self, slot: _Slot) -> None:
+    def _wake_locked(self) -> None:
+        """Make the reader's poll return (the lock held): a pumped request needs attention sooner."""
+        if self._reading and not self._wake_sent:
+            try:
+                os.write(self._wake_w, b"\0")
+                self._wake_sent = True
+            except OSError:  # full (cannot be: one byte at a time) or closed
+                pass
+
+    def _woken(self) -> None:
         with self._lock:
-            self._pumped.add(slot)
-            self._pump_new = True
+            self._wake_sent = False
+            try:
+                os.read(self._wake_r, 64)
+            except OSError:
+                pass
+
+    def pump_add(self, slot: _Slot) -> None:
+        """Hand a submitted request to the helper thread, which completes its future."""
+        with self._lock:
+            slot.pumped = True
+            self._pump_count += 1
+            deadline = slot.deadline
+            if deadline is not None:
+                heapq.heappush(self._pump_deadlines, (deadline, slot.rid, slot))
+            if slot.done:  # answered (or failed) already
+                self._pump_done.append(slot)
             if self._pump_thread is None:
                 self._pump_thread = threading.Thread(target=self._pump, name=f"tinyserve-client {self.addr}",
                                                      daemon=True)
                 self._pump_thread.start()
-            elif self._waiters:
-                self._cond.notify_all()
+            elif (self._pump_idle or slot.done
+                  or (deadline is not None and (self._pump_deadline is None or deadline < self._pump_deadline))):
+                # the helper waits for an earlier deadline, or for nothing: it must look again
+                self._pump_new = True
+                if self._waiters:
+                    self._cond.notify_all()
+                self._wake_locked()
+
+    def _pump_ready(self) -> bool:
+        return self._pump_new or bool(self._pump_done)
 
     def _pump(self) -> None:
-        """Complete submitted futures: wait (as reader or follower) until one of them is done."""
+        """Complete submitted futures: wait (as reader or follower) until one of them is done or the
+        earliest deadline passes; O(1) per reply (replies are queued in _pump_done as they come)."""
+        lock = self._lock
+        done = self._pump_done
+        heap = self._pump_deadlines
         while True:
-            with self._lock:
-                while not self._pumped and self.broken is None and not self._closing:
+            with lock:
+                while not self._pump_count and self.broken is None and not self._closing:
+                    self._pump_idle = True
                     self._waiters += 1
                     try:
                         idle = not self._cond.wait(_PUMP_IDLE)
                     finally:
                         self._waiters -= 1
-                    if idle and not self._pumped:
+                        self._pump_idle = False
+                    if idle and not self._pump_count:
                         break  # nothing submitted for a while: end; the next submit starts another
-                if not self._pumped:
+                if not self._pump_count:
                     self._pump_thread = None
+                    self._pump_deadline = None
+                    heap.clear()
                     return
+                while heap and heap[0][2].done:  # answered: drop (lazily, from the top)
+                    heapq.heappop(heap)
+                deadline = self._pump_deadline = heap[0][0] if heap else None
                 self._pump_new = False
-                batch = list(self._pumped)
-            deadlines = [s.deadline for s in batch if s.deadline is not None]
-            self._run_until(lambda: self._pump_new or any(s.done for s in batch),
-                            min(deadlines) if deadlines else None)
-            now = time.monotonic()
-            for s in batch:
-                if not s.done and s.deadline is not None and s.deadline <= now:
-                    self._expire(s)
-            finished = [s for s in batch if s.done]
-            with self._lock:
-                self._pumped.difference_update(finished)
+            if not done:
+                self._run_until(self._pump_ready, deadline)
+            with lock:
+                if heap and heap[0][0] <= time.monotonic():
+                    now = time.monotonic()
+                    while heap and heap[0][0] <= now:
+                        self._expire_locked(heapq.heappop(heap)[2])
+                finished = list(done)
+                done.clear()
+                self._pump_count -= len(finished)
             for s in finished:
                 _complete_future(self, s)
 
@@ -813,8 +907,28 @@ class _Conn:
         self._break(ConnectionLost(f"connection to {self.addr} closed: {reason}"))
         with self._lock:
             self._cond.wait_for(lambda: not self._reading, timeout=1.0)
+            if self._waiters:  # the helper thread, idle: let it end now
+                self._cond.notify_all()
         with self._send_lock:
             self.sock.close()
+        # the wake-up pipe stays open: a helper thread still finishing may write to it; the garbage
+        # collector closes nothing here, so close it once no thread reads (readers are gone now)
+        with self._lock:
+            if not self._reading:
+                for fd in (self._wake_r, self._wake_w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._wake_r = self._wake_w = -1
+
+    def __del__(self) -> None:
+        for fd in (getattr(self, "_wake_r", -1), getattr(self, "_wake_w", -1)):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def _complete_future(conn: _Conn, slot: _Slot) -> None:
@@ -1243,10 +1357,7 @@ class _AsyncConn(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def lost_error(self) -> ConnectionLost:
-        b = self.lost
-        if isinstance(b, ClientConnectionError) or b is None:
-            return ConnectionLost(str(b) if b is not None else f"connection to {self.addr} is closed")
-        return ConnectionLost(f"connection to {self.addr} is closed: {b}")
+        return _lost_error(self.addr, self.lost)
 
     def expire(self, rid: int) -> None:
         entry = self.pending.pop(rid, None)
@@ -1345,9 +1456,7 @@ class AsyncClient:
                     self._connect_timeout)
                 info = _check_hello(await conn.call(_hello_fields(self._token), _OTHER, self._connect_timeout),
                                     f"server at {addr}")
-                conn.info = info
-                conn.encoder.max_frame_bytes = _server_limit(info, "max_frame_bytes", conn.encoder.max_frame_bytes)
-                conn.max_in_flight = _server_limit(info, "max_in_flight_per_connection", conn.max_in_flight)
+                _apply_limits(conn, info)
                 return conn
             except (wire.Unauthenticated, ConnectFailed):
                 if conn is not None:

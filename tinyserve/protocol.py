@@ -32,10 +32,21 @@ Flow control (a client cannot grow the server's memory without bound)
       reading until a reply goes out (backpressure, no error);
     * the server-wide `InFlight` budget full: TOO_MANY_REQUESTS;
     * the transport's write buffer above its high-water mark (`pause_writing`): reading pauses until
-      `resume_writing`.  So a client that never reads its replies stops being read.
+      `resume_writing`, and frames already received are held, not handled (replies queued within
+      one read are flushed early once they pass the mark).  So a client that never reads its
+      replies stops being read;
+    * before authentication a frame may be at most min(PREAUTH_FRAME_MAX, 8 + max_header_bytes)
+      bytes (FRAME_TOO_LARGE from its prefix, before anything is allocated);
+    * large frames being received reserve their size in the server-wide `FrameMemory`; a connection
+      whose next large frame does not fit stops reading until memory is released.
+    Held frames are handled first when the reason to hold them goes away; reading resumes only if
+    that did not pause the connection again.
     Fatal wire errors (BAD_FRAME, FRAME_TOO_LARGE, UNAUTHENTICATED) are answered (id 0 when the id is
     unknown) and the connection closes.  A connection that receives nothing and has nothing in
-    flight for `idle_timeout_s` is closed.  `connection_lost` releases everything it holds.
+    flight for `idle_timeout_s` is closed; a close that cannot finish (the peer does not read what is
+    buffered) becomes an abort after CLOSE_GRACE_S.  `connection_lost` releases everything it holds,
+    except the server-wide budget of requests still being worked on: each is released when the
+    dispatcher answers (or `discard`s) it, since the work is still queued.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import numpy as np
 
 from tinyserve import errors, wire
 
-__all__ = ["BIG_FRAME", "Connection", "InFlight", "ReplyFlusher"]
+__all__ = ["BIG_FRAME", "Connection", "FrameMemory", "InFlight", "ReplyFlusher"]
 
 log = logging.getLogger("tinyserve.protocol")
 
@@ -58,9 +69,14 @@ BIG_FRAME = 64 << 10  # frames this large get a dedicated buffer of exactly thei
 MIN_READ = 4 << 10  # compact the receive buffer when less than this is free after the data
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 << 10
+PREAUTH_FRAME_MAX = 64 << 10  # largest frame an unauthenticated connection may send (a hello is tiny)
+FRAME_MEMORY = 1 << 30  # default server-wide bytes of large frames being received at once
+CLOSE_GRACE_S = 10.0  # close() waits this long for the write buffer to drain, then aborts
 
 _PAUSE_WRITE = 1  # the transport's write buffer is above its high-water mark
 _PAUSE_IN_FLIGHT = 2  # max_in_flight requests in flight on this connection
+_PAUSE_MEMORY = 4  # the server-wide FrameMemory budget cannot hold this connection's next large frame
+_PAUSE_HOLD = _PAUSE_WRITE | _PAUSE_IN_FLIGHT | _PAUSE_MEMORY  # complete frames may be held meanwhile
 _MAX_ID = wire.MAX_REQUEST_ID
 _ALIGN = wire.ALIGN
 
@@ -91,6 +107,38 @@ class InFlight:
         else:
             self._idle.append(f)
         return f
+
+
+class FrameMemory:
+    """The server-wide budget of bytes held by large frames being received (each gets a dedicated
+    buffer of its full size as soon as its prefix is read).  A connection whose next large frame does
+    not fit stops reading until enough is released; a frame is always admitted when nothing else is
+    held (so any frame under max_frame_bytes can get through)."""
+
+    __slots__ = ("used", "limit", "_waiters")
+
+    def __init__(self, limit: int = FRAME_MEMORY) -> None:
+        self.used = 0
+        self.limit = limit
+        self._waiters: dict[Connection, None] = {}  # FIFO, deduplicated
+
+    def acquire(self, n: int, conn: Connection) -> bool:
+        """Reserve n bytes for conn; False (and conn is woken later by `_memory_freed`) when full."""
+        if self.used and self.used + n > self.limit:
+            self._waiters[conn] = None
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        if self._waiters:
+            waiters, self._waiters = list(self._waiters), {}
+            for conn in waiters:
+                conn._memory_freed()
+
+    def forget(self, conn: Connection) -> None:
+        self._waiters.pop(conn, None)
 
 
 class ReplyFlusher:
@@ -148,7 +196,8 @@ class Connection(asyncio.BufferedProtocol):
                  flusher: ReplyFlusher | None = None, on_open: Callable | None = None,
                  on_close: Callable | None = None, on_error: Callable[[str], None] | None = None,
                  on_read_done: Callable[[], None] | None = None, write_high_water: int = WRITE_HIGH_WATER,
-                 write_low_water: int | None = None) -> None:
+                 write_low_water: int | None = None, frame_memory: FrameMemory | None = None,
+                 close_grace_s: float | None = None) -> None:
         self._dispatch = dispatch
         self._limits = limits or wire.Limits()
         self._max_in_flight = max_in_flight
@@ -158,6 +207,8 @@ class Connection(asyncio.BufferedProtocol):
         self._flusher = flusher
         self._on_open, self._on_close, self._on_error = on_open, on_close, on_error
         self._on_read_done = on_read_done
+        self._memory = frame_memory
+        self._close_grace = CLOSE_GRACE_S if close_grace_s is None else close_grace_s
         self._high = write_high_water
         self._low = write_low_water if write_low_water is not None else min(WRITE_LOW_WATER, write_high_water // 4)
 
@@ -171,16 +222,20 @@ class Connection(asyncio.BufferedProtocol):
         self._big_mv: memoryview | None = None
         self._big_got = 0
         self._big_hlen = 0
+        self._big_held = 0  # bytes of self._memory this connection holds for its large frame
         self._inflight: set[int] = set()
         self._out: list = []
+        self._out_bytes = 0
         self._dirty = False
         self._in_read = False
         self._pause = 0
+        self._rx_paused = False  # whether the transport's reading is paused (follows _pause)
         self._resume_scheduled = False
         self._eof = False
         self._closing = False
         self._closed = False
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._grace_handle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self.peername = None
 
@@ -250,20 +305,29 @@ class Connection(asyncio.BufferedProtocol):
         if self._closing:
             return
         self._last_rx = self._loop.time()
+        self._read_tick(self._received, nbytes)
+
+    def _received(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_got += nbytes
+            if self._big_got < len(self._big):
+                return
+            frame, hlen = self._big, self._big_hlen
+            self._big = self._big_mv = None
+            self._release_memory()
+            self._frame(memoryview(frame), hlen, True)
+            if not self._closing:
+                self._process()
+        else:
+            self._end += nbytes
+            self._process()
+
+    def _read_tick(self, fn: Callable, *args) -> None:
+        """Run fn (which handles frames) as one read: replies made meanwhile are written together at
+        the end, after `on_read_done`; a bug in fn is answered INTERNAL and closes the connection."""
         self._in_read = True
         try:
-            if self._big is not None:
-                self._big_got += nbytes
-                if self._big_got < len(self._big):
-                    return
-                frame, hlen = self._big, self._big_hlen
-                self._big = self._big_mv = None
-                self._frame(memoryview(frame), hlen, True)
-                if not self._closing:
-                    self._process()
-            else:
-                self._end += nbytes
-                self._process()
+            fn(*args)
         except Exception as exc:  # a bug here must not kill the loop's reader silently
             log.exception("tinyserve: internal error while reading a frame")
             self._fatal(0, "INTERNAL", f"internal error while reading a frame: {exc!r}")
@@ -278,8 +342,8 @@ class Connection(asyncio.BufferedProtocol):
         if self._closing:
             return False
         self._eof = True
-        if self._pause & _PAUSE_IN_FLIGHT:
-            return True  # complete frames are held in the buffer; _resume_held finishes the job
+        if self._pause & _PAUSE_HOLD:
+            return True  # complete frames may be held in the buffer; _resume_held finishes the job
         return self._after_eof()
 
     def _after_eof(self) -> bool:
@@ -303,12 +367,17 @@ class Connection(asyncio.BufferedProtocol):
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        n = len(self._inflight)
-        self._inflight.clear()
-        if n and self._budget is not None:
-            self._budget.release(n)
+        if self._grace_handle is not None:
+            self._grace_handle.cancel()
+            self._grace_handle = None
+        # The ids in flight stay recorded: each still gets its (dropped) reply from the dispatcher,
+        # which releases its share of the server-wide budget only then (the work is still queued).
         self._out = []
+        self._out_bytes = 0
         self._big = self._big_mv = None
+        self._release_memory()
+        if self._memory is not None:
+            self._memory.forget(self)
         self._transport = None
         if self._on_close is not None:
             self._on_close(self)
@@ -317,7 +386,9 @@ class Connection(asyncio.BufferedProtocol):
         self._set_pause(_PAUSE_WRITE)
 
     def resume_writing(self) -> None:
-        self._clear_pause(_PAUSE_WRITE)
+        if self._pause & _PAUSE_WRITE:
+            self._pause &= ~_PAUSE_WRITE
+            self._schedule_resume()
 
     # --- replies (the dispatcher's API) ----------------------------------------------------------
     def send(self, header: dict, views: Sequence[memoryview] = ()) -> None:
@@ -330,6 +401,10 @@ class Connection(asyncio.BufferedProtocol):
             self._release(rid)
             return
         self._out += parts
+        n = 0
+        for p in parts:
+            n += p.nbytes if type(p) is memoryview else len(p)
+        self._out_bytes += n
         self._release(rid)
         if not self._dirty:
             self._dirty = True
@@ -344,12 +419,24 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self.send_parts(rid, wire.encode_error(rid, code, message))
 
+    def discard(self, rid: int) -> None:
+        """Answer nothing for request `rid` (its connection is closed): release what it holds."""
+        self._release(rid)
+
     def close(self) -> None:
-        """Close after the queued replies are written."""
+        """Close after the queued replies are written; abort if that takes more than the grace
+        period (a peer that does not read would otherwise hold the connection forever)."""
         if self._transport is not None and not self._closing:
             self._closing = True
             self._flush()
             self._transport.close()
+            if not self._closed and self._grace_handle is None:
+                self._grace_handle = self._loop.call_later(self._close_grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace_handle = None
+        if not self._closed:
+            self.abort()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -369,12 +456,27 @@ class Connection(asyncio.BufferedProtocol):
             if len(self._inflight) >= self._max_in_flight:
                 self._set_pause(_PAUSE_IN_FLIGHT)
                 break
+            if self._out_bytes >= self._high:
+                self._flush()  # may pause writing (the transport calls pause_writing at once)
+            if self._pause & _PAUSE_WRITE:
+                break  # the peer is not reading its replies: hold the frames left
             try:
                 total, hlen = wire.frame_size(mv, limits, start)
             except wire.WireError as exc:
                 self._fatal(0, exc.code, str(exc))
                 return
+            if not self.authenticated and total > self._preauth_max():
+                self._fatal(0, "FRAME_TOO_LARGE", f"frame of {total} bytes before hello: at most "
+                            f"{self._preauth_max()} bytes are accepted until the connection is authenticated")
+                return
             if total >= BIG_FRAME:
+                memory = self._memory
+                if memory is not None:
+                    if not memory.acquire(total, self):
+                        self._need = 0
+                        self._set_pause(_PAUSE_MEMORY)
+                        break
+                    self._big_held = total
                 frame = bytearray(total)
                 n = min(end - start, total)
                 fmv = memoryview(frame)
@@ -384,6 +486,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._big, self._big_mv, self._big_got, self._big_hlen = frame, fmv, n, hlen
                     self._need = 0
                     break
+                self._release_memory()
                 self._frame(fmv, hlen, True)
                 continue
             if end - start < total:
@@ -393,6 +496,21 @@ class Connection(asyncio.BufferedProtocol):
             self._frame(mv[start:start + total], hlen, False)
         if self._start == self._end and self._big is None:
             self._start = self._end = 0
+
+    def _preauth_max(self) -> int:
+        return min(PREAUTH_FRAME_MAX, wire.align8(wire.PREFIX_SIZE + self._limits.max_header_bytes))
+
+    def _release_memory(self) -> None:
+        held = self._big_held
+        if held:
+            self._big_held = 0
+            self._memory.release(held)
+
+    def _memory_freed(self) -> None:
+        """FrameMemory released bytes: try the held large frame again."""
+        if self._pause & _PAUSE_MEMORY:
+            self._pause &= ~_PAUSE_MEMORY
+            self._schedule_resume()
 
     def _frame(self, frame: memoryview, hlen: int, owned: bool) -> None:
         """One complete frame: decode, check the id, hand it to dispatch."""
@@ -448,7 +566,9 @@ class Connection(asyncio.BufferedProtocol):
         """An error reply that is not the answer to an in-flight request (nothing is released)."""
         if self._on_error is not None:
             self._on_error(code)
-        self._out += wire.encode_error(rid, code, message)
+        parts = wire.encode_error(rid, code, message)
+        self._out += parts
+        self._out_bytes += len(parts[0])
         if not self._dirty:
             self._dirty = True
             if not self._in_read:
@@ -467,50 +587,58 @@ class Connection(asyncio.BufferedProtocol):
             inflight.remove(rid)
             if self._budget is not None:
                 self._budget.release()
-            if self._pause & _PAUSE_IN_FLIGHT and not self._resume_scheduled:
-                self._resume_scheduled = True
-                self._loop.call_soon(self._resume_held)
-            if self._eof and not inflight and not self._pause & _PAUSE_IN_FLIGHT:
-                self._loop.call_soon(self.close)
+            if self._closed:
+                return
+            if self._pause & _PAUSE_IN_FLIGHT:
+                self._schedule_resume()
+            if self._eof and not inflight and self._start == self._end and self._big is None:
+                self._loop.call_soon(self.close)  # (frames still held: _resume_held closes after them)
+
+    def _schedule_resume(self) -> None:
+        if not self._resume_scheduled and not self._closing and self._loop is not None:
+            self._resume_scheduled = True
+            self._loop.call_soon(self._resume_held)
 
     def _resume_held(self) -> None:
+        """A reason to hold frames went away: handle the held frames first, and resume reading only
+        if that did not pause the connection again (no pause/resume churn)."""
         self._resume_scheduled = False
-        if self._closing or len(self._inflight) >= self._max_in_flight:
+        if self._closing:
             return
-        self._clear_pause(_PAUSE_IN_FLIGHT)
-        self._in_read = True
-        try:
-            self._process()
-            if self._eof and not self._closing and not self._pause & _PAUSE_IN_FLIGHT:
-                self._after_eof()
-        finally:
-            self._in_read = False
-            if self._on_read_done is not None:
-                self._on_read_done()
-            if self._dirty:
-                self._flush()
+        if self._pause & _PAUSE_IN_FLIGHT and len(self._inflight) < self._max_in_flight:
+            self._pause &= ~_PAUSE_IN_FLIGHT
+        if not self._pause & _PAUSE_HOLD:
+            self._read_tick(self._process_held)
+        self._sync_reading()
+
+    def _process_held(self) -> None:
+        self._process()
+        if self._eof and not self._closing and not self._pause & _PAUSE_HOLD:
+            self._after_eof()
 
     def _flush(self) -> None:
         self._dirty = False
         out = self._out
         if out:
             self._out = []
+            self._out_bytes = 0
             t = self._transport
             if t is not None and not t.is_closing():
                 t.writelines(out)
 
     def _set_pause(self, bit: int) -> None:
-        was = self._pause
         self._pause |= bit
-        if not was and self._transport is not None and not self._closing:
-            self._transport.pause_reading()
+        self._sync_reading()
 
-    def _clear_pause(self, bit: int) -> None:
-        if not self._pause & bit:
-            return
-        self._pause &= ~bit
-        if not self._pause and self._transport is not None and not self._closing:
-            self._transport.resume_reading()
+    def _sync_reading(self) -> None:
+        """Pause or resume the transport's reading to match `_pause`."""
+        want = bool(self._pause)
+        if want != self._rx_paused and self._transport is not None and not self._closing:
+            self._rx_paused = want
+            if want:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
 
     def _check_idle(self) -> None:
         self._idle_handle = None

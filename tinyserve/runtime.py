@@ -152,11 +152,6 @@ class Completions:
         self._items: collections.deque = collections.deque()
         self._pending = False
 
-    def post(self, item: object) -> None:
-        """From any thread."""
-        self._items.append(item)
-        self._wake()
-
     def post_many(self, items: list) -> None:
         """From any thread: several items, one wakeup at most."""
         self._items.extend(items)
@@ -182,18 +177,8 @@ class Completions:
 
 # --- the model instance ------------------------------------------------------------------------------
 _STOP = object()
+to_array = wire.to_array
 COALESCE = 8  # most finished requests held back while the worker has a backlog
-
-
-def _to_torch(dtype: str, shape: tuple, view: memoryview):
-    """A request tensor as the model gets it: a torch tensor viewing the frame (no copy), or a list of
-    bytes for the `bytes` dtype."""
-    if dtype == wire.BYTES_DTYPE:
-        return wire.split_bytes(view, shape[0])
-    tdt = DTYPE_TO_TORCH[dtype]
-    if not view.nbytes:
-        return torch.empty(shape, dtype=tdt)
-    return torch.frombuffer(view, dtype=tdt).view(shape)
 
 
 def _release(model: LoadedModel) -> None:
@@ -334,6 +319,13 @@ class ModelInstance:
             pass
 
     def _set_ready(self, exc: BaseException | None) -> None:
+        if self.state == UNLOADING:  # unload() came first: whatever the load did, it is going away
+            if not self._ready.done():
+                self._ready.set_exception(wire.Unavailable(
+                    f"model {self.name!r} version {self.version} was unloaded while it was loading"
+                    + (f" (the load failed too: {exc})" if exc is not None else "")))
+                self._ready.exception()
+            return
         if exc is None:
             if self.state == LOADING:
                 self.state = READY
@@ -424,7 +416,6 @@ class ModelInstance:
         finish = self._finish
         post_many = self._completions.post_many
         ready: list[Request] = []
-        state = {"left": 0}  # requests of the current batch not yet run
         limit = COALESCE
 
         def done(req: Request) -> None:
@@ -436,8 +427,7 @@ class ModelInstance:
                     req.error = errors.TinyserveError(f"encoding the reply failed: {exc!r}")
                     req.reply = None
             ready.append(req)
-            state["left"] -= 1
-            if len(ready) >= limit or (state["left"] <= 0 and q.empty()):
+            if len(ready) >= limit:
                 post_many(ready)
                 ready.clear()
 
@@ -445,7 +435,6 @@ class ModelInstance:
             batch = get()
             if batch is _STOP:
                 return
-            state["left"] = len(batch)
             run(batch, done)
             if ready:
                 post_many(ready)
@@ -461,6 +450,9 @@ class ModelInstance:
                 done(req)
 
     def _run_request(self, req: Request, now: float) -> None:
+        if req.owner is not None and getattr(req.owner, "closed", False):
+            req.error = wire.Unavailable("the request's connection closed before it ran")
+            return  # nobody would read the result: do not run it
         if req.deadline is not None and now > req.deadline:
             req.error = wire.DeadlineExceeded(
                 f"request to model {self.name!r} expired {1e3 * (now - req.deadline):.1f} ms before it "
@@ -479,7 +471,8 @@ class ModelInstance:
 
     def _run_one(self, req: Request) -> dict:
         if self._pre is not None:
-            tensors = self._pre({name: _to_torch(*t) for name, t in req.inputs.items()})
+            # torch tensors viewing the request frame (no copy); a list of bytes for `bytes`
+            tensors = self._pre({name: to_array(*t, torch=True) for name, t in req.inputs.items()})
             if not isinstance(tensors, Mapping):
                 raise errors.ModelError(f"model {self.name!r}: preprocess returned a "
                                         f"{type(tensors).__name__}, not a dict")
@@ -489,7 +482,7 @@ class ModelInstance:
                 raise errors.ModelError(f"model {self.name!r}: preprocess returned no input {exc.args[0]!r}") from None
         else:
             inputs = req.inputs
-            args = [_to_torch(*inputs[n]) for n in self._in_names]
+            args = [to_array(*inputs[n], torch=True) for n in self._in_names]
         module = self.model.module
         if module is None:
             raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")

@@ -5,7 +5,7 @@ Public API (used by `tinyserve serve` and the tests):
     ServerConfig(repo, host="127.0.0.1", port=0, models=(), token=None, tls_certfile=None,
                  tls_keyfile=None, limits=wire.Limits(), max_connections=1024, max_in_flight=4096,
                  max_in_flight_per_connection=128, idle_timeout_s=300.0, torch_threads=None,
-                 use_uvloop=True, verify="compressed", drain_timeout_s=30.0)
+                 use_uvloop=True, verify="compressed", drain_timeout_s=30.0, max_frame_memory=1 << 30)
     server = Server(config)
     await server.start()            # loads + warms up config.models, then listens
     server.port / server.host       # the bound address (port 0 -> the one picked)
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tinyserve import __version__, errors, wire
-from tinyserve.protocol import Connection, InFlight, ReplyFlusher
+from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
 from tinyserve.repository import Repository
 from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
                                Request)
@@ -94,6 +94,8 @@ class ServerConfig:
     use_uvloop: bool = True  # run(): uvloop when importable, else asyncio
     verify: str = "compressed"  # weights checks at load: none | compressed | all
     drain_timeout_s: float = 30.0  # run(): how long SIGTERM waits for in-flight requests
+    max_frame_memory: int = 1 << 30  # bytes of large frames being received at once, server-wide
+    repo_cache_s: float = 1.0  # how long repository listings are cached (reloaded on load/unload)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -117,7 +119,8 @@ class ServerConfig:
         _positive_int("max_connections", self.max_connections, 1 << 20)
         _positive_int("max_in_flight", self.max_in_flight, 1 << 24)
         _positive_int("max_in_flight_per_connection", self.max_in_flight_per_connection, 1 << 20)
-        for name in ("idle_timeout_s", "drain_timeout_s"):
+        _positive_int("max_frame_memory", self.max_frame_memory, 1 << 48)
+        for name in ("idle_timeout_s", "drain_timeout_s", "repo_cache_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e9:
                 raise errors.ConfigError(f"{name} must be a number >= 0, got {v!r}")
@@ -136,7 +139,8 @@ class ServerConfig:
 # --- statistics ---------------------------------------------------------------------------------------
 class Histogram:
     """Latency histogram in microseconds: log-linear buckets (8 per power of two, about 9% wide),
-    bounded memory whatever the count; percentiles report the bucket's upper edge."""
+    bounded memory whatever the count; percentiles report the bucket's upper edge (the largest
+    value the bucket holds, so never less than the values counted in it)."""
 
     __slots__ = ("counts", "max", "n")
     SUB = 3  # 2**SUB buckets per power of two
@@ -161,11 +165,12 @@ class Histogram:
 
     @classmethod
     def _upper(cls, idx: int) -> int:
-        if idx <= (1 << (cls.SUB + 1)):
+        """The largest value that `add` puts in bucket idx (inclusive upper edge)."""
+        if idx < (1 << (cls.SUB + 1)):  # exact buckets: one value each
             return idx
         k = (idx >> cls.SUB) + cls.SUB
         sub = idx & ((1 << cls.SUB) - 1)
-        return ((1 << cls.SUB) + sub + 1) << (k - cls.SUB - 1)
+        return (((1 << cls.SUB) + sub + 1) << (k - cls.SUB - 1)) - 1
 
     def percentiles(self) -> dict:
         out = {"p50": 0, "p90": 0, "p99": 0, "max": self.max}
@@ -220,6 +225,8 @@ class Server:
         self._conns: set[Connection] = set()
         self._conns_empty: asyncio.Event | None = None
         self._budget = InFlight(config.max_in_flight)
+        self._frame_memory = FrameMemory(config.max_frame_memory)
+        self._repo_cache: dict = {}  # (what, args) -> (expiry, result or exception)
         self._flusher: ReplyFlusher | None = None
         self._completions: Completions | None = None
         self._instances: dict[tuple[str, int], ModelInstance] = {}
@@ -367,8 +374,34 @@ class Server:
             await asyncio.gather(*(inst.unload() for inst in targets))
         return [inst.version for inst in targets]
 
+    # --- repository look-ups, cached (they scan directories; requests must not do that every time) ---
+    def _cached(self, key: tuple, fn: Callable, *args):
+        now = _monotonic()
+        hit = self._repo_cache.get(key)
+        if hit is not None and hit[0] > now:
+            if isinstance(hit[1], BaseException):
+                raise type(hit[1])(*hit[1].args)  # a fresh one (a re-raised one grows its traceback)
+            return hit[1]
+        if len(self._repo_cache) >= 4096:  # many distinct unknown names: drop the lot
+            self._repo_cache.clear()
+        try:
+            result = fn(*args)
+        except errors.ModelNotFoundError as exc:
+            self._repo_cache[key] = (now + self.config.repo_cache_s, exc)
+            raise
+        self._repo_cache[key] = (now + self.config.repo_cache_s, result)
+        return result
+
+    def _resolve(self, name: str, version: int | None = None):
+        """repo.resolve, cached for `repo_cache_s` (NOT_FOUND answers too)."""
+        return self._cached(("resolve", name, version), self.repo.resolve, name, version)
+
+    def _repo_changed(self) -> None:
+        self._repo_cache.clear()
+
     def _load(self, name: str, version: int | None) -> asyncio.Future:
         """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure)."""
+        self._repo_changed()  # a load looks at the repository afresh
         path = self.repo.resolve(name, version)  # NOT_FOUND, or BAD_REQUEST for an invalid name
         version = int(path.name)
         key = (name, version)
@@ -407,6 +440,7 @@ class Server:
             self._routes[name] = best
 
     def _unload_targets(self, name: str, version: int | None) -> list[ModelInstance]:
+        self._repo_changed()
         targets = [inst for (n, v), inst in self._instances.items()
                    if n == name and (version is None or v == version) and inst.state != UNLOADED]
         for inst in targets:
@@ -429,7 +463,7 @@ class Server:
                 i = max(states, key=lambda i: i.version)
                 raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
                                        + (f" ({i.reason})" if i.reason else ""))
-            self.repo.resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
+            self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
             raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
         if type(version) is not int:
             raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
@@ -439,7 +473,7 @@ class Server:
                 return inst
             raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
                                    + (f" ({inst.reason})" if inst.reason else ""))
-        self.repo.resolve(name, version)
+        self._resolve(name, version)
         raise wire.Unavailable(f"model {name!r} version {version} is not loaded (load it first)")
 
     # --- connections ------------------------------------------------------------------------------------
@@ -449,7 +483,7 @@ class Server:
                           budget=self._budget, idle_timeout_s=cfg.idle_timeout_s or None,
                           authenticated=self._token is None, flusher=self._flusher,
                           on_open=self._conn_opened, on_close=self._conn_closed, on_error=self._protocol_error,
-                          on_read_done=self._submit_pending)
+                          on_read_done=self._submit_pending, frame_memory=self._frame_memory)
 
     def _submit_pending(self) -> None:
         """End of a read: hand the requests it carried to the model workers, one hand-off per instance
@@ -476,8 +510,7 @@ class Server:
     def _conn_opened(self, conn: Connection):
         if self._draining:
             return "SHUTTING_DOWN", "the server is shutting down"
-        if len(self._conns) >= self.config.max_connections:
-            self.stats.error("TOO_MANY_REQUESTS")
+        if len(self._conns) >= self.config.max_connections:  # counted by on_error as it is sent
             return ("TOO_MANY_REQUESTS", f"connection refused: {len(self._conns)} connections are open "
                     f"(max_connections {self.config.max_connections})")
         self._conns.add(conn)
@@ -506,13 +539,7 @@ class Server:
             handler(conn, rid, header, payload)
         except wire.WireError as exc:
             self._fail(conn, rid, exc.code, str(exc), header, exc.fatal)
-        except errors.InvalidNameError as exc:
-            self._fail(conn, rid, "BAD_REQUEST", str(exc), header)
-        except errors.ModelNotFoundError as exc:
-            self._fail(conn, rid, "NOT_FOUND", str(exc), header)
-        except (errors.ModelError, errors.ConfigError) as exc:
-            self._fail(conn, rid, "MODEL_ERROR", str(exc), header)
-        except errors.TinyserveError as exc:
+        except errors.TinyserveError as exc:  # wire.wire_code is the one mapping
             self._fail(conn, rid, wire.wire_code(exc), str(exc), header)
 
     def _fail(self, conn, rid, code, message, header, fatal=False) -> None:
@@ -567,6 +594,13 @@ class Server:
         if outputs is not None:
             if type(outputs) is not list or not outputs:
                 raise wire.BadRequest("field 'outputs' must be a non-empty list of output names")
+            for o in outputs:
+                if type(o) is not str:
+                    raise wire.BadRequest(f"field 'outputs' must list output names (strings), "
+                                          f"got {wire.shown(o)}")
+            if len(set(outputs)) != len(outputs):
+                dup = next(o for i, o in enumerate(outputs) if o in outputs[:i])
+                raise wire.BadRequest(f"field 'outputs' names {dup!r} more than once")
             names = inst.output_names
             for o in outputs:
                 if o not in names:
@@ -584,7 +618,10 @@ class Server:
         self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
 
     def _finish(self, req: Request) -> None:
-        """In the worker thread: encode the reply frame of a finished request."""
+        """In the worker thread: encode the reply frame of a finished request (none for a request
+        whose connection has closed: nobody would read it)."""
+        if req.owner.closed:
+            return
         rid = req.tag
         if req.error is None:
             inst = req.instance
@@ -607,11 +644,15 @@ class Server:
         st = self.stats
         mstats = self._model_stats
         for req in batch:
+            owner = req.owner
+            if owner.closed:  # nobody to answer: release its in-flight slot (and the server's budget)
+                owner.discard(req.tag)
+                continue
             reply = req.reply
             if reply is None:  # finish failed
                 reply = wire.encode_error(req.tag, "INTERNAL", str(req.error))
                 req.code = "INTERNAL"
-            req.owner.send_parts(req.tag, reply)
+            owner.send_parts(req.tag, reply)
             us = (now - req.t0) // 1000
             ms = mstats.get(req.instance.name)
             st.requests += 1
@@ -665,7 +706,7 @@ class Server:
         self._submit_pending()  # requests read before this unload still go to the model
         targets = self._unload_targets(name, version)
         if not targets:
-            self.repo.resolve(name, version)  # NOT_FOUND for an unknown model or version
+            self._resolve(name, version)  # NOT_FOUND for an unknown model or version
             self._ok(conn, rid, {"model": name, "versions": []})
             return
         versions = sorted(inst.version for inst in targets)
@@ -679,12 +720,13 @@ class Server:
         gathered.add_done_callback(done)
 
     def _op_models(self, conn, rid, h, payload) -> None:
-        names = set(self.repo.models()) | {n for n, _ in self._instances}
+        names = set(self._cached(("models",), self.repo.models)) | {n for n, _ in self._instances}
         out = []
         for name in sorted(names):
             loaded = [{"version": v, "state": inst.state, "bytes": inst.nbytes}
                       for (n, v), inst in sorted(self._instances.items()) if n == name]
-            out.append({"name": name, "versions": self.repo.versions(name), "loaded": loaded})
+            out.append({"name": name, "versions": self._cached(("versions", name), self.repo.versions, name),
+                        "loaded": loaded})
         self._ok(conn, rid, {"models": out})
 
     def _op_metadata(self, conn, rid, h, payload) -> None:
@@ -693,12 +735,9 @@ class Server:
         if inst is not None and inst.config is not None:
             cfg, version = inst.config, inst.version
         else:
-            path = self.repo.resolve(name, version)
+            path = self._resolve(name, version)
             version = int(path.name)
-            try:
-                cfg = self.repo.read_config(name, version)
-            except errors.ConfigError as exc:
-                raise errors.ModelError(f"model {name!r} version {version}: {exc}") from None
+            cfg = self._cached(("config", name, version), self.repo.read_config, name, version)
         self._ok(conn, rid, {"model": name, "version": version, "platform": cfg.platform,
                              "inputs": [s.to_dict() for s in cfg.inputs],
                              "outputs": [s.to_dict() for s in cfg.outputs],
@@ -726,7 +765,7 @@ class Server:
                 raise wire.BadRequest(f"stats: field 'model' must be a string, got {wire.shown(name)}")
             st = self._model_stats.get(name)
             if st is None:
-                self.repo.resolve(name)  # NOT_FOUND for a model the server never heard of
+                self._resolve(name)  # NOT_FOUND for a model the server never heard of
                 st = Stats()
             reply = st.to_dict()
             reply["models"] = {name: st.to_dict()}

@@ -27,12 +27,14 @@ PREFIX_SIZE = PREFIX.size
 ALIGN = 8
 BYTES_DTYPE = "bytes"
 WIRE_DTYPES = tuple(n for n in DTYPES if not n.startswith("float8")) + (BYTES_DTYPE,)
+_WIRE_DTYPE_SET = frozenset(WIRE_DTYPES)
 NUMPY_DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64, "int8": np.int8,
     "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
 }
 DTYPE_OF_NUMPY = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
 _ZEROS = bytes(ALIGN)
+_TORCH_NAMES: dict = {}  # torch.dtype -> wire name (None: not sendable), filled as dtypes are met
 
 
 # --- wire error codes (docs/protocol.md section 5) ------------------------------------------------
@@ -75,7 +77,7 @@ def wire_code(exc: BaseException) -> str:
         return "NOT_FOUND"
     if isinstance(exc, errors.InvalidNameError):
         return "BAD_REQUEST"
-    if isinstance(exc, errors.ModelError):
+    if isinstance(exc, (errors.ModelError, errors.ConfigError)):  # a model's config is the model's fault
         return "MODEL_ERROR"
     return "INTERNAL"
 
@@ -118,11 +120,18 @@ def _array_bytes(value) -> tuple[str, tuple, memoryview]:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
-        name = str(t.dtype).removeprefix("torch.")  # torch's dtype names are the wire's
-        if name not in WIRE_DTYPES:
-            raise InvalidInput(f"dtype {t.dtype} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
-        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        return name, tuple(t.shape), memoryview(flat.numpy())
+        tdt = t.dtype
+        name = _TORCH_NAMES.get(tdt, "")
+        if name == "":
+            name = str(tdt).removeprefix("torch.")  # torch's dtype names are the wire's
+            name = _TORCH_NAMES[tdt] = name if name in _WIRE_DTYPE_SET else None
+        if name is None:
+            raise InvalidInput(f"dtype {tdt} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
+        if not t.numel():
+            return name, tuple(t.shape), memoryview(b"")
+        if name == "bfloat16":  # numpy has no bfloat16: view the bytes in torch first
+            return name, tuple(t.shape), memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        return name, tuple(t.shape), memoryview(t.numpy()).cast("B")
     arr = np.asarray(value)
     if arr.dtype.kind in ("U", "S", "O"):
         return _array_bytes(list(arr.reshape(-1).tolist()))
@@ -207,9 +216,12 @@ def decode_header(frame: memoryview, header_len: int) -> dict:
     try:
         header = msgpack.unpackb(frame[PREFIX_SIZE:PREFIX_SIZE + header_len], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
-        raise BadFrame(f"header is not valid msgpack: {exc}") from None
+        raise BadFrame(f"header is not valid msgpack: {str(exc) or type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise BadFrame(f"header is a msgpack {type(header).__name__}, not a map")
+    for key in header:
+        if type(key) is not str:
+            raise BadFrame(f"header key {shown(key)} is not a string")
     return header
 
 
@@ -217,13 +229,13 @@ def payload_view(frame: memoryview, header_len: int) -> memoryview:
     return frame[align8(PREFIX_SIZE + header_len):]
 
 
-def _shape(desc: Mapping, limits: Limits, where: str) -> tuple[int, ...]:
+def _shape(desc: Mapping, limits: Limits, name: str) -> tuple[int, ...]:
     shape = desc.get("shape")
     if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
-        raise BadRequest(f"{where}: shape must be a list of at most {limits.max_ndim} integers")
+        raise BadRequest(f"tensor {name!r}: shape must be a list of at most {limits.max_ndim} integers")
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 48:
-            raise BadRequest(f"{where}: shape {shape!r} has a dimension outside 0..2^48")
+            raise BadRequest(f"tensor {name!r}: shape {shape!r} has a dimension outside 0..2^48")
     return tuple(shape)
 
 
@@ -241,25 +253,26 @@ def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[st
         name, dtype, nbytes = d.get("name"), d.get("dtype"), d.get("nbytes")
         if not isinstance(name, str) or not name:
             raise BadRequest(f"tensor #{i}: name must be a non-empty string")
-        where = f"tensor {name!r}"
+        # (error messages say f"tensor {name!r}"; built only when there is an error)
         if name in out:
-            raise BadRequest(f"{where}: named twice")
-        if dtype not in WIRE_DTYPES:
-            raise InvalidInput(f"{where}: unknown dtype {dtype!r} (wire dtypes: {', '.join(WIRE_DTYPES)})")
+            raise BadRequest(f"tensor {name!r}: named twice")
+        if type(dtype) is not str or dtype not in _WIRE_DTYPE_SET:
+            raise InvalidInput(f"tensor {name!r}: unknown dtype {shown(dtype)} "
+                               f"(wire dtypes: {', '.join(WIRE_DTYPES)})")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise BadRequest(f"{where}: nbytes must be a non-negative integer")
-        shape = _shape(d, limits, where)
+            raise BadRequest(f"tensor {name!r}: nbytes must be a non-negative integer")
+        shape = _shape(d, limits, name)
         if dtype != BYTES_DTYPE:
             numel = 1
             for s in shape:
                 numel *= s
             want = numel * DTYPES[dtype][1]
             if nbytes != want:
-                raise InvalidInput(f"{where}: nbytes is {nbytes} but {dtype} {list(shape)} needs {want}")
+                raise InvalidInput(f"tensor {name!r}: nbytes is {nbytes} but {dtype} {list(shape)} needs {want}")
         elif len(shape) != 1:
-            raise InvalidInput(f"{where}: a bytes tensor must be 1-D, got shape {list(shape)}")
+            raise InvalidInput(f"tensor {name!r}: a bytes tensor must be 1-D, got shape {list(shape)}")
         if off + nbytes > payload.nbytes:
-            raise InvalidInput(f"{where}: needs payload bytes [{off}, {off + nbytes}) but the payload "
+            raise InvalidInput(f"tensor {name!r}: needs payload bytes [{off}, {off + nbytes}) but the payload "
                                f"holds {payload.nbytes}")
         out[name] = (dtype, shape, payload[off:off + nbytes])
         off = align8(off + nbytes)
@@ -268,19 +281,20 @@ def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[st
     return out
 
 
-def to_array(dtype: str, shape: tuple, view: memoryview):
-    """A numpy array (zero-copy view) for numeric dtypes, a torch tensor for bfloat16, a list of
-    bytes for the bytes dtype."""
+def to_array(dtype: str, shape: tuple, view: memoryview, *, torch: bool = False):
+    """A numpy array (zero-copy view) for numeric dtypes, a torch tensor for bfloat16 (for every
+    numeric dtype with torch=True), a list of bytes for the bytes dtype."""
     if dtype == BYTES_DTYPE:
         return split_bytes(view, shape[0])
-    if dtype == "bfloat16":
-        import torch
+    if torch or dtype == "bfloat16":
+        import torch as _torch
 
+        tdt = getattr(_torch, dtype)  # the wire's dtype names are torch's
         if not view.nbytes:
-            return torch.empty(shape, dtype=torch.bfloat16)
+            return _torch.empty(shape, dtype=tdt)
         if view.readonly:  # torch has no read-only tensors: copy rather than alias immutable bytes
             view = memoryview(bytearray(view))
-        return torch.frombuffer(view, dtype=torch.bfloat16).reshape(shape)
+        return _torch.frombuffer(view, dtype=tdt).view(shape)
     return np.frombuffer(view, dtype=np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
 
 
