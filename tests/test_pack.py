@@ -291,3 +291,19 @@ def test_exported_programs_load_concurrently(repo):
     for t in threads:
         t.join(60)
     assert not errors_seen and len(done) == 12 and all(done)
+
+
+def test_export_input_check_can_be_left_to_the_server(repo):
+    """The server validates requests against the config; the per-call constraint hook of
+    torch.export (about 20 us) is dropped there, and the graph's own guards still refuse bad shapes."""
+    pack(repo, "mlp", "tinyserve.examples:mlp")
+    checked = load_version(repo.resolve("mlp")).module
+    fast = load_version(repo.resolve("mlp"), check_inputs=False).module
+    hooks = lambda m: [getattr(h, "__name__", "") for h in m._forward_pre_hooks.values()]  # noqa: E731
+    assert "_check_input_constraints_pre_hook" in hooks(checked)
+    assert "_check_input_constraints_pre_hook" not in hooks(fast)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), checked(x))
+        with pytest.raises(Exception, match="64"):
+            fast(torch.randn(2, 63))

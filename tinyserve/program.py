@@ -90,8 +90,12 @@ def export_module(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
 
 
 def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, torch.Tensor],
-                        program: str = PROGRAM_FILE) -> torch.nn.Module:
-    """Load the exported program and bind `weights` (checked against its bindings file) zero-copy."""
+                        program: str = PROGRAM_FILE, *, check_inputs: bool = True) -> torch.nn.Module:
+    """Load the exported program and bind `weights` (checked against its bindings file) zero-copy.
+
+    check_inputs=False drops the module's input-constraint pre-hook, which costs about 20 us per
+    call (an MLP: 57 us -> 34 us at batch 1); the server validates every request against the model
+    config first, and the graph keeps its own shape guards."""
     version_dir = Path(version_dir)
     manifest = version_dir / bindings_file(program)
     try:
@@ -127,7 +131,12 @@ def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, to
             table[b["name"]] = params[stored]
         else:
             table[b["name"]] = t
-    return ep.module()
+    module = ep.module()
+    if not check_inputs:
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+                del module._forward_pre_hooks[key]
+    return module
 
 
 def load_python_model(version_dir: str | os.PathLike, weights: Mapping[str, torch.Tensor],

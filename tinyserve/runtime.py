@@ -90,7 +90,8 @@ class LoadedModel:
         return total
 
 
-def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None) -> LoadedModel:
+def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None,
+                 check_inputs: bool = True) -> LoadedModel:
     """Load the model version in `version_dir` (a `<root>/<name>/<version>/` directory)."""
     version_dir = Path(version_dir)
     t0 = time.perf_counter()
@@ -102,7 +103,7 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
     t2 = time.perf_counter()
     module, hooks = None, None
     if config.platform == "torch_export":
-        module = load_export_program(version_dir, weights, config.program)
+        module = load_export_program(version_dir, weights, config.program, check_inputs=check_inputs)
     elif config.platform == "python":
         module, hooks = load_python_model(version_dir, weights, config.extra, config.program)
     t3 = time.perf_counter()
@@ -378,7 +379,8 @@ class ModelInstance:
             self._call_loop(self._set_stopped)
 
     def _load(self) -> None:
-        model = load_version(self.path, verify=self._verify)
+        # the server checks every request against the config: skip torch.export's own per-call check
+        model = load_version(self.path, verify=self._verify, check_inputs=False)
         cfg = model.config
         if cfg.name != self.name:
             raise errors.ModelError(f"model {self.name!r} version {self.version}: its config names {cfg.name!r}")
