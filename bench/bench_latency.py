@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import _proc_field, loadavg, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -99,21 +101,6 @@ IDENTITY_CONFIG = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 64
 
 # ------------------------------------------------------------------------------------------------
 # environment (as bench_weights.py records it)
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def loadavg() -> list[str]:
-    return open("/proc/loadavg").read().split()[:3]
 
 
 def git_commit() -> dict:
@@ -989,10 +976,6 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def _us(m: dict) -> str:
     return f"{m['median']:.0f} [{m['min']:.0f}..{m['max']:.0f}]"
 
@@ -1079,18 +1062,6 @@ def header_text(env: dict) -> str:
             f"(warm-up+measured): {counts}; {pin} (taskset)\n"
             f"figures: median [min..max] over rounds; ratios: median [min..max] of per-round ratios; "
             f"{env['note']}")
-
-
-def render_text(env: dict, rows: list[dict]) -> str:
-    w = [max(len(r[k]) for r in rows) for k in ("figure", "value", "target")]
-    lines = [header_text(env), ""]
-    sec = None
-    for r in rows:
-        if r["section"] != sec:
-            sec = r["section"]
-            lines.append(f"== {sec}")
-        lines.append(f"  {r['figure']:<{w[0]}}  {r['value']:<{w[1]}}  {r['target']:<{w[2]}}  {r['verdict']}")
-    return "\n".join(lines)
 
 
 def render_md(env: dict, rows: list[dict], res: dict, profile_name: str) -> str:
@@ -1443,7 +1414,7 @@ def report(env: dict, res: dict, out: Path, profile_text: list[str] | None) -> N
     rows = build_rows(res["summary"], res.get("model_timing_us", {}), res["records"], len(res["rejected"]))
     if "gc" in res:
         rows += gc_rows(res["gc"])
-    text = render_text(env, rows)
+    text = render_text(header_text(env), rows)
     print()
     print(text)
     print(f"\nwall time {res['wall_s']:.1f} s; load avg at end {' '.join(env['machine']['loadavg_end'])}; "

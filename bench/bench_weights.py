@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import _proc_field, loadavg, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -55,17 +57,6 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------------------
 # environment
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def git_commit() -> dict:
@@ -182,10 +173,6 @@ def interleaved(variants: dict, repeats: int, min_sample_s: float = 0.0) -> dict
             times[name]["wall"].append((t1 - t0) / k)
             times[name]["cpu"].append((c1 - c0) / k)
     return times
-
-
-def loadavg() -> list[str]:
-    return open("/proc/loadavg").read().split()[:3]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -672,10 +659,6 @@ def memory_section(paths: dict, warmup: list[dict], log) -> dict:
 # report
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def build_rows(res: dict) -> list[dict]:
     """Flat rows: section, figure, value (formatted), target, verdict."""
     rows = []
@@ -759,18 +742,6 @@ def build_rows(res: dict) -> list[dict]:
             else:
                 add("5 memory (synthetic, new process)", v, val)
     return rows
-
-
-def render_text(env: dict, rows: list[dict]) -> str:
-    w = [max(len(r[k]) for r in rows) for k in ("figure", "value", "target")]
-    lines = [header_text(env), ""]
-    sec = None
-    for r in rows:
-        if r["section"] != sec:
-            sec = r["section"]
-            lines.append(f"== {sec}")
-        lines.append(f"  {r['figure']:<{w[0]}}  {r['value']:<{w[1]}}  {r['target']:<{w[2]}}  {r['verdict']}")
-    return "\n".join(lines)
 
 
 def header_text(env: dict) -> str:
@@ -923,7 +894,7 @@ def main(argv=None) -> int:
     res["wall_s"] = time.perf_counter() - t_start
     res["command"] = " ".join([os.path.relpath(sys.executable, ROOT), "bench/bench_weights.py", *(argv or sys.argv[1:])])
     rows = build_rows(res)
-    text = render_text(env, rows)
+    text = render_text(header_text(env), rows)
     print()
     print(text)
     print(f"\nwall time {res['wall_s']:.1f} s; load avg at end {' '.join(env['machine']['loadavg_end'])}")
