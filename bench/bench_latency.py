@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+from _common import _proc_field, loadavg, phase_timer, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -590,6 +590,24 @@ class Driver:
             c.start, c.end = 0, rest
         return c.mv[c.end:]
 
+    def _receive(self, c, replies: list, model: str, pending: dict, lat: list, digest, keep_digest: bool,
+                 unsent: int):
+        """Read what one connection has, account its replies and send as many new requests (at most
+        `unsent`); returns (replies received, digest)."""
+        n = c.sock.recv_into(self.room(c))
+        now = time.perf_counter_ns()
+        if not n:
+            raise ConnectionError("server closed a connection")
+        self.parse(c, n, replies)
+        got = len(replies)
+        if got:
+            digest = self._account(replies, pending, lat, now, digest, keep_digest)
+            replies.clear()
+            k = min(got, unsent)
+            if k > 0:
+                c.sock.sendall(self.frames(model, k, pending, time.perf_counter_ns()))
+        return got, digest
+
     def phase(self, conns: list, model: str, window: int, count: int, deadline: float, keep_digest: bool):
         """Send `count` requests keeping `window` in flight per connection; returns
         (latencies ns, elapsed ns, digest of the first reply's payload)."""
@@ -609,24 +627,12 @@ class Driver:
         replies: list = []
         if len(conns) == 1:
             c = conns[0]
-            sock = c.sock
             while done < count:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run exceeded its time limit with {done}/{count} replies")
-                n = sock.recv_into(self.room(c))
-                now = perf()
-                if not n:
-                    raise ConnectionError("server closed the connection")
-                self.parse(c, n, replies)
-                if replies:
-                    digest = self._account(replies, pending, lat, now, digest, keep_digest)
-                    got = len(replies)
-                    done += got
-                    replies.clear()
-                    k = min(got, count - sent)
-                    if k > 0:
-                        sock.sendall(self.frames(model, k, pending, perf()))
-                        sent += k
+                got, digest = self._receive(c, replies, model, pending, lat, digest, keep_digest, count - sent)
+                done += got
+                sent += min(got, count - sent)
         else:
             ep = select.epoll()
             byfd = {}
@@ -640,21 +646,10 @@ class Driver:
                         raise TimeoutError(f"run exceeded its time limit with {done}/{count} replies")
                     events = ep.poll(min(left, 5.0))
                     for fd, _ev in events:
-                        c = byfd[fd]
-                        n = c.sock.recv_into(self.room(c))
-                        now = perf()
-                        if not n:
-                            raise ConnectionError("server closed a connection")
-                        self.parse(c, n, replies)
-                        if replies:
-                            digest = self._account(replies, pending, lat, now, digest, keep_digest)
-                            got = len(replies)
-                            done += got
-                            replies.clear()
-                            k = min(got, count - sent)
-                            if k > 0:
-                                c.sock.sendall(self.frames(model, k, pending, perf()))
-                                sent += k
+                        got, digest = self._receive(byfd[fd], replies, model, pending, lat, digest,
+                                                    keep_digest, count - sent)
+                        done += got
+                        sent += min(got, count - sent)
             finally:
                 ep.close()
         elapsed = perf() - t0
@@ -1329,13 +1324,7 @@ def main(argv=None) -> int:
     if args.rounds < 5:
         log(f"WARNING: {args.rounds} rounds; the method asks for at least 5")
     phases: dict[str, dict] = {}
-    t_phase = [time.perf_counter()]
-
-    def phase(name):
-        now = time.perf_counter()
-        phases[name] = {"s": round(now - t_phase[0], 2), "loadavg_after": loadavg()}
-        t_phase[0] = now
-        log(f"{name} done in {phases[name]['s']:.1f} s (load avg {' '.join(loadavg())})")
+    phase = phase_timer(phases, log)
 
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     bench = Bench(args, cores, work, log)

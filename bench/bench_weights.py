@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+from _common import _proc_field, loadavg, phase_timer, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -799,13 +799,7 @@ def main(argv=None) -> int:
     env = environment(args)
     print(header_text(env), flush=True)
     phases: dict[str, dict] = {}
-    t_phase = [time.perf_counter()]
-
-    def phase(name):
-        now = time.perf_counter()
-        phases[name] = {"s": round(now - t_phase[0], 2), "loadavg_after": loadavg()}
-        t_phase[0] = now
-        log(f"{name} done in {phases[name]['s']:.1f} s (load avg {' '.join(loadavg())})")
+    phase = phase_timer(phases, log)
 
     sets, st_path, pt_path = datasets(args, log)
     phase("data sets")

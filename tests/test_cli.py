@@ -55,26 +55,12 @@ def test_demo(tmp_path, capsys):
 
 
 # --- client commands, against the fake server of test_client.py -----------------------------------
-import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from test_client import FakeServer  # noqa: E402  (pytest puts tests/ on sys.path)
+from test_client import FakeServer, fake, free_port  # noqa: E402,F401  (pytest puts tests/ on sys.path)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def fake():
-    srv = FakeServer().start()
-    yield srv
-    srv.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_infer_command(fake, tmp_path, capsys):
