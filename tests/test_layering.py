@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 ORDER = ["errors", "spec", "config", "_native", "_fallback", "_backend", "weights", "storage", "repository",
-         "program", "pack", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
-         "health", "server", "examples", "client", "cli"]
+         "program", "pack", "remote", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
+         "health", "server", "examples", "client", "bench", "cli"]
 PKG = Path(__file__).resolve().parent.parent / "tinyserve"
 
 

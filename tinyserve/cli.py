@@ -653,7 +653,24 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
     dm.add_argument("--depth", type=int, default=32, help="requests in flight when pipelining (default 32)")
     dm.set_defaults(fn=cmd_demo)
+
+    # commands that live with their subsystem: each module defines add_parsers(sub, client_options)
+    import importlib
+
+    for module in _EXTENSIONS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module + ".").startswith(exc.name + "."):
+                # the module exists but something it imports does not
+                raise
+            continue
+        mod.add_parsers(sub, client_options)
     return p
+
+
+# subsystems that add their own subcommands (`bench`, `push` / `pull`...)
+_EXTENSIONS = ("tinyserve.bench.cli", "tinyserve.remote.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
