@@ -250,6 +250,54 @@ ts_status ts_checksum_chunks(const uint8_t *src, uint64_t n, uint64_t chunk_byte
 }
 
 /* ---------------------------------------------------------------- decoding */
+/* Decode one plane stream of `sz` bytes into d (n bytes). */
+static ts_status decode_plane(uint8_t codec, const uint8_t *s, uint64_t sz, uint8_t *d, size_t n, void *dctx)
+{
+    switch (codec) {
+    case TS_CODEC_STORED:
+        if (sz != n) return TS_E_LAYOUT;
+        if (n) memcpy(d, s, n);
+        return TS_OK;
+    case TS_CODEC_FILL:
+        if (sz != 1) return TS_E_LAYOUT;
+        memset(d, s[0], n);
+        return TS_OK;
+    case TS_CODEC_ZSTD: {
+        unsigned long long cs = ZSTD_getFrameContentSize(s, (size_t)sz);
+        if (cs == ZSTD_CONTENTSIZE_ERROR) return TS_E_CORRUPT;
+        if (cs != (unsigned long long)n) return TS_E_CORRUPT; /* unknown or wrong declared size */
+        size_t fsz = ZSTD_findFrameCompressedSize(s, (size_t)sz);
+        if (ZSTD_isError(fsz) || fsz != sz) return TS_E_CORRUPT;
+        size_t r = ZSTD_decompressDCtx((ZSTD_DCtx *)dctx, d, n, s, (size_t)sz);
+        if (ZSTD_isError(r) || r != n) return TS_E_CORRUPT;
+        return TS_OK;
+    }
+    case TS_CODEC_HUFFMAN:
+        return ts_huf_decode(s, (size_t)sz, d, n);
+    case TS_CODEC_RANS:
+        return ts_rans_decode(s, (size_t)sz, d, n);
+    default:
+        return TS_E_CODEC;
+    }
+}
+
+/* A 'planes' job with plane_stride != 0: every plane decoded straight to dst + p * plane_stride. */
+static ts_status run_job_unmerged(const ts_chunk_job *job, unsigned isz, size_t n, void *dctx)
+{
+    if (job->plane_stride < (uint64_t)n) return TS_E_ARG;
+    uint64_t off = 0;
+    for (unsigned p = 0; p < isz; p++) {
+        uint64_t sz = job->plane_sizes[p];
+        if (sz > job->src_size - off) return TS_E_TRUNCATED;
+        ts_status st = decode_plane(job->codecs[p], job->src + off, sz, job->dst + (size_t)p * job->plane_stride,
+                                    n, dctx);
+        if (st) return st;
+        off += sz;
+    }
+    if (off != job->src_size) return TS_E_LAYOUT;
+    return TS_OK;
+}
+
 ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_size, void *dctx)
 {
     unsigned isz = ts_dtype_size(job->dtype);
@@ -258,12 +306,14 @@ ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_s
     if (job->verify && XXH3_64bits(job->src, (size_t)job->src_size) != job->checksum)
         return TS_E_CHECKSUM;
     if (job->encoding == TS_ENC_RAW) {
+        if (job->plane_stride) return TS_E_ARG;
         if (job->src_size != (uint64_t)n * isz) return TS_E_LAYOUT;
         if (job->dst) memcpy(job->dst, job->src, (size_t)job->src_size);
         return TS_OK;
     }
     if (job->encoding != TS_ENC_PLANES) return TS_E_ENCODING;
     if (!job->dst) return TS_OK;
+    if (job->plane_stride) return run_job_unmerged(job, isz, n, dctx);
     const uint8_t *planes[TS_MAX_PLANES];
     uint64_t off = 0;
     size_t used = 0;
@@ -374,7 +424,7 @@ ts_status ts_run_jobs(const ts_chunk_job *jobs, size_t njobs, int threads, size_
     size_t scratch = 0;
     for (size_t i = 0; i < njobs; i++) {
         unsigned isz = ts_dtype_size(jobs[i].dtype); /* 0 for an unknown dtype: ts_run_job reports it */
-        if (jobs[i].encoding == TS_ENC_PLANES && jobs[i].dst) {
+        if (jobs[i].encoding == TS_ENC_PLANES && jobs[i].dst && !jobs[i].plane_stride) {
             size_t need = 0;
             for (unsigned p = 0; p < isz; p++)
                 if (jobs[i].codecs[p] != TS_CODEC_STORED) need += (size_t)jobs[i].n_elems;

@@ -34,7 +34,12 @@ ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, u
 ts_status ts_checksum_chunks(const uint8_t *src, uint64_t n, uint64_t chunk_bytes, int threads,
                              uint64_t *out);
 
-/* One chunk to verify and/or decode. dst == NULL: verify only. */
+/* One chunk to verify and/or decode. dst == NULL: verify only.
+ * plane_stride == 0: the chunk's elements are decoded and regrouped into dst (n_elems * itemsize bytes).
+ * plane_stride != 0 ('planes' encoding only): the planes are decoded but NOT regrouped: plane p's n_elems
+ * bytes go to dst + p * plane_stride (plane_stride >= n_elems, else TS_E_ARG), so a device can regroup
+ * them; dst then spans (itemsize - 1) * plane_stride + n_elems bytes. A 'raw' job with a non-zero
+ * plane_stride is TS_E_ARG. */
 typedef struct ts_chunk_job {
     const uint8_t *src;
     uint64_t src_size;
@@ -46,6 +51,7 @@ typedef struct ts_chunk_job {
     uint8_t verify;
     uint8_t codecs[TS_MAX_PLANES];
     uint32_t plane_sizes[TS_MAX_PLANES];
+    uint64_t plane_stride;   /* 0: regroup into dst; else: planes to dst + p * plane_stride, unmerged */
 } ts_chunk_job;
 
 /* Run every job on up to `threads` threads. On failure returns the status of the failing job with

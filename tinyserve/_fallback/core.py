@@ -981,3 +981,63 @@ def verify_chunks(file_buf, tensors, threads: int, base: int = 0) -> list[tuple[
             if xxhash.xxh3_64_intdigest(stored) != c.checksum:
                 bad.append((t.name, k))
     return bad
+
+
+def _planes_range(t: TensorInfo, first: int, count: int) -> tuple[int, int, int]:
+    """(itemsize, first element, element count) of chunks [first, first + count) of a 'planes' tensor."""
+    if t.encoding != "planes":
+        raise ConfigError(f"tensor {t.name!r}: decode_planes_into takes 'planes' tensors, this one is "
+                          f"{t.encoding!r}")
+    if t.dtype not in spec.DTYPES:
+        raise UnsupportedError(f"tensor {t.name!r}: dtype {t.dtype!r} is not a known dtype")
+    isz = spec.DTYPES[t.dtype][1]
+    nchunks = len(t.chunks)
+    if not (0 <= first and 0 <= count and first + count <= nchunks):
+        raise ConfigError(f"tensor {t.name!r}: chunks [{first}, {first + count}) outside the tensor's "
+                          f"{nchunks} chunks")
+    if t.chunk_elems < 1:
+        raise LimitError(f"tensor {t.name!r}: chunk_elems {t.chunk_elems} must be >= 1")
+    numel = t.numel
+    e0 = first * t.chunk_elems
+    e1 = min((first + count) * t.chunk_elems, numel)
+    if count and e0 >= numel:
+        raise LayoutError(f"tensor {t.name!r}: chunk {first + count - 1} starts at element "
+                          f"{(first + count - 1) * t.chunk_elems}, past numel {numel}")
+    for c in t.chunks[first:first + count]:
+        if len(c.codecs) != isz or len(c.plane_sizes) != isz:
+            raise LayoutError(f"tensor {t.name!r}: {len(c.codecs)} codecs / {len(c.plane_sizes)} plane "
+                              f"sizes, {isz} planes expected")
+    return isz, e0, max(0, e1 - e0)
+
+
+def decode_planes_into(file_buf, jobs, verify: bool, threads: int, base: int = 0) -> None:
+    """Decode chunks of 'planes' tensors without regrouping: job = (TensorInfo, first_chunk, chunk_count,
+    dst); dst (n x itemsize bytes, n = the elements of those chunks) receives plane p at [p*n, (p+1)*n)."""
+    fb = _u8(file_buf, "file_buf")
+    prepared = []
+    for t, first, count, dst in jobs:
+        isz, e0, n = _planes_range(t, first, count)
+        out = _dest_view(dst, n * isz, t.name)
+        prepared.append((t, first, count, isz, n, out))
+    for t, first, count, isz, n, out in prepared:
+        for k in range(first, first + count):
+            c = t.chunks[k]
+            cwhere = f"tensor {t.name!r} chunk {k}"
+            stored = _chunk_bytes(fb, base, c, cwhere)
+            if verify:
+                actual = xxhash.xxh3_64_intdigest(stored)
+                if actual != c.checksum:
+                    raise ChecksumError(
+                        f"{cwhere}: checksum mismatch (stored {c.checksum:#018x}, computed {actual:#018x})")
+            el = (k - first) * t.chunk_elems
+            n_k = min(t.chunk_elems, n - el)
+            off = 0
+            for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
+                if size > c.size - off:
+                    raise TruncatedError(f"{cwhere} plane {p}: stored size {size} runs past the chunk's "
+                                         f"{c.size} bytes")
+                out[p * n + el:p * n + el + n_k] = _decode_plane(stored[off:off + size], codec, n_k,
+                                                                 f"{cwhere} plane {p}")
+                off += size
+            if off != c.size:
+                raise LayoutError(f"{cwhere}: plane sizes {c.plane_sizes} do not add up to the chunk size {c.size}")

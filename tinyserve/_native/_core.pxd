@@ -42,6 +42,7 @@ cdef extern from "ts_codec.h":
         uint8_t verify
         uint8_t codecs[8]
         uint32_t plane_sizes[8]
+        uint64_t plane_stride
     uint64_t ts_xxh3(const void *p, size_t n) nogil
     ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, uint64_t chunk_elems,
                                int mode, int level, int threads, uint8_t *dst, uint64_t *out_size,

@@ -298,3 +298,91 @@ def decode_into(file_buf, jobs, bint verify, int threads, uint64_t base=0):
 
 def verify_chunks(file_buf, tensors, int threads, uint64_t base=0):
     return _run(file_buf, list(tensors), [], True, threads, base, True)
+
+
+def _planes_range(t, first, count):
+    """(itemsize, first element, element count) of chunks [first, first + count) of a 'planes' tensor;
+    ConfigError / LayoutError name what is wrong (shared rules: docs/native-api.md)."""
+    if t.encoding != "planes":
+        raise errors.ConfigError(f"tensor {t.name!r}: decode_planes_into takes 'planes' tensors, this one is "
+                                 f"{t.encoding!r}")
+    if t.dtype not in DTYPES:
+        raise errors.UnsupportedError(f"tensor {t.name!r}: dtype {t.dtype!r} is not a known dtype")
+    isz = DTYPES[t.dtype][1]
+    nchunks = len(t.chunks)
+    if not (0 <= first and 0 <= count and first + count <= nchunks):
+        raise errors.ConfigError(f"tensor {t.name!r}: chunks [{first}, {first + count}) outside the tensor's "
+                                 f"{nchunks} chunks")
+    if t.chunk_elems < 1:
+        raise errors.LimitError(f"tensor {t.name!r}: chunk_elems {t.chunk_elems} must be >= 1")
+    numel = t.numel
+    e0 = first * t.chunk_elems
+    e1 = min((first + count) * t.chunk_elems, numel)
+    if count and e0 >= numel:
+        raise errors.LayoutError(f"tensor {t.name!r}: chunk {first + count - 1} starts at element "
+                                 f"{(first + count - 1) * t.chunk_elems}, past numel {numel}")
+    for c in t.chunks[first:first + count]:
+        if len(c.codecs) != isz or len(c.plane_sizes) != isz:
+            raise errors.LayoutError(f"tensor {t.name!r}: {len(c.codecs)} codecs / {len(c.plane_sizes)} plane "
+                                     f"sizes, {isz} planes expected")
+    return isz, e0, max(0, e1 - e0)
+
+
+def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0):
+    """Decode chunks of 'planes' tensors WITHOUT regrouping (docs/native-api.md): job = (TensorInfo,
+    first_chunk, chunk_count, dst); dst holds n x itemsize bytes for the n elements those chunks cover and
+    receives plane p of them at dst[p*n:(p+1)*n]."""
+    cdef const uint8_t[::1] f = _bytes_view(file_buf)
+    cdef uint64_t flen = f.shape[0]
+    cdef size_t njobs = 0
+    plan = []
+    for job in jobs:
+        t, first, count, dst = job
+        isz, e0, n = _planes_range(t, first, count)
+        plan.append((t, first, count, dst, isz, e0, n))
+        njobs += count
+    cdef ts_chunk_job *cj = <ts_chunk_job *>malloc((njobs if njobs else 1) * sizeof(ts_chunk_job))
+    if cj == NULL:
+        raise MemoryError()
+    cdef size_t j = 0
+    cdef size_t failed = 0
+    cdef ts_status st = TS_OK
+    cdef uint8_t[::1] d
+    cdef uint64_t rel, el
+    owners = []
+    views = []  # keep every destination view alive until the C call returns
+    try:
+        for t, first, count, dst, isz, e0, n in plan:
+            code = DTYPES[t.dtype][0]
+            d = _writable_view(dst, n * isz, f"tensor {t.name!r} chunks [{first}, {first + count})")
+            views.append(d)
+            for k in range(first, first + count):
+                c = t.chunks[k]
+                if c.offset < base or c.offset - base > flen or c.size > flen - (c.offset - base):
+                    raise errors.TruncatedError(
+                        f"tensor {t.name!r} chunk {k}: bytes [{c.offset}, {c.offset + c.size}) are not in "
+                        f"the buffer, which holds [{base}, {base + flen})")
+                rel = c.offset - base
+                el = <uint64_t>(k - first) * t.chunk_elems
+                memset(&cj[j], 0, sizeof(ts_chunk_job))
+                cj[j].src = &f[0] + rel if flen else NULL
+                cj[j].src_size = c.size
+                cj[j].n_elems = min(t.chunk_elems, n - el)
+                cj[j].dst = &d[0] + el
+                cj[j].checksum = c.checksum
+                cj[j].dtype = code
+                cj[j].encoding = 1
+                cj[j].verify = verify
+                cj[j].plane_stride = n
+                for p in range(isz):
+                    cj[j].codecs[p] = c.codecs[p]
+                    cj[j].plane_sizes[p] = c.plane_sizes[p]
+                owners.append((t.name, k))
+                j += 1
+        with nogil:
+            st = ts_run_jobs(cj, njobs, threads, &failed, NULL)
+        if st != TS_OK:
+            name, k = owners[failed] if failed < njobs else ("?", -1)
+            _raise(st, f"tensor {name!r} chunk {k}")
+    finally:
+        free(cj)
