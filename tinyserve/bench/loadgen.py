@@ -102,7 +102,7 @@ class TinyserveTarget:
         except (errors.TinyserveError, OSError):
             return None
         try:
-            return await client.stats(self.model)
+            return await client.stats()
         except (errors.TinyserveError, OSError):
             return None
         finally:
@@ -320,27 +320,31 @@ def _point_result(mode: str, target, windows: list[st.Window], why: str, rule: s
         **summary,
         "histogram": st.log_histogram(lat),
         "loadgen": {"cpu_cores": round(cpu, 3), "saturated": cpu >= SATURATION},
-        "server": server_delta(before, after),
+        "server": server_delta(before, after, getattr(target, "model", None)),
         "warnings": warnings,
         "_latencies_us": lat,
     }
     return res
 
 
-def server_delta(before: dict | None, after: dict | None) -> dict | None:
-    """What the server's `stats` says about a point: requests and errors during it (after - before),
-    its latency percentiles (cumulative since it started), and the queue / compute split when the
-    server reports one (`queue_us`, `compute_us`: maps of percentiles)."""
+def server_delta(before: dict | None, after: dict | None, model: str | None = None) -> dict | None:
+    """What the server's `stats` (server-wide, as the `stats` op without `model` returns it) says
+    about a point: requests and errors by code during it (after - before, every op of every client:
+    the server counts a refused request, such as UNAVAILABLE, only server-wide), the model's latency
+    percentiles (cumulative since the server started), and the model's queue / compute split when the
+    server reports one (`queue_us`, `compute_us`: maps of percentiles, per model or server-wide)."""
     if not after:
         return None
     b = before or {}
+    mine = (after.get("models") or {}).get(model) if model is not None else None
+    mine = mine if isinstance(mine, dict) else after
     out = {"requests": (after.get("requests") or 0) - (b.get("requests") or 0),
-           "errors": {}, "latency_us_cumulative": after.get("latency_us")}
+           "errors": {}, "latency_us_cumulative": mine.get("latency_us")}
     for code, n in (after.get("errors") or {}).items():
         d = n - (b.get("errors") or {}).get(code, 0)
         if d:
             out["errors"][code] = d
-    split = {k: after[k] for k in SPLIT_FIELDS if k in after}
+    split = {k: mine[k] for k in SPLIT_FIELDS if k in mine} or {k: after[k] for k in SPLIT_FIELDS if k in after}
     out["split"] = split or None
     if not split:
         out["split_note"] = "the server does not report a queue / compute split (stats has no queue_us / compute_us)"
