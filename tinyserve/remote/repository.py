@@ -1,0 +1,310 @@
+"""A model repository in object storage, read through a local cache; push and pull (docs/remote.md).
+
+``RemoteRepository`` has the read API of ``tinyserve.repository.Repository`` (``models``,
+``versions``, ``resolve``, ``read_config``); ``resolve`` downloads a version into the cache when it
+is not there (it blocks: call it off the event loop) and returns the cache's directory for it, which
+stays pinned (never evicted) until ``release``.  ``load_weights`` does the same and also returns the
+weights file's tensors, decoded as the download streams in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from tinyserve.config import CONFIG_FILES, ModelConfig, name_problem
+from tinyserve.errors import ConfigError, ModelNotFoundError, RepositoryError, VersionExistsError
+from tinyserve.remote.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    build_manifest,
+    file_key,
+    manifest_key,
+    parse_manifest_name,
+    sha256_file,
+)
+from tinyserve.repository import Repository, load_config_dir
+from tinyserve.storage import Cache, Pin, Storage
+from tinyserve.storage.base import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PART_BYTES,
+    ObjectNotFoundError,
+    StorageUnavailableError,
+)
+from tinyserve.storage.stream import StreamStats, fetch_file, stream_weights
+from tinyserve.weights import WeightsFile, verify_file
+
+Progress = Callable[[int], None]
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,18}")
+
+
+def space_of(storage: Storage) -> str:
+    """The cache space of a remote: a hash of its URL (and endpoint), so remotes never share entries."""
+    ident = f"{storage.url}|{getattr(storage, 'endpoint', '')}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+class RemoteRepository:
+    def __init__(self, storage: Storage, cache: Cache, *, verify: str = "stamp",
+                 part_bytes: int = DEFAULT_PART_BYTES, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        """verify: 'stamp' (a cached entry is used when every file matches its recorded size and
+        mtime) or 'full' (also re-hash every file the first time this object uses an entry)."""
+        if verify not in ("stamp", "full"):
+            raise ConfigError(f"verify {verify!r} must be 'stamp' or 'full'")
+        self.storage = storage
+        self.cache = cache
+        self.verify = verify
+        self.part_bytes = part_bytes
+        self.concurrency = concurrency
+        self.space = space_of(storage)
+        self._pins: dict[tuple[str, int], Pin] = {}
+        self._verified: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self.last_stream = StreamStats()
+
+    def __repr__(self) -> str:
+        return f"RemoteRepository({self.storage!r}, {self.cache!r})"
+
+    @property
+    def root(self) -> str:
+        return self.storage.url
+
+    # --- listing -------------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """Models with at least one visible version (a version is visible once its manifest exists)."""
+        return [d for d in self.storage.list("").dirs if name_problem(d) is None and self.versions(d)]
+
+    def versions(self, name: str) -> list[int]:
+        Repository.validate_name(name)
+        found = (parse_manifest_name(o) for o in self.storage.list(name).objects)
+        return sorted(v for v in found if v is not None)
+
+    def cached_versions(self, name: str) -> list[int]:
+        return sorted(e.version for e in self.cache.entries() if e.space == self.space and e.name == name)
+
+    def _latest(self, name: str) -> int:
+        try:
+            vs = self.versions(name)
+        except StorageUnavailableError:
+            vs = self.cached_versions(name)  # storage down: keep serving what the cache holds
+            if not vs:
+                raise
+        if not vs:
+            raise ModelNotFoundError(f"model {name!r} has no versions in {self.storage.url}")
+        return vs[-1]
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        Repository.validate_name(name)
+        Repository.validate_version(version)
+        key = manifest_key(name, version)
+        try:
+            raw = self.storage.get(key, MAX_MANIFEST_BYTES)
+        except ObjectNotFoundError:
+            raise ModelNotFoundError(f"model {name!r} version {version} not found in {self.storage.url} "
+                                     f"(no manifest {key!r})") from None
+        return Manifest.from_bytes(raw, name, version, where=f"{self.storage.url}{key}")
+
+    # --- resolving -----------------------------------------------------------------------------------
+    def resolve(self, name: str, version: int | None = None, *, progress: Progress | None = None) -> Path:
+        """Local path of a complete, verified version directory (downloaded into the cache if needed)."""
+        return self._get(name, version, decode=False, progress=progress)[0]
+
+    def load_weights(self, name: str, version: int | None = None, *, progress: Progress | None = None,
+                     ) -> tuple[Path, dict[str, torch.Tensor]]:
+        """(version directory, the weights file's tensors).  Not cached: the tensors are decoded while
+        the download streams in.  Cached: read from the cache as from a local repository."""
+        path, tensors = self._get(name, version, decode=True, progress=progress)
+        if tensors is None:
+            cfg = load_config_dir(path)
+            with WeightsFile(path / cfg.weights) as wf:
+                tensors = wf.load()
+        return path, tensors
+
+    def _deep_check(self, name: str, version: int):
+        if self.verify != "full" or (name, version) in self._verified:
+            return None
+
+        def check(data: Path) -> None:
+            man = Manifest.from_bytes((data.parent / "manifest.json").read_bytes(), name, version)
+            for f in man.files:
+                p = data / f.path
+                if f.header_checksum is not None:
+                    verify_file(p)
+                elif sha256_file(p) != f.sha256:
+                    raise RepositoryError(f"{p}: SHA-256 does not match the manifest")
+        return check
+
+    def _get(self, name: str, version: int | None, *, decode: bool, progress: Progress | None):
+        Repository.validate_name(name)
+        version = self._latest(name) if version is None else Repository.validate_version(version)
+        key = (name, version)
+        with self._lock:
+            pin = self._pins.get(key)
+            if pin is not None and not pin.closed and self.cache.check_entry(pin.path.parent) is None:
+                self.cache.touch(pin.path.parent)
+                return pin.path, None
+        check = self._deep_check(name, version)
+        hit = self.cache.lookup(self.space, name, version, check)
+        tensors: dict | None = None
+        if hit is not None:
+            pin = self.cache.pin(self.space, name, version)
+        else:
+            man = self.manifest(name, version)
+            box: dict = {}
+
+            def fill(data: Path) -> None:
+                box["tensors"] = self._download(man, data, decode=decode, progress=progress)
+
+            pin = self.cache.fill(self.space, name, version, man.total_bytes + len(man.to_bytes()), fill, check)
+            tensors = box.get("tensors")
+        if pin is None:
+            raise RepositoryError(f"cache entry {name}:{version} was evicted as it was being used; retry")
+        self._verified.add(key)
+        with self._lock:
+            old = self._pins.pop(key, None)
+            self._pins[key] = pin
+        if old is not None:
+            old.close()
+        return pin.path, tensors
+
+    def _download(self, man: Manifest, data: Path, *, decode: bool, progress: Progress | None):
+        """Fill ``data`` with the version's files (weights streamed and verified), then check it."""
+        (data.parent / "manifest.json").write_bytes(man.to_bytes())
+        tensors = None
+
+        def one(f) -> dict | None:
+            dest = data / f.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            k = file_key(man.name, man.version, f.path)
+            try:
+                if f.header_checksum is not None:
+                    return stream_weights(self.storage, k, dest, size=f.size, header_checksum=f.header_checksum,
+                                          decode=decode, part_bytes=self.part_bytes,
+                                          concurrency=self.concurrency, progress=progress,
+                                          stats=self.last_stream)
+                fetch_file(self.storage, k, dest, size=f.size, sha256=f.sha256, part_bytes=self.part_bytes,
+                           concurrency=self.concurrency, progress=progress)
+            except ObjectNotFoundError as e:
+                raise RepositoryError(f"the manifest of {man.name!r} version {man.version} names {f.path!r}, "
+                                      f"which is missing from storage ({e})") from None
+            return None
+
+        small = [f for f in man.files if f.header_checksum is None]
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ts-fetch") as pool:
+            for _ in pool.map(one, small):
+                pass
+        for f in man.files:
+            if f.header_checksum is not None:
+                tensors = one(f)
+        cfg = load_config_dir(data)
+        if cfg.name != man.name:
+            raise ConfigError(f"{self.storage.url}{man.name}/{man.version}: config name {cfg.name!r} does not "
+                              f"match the model {man.name!r}")
+        if cfg.weights != man.weights:
+            raise ConfigError(f"{self.storage.url}{man.name}/{man.version}: the config names weights "
+                              f"{cfg.weights!r}, the manifest {man.weights!r}")
+        if cfg.program is not None and not (data / cfg.program).is_file():
+            raise RepositoryError(f"{self.storage.url}{man.name}/{man.version}: program file {cfg.program!r} "
+                                  "is not in the version")
+        return tensors
+
+    def read_config(self, name: str, version: int | None = None) -> ModelConfig:
+        """The config of a version; reads only the config object when the version is not cached."""
+        Repository.validate_name(name)
+        version = self._latest(name) if version is None else Repository.validate_version(version)
+        entry = self.cache.entry_path(self.space, name, version)
+        if self.cache.check_entry(entry) is None:
+            cfg = load_config_dir(entry / "data")
+        else:
+            man = self.manifest(name, version)
+            cf = man.file(man.config)
+            with tempfile.TemporaryDirectory(prefix="ts-config-") as tmp:
+                try:
+                    fetch_file(self.storage, file_key(name, version, man.config), Path(tmp) / man.config,
+                               size=cf.size, sha256=cf.sha256)
+                except ObjectNotFoundError:
+                    raise RepositoryError(f"the manifest of {name!r} version {version} names {man.config!r}, "
+                                          "which is missing from storage") from None
+                cfg = load_config_dir(Path(tmp))
+        if cfg.name != name:
+            raise ConfigError(f"{self.storage.url}{name}/{version}: config name {cfg.name!r} does not match "
+                              f"the model {name!r}")
+        return cfg
+
+    def release(self, name: str, version: int) -> None:
+        """Unpin a version (the server unloaded it): the cache may evict it again."""
+        with self._lock:
+            pin = self._pins.pop((name, version), None)
+        if pin is not None:
+            pin.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pins, self._pins = list(self._pins.values()), {}
+        for p in pins:
+            p.close()
+
+
+# --- writing -----------------------------------------------------------------------------------------
+def next_remote_version(storage: Storage, name: str) -> int:
+    """One more than the largest version-like entry (manifest or data prefix) of ``name``, or 1."""
+    res = storage.list(name)
+    taken = [v for v in map(parse_manifest_name, res.objects) if v is not None]
+    taken += [int(d) for d in res.dirs if _VERSION_DIR.fullmatch(d)]
+    return max(taken, default=0) + 1
+
+
+def push(storage: Storage, version_dir: str | os.PathLike, name: str, version: int | None = None, *,
+         progress: Progress | None = None) -> int:
+    """Upload a local version directory as ``name`` ``version`` (next free when None); return it.
+
+    Every file is uploaded first, the manifest last and only if absent: the version becomes visible
+    in one step, complete, and two pushes of one version cannot both succeed."""
+    Repository.validate_name(name)
+    if version is None:
+        version = next_remote_version(storage, name)
+    man = build_manifest(version_dir, name, version)
+    if storage.exists(manifest_key(name, version)):
+        raise VersionExistsError(f"{storage.url}{name} version {version} already exists")
+    root = Path(version_dir)
+    # the weights file (the large one) goes last among the files, the manifest after everything
+    for f in sorted(man.files, key=lambda f: f.header_checksum is not None):
+        storage.put_file(file_key(name, version, f.path), root / f.path, progress)
+    storage.put_bytes(manifest_key(name, version), man.to_bytes(), if_absent=True)
+    return version
+
+
+def pull(remote: RemoteRepository, name: str, version: int | None = None, *, repo: Repository | None = None,
+         progress: Progress | None = None) -> tuple[int, Path]:
+    """Fetch a version into the cache (and, with ``repo``, install a copy into that local repository);
+    return (version, path)."""
+    Repository.validate_name(name)
+    v = remote._latest(name) if version is None else Repository.validate_version(version)
+    path = remote.resolve(name, v, progress=progress)
+    try:
+        if repo is None:
+            return v, path
+        with repo.stage(name) as staging:
+            for item in path.iterdir():
+                dst = staging.path / item.name
+                if item.is_dir():
+                    shutil.copytree(item, dst)
+                else:
+                    shutil.copy2(item, dst)
+            installed = repo.install(staging, name, v, verify=verify_file)
+        return installed, repo.resolve(name, installed)
+    finally:
+        if repo is not None:
+            remote.release(name, v)
+
+
+__all__ = ["CONFIG_FILES", "RemoteRepository", "next_remote_version", "pull", "push", "space_of"]
