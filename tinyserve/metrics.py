@@ -41,7 +41,7 @@ __all__ = ["Histogram", "Metrics", "ModelStats", "OK", "Recorder", "Snapshot", "
 
 OK = "OK"
 SUB = 3  # 2**SUB buckets per power of two
-NBUCKETS = 67 << SUB  # bucket_index(v) < NBUCKETS for every v < 2**67 (larger values are clamped)
+NBUCKETS = (64 << SUB) + 1  # buckets 0..511 hold 0..2**66-1; the last one every larger value (clamped)
 _TOP = NBUCKETS - 1
 _CLAMP = (1 << 66)  # values at or above this are counted in the top bucket
 MAX_BATCH = 1 << 20  # batch sizes above are counted as this

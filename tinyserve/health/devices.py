@@ -37,6 +37,14 @@ THROTTLE_REASONS = {
 }
 
 
+# NVML errors that mean the device no longer answers (anything else on one query is a soft error:
+# recorded in `errors`, the device stays healthy; NotSupported / NoPermission are just absent readings).
+_LOST = frozenset({"NVMLError_GpuIsLost", "NVMLError_ResetRequired", "NVMLError_GpuNotFound", "NVMLError_Unknown",
+                   "NVMLError_Uninitialized", "NVMLError_DriverNotLoaded", "NVMLError_LibRmVersionMismatch"})
+_ABSENT = frozenset({"NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_FunctionNotFound",
+                     "NVMLError_NotFound", "NVMLError_NoData"})
+
+
 @dataclass(frozen=True)
 class DeviceReading:
     """One device at one poll.  Absent readings (not supported, or not a GPU) are None."""
@@ -159,10 +167,15 @@ class DeviceMonitor:
             return
         try:
             count = int(nv.nvmlDeviceGetCount())
-            self._handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         except Exception as exc:  # noqa: BLE001
-            self._init_error = f"NVML cannot list devices: {type(exc).__name__}: {exc}"
-            self._handles = []
+            self._init_error = f"NVML cannot count devices: {type(exc).__name__}: {exc}"
+            count = 0
+        self._handles = []
+        for i in range(max(0, min(count, 1024))):
+            try:
+                self._handles.append(nv.nvmlDeviceGetHandleByIndex(i))
+            except Exception as exc:  # noqa: BLE001 - that GPU is reported unhealthy, the others polled
+                self._handles.append(_NoHandle(f"gpu{i}: NVML gives no handle: {type(exc).__name__}: {exc}"))
         if not self._handles:
             self._init_error = self._init_error or "NVML reports no GPU"
 
@@ -228,6 +241,9 @@ class DeviceMonitor:
     def _read_gpu(self, index: int, handle, now: float) -> DeviceReading:
         nv = self._nvml
         dev = f"gpu{index}"
+        if isinstance(handle, _NoHandle):
+            self._faults.setdefault(dev, handle.reason)
+            return DeviceReading(dev, "gpu", False, handle.reason, time=now)
         fields: dict = {}
         soft: list[str] = []
         lost: str | None = None
@@ -240,10 +256,9 @@ class DeviceMonitor:
                 return fn(handle, *args)
             except Exception as exc:  # noqa: BLE001
                 kind = type(exc).__name__
-                if kind in ("NVMLError_NotSupported", "NVMLError_NoPermission", "NVMLError_FunctionNotFound"):
+                if kind in _ABSENT:
                     return None  # this board does not report it: not a fault
-                if kind in ("NVMLError_GpuIsLost", "NVMLError_GpuRequiresReset", "NVMLError_Unknown",
-                            "NVMLError_Uninitialized", "NVMLError_DriverNotLoaded", "NVMLError_LibRmVersionMismatch"):
+                if kind in _LOST:
                     lost = f"{dev} does not answer: {what}: {kind}: {exc}"
                     return None
                 soft.append(f"{what}: {kind}: {exc}")
@@ -318,6 +333,13 @@ class DeviceMonitor:
                 pass
             self._handles = []
             self._inited = False
+
+
+class _NoHandle:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _replace(r: DeviceReading, **changes) -> DeviceReading:
