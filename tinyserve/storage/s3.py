@@ -133,7 +133,7 @@ class S3Storage(Storage):
 
     def _missing(self, exc: BaseException, key: str) -> StorageError:
         mapped = self._map(exc, key)
-        if isinstance(mapped, ObjectNotFoundError) and "bucket" not in str(mapped) and self._bucket_missing():
+        if isinstance(mapped, ObjectNotFoundError) and "does not exist" not in str(mapped) and self._bucket_missing():
             return ObjectNotFoundError(f"{self.url}{key} (endpoint {self.endpoint}): bucket {self.bucket!r} "
                                        "does not exist")
         return mapped

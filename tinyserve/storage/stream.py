@@ -187,8 +187,8 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
         if found != header_checksum:
             raise errors.ChecksumError(f"{url}: header checksum {found:#018x} is not the manifest's "
                                        f"{header_checksum:#018x} (a different file)")
-    if progress:
-        progress(len(probe))
+    if progress:  # the data parts start at data_offset and refetch what the probe read past it
+        progress(min(len(probe), header.data_offset))
     tmp = _tmp_beside(dest)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     mm = view = None
