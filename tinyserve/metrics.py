@@ -70,6 +70,11 @@ def bucket_upper(idx: int) -> int:
     return (((1 << SUB) + sub + 1) << (k - SUB - 1)) - 1
 
 
+_TABLE_N = 1 << 15  # values below are looked up in _TABLE (32768 small ints: 256 KiB of pointers)
+_TABLE = [bucket_index(v) for v in range(_TABLE_N)]
+_slow_index = bucket_index
+
+
 class Histogram:
     """A mergeable log-linear histogram of non-negative integers (microseconds, or batch sizes).
 
@@ -184,39 +189,32 @@ class Recorder:
             self.successes += 1
         else:
             self._error(code, message)
-        # three inlined bucket_index() calls: a function call each would cost more than the rest
+        # three inlined bucket look-ups: a table for 0..32767 us, else bucket_index's arithmetic
+        # (a function call each would cost more than the rest)
+        table = _TABLE
         v = queue_ns // 1000
-        if v < 16:
-            if v < 0:
-                v = 0
-            self.q_counts[v] += 1
+        if 0 <= v < _TABLE_N:
+            self.q_counts[table[v]] += 1
         else:
-            k = v.bit_length()
-            self.q_counts[((k - 3) << 3) + ((v >> (k - 4)) & 7) if k < 67 else _TOP] += 1
-            if v > self.q_max:
-                self.q_max = v
+            self.q_counts[_slow_index(v)] += 1
+        if v > self.q_max:
+            self.q_max = v
         self.q_sum += queue_ns
         v = compute_ns // 1000
-        if v < 16:
-            if v < 0:
-                v = 0
-            self.c_counts[v] += 1
+        if 0 <= v < _TABLE_N:
+            self.c_counts[table[v]] += 1
         else:
-            k = v.bit_length()
-            self.c_counts[((k - 3) << 3) + ((v >> (k - 4)) & 7) if k < 67 else _TOP] += 1
-            if v > self.c_max:
-                self.c_max = v
+            self.c_counts[_slow_index(v)] += 1
+        if v > self.c_max:
+            self.c_max = v
         self.c_sum += compute_ns
         v = total_ns // 1000
-        if v < 16:
-            if v < 0:
-                v = 0
-            self.t_counts[v] += 1
+        if 0 <= v < _TABLE_N:
+            self.t_counts[table[v]] += 1
         else:
-            k = v.bit_length()
-            self.t_counts[((k - 3) << 3) + ((v >> (k - 4)) & 7) if k < 67 else _TOP] += 1
-            if v > self.t_max:
-                self.t_max = v
+            self.t_counts[_slow_index(v)] += 1
+        if v > self.t_max:
+            self.t_max = v
         self.t_sum += total_ns
 
     def _error(self, code: str, message: str | None) -> None:
@@ -261,8 +259,6 @@ class Recorder:
         h.n = sum(h.counts)
         h.total = getattr(self, which + "_sum")
         h.max = getattr(self, which + "_max")
-        if h.n and h.max < 16:  # small values are not tracked by the hot path's max: the top exact bucket
-            h.max = max(h.max, max((i for i, c in enumerate(h.counts[:16]) if c), default=0))
         return h
 
 

@@ -123,7 +123,10 @@ class ModelState:
     until: float = 0.0  # EJECTED: end of the back-off
     probe_since: float | None = None  # PROBING: when the probe was admitted (None: no probe out)
     ejection_times: deque = field(default_factory=deque)
-    slots: deque = field(default_factory=deque)  # [slot number, successes, failures]
+    slots: deque = field(default_factory=deque)  # [slot number, successes, failures] of past slots
+    cur_slot: float = float("-inf")  # the current slot (now // slot width; -inf: none) and its counts
+    cur_ok: int = 0
+    cur_fail: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
     ejections_total: int = 0
     pinned: bool = False
@@ -150,6 +153,7 @@ class EjectionPolicy:
         self._states: dict[Hashable, ModelState] = {}
         self._pinned = set(pinned)
         self._slot_s = config.error_rate_window_s / _SLOTS
+        self._rate = config.error_rate > 0
 
     # --- queries ---------------------------------------------------------------------------------------
     def state(self, key: Hashable) -> str:
@@ -209,8 +213,17 @@ class EjectionPolicy:
 
     def record(self, key: Hashable, ok: bool, code: str, now: float, message: str = "") -> Transition | None:
         """A request to `key` was answered (ok, or an error with its wire `code`)."""
-        failed = not ok and code in self.config.failure_codes
         st = self._states.get(key)
+        if ok and st is not None and st.state is SERVING:  # the hot path: a success of a serving model
+            st.consecutive = 0
+            if self._rate:
+                slot = now // self._slot_s
+                if slot == st.cur_slot:
+                    st.cur_ok += 1
+                else:
+                    self._roll(st, slot, 1, 0)
+            return None
+        failed = not ok and code in self.config.failure_codes
         if st is None:
             if not failed and not self._rate_on():
                 return None  # the common case: nothing to keep
@@ -219,7 +232,7 @@ class EjectionPolicy:
             if ok:
                 st.consecutive = 0
                 self._count(st, now, 0)
-                return None
+                return None  # (a key's first answer: later successes take the hot path above)
             if not failed:
                 return None
             st.consecutive += 1
@@ -241,7 +254,7 @@ class EjectionPolicy:
             if ok:
                 st.state = SERVING
                 st.consecutive = 0
-                st.slots.clear()
+                self._clear_window(st)
                 st.probe_since = None
                 was = st.reason
                 st.reason = ""
@@ -256,7 +269,7 @@ class EjectionPolicy:
 
     # --- internals ---------------------------------------------------------------------------------------
     def _rate_on(self) -> bool:
-        return self.config.error_rate > 0
+        return self._rate
 
     def _get(self, key: Hashable) -> ModelState:
         st = self._states.get(key)
@@ -265,20 +278,36 @@ class EjectionPolicy:
         return st
 
     def _count(self, st: ModelState, now: float, failed: int) -> None:
-        if not self._rate_on():
+        if not self._rate:
             return
-        slot = int(now // self._slot_s)
-        slots = st.slots
-        if slots and slots[-1][0] == slot:
-            slots[-1][1 + failed] += 1
+        slot = now // self._slot_s
+        if slot == st.cur_slot:
+            if failed:
+                st.cur_fail += 1
+            else:
+                st.cur_ok += 1
         else:
-            slots.append([slot, 1 - failed, failed])
+            self._roll(st, slot, 1 - failed, failed)
+
+    def _roll(self, st: ModelState, slot: float, ok_n: int, fail_n: int) -> None:
+        """Start slot `slot` with these counts; keep the past slots still inside the window."""
+        slots = st.slots
+        if st.cur_ok or st.cur_fail:
+            slots.append((st.cur_slot, st.cur_ok, st.cur_fail))
+        st.cur_slot, st.cur_ok, st.cur_fail = slot, ok_n, fail_n
         while slots and slots[0][0] <= slot - _SLOTS:
             slots.popleft()
 
+    def _clear_window(self, st: ModelState) -> None:
+        st.slots.clear()
+        st.cur_slot, st.cur_ok, st.cur_fail = float("-inf"), 0, 0
+
     def _window(self, st: ModelState, now: float) -> tuple[int, int]:
-        oldest = int(now // self._slot_s) - _SLOTS + 1
+        """(successes, failures) over the last _SLOTS slots, the current one included."""
+        oldest = now // self._slot_s - _SLOTS + 1
         ok_n = fail_n = 0
+        if st.cur_slot >= oldest:
+            ok_n, fail_n = st.cur_ok, st.cur_fail
         for slot, s, f in st.slots:
             if slot >= oldest:
                 ok_n += s
@@ -294,7 +323,7 @@ class EjectionPolicy:
         n = len(times)
         st.ejections_total += 1
         st.consecutive = 0
-        st.slots.clear()
+        self._clear_window(st)
         st.probe_since = None
         recent = tuple(st.recent)
         if (force_fail or (cfg.fail_after and n >= cfg.fail_after)) and not st.pinned:
