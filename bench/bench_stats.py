@@ -15,6 +15,8 @@ arguments: the cost of the call itself, which any recording API pays.  Figures:
   per_request_total    admitted + dequeued + record_ok: everything the server adds per request
   ejection_record_ok   EjectionPolicy.record(key, True, "OK", now): a success seen by the policy
   ejection_admit       EjectionPolicy.admit(key, now) of a serving model
+  server_stats_before  what tinyserve/server.py's _deliver did per request before this module (server and
+                       model Stats: two counters, two Histogram.add), when server.py still has them
 """
 
 from __future__ import annotations
@@ -104,10 +106,27 @@ def cases(n: int):
         for i in range(n):
             pa(key, 1.0)
 
-    return {"baseline_empty_call": baseline, "record_ok": record_ok, "record_ok_small": record_ok_small,
+    out = {}
+    try:  # the server's own statistics as they were (imports torch; absent once the server moves over)
+        from tinyserve.server import Stats
+    except ImportError:
+        Stats = None
+    if Stats is not None:
+        st, mst = Stats(), Stats()
+
+        def server_stats_before():
+            for _ in range(n):
+                us = 3_456_789 // 1000
+                st.requests += 1
+                st.latency.add(us)
+                mst.requests += 1
+                mst.latency.add(us)
+
+        out["server_stats_before"] = server_stats_before
+    return {**{"baseline_empty_call": baseline, "record_ok": record_ok, "record_ok_small": record_ok_small,
             "record_via_local": record_via_local, "record_error": record_error, "admitted+dequeued": queue_counters,
             "per_request_total": per_request_total, "ejection_record_ok": ejection_record_ok,
-            "ejection_admit": ejection_admit}
+            "ejection_admit": ejection_admit}, **out}
 
 
 def main(argv=None) -> int:

@@ -353,7 +353,7 @@ class Throughput:
     than `window_s`; `rate(count, now)` = (count - the oldest kept count) / (now - its time).  Nothing
     runs per request: the count is the recorders' cumulative total, read when sampled."""
 
-    __slots__ = ("window_s", "resolution_s", "_samples")
+    __slots__ = ("window_s", "resolution_s", "_samples", "_lock")
 
     def __init__(self, window_s: float = 60.0, resolution_s: float = 1.0, now: float = 0.0, count: int = 0) -> None:
         for name, v in (("window_s", window_s), ("resolution_s", resolution_s)):
@@ -364,8 +364,13 @@ class Throughput:
         self.window_s = float(window_s)
         self.resolution_s = float(resolution_s)
         self._samples: deque = deque([(now, count)])
+        self._lock = threading.Lock()  # readers on several threads (stats op, a /metrics scrape)
 
     def sample(self, count: int, now: float) -> None:
+        with self._lock:
+            self._sample(count, now)
+
+    def _sample(self, count: int, now: float) -> None:
         s = self._samples
         if now - s[-1][0] >= self.resolution_s or now < s[-1][0]:
             if now < s[-1][0]:  # the clock went back (it should not): start afresh
@@ -376,8 +381,9 @@ class Throughput:
             s.popleft()
 
     def rate(self, count: int, now: float) -> float:
-        self.sample(count, now)
-        t0, c0 = self._samples[0]
+        with self._lock:
+            self._sample(count, now)
+            t0, c0 = self._samples[0]
         dt = now - t0
         if dt <= 0:
             return 0.0
