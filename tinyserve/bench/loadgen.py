@@ -402,8 +402,10 @@ async def closed_loop_async(target, *, concurrency: int = 1, connections: int = 
         for c in conns:
             await c.close()
     after = await target.server_stats()
-    return _point_result("closed", target, windows, why, rule, cpu,
-                         {"concurrency": concurrency, "connections": n_conn}, before, after)
+    res = _point_result("closed", target, windows, why, rule, cpu,
+                        {"concurrency": concurrency, "connections": n_conn}, before, after)
+    res["all_completions"] = len(rec.t)  # warm-up and the tail included
+    return res
 
 
 async def open_loop_async(target, *, rate: float, connections: int = 4, rule: st.StopRule | None = None,
@@ -497,6 +499,7 @@ async def open_loop_async(target, *, rate: float, connections: int = 4, rule: st
     res["loadgen"]["backlog_skipped"] = state["backlog"]
     res["loadgen"]["in_flight_at_end"] = left
     res["offered_rate"] = rate
+    res["all_completions"] = len(rec.t)
     if lag["p99"] is not None and lag["p99"] > SEND_LAG_WARN_US:
         res["warnings"].append(f"requests were sent late: p99 {lag['p99']:.0f} us after their intended time "
                                f"(the generator cannot keep the schedule; latency counts from the schedule)")
