@@ -257,7 +257,7 @@ def _proc_fill(root: str, q) -> None:
 
 
 def test_cache_is_shared_safely_by_processes(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_proc_fill, args=(str(tmp_path), q)) for _ in range(2)]
     for p in procs:

@@ -108,7 +108,9 @@ class RemoteRepository:
         key = manifest_key(name, version)
         try:
             raw = self.storage.get(key, MAX_MANIFEST_BYTES)
-        except ObjectNotFoundError:
+        except ObjectNotFoundError as e:
+            if "does not exist" in str(e):  # the bucket itself is missing: say so
+                raise
             raise ModelNotFoundError(f"model {name!r} version {version} not found in {self.storage.url} "
                                      f"(no manifest {key!r})") from None
         return Manifest.from_bytes(raw, name, version, where=f"{self.storage.url}{key}")
