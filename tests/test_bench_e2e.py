@@ -194,3 +194,12 @@ def test_http_mode(http_server):
     assert set(bad["errors"]) == {"HTTP_503"} and bad["ok"] == 0
     with pytest.raises(Exception, match="only http://"):
         loadgen.HttpTarget("https://example.invalid/x", bodies)
+
+
+def test_http_open_loop_opens_connections_as_needed(http_server):
+    rule = StopRule(window_s=0.1, k=3, tolerance=0.9, min_windows=3, max_windows=3, time_bound_s=1)
+    bodies = [b'{"x": [[1.0]]}']
+    res = loadgen.run_open_loop(loadgen.HttpTarget(f"http://127.0.0.1:{http_server}/ok", bodies),
+                                rate=200, connections=1, rule=rule, warmup_s=0.05, max_outstanding=4)
+    assert res["errors"].keys() <= {"LOADGEN_BACKLOG"} and res["ok"] > 10
+    assert 1 <= res["connections"] <= 4 + 1

@@ -468,8 +468,14 @@ async def open_loop_async(target, *, rate: float, connections: int = 4, rule: st
                         conn = conns[i % len(conns)]
                     else:
                         if not free:
-                            free.append(await target.connect())
-                            conns.append(free[-1])
+                            try:
+                                c = await target.connect()
+                            except (OSError, asyncio.TimeoutError, errors.TinyserveError) as exc:
+                                rec.add(perf(), (perf() - t_int) * 1e6, error_code(exc))
+                                i += 1
+                                continue
+                            conns.append(c)
+                            free.append(c)
                         conn = free.pop()
                     task = loop.create_task(one(conn, i, t_int))
                     outstanding.add(task)
