@@ -1,0 +1,168 @@
+"""Remote repository benchmark (issue 7): load a bf16 model from SeaweedFS on loopback.
+
+In one run, against one `weed mini` started here (tests/s3server.py):
+  cold      RemoteRepository.load_weights with an empty cache: streamed download, per-chunk verify,
+            decode into tensors, cache file written and fsynced
+  warm      the same with the entry in the cache (what a restart costs)
+  local     Repository load of the same version directory (WeightsFile.load): the warm target
+  get       plain parallel ranged GETs of the same stored bytes into memory (same part size and
+            concurrency): the cold target is <= 1.1x this
+  boto3+st  boto3 download_file of the uncompressed safetensors, then safetensors.torch.load_file
+
+    .venv/bin/python bench/bench_remote.py [--mib 1024] [--repeats 3] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+from _common import loadavg, render_text, verdict  # noqa: E402
+
+import s3server  # noqa: E402
+from tinyserve.remote import RemoteRepository, push  # noqa: E402
+from tinyserve.storage import Cache  # noqa: E402
+from tinyserve.weights import WeightsFile, write_weights  # noqa: E402
+
+
+def synthetic(mib: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors, randn * 0.02 (the shape of bench_weights' synthetic set), exactly `mib` MiB."""
+    torch.manual_seed(0)
+    out, left, i = {}, mib << 20, 0
+    while left > 0:
+        rows = min(4096, left // 2 // 1024)
+        out[f"layer{i}.weight"] = (torch.randn(rows, 1024) * 0.02).to(torch.bfloat16)
+        left -= rows * 1024 * 2
+        i += 1
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--part-mib", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ts-bench-remote-"))
+    srv = s3server.SeaweedServer(bucket="bench").start()
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    try:
+        sd = synthetic(a.mib)
+        vdir = work / "v"
+        vdir.mkdir()
+        summary = write_weights(vdir / "weights.tsw", sd)
+        (vdir / "model.json").write_text(json.dumps({"name": "big", "platform": "weights", "inputs": [],
+                                                     "outputs": []}))
+        from safetensors.torch import load_file, save_file
+
+        save_file(sd, str(work / "model.safetensors"))
+        raw_bytes = sum(t.numel() * 2 for t in sd.values())
+        del sd
+        log(f"packed {raw_bytes >> 20} MiB -> {summary.file_bytes >> 20} MiB (ratio {summary.ratio:.3f})")
+        st = srv.storage("repo")
+        push(st, vdir, "big")
+        client = srv.client()
+        client.upload_file(str(work / "model.safetensors"), srv.bucket, "st/model.safetensors")
+        log("uploaded")
+        part, conc = a.part_mib << 20, a.concurrency
+        key = "big/1/weights.tsw"
+        stored = st.size(key)
+
+        def plain_get():
+            buf = bytearray(stored)
+            st.read_parallel(key, memoryview(buf), part_bytes=part, concurrency=conc)
+
+        def cold():
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            r = RemoteRepository(st, Cache(work / "cache", 8 << 30), part_bytes=part, concurrency=conc)
+            _, t = r.load_weights("big")
+            r.close()
+            return t
+
+        def warm():
+            r = RemoteRepository(st, Cache(work / "cache", 8 << 30), part_bytes=part, concurrency=conc)
+            _, t = r.load_weights("big")
+            r.close()
+            return t
+
+        def local():
+            with WeightsFile(vdir / "weights.tsw") as wf:
+                wf.load()
+
+        def boto_st():
+            from boto3.s3.transfer import TransferConfig
+
+            dst = work / "dl.safetensors"
+            client.download_file(srv.bucket, "st/model.safetensors", str(dst),
+                                 Config=TransferConfig(multipart_chunksize=part, max_concurrency=conc))
+            load_file(str(dst))
+            dst.unlink()
+
+        res = {}
+        for name, fn in (("get", plain_get), ("cold", cold), ("warm", warm), ("local", local), ("boto3_st", boto_st)):
+            fn()  # warm-up (page cache, connections)
+            res[name] = timed(fn, a.repeats)
+            log(f"{name}: median {res[name][0]:.3f} s {['%.3f' % x for x in res[name][1]]}")
+        # correctness of what the benchmark loads
+        t = cold()
+        ref = WeightsFile(vdir / "weights.tsw").load()
+        assert all(torch.equal(t[k], ref[k]) for k in ref)
+        g, c, w, lo, b = (res[k][0] for k in ("get", "cold", "warm", "local", "boto3_st"))
+        rows = [
+            {"section": "cold load", "figure": "cold / plain GET", "value": f"{c / g:.2f}x ({c:.2f} s / {g:.2f} s)",
+             "target": "<= 1.10x", "verdict": verdict(c / g <= 1.10)},
+            {"section": "cold load", "figure": "boto3+safetensors / cold", "value": f"{b / c:.2f}x ({b:.2f} s)",
+             "target": f">= ~{summary.ratio:.2f}x (ratio)", "verdict": verdict(b / c >= summary.ratio * 0.95)},
+            {"section": "warm load", "figure": "warm / local repository", "value": f"{w / lo:.2f}x ({w:.3f} s / {lo:.3f} s)",
+             "target": "<= 1.10x", "verdict": verdict(w / lo <= 1.10)},
+            {"section": "throughput", "figure": "plain GET", "value": f"{stored / g / 1e9:.2f} GB/s", "target": "-",
+             "verdict": "-"},
+        ]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        head = (f"bench_remote: {raw_bytes >> 20} MiB bf16 (stored {stored} bytes, ratio {summary.ratio:.3f}), "
+                f"SeaweedFS weed mini on loopback, part {a.part_mib} MiB x {conc}, median of {a.repeats}\n"
+                f"machine {platform.node()} {os.cpu_count()} cpus, commit {commit}, "
+                f"{datetime.datetime.now().isoformat(timespec='seconds')}, load avg {' '.join(loadavg())}")
+        text = render_text(head, rows)
+        print(text)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        day = datetime.date.today().isoformat()
+        (out / f"remote-{day}.json").write_text(json.dumps(
+            {"header": head, "rows": rows, "seconds": {k: v[1] for k, v in res.items()}, "mib": a.mib,
+             "stored_bytes": stored, "ratio": summary.ratio}, indent=1))
+        (out / "remote-latest.md").write_text("```\n" + text + "\n```\n")
+    finally:
+        srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
