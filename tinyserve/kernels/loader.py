@@ -173,6 +173,9 @@ class Engine:
     def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str) -> None:
         merge_planes(planes, dtype, out, backend)
 
+    def begin(self) -> None:
+        """Called once before a load's first device operation."""
+
     def record(self):
         return None
 
@@ -210,6 +213,11 @@ class CudaEngine(Engine):
     def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str) -> None:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):  # Triton launches on it
             merge_planes(planes, dtype, out, backend)
+
+    def begin(self) -> None:
+        # destinations were allocated on (and their memory may have last been used by) the caller's
+        # stream: the side stream starts after everything already queued there
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def record(self):
         ev = torch.cuda.Event()
@@ -445,7 +453,8 @@ def _load(wf: WeightsFile, device, names, verify, threads, raw, merge, pool, int
 
     staged = [i for i in infos if i.name in dst]
     by_name = {i.name: i for i in staged}
-    # direct raw copies to a device: from the mapping, chunk by chunk (pageable memory)
+    eng.begin()
+    # direct raw copies to a device: from the mapping (pageable memory)
     if raw_mode == "direct" and not on_cpu:
         mv = wf.mapping
         for info in staged:

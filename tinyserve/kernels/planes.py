@@ -75,19 +75,15 @@ def merge_planes_torch(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> t
     if dtype == "bfloat16":
         e = pl[0].to(torch.int32)
         m = pl[1].to(torch.int32)
-        x = (e << 7) | (m & 0x7F) | ((m & 0x80) << 8)
-        out.view(n, 2)[:, 0] = (x & 0xFF).to(torch.uint8)
-        out.view(n, 2)[:, 1] = (x >> 8).to(torch.uint8)
+        x = (e << 7) | (m & 0x7F) | ((m & 0x80) << 8)     # the 16 bits, 0..65535
+        x -= (x >> 15) << 16                               # the same bits as a signed 16-bit value
+        out.view(torch.int16).copy_(x.to(torch.int16))     # in range: an exact conversion
         return out
     if dtype == "float32":
-        p0, p1 = pl[0].to(torch.int32), pl[1].to(torch.int32)
-        hi = ((p1 & 0x80) | (p0 >> 1))          # byte 3: sign, exponent bits 7..1
-        b2 = ((p0 & 1) << 7) | (p1 & 0x7F)      # byte 2: exponent bit 0, mantissa bits 22..16
-        o = out.view(n, 4)
-        o[:, 3] = hi.to(torch.uint8)
-        o[:, 2] = b2.to(torch.uint8)
-        o[:, 1] = pl[2]
-        o[:, 0] = pl[3]
+        p0, p1 = pl[0].to(torch.int64), pl[1].to(torch.int64)
+        x = ((p1 & 0x80) << 24) | (p0 << 23) | ((p1 & 0x7F) << 16) | (pl[2].to(torch.int64) << 8) | pl[3]
+        x -= (x >> 31) << 32                               # as a signed 32-bit value
+        out.view(torch.int32).copy_(x.to(torch.int32))
         return out
     # generic: plane p = little-endian byte itemsize-1-p
     out.view(n, isz).copy_(pl.flip(0).t())
