@@ -1089,7 +1089,7 @@ def test_disconnect_keeps_queued_requests_in_the_budget_and_they_do_not_run(repo
                 while s.run(lambda: len(s.server.connections)) > 1 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 assert s.run(lambda: s.server.in_flight) == 9  # still counted: the work is still queued
-                before = s.run(lambda: s.server._model_stats["gate"].requests)
+                before = s.run(lambda: s.server._stats_of("gate").requests)
             finally:
                 gate.release()
             assert a.recv()[0]["ok"]
@@ -1098,7 +1098,7 @@ def test_disconnect_keeps_queued_requests_in_the_budget_and_they_do_not_run(repo
                 time.sleep(0.01)
             assert s.run(lambda: s.server.in_flight) == 0
             # only a's request was answered (and counted); b's were skipped, not run
-            assert s.run(lambda: s.server._model_stats["gate"].requests) == before + 1
+            assert s.run(lambda: s.server._stats_of("gate").requests) == before + 1
     finally:
         s.stop()
 
@@ -1181,3 +1181,63 @@ def test_requests_for_unknown_models_do_not_scan_the_repository_each_time(st, mo
             error_of(c.call("stats", model="nosuchmodel"), "NOT_FOUND")
             assert c.call("metadata", model="mlp")["ok"]
     assert len(calls) <= 2, calls
+
+
+# --- direct replies from the worker threads ------------------------------------------------------------------------
+@pytest.mark.parametrize("direct", [True, False])
+def test_replies_written_by_workers_survive_a_client_that_reads_late(repo_root, kind, monkeypatch, direct):
+    """Thousands of pipelined infers to a client with a tiny receive buffer that reads nothing until
+    the server has stopped reading it: the worker's direct writes meet full socket buffers (partial
+    writes and EAGAIN hand the rest to the loop), and yet every reply arrives once, whole, in a
+    parseable stream, with the right answer; with direct replies off the loop writes them all."""
+    seen = {"full": 0, "short": 0}
+    real_writev = os.writev
+
+    def spy(fd, bufs):
+        try:
+            n = real_writev(fd, bufs)
+        except BlockingIOError:
+            seen["short"] += 1
+            raise
+        seen["full" if n == sum(memoryview(b).nbytes for b in bufs) else "short"] += 1
+        return n
+
+    monkeypatch.setattr(os, "writev", spy)
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, direct_replies=direct), kind)
+    try:
+        c = Client(s.port, rcvbuf=4096)
+        conn = s.conn_of(c)
+        # a small send buffer on the server's side too, so that direct writes meet a full socket
+        s.run(lambda: conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096))
+        rng = np.random.default_rng(7)
+        xs = rng.standard_normal((16, 1, 64), dtype=np.float32)
+        n = 3000
+        frames = []
+        for rid in range(1, n + 1):
+            desc, view = wire.tensor_parts({"x": xs[rid % 16]})
+            frames.append(wire.encode_bytes({"id": rid, "op": "infer", "model": "mlp", "inputs": desc}, view))
+        sender = threading.Thread(target=c.send_raw, args=(b"".join(frames),), daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 30
+        while not s.run(lambda: conn.reading_paused) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.run(lambda: conn.reading_paused), "the server never stopped reading the connection"
+        want = [mlp_ref(xs[i]) for i in range(16)]
+        got = set()
+        for _ in range(n):
+            h, payload = c.recv()
+            assert h["ok"], h
+            rid = h["id"]
+            assert rid not in got
+            got.add(rid)
+            np.testing.assert_array_equal(outputs_of(h, payload)["output0"], want[rid % 16])
+        sender.join(30)
+        assert got == set(range(1, n + 1))
+        if direct:
+            assert seen["full"] > 0 and seen["short"] > 0, seen  # both paths of reply_threadsafe ran
+        else:
+            assert seen == {"full": 0, "short": 0}
+        c.close()
+        assert_alive(s.port)
+    finally:
+        s.stop()

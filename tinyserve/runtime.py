@@ -6,8 +6,10 @@
 costs a lock release and a GIL switch, about 10-30 us, against 50-120 us for a ThreadPoolExecutor
 round trip).  The thread loads the version, warms it up (one run on inputs made from the config with
 batch 1), then runs requests; model compute, pre- and post-processing never touch the event loop.
-Results go back to the loop through `Completions`, which wakes the loop once for however many results
-are ready (`loop.call_soon_threadsafe`).
+Finished requests are handed to the server's `respond` callable in the worker thread, which writes
+the replies to their sockets directly when it can (protocol.Connection.reply_threadsafe); the rest go
+back to the loop through `Completions`, which wakes the loop once for however many results are ready
+(`loop.call_soon_threadsafe`).
 
 Lifecycle states: LOADING -> READY -> UNLOADING -> UNLOADED, or LOADING -> FAILED (reason kept).
 Requests are accepted only while READY; requests queued before `unload()` still run.
@@ -209,7 +211,8 @@ class ModelInstance:
     """
 
     def __init__(self, name: str, version: int, path: str | os.PathLike, *, loop, completions: Completions,
-                 finish: Callable[[Request], None] | None = None, torch_threads: int | None = None,
+                 finish: Callable[[Request], None] | None = None,
+                 respond: Callable[[list], list] | None = None, torch_threads: int | None = None,
                  verify: str = "compressed", warmup: bool = True) -> None:
         self.name = name
         self.version = version
@@ -223,6 +226,8 @@ class ModelInstance:
         self._loop = loop
         self._completions = completions
         self._finish = finish
+        self._respond = respond
+        self.stats = None  # the server's statistics of this instance (written by the worker via respond)
         self._threads = torch_threads
         self._verify = verify
         self._warmup = warmup
@@ -417,8 +422,15 @@ class ModelInstance:
         run = self.run
         finish = self._finish
         post_many = self._completions.post_many
+        respond = self._respond
         ready: list[Request] = []
         limit = COALESCE
+
+        def flush() -> None:
+            left = respond(ready) if respond is not None else ready
+            if left:
+                post_many(left)
+            ready.clear()
 
         def done(req: Request) -> None:
             if finish is not None:
@@ -430,8 +442,7 @@ class ModelInstance:
                     req.reply = None
             ready.append(req)
             if len(ready) >= limit:
-                post_many(ready)
-                ready.clear()
+                flush()
 
         while True:
             batch = get()
@@ -439,8 +450,7 @@ class ModelInstance:
                 return
             run(batch, done)
             if ready:
-                post_many(ready)
-                ready.clear()
+                flush()
 
     def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;

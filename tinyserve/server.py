@@ -44,6 +44,13 @@ __all__ = ["Server", "ServerConfig", "Stats", "run", "main"]
 
 _perf_ns = time.perf_counter_ns
 _monotonic = time.monotonic
+_NONE: list = []
+_body_len = wire.PREFIX.unpack_from
+
+
+def _frame_bytes(parts: list) -> int:
+    """The size of an encoded frame (wire.encode_frame's buffers), from its length prefix."""
+    return _body_len(parts[0])[0] + 4
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -97,6 +104,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # run(): how long SIGTERM waits for in-flight requests
     max_frame_memory: int = 1 << 30  # bytes of large frames being received at once, server-wide
     repo_cache_s: float = 1.0  # how long repository listings are cached (reloaded on load/unload)
+    direct_replies: bool = True  # workers write replies to plain-TCP sockets themselves (no loop wakeup)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -206,6 +214,27 @@ class Stats:
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "errors": dict(self.errors), "latency_us": self.latency.percentiles()}
+
+    def merge(self, other: Stats) -> Stats:
+        """Add other's counts into this one (returns self)."""
+        self.requests += other.requests
+        for code, n in list(other.errors.items()):
+            self.errors[code] = self.errors.get(code, 0) + n
+        h, o = self.latency, other.latency
+        counts = h.counts
+        for i, c in enumerate(o.counts):
+            if c:
+                counts[i] += c
+        h.n += o.n
+        h.max = max(h.max, o.max)
+        return self
+
+    @classmethod
+    def sum(cls, parts: Iterable[Stats]) -> Stats:
+        out = cls()
+        for st in parts:
+            out.merge(st)
+        return out
 
 
 # --- the server ----------------------------------------------------------------------------------------
@@ -420,7 +449,9 @@ class Server:
                 raise wire.Unavailable(f"model {name!r} version {version} is unloading; load it again "
                                        "once the unload has finished")
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
-                             finish=self._finish, torch_threads=self.config.torch_threads, verify=self.config.verify)
+                             finish=self._finish, respond=self._respond if self.config.direct_replies else None,
+                             torch_threads=self.config.torch_threads, verify=self.config.verify)
+        inst.stats = Stats()
         self._instances[key] = inst
         self._model_stats.setdefault(name, Stats())
         fut = inst.start()
@@ -434,6 +465,10 @@ class Server:
         key = (inst.name, inst.version)
         if self._instances.get(key) is inst and (inst.state != FAILED or force):
             del self._instances[key]
+            # its worker has ended: what it counted joins the loop's own figures for the model
+            self._model_stats.setdefault(inst.name, Stats()).merge(inst.stats)
+            self.stats.merge(inst.stats)
+            inst.stats = Stats()
         self._update_route(inst.name)
 
     def _update_route(self, name: str) -> None:
@@ -490,7 +525,8 @@ class Server:
                           budget=self._budget, idle_timeout_s=cfg.idle_timeout_s or None,
                           authenticated=self._token is None, flusher=self._flusher,
                           on_open=self._conn_opened, on_close=self._conn_closed, on_error=self._protocol_error,
-                          on_read_done=self._submit_pending, frame_memory=self._frame_memory)
+                          on_read_done=self._submit_pending, frame_memory=self._frame_memory,
+                          direct_replies=cfg.direct_replies)
 
     def _submit_pending(self) -> None:
         """End of a read: hand the requests it carried to the model workers, one hand-off per instance
@@ -645,6 +681,48 @@ class Server:
         req.code = code = wire.wire_code(exc)
         req.reply = wire.encode_error(rid, code, str(exc))
 
+    def _respond(self, reqs: list) -> list:
+        """In a worker thread: write the replies of finished requests straight to their sockets
+        (Connection.reply_threadsafe: several replies to one connection in one write), counting them
+        in the instance's own statistics (written by this thread only).  Returns the requests the
+        loop must answer instead (`_deliver`)."""
+        if len(reqs) == 1:
+            req = reqs[0]
+            reply = req.reply
+            if reply is None or not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
+                return reqs
+            self._count(req.instance.stats, req, _perf_ns())
+            return _NONE
+        left = []
+        groups: dict = {}
+        for req in reqs:
+            if req.reply is None:
+                left.append(req)
+            else:
+                groups.setdefault(req.owner, []).append(req)
+        now = _perf_ns()
+        for conn, group in groups.items():
+            parts, rids, n = [], [], 0
+            for req in group:
+                reply = req.reply
+                parts += reply
+                n += _frame_bytes(reply)
+                rids.append(req.tag)
+            if conn.reply_threadsafe(rids, parts, n):
+                st = group[0].instance.stats
+                for req in group:
+                    self._count(st, req, now)
+            else:
+                left += group
+        return left
+
+    @staticmethod
+    def _count(st: Stats, req: Request, now: int) -> None:
+        st.requests += 1
+        st.latency.add((now - req.t0) // 1000)
+        if req.code != "OK":
+            st.error(req.code)
+
     def _deliver(self, batch: list) -> None:
         """On the loop: write the finished requests' replies (one wakeup, one flush)."""
         now = _perf_ns()
@@ -762,21 +840,31 @@ class Server:
     def _op_health(self, conn, rid, h, payload) -> None:
         self._ok(conn, rid, {"live": True, "ready": self.ready, "models": self._model_health()})
 
+    def _stats_of(self, name: str) -> Stats:
+        """A model's figures: the loop's own, plus what its live instances' workers counted."""
+        parts = [inst.stats for (n, _), inst in self._instances.items() if n == name]
+        st = self._model_stats.get(name)
+        if st is not None:
+            parts.append(st)
+        return Stats.sum(parts)
+
     def _op_stats(self, conn, rid, h, payload) -> None:
         name = h.get("model")
         if name is None:
-            reply = self.stats.to_dict()
-            reply["models"] = {n: s.to_dict() for n, s in sorted(self._model_stats.items())}
+            models = {n: self._stats_of(n) for n in sorted(self._model_stats)}
+            reply = Stats.sum([self.stats, *(inst.stats for inst in self._instances.values())]).to_dict()
+            reply["models"] = {n: s.to_dict() for n, s in models.items()}
         else:
             if type(name) is not str:
                 raise wire.BadRequest(f"stats: field 'model' must be a string, got {wire.shown(name)}")
-            st = self._model_stats.get(name)
-            if st is None:
+            if name not in self._model_stats:
                 self._resolve(name)  # NOT_FOUND for a model the server never heard of
-                st = Stats()
+            st = self._stats_of(name)
             reply = st.to_dict()
             reply["models"] = {name: st.to_dict()}
         reply["in_flight"] = self._budget.count
+        # (the instances' own figures are read while their workers may be counting: a request or so
+        # may be missing from one snapshot, never counted twice)
         reply["connections"] = len(self._conns)
         reply["uptime_s"] = round(time.time() - self.started_at, 3)
         self._ok(conn, rid, reply)
