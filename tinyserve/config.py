@@ -21,6 +21,9 @@ from tinyserve.spec import DTYPES, MAX_DIM, MAX_NAME_LEN, MAX_NDIM
 
 __all__ = [
     "BatchingConfig",
+    "BucketConfig",
+    "PLACEMENT_MODES",
+    "PlacementConfig",
     "CONFIG_FILES",
     "DEFAULT_PROGRAM",
     "DEFAULT_WEIGHTS",
@@ -43,6 +46,13 @@ MAX_QUEUE_DELAY_US = 60_000_000  # one minute
 MAX_QUEUE_SIZE = 1 << 20
 MAX_EXTRA_BYTES = 1 << 20  # `extra` serialised as compact JSON
 MAX_EXTRA_DEPTH = 32
+MAX_TARGET_P99_US = 600_000_000  # ten minutes
+MAX_BUCKETS = 64
+MAX_INSTANCES = 256
+MAX_DEVICES = 64
+MAX_ELASTIC_MS = 86_400_000  # one day
+PLACEMENT_MODES = ("static", "dynamic", "elastic")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda:(0|[1-9][0-9]{0,3})")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _NAME_CHARS = "A-Z a-z 0-9 _ . -"
@@ -191,14 +201,110 @@ class TensorSpec:
 
 
 # --- batching --------------------------------------------------------------------------------------
+def _check_names(value: object, where: str, allow_empty: bool) -> tuple[str, ...]:
+    if isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, tuple):
+        raise ConfigError(f"{where} must be a list of tensor names, got {_type_name(value)}")
+    if not value and not allow_empty:
+        raise ConfigError(f"{where} is empty; name at least one tensor")
+    if len(value) > MAX_IO_TENSORS:
+        raise ConfigError(f"{where} has {len(value)} names, limit {MAX_IO_TENSORS}")
+    for i, n in enumerate(value):
+        if not isinstance(n, str):
+            raise ConfigError(f"{where}[{i}] must be a string, got {_type_name(n)}")
+        if n in value[:i]:
+            raise ConfigError(f"{where}[{i}] repeats the name {_show(n)}")
+    return value
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """Padding buckets for one variable-length dimension (docs/repository.md section 3.2.1).
+
+    Each input named in ``inputs`` is padded along ``dim`` with ``pad_value`` up to the smallest size
+    in ``sizes`` that holds it, so requests of nearby lengths share a batch; each output named in
+    ``trim_outputs`` is cut back to the request's own length along ``dim``.
+    """
+
+    dim: int
+    sizes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    trim_outputs: tuple[str, ...] = ()
+    pad_value: int | float = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.dim):
+            raise ConfigError(f"batching.buckets.dim must be an integer, got {_type_name(self.dim)}")
+        if not 1 <= self.dim < MAX_NDIM:
+            raise ConfigError(f"batching.buckets.dim is {self.dim}; must be 1..{MAX_NDIM - 1} (0 is the batch dimension)")
+        sizes = self.sizes
+        if isinstance(sizes, list):
+            sizes = tuple(sizes)
+        if not isinstance(sizes, tuple):
+            raise ConfigError(f"batching.buckets.sizes must be a list of integers, got {_type_name(sizes)}")
+        if not 1 <= len(sizes) <= MAX_BUCKETS:
+            raise ConfigError(f"batching.buckets.sizes has {len(sizes)} sizes; must be 1..{MAX_BUCKETS}")
+        for i, size in enumerate(sizes):
+            if not _is_int(size):
+                raise ConfigError(f"batching.buckets.sizes[{i}] must be an integer, got {_type_name(size)}")
+            if not 1 <= size <= MAX_DIM:
+                raise ConfigError(f"batching.buckets.sizes[{i}] is {size}; must be 1..{MAX_DIM}")
+            if i and size <= sizes[i - 1]:
+                raise ConfigError(
+                    f"batching.buckets.sizes[{i}] is {size}; sizes must be strictly ascending "
+                    f"(previous {sizes[i - 1]})"
+                )
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "inputs", _check_names(self.inputs, "batching.buckets.inputs", False))
+        object.__setattr__(
+            self, "trim_outputs", _check_names(self.trim_outputs, "batching.buckets.trim_outputs", True)
+        )
+        pv = self.pad_value
+        if isinstance(pv, bool) or not isinstance(pv, (int, float)):
+            raise ConfigError(f"batching.buckets.pad_value must be a number, got {_type_name(pv)}")
+        if isinstance(pv, float) and not math.isfinite(pv):
+            raise ConfigError(f"batching.buckets.pad_value is {pv!r}; must be finite")
+        if _is_int(pv) and not -(1 << 63) <= pv < (1 << 64):
+            raise ConfigError(f"batching.buckets.pad_value is {_show(pv)}; must fit in 64 bits")
+
+    def bucket(self, length: int) -> int | None:
+        """The padded size for a length: the smallest bucket >= length, None above the largest."""
+        for size in self.sizes:
+            if size >= length:
+                return size
+        return None
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "batching.buckets") -> BucketConfig:
+        keys = ("dim", "sizes", "inputs", "trim_outputs", "pad_value")
+        d = _check_keys(d, where, keys, ("dim", "sizes", "inputs"))
+        kwargs = dict(d)
+        for k in ("sizes", "inputs", "trim_outputs"):
+            if k in kwargs:
+                kwargs[k] = _as_tuple(kwargs[k], f"{where}.{k}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dim": self.dim, "sizes": list(self.sizes), "inputs": list(self.inputs),
+                "trim_outputs": list(self.trim_outputs), "pad_value": self.pad_value}
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Dynamic batching of one model.  Present on a ModelConfig = batching enabled."""
+    """Dynamic batching of one model.  Present on a ModelConfig = batching enabled.
+
+    ``target_p99_us`` (None: off) turns on latency-target mode: the batcher then picks, at or below
+    ``max_batch_size`` and ``max_queue_delay_us``, the largest batch and longest wait its cost model
+    predicts still meet that p99 (docs/scheduler.md).  ``buckets``: padding buckets, or None.
+    """
 
     max_batch_size: int = 32
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 500
     max_queue_size: int = 1024
+    target_p99_us: int | None = None
+    buckets: BucketConfig | None = None
 
     def __post_init__(self) -> None:
         def check_int(field_name: str, lo: int, hi: int) -> int:
@@ -234,16 +340,23 @@ class BatchingConfig:
             seen.add(size)
         # Order carries no meaning; store sorted so equal configs compare equal.
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(pref)))
+        if self.target_p99_us is not None:
+            check_int("target_p99_us", 1, MAX_TARGET_P99_US)
+        if self.buckets is not None and not isinstance(self.buckets, BucketConfig):
+            raise ConfigError(f"batching.buckets must be a BucketConfig or None, got {_type_name(self.buckets)}")
 
     @classmethod
     def from_dict(cls, d: object, where: str = "batching") -> BatchingConfig:
-        keys = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "max_queue_size")
+        keys = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "max_queue_size",
+                "target_p99_us", "buckets")
         d = _check_keys(d, where, keys, ())
         kwargs = dict(d)
         if "preferred_batch_sizes" in kwargs:
             kwargs["preferred_batch_sizes"] = _as_tuple(
                 kwargs["preferred_batch_sizes"], f"{where}.preferred_batch_sizes"
             )
+        if kwargs.get("buckets") is not None:
+            kwargs["buckets"] = BucketConfig.from_dict(kwargs["buckets"], f"{where}.buckets")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,11 +365,96 @@ class BatchingConfig:
             "preferred_batch_sizes": list(self.preferred_batch_sizes),
             "max_queue_delay_us": self.max_queue_delay_us,
             "max_queue_size": self.max_queue_size,
+            "target_p99_us": self.target_p99_us,
+            "buckets": None if self.buckets is None else self.buckets.to_dict(),
         }
 
 
+# --- placement -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where and how many instances of a model run (docs/repository.md section 3.4).
+
+    mode: ``static`` (placed at start, never moved or evicted), ``dynamic`` (loaded on demand,
+    evictable when idle) or ``elastic`` (dynamic, with min_instances..max_instances instances scaled
+    by queue depth).  devices: ``auto``, ``cpu`` or ``cuda:N``; instances go round-robin over them.
+    pinned: never evicted.  The scale_* / cooldown fields only matter for ``elastic``.
+    """
+
+    mode: str = "dynamic"
+    devices: tuple[str, ...] = ("auto",)
+    pinned: bool = False
+    min_instances: int = 1
+    max_instances: int = 1
+    scale_up_queue_depth: int = 8
+    scale_up_after_ms: int = 1000
+    scale_down_idle_ms: int = 30_000
+    cooldown_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, str) or self.mode not in PLACEMENT_MODES:
+            raise ConfigError(f"placement.mode {_show(self.mode)} is not one of {', '.join(PLACEMENT_MODES)}")
+        devs = self.devices
+        if isinstance(devs, (list, str)):
+            devs = (devs,) if isinstance(devs, str) else tuple(devs)
+        if not isinstance(devs, tuple):
+            raise ConfigError(f"placement.devices must be a list of device names, got {_type_name(devs)}")
+        if not 1 <= len(devs) <= MAX_DEVICES:
+            raise ConfigError(f"placement.devices has {len(devs)} entries; must be 1..{MAX_DEVICES}")
+        for i, dev in enumerate(devs):
+            if not isinstance(dev, str) or not _DEVICE_RE.fullmatch(dev):
+                raise ConfigError(
+                    f"placement.devices[{i}] is {_show(dev)}; must be 'auto', 'cpu' or 'cuda:N' (N 0..9999)"
+                )
+            if dev in devs[:i]:
+                raise ConfigError(f"placement.devices[{i}] repeats {dev!r}")
+        if "auto" in devs and len(devs) > 1:
+            raise ConfigError("placement.devices: 'auto' must be the only entry")
+        object.__setattr__(self, "devices", devs)
+        if not isinstance(self.pinned, bool):
+            raise ConfigError(f"placement.pinned must be true or false, got {_type_name(self.pinned)}")
+
+        def check_int(name: str, lo: int, hi: int) -> int:
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise ConfigError(f"placement.{name} must be an integer, got {_type_name(v)}")
+            if not lo <= v <= hi:
+                raise ConfigError(f"placement.{name} is {v}; must be {lo}..{hi}")
+            return v
+
+        lo = check_int("min_instances", 1, MAX_INSTANCES)
+        hi = check_int("max_instances", 1, MAX_INSTANCES)
+        if hi < lo:
+            raise ConfigError(f"placement.max_instances is {hi}; must be >= min_instances ({lo})")
+        if self.mode != "elastic" and hi != lo:
+            raise ConfigError(
+                f"placement.max_instances ({hi}) differs from min_instances ({lo}); only mode 'elastic' "
+                "scales between them"
+            )
+        check_int("scale_up_queue_depth", 1, MAX_QUEUE_SIZE)
+        for name in ("scale_up_after_ms", "scale_down_idle_ms", "cooldown_ms"):
+            check_int(name, 0, MAX_ELASTIC_MS)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "placement") -> PlacementConfig:
+        keys = ("mode", "devices", "pinned", "min_instances", "max_instances", "scale_up_queue_depth",
+                "scale_up_after_ms", "scale_down_idle_ms", "cooldown_ms")
+        d = _check_keys(d, where, keys, ())
+        kwargs = dict(d)
+        if "devices" in kwargs and not isinstance(kwargs["devices"], str):
+            kwargs["devices"] = _as_tuple(kwargs["devices"], f"{where}.devices")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "devices": list(self.devices), "pinned": self.pinned,
+                "min_instances": self.min_instances, "max_instances": self.max_instances,
+                "scale_up_queue_depth": self.scale_up_queue_depth,
+                "scale_up_after_ms": self.scale_up_after_ms,
+                "scale_down_idle_ms": self.scale_down_idle_ms, "cooldown_ms": self.cooldown_ms}
+
+
 # --- model -----------------------------------------------------------------------------------------
-_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra")
+_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "placement")
 _MODEL_REQUIRED = ("name", "platform", "inputs", "outputs")
 
 
@@ -273,6 +471,7 @@ class ModelConfig:
     batching: BatchingConfig | None = None  # None: batching disabled
     # Free-form JSON-able parameters handed to python models (deep-copied; treat as read-only).
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    placement: PlacementConfig | None = None  # None: the server's defaults (dynamic, --device)
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -331,6 +530,11 @@ class ModelConfig:
                             "(the batch dimension) when batching is enabled"
                         )
 
+        if self.batching is not None and self.batching.buckets is not None:
+            self._check_buckets(self.batching.buckets)
+        if self.placement is not None and not isinstance(self.placement, PlacementConfig):
+            raise ConfigError(f"placement must be a PlacementConfig or None, got {_type_name(self.placement)}")
+
         if not isinstance(self.extra, Mapping):
             raise ConfigError(f"extra must be an object (mapping), got {_type_name(self.extra)}")
         extra = _copy_json(self.extra, "extra")
@@ -338,6 +542,23 @@ class ModelConfig:
         if size > MAX_EXTRA_BYTES:
             raise ConfigError(f"extra is {size} bytes as JSON, limit {MAX_EXTRA_BYTES}")
         object.__setattr__(self, "extra", extra)
+
+    def _check_buckets(self, b: BucketConfig) -> None:
+        for side, names, what in (("inputs", b.inputs, "inputs"), ("outputs", b.trim_outputs, "trim_outputs")):
+            specs = {s.name: s for s in getattr(self, side)}
+            for i, n in enumerate(names):
+                where = f"batching.buckets.{what}[{i}]"
+                if n not in specs:
+                    raise ConfigError(f"{where}: {_show(n)} is not one of the model's {side}")
+                shape = specs[n].shape
+                if len(shape) <= b.dim:
+                    raise ConfigError(
+                        f"{where}: {_show(n)} has {len(shape)} dimensions; buckets.dim {b.dim} needs at least {b.dim + 1}"
+                    )
+                if shape[b.dim] != -1:
+                    raise ConfigError(
+                        f"{where}: {_show(n)}.shape[{b.dim}] is {shape[b.dim]}; must be -1 (the bucketed length)"
+                    )
 
     @classmethod
     def from_dict(cls, d: object) -> ModelConfig:
@@ -358,6 +579,9 @@ class ModelConfig:
         extra = d.get("extra", {})
         if not isinstance(extra, Mapping):
             raise ConfigError(f"model config: extra must be an object, got {_type_name(extra)}")
+        placement = d.get("placement")
+        if placement is not None:
+            placement = PlacementConfig.from_dict(placement)
         return cls(
             name=d["name"],
             platform=d["platform"],
@@ -367,11 +591,13 @@ class ModelConfig:
             weights=d.get("weights", DEFAULT_WEIGHTS),
             batching=batching,
             extra=extra,
+            placement=placement,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, defaults included; ``ModelConfig.from_dict(c.to_dict()) == c``."""
-        return {
+        """Every field, defaults included, except ``placement``, written only when set (an absent
+        placement means the server's defaults); ``ModelConfig.from_dict(c.to_dict()) == c``."""
+        out = {
             "name": self.name,
             "platform": self.platform,
             "program": self.program,
@@ -381,6 +607,9 @@ class ModelConfig:
             "batching": None if self.batching is None else self.batching.to_dict(),
             "extra": copy.deepcopy(self.extra),
         }
+        if self.placement is not None:
+            out["placement"] = self.placement.to_dict()
+        return out
 
     @property
     def batching_enabled(self) -> bool:
