@@ -65,7 +65,8 @@ def test_push_then_resolve_and_load(storage, tmp_path):
     r = remote(storage, tmp_path)
     assert r.models() == ["m"] and r.versions("m") == [1, 2]
     assert r.read_config("m").name == "m"
-    path, tensors = r.load_weights("m")  # latest: 2, streamed
+    path, tensors = r.load_weights("m")  # latest: 2, streamed; the entry is committed in the background
+    assert r.wait_committed("m", 2) == path
     assert path.name == "data" and (path / "assets" / "vocab.txt").read_text() == "hello 1\n"
     assert all(torch.equal(tensors[k], sd2[k]) for k in sd2)
     assert r.last_stream.chunks_decoded > 0

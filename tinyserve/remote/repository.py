@@ -33,7 +33,7 @@ from tinyserve.remote.manifest import (
     sha256_file,
 )
 from tinyserve.repository import Repository, load_config_dir
-from tinyserve.storage import Cache, Pin, Storage
+from tinyserve.storage import Cache, Pending, Pin, Storage
 from tinyserve.storage.base import (
     DEFAULT_CONCURRENCY,
     DEFAULT_PART_BYTES,
@@ -67,6 +67,8 @@ class RemoteRepository:
         self.concurrency = concurrency
         self.space = space_of(storage)
         self._pins: dict[tuple[str, int], Pin] = {}
+        self._pending: dict[tuple[str, int], Pending] = {}
+        self.commit_errors: list[str] = []  # background commits that failed (the entry was re-fetched later)
         self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self.last_stream = StreamStats()
@@ -123,7 +125,10 @@ class RemoteRepository:
     def load_weights(self, name: str, version: int | None = None, *, progress: Progress | None = None,
                      ) -> tuple[Path, dict[str, torch.Tensor]]:
         """(version directory, the weights file's tensors).  Not cached: the tensors are decoded while
-        the download streams in.  Cached: read from the cache as from a local repository."""
+        the download streams in, and returned as soon as the last chunk is decoded; the cache entry
+        is committed (fsync, stamp, rename) on a background thread, so the returned directory exists
+        once ``wait_committed(name, version)`` returns (``resolve`` waits for it too).  Cached: read
+        from the cache as from a local repository."""
         path, tensors = self._get(name, version, decode=True, progress=progress)
         if tensors is None:
             cfg = load_config_dir(path)
@@ -145,10 +150,43 @@ class RemoteRepository:
                     raise RepositoryError(f"{p}: SHA-256 does not match the manifest")
         return check
 
+    def _settle(self, key: tuple[str, int]) -> None:
+        """Wait for a background commit of ``key``, if any, and adopt its pin (or record its failure)."""
+        with self._lock:
+            pending = self._pending.get(key)
+        if pending is None:
+            return
+        try:
+            pin = pending.wait()
+        except RepositoryError as exc:
+            pin = None
+            with self._lock:
+                if self._pending.get(key) is pending:
+                    self.commit_errors.append(str(exc))
+        with self._lock:
+            if self._pending.get(key) is not pending:  # another thread settled it and adopted the pin
+                return
+            del self._pending[key]
+            old = self._pins.pop(key, None)
+            if pin is not None:
+                self._pins[key] = pin
+        if old is not None:
+            old.close()
+
+    def wait_committed(self, name: str, version: int) -> Path | None:
+        """Wait for the background commit of a version loaded by ``load_weights``; its cache
+        directory, or None when the commit failed (the next load fetches it again)."""
+        key = (name, version)
+        self._settle(key)
+        with self._lock:
+            pin = self._pins.get(key)
+        return pin.path if pin is not None and not pin.closed else None
+
     def _get(self, name: str, version: int | None, *, decode: bool, progress: Progress | None):
         Repository.validate_name(name)
         version = self._latest(name) if version is None else Repository.validate_version(version)
         key = (name, version)
+        self._settle(key)
         with self._lock:
             pin = self._pins.get(key)
             if pin is not None and not pin.closed and self.cache.check_entry(pin.path.parent) is None:
@@ -166,8 +204,17 @@ class RemoteRepository:
             def fill(data: Path) -> None:
                 box["tensors"] = self._download(man, data, decode=decode, progress=progress)
 
-            pin = self.cache.fill(self.space, name, version, man.total_bytes + len(man.to_bytes()), fill, check)
+            got = self.cache.fill(self.space, name, version, man.total_bytes + len(man.to_bytes()), fill, check,
+                                  background=decode)
             tensors = box.get("tensors")
+            if isinstance(got, Pending):
+                if not got.done():  # committed in the background; tensors are ready now
+                    self._verified.add(key)
+                    with self._lock:
+                        self._pending[key] = got
+                    return self.cache.entry_path(self.space, name, version) / "data", tensors
+                got = got.wait()
+            pin = got
         if pin is None:
             raise RepositoryError(f"cache entry {name}:{version} was evicted as it was being used; retry")
         self._verified.add(key)
@@ -192,7 +239,7 @@ class RemoteRepository:
                     return stream_weights(self.storage, k, dest, size=f.size, header_checksum=f.header_checksum,
                                           decode=decode, part_bytes=self.part_bytes,
                                           concurrency=self.concurrency, progress=progress,
-                                          stats=self.last_stream)
+                                          stats=self.last_stream, sync=False)  # the cache's commit fsyncs
                 fetch_file(self.storage, k, dest, size=f.size, sha256=f.sha256, part_bytes=self.part_bytes,
                            concurrency=self.concurrency, progress=progress)
             except ObjectNotFoundError as e:
@@ -244,12 +291,18 @@ class RemoteRepository:
 
     def release(self, name: str, version: int) -> None:
         """Unpin a version (the server unloaded it): the cache may evict it again."""
+        self._settle((name, version))
         with self._lock:
             pin = self._pins.pop((name, version), None)
         if pin is not None:
             pin.close()
 
     def close(self) -> None:
+        """Wait for background commits, then release every pin."""
+        with self._lock:
+            keys = list(self._pending)
+        for key in keys:
+            self._settle(key)
         with self._lock:
             pins, self._pins = list(self._pins.values()), {}
         for p in pins:

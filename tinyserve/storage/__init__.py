@@ -11,10 +11,10 @@ from tinyserve.storage.base import (
     StorageUnavailableError,
     check_key,
 )
-from tinyserve.storage.cache import Cache, Pin
+from tinyserve.storage.cache import Cache, Pending, Pin
 from tinyserve.storage.local import LocalStorage
 
-__all__ = ["Cache", "ListResult", "LocalStorage", "ObjectNotFoundError", "Pin", "Storage", "StorageAuthError",
+__all__ = ["Cache", "ListResult", "LocalStorage", "ObjectNotFoundError", "Pending", "Pin", "Storage", "StorageAuthError",
            "StorageError", "StorageUnavailableError", "check_key", "open_storage"]
 
 

@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from tinyserve.errors import LimitError, RepositoryError
 
 ENTRY_FILE = "entry.json"
 USED_FILE = "used"
+MANIFEST_FILE = "manifest.json"
 DATA_DIR = "data"
 MAX_STAMP_BYTES = 16 << 20
 _SPACE = re.compile(r"[a-z0-9]{1,64}")
@@ -141,6 +143,44 @@ class Pin:
         self.close()
 
 
+class Pending:
+    """A cache entry being committed on a background thread (``Cache.fill(background=True)``).
+
+    ``wait()`` returns its Pin once the entry is in ``entries/`` or raises why the commit failed
+    (then nothing of it is left in the cache)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._event = threading.Event()
+        self._pin: Pin | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def done_with(cls, what: str, pin: Pin) -> Pending:
+        p = cls(what)
+        p._finish(pin, None)
+        return p
+
+    def _finish(self, pin: Pin | None, error: BaseException | None) -> None:
+        self._pin, self._error = pin, error
+        self._event.set()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error if self._event.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> Pin:
+        if not self._event.wait(timeout):
+            raise RepositoryError(f"{self.what}: commit still running after {timeout} s")
+        if self._error is not None:
+            raise RepositoryError(f"{self.what}: committing the entry failed: {self._error}") from self._error
+        assert self._pin is not None
+        return self._pin
+
+
 class Cache:
     def __init__(self, root: str | os.PathLike, max_bytes: int, *, clock: Callable[[], float] = time.time,
                  lock_timeout_s: float = 3600.0) -> None:
@@ -150,6 +190,7 @@ class Cache:
         self.max_bytes = max_bytes
         self.clock = clock
         self.lock_timeout_s = lock_timeout_s
+        self.before_commit: Callable[[Path], None] | None = None  # test hook, see _commit_in_background
         for d in ("entries", "locks", "staging", "trash"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
 
@@ -267,32 +308,68 @@ class Cache:
 
     # --- writing ---------------------------------------------------------------------------------------
     def fill(self, space: str, name: str, version: int, nbytes: int, fill: Callable[[Path], None],
-             verify: Callable[[Path], None] | None = None) -> Pin:
+             verify: Callable[[Path], None] | None = None, *, background: bool = False) -> Pin | Pending:
         """Return a pin on the entry, filling it first when absent (or corrupt).
 
         ``fill(data_dir)`` writes the version's files into an empty staging directory; ``nbytes`` is
         what they will take (room is made before filling).  Only one process fills a given entry at a
-        time; the others wait for it and then use its result."""
+        time; the others wait for it and then use its result.
+
+        ``background=True`` returns a ``Pending`` as soon as ``fill`` has returned: the commit (fsync
+        of every file and directory, the stamp, the rename into ``entries/``, the pin) runs on a
+        thread, which holds the fill lock until the entry is committed or the staging directory
+        removed.  Until then the entry does not exist for anyone; a crash leaves only a staging
+        directory, deleted at the next fill."""
         self._check(space, name, version)
         if nbytes > self.max_bytes:
             raise LimitError(f"model {name!r} version {version} needs {nbytes} bytes, more than the cache's "
                              f"limit of {self.max_bytes} bytes")
         what = f"cache entry {name}:{version}"
         # the fill lock serialises fillers of this entry; pins and eviction use the entry lock
-        with _Lock(self._lock_path(space, name, version).with_suffix(".fill"), fcntl.LOCK_EX,
-                   self.lock_timeout_s, what):
+        lock = _Lock(self._lock_path(space, name, version).with_suffix(".fill"), fcntl.LOCK_EX,
+                     self.lock_timeout_s, what)
+        handed_off = False
+        try:
             for _ in range(3):
                 if self.lookup(space, name, version, verify) is None:
                     self._make_room(nbytes, keep=(space, name, version))
-                    self._fill_locked(space, name, version, fill)
+                    staged = self._stage(fill)
+                    if background:
+                        pending = Pending(what)
+                        worker = threading.Thread(target=self._commit_in_background,
+                                                  args=(staged, space, name, version, lock, pending),
+                                                  name=f"ts-commit-{name}-{version}")
+                        worker.start()  # not a daemon: a normal exit finishes the commit first
+                        handed_off = True
+                        return pending
+                    self._commit(staged, space, name, version)
                 pin = self.pin(space, name, version)
                 if pin is not None:
-                    return pin
+                    return Pending.done_with(what, pin) if background else pin
                 # evicted between commit and pin (a full cache under pressure): fill again
+        finally:
+            if not handed_off:
+                lock.close()
         raise RepositoryError(f"{what} was evicted three times while being filled; the cache limit "
                               f"{self.max_bytes} bytes is too small for the working set")
 
-    def _fill_locked(self, space: str, name: str, version: int, fill: Callable[[Path], None]) -> None:
+    def _commit_in_background(self, staged: tuple[Path, int], space: str, name: str, version: int,
+                              lock: _Lock, pending: Pending) -> None:
+        try:
+            if self.before_commit is not None:  # test hook: hold the commit back
+                self.before_commit(staged[0])
+            self._commit(staged, space, name, version)
+            pin = self.pin(space, name, version)
+            if pin is None:
+                raise RepositoryError(f"cache entry {name}:{version} was evicted right after its commit")
+            pending._finish(pin, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the Pending
+            pending._finish(None, exc)
+        finally:
+            lock.close()
+
+    def _stage(self, fill: Callable[[Path], None]) -> tuple[Path, int]:
+        """A new staging directory (flock held: the returned fd) with ``fill``'s files in ``data/``."""
         self._clean_staging()
         staging = self.root / "staging" / secrets.token_hex(12)
         staging.mkdir()
@@ -302,7 +379,31 @@ class Cache:
             data = staging / DATA_DIR
             data.mkdir()
             fill(data)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.close(fd)
+            raise
+        return staging, fd
+
+    def _commit(self, staged: tuple[Path, int], space: str, name: str, version: int) -> None:
+        """Stamp, fsync and rename a staging directory into ``entries/``; closes its fd; removes it on
+        failure."""
+        staging, fd = staged
+        try:
+            data = staging / DATA_DIR
             files = _file_stamps(data)
+            for f in files:  # writers may leave the fsync to this step
+                ffd = os.open(data / f["path"], os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(ffd)
+                finally:
+                    os.close(ffd)
+            if (staging / MANIFEST_FILE).is_file():
+                ffd = os.open(staging / MANIFEST_FILE, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(ffd)
+                finally:
+                    os.close(ffd)
             stamp = {"space": space, "name": name, "version": version, "files": files,
                      "bytes": sum(f["size"] for f in files)}
             with open(staging / ENTRY_FILE, "w") as f:
@@ -374,7 +475,7 @@ class Cache:
         """Delete an entry unless a process uses it; True when it went."""
         entry = self.entry_path(space, name, version)
         fd = _try_lock(self._lock_path(space, name, version))
-        if fd is None:  # in use; a filler moves a corrupt entry aside itself (_fill_locked)
+        if fd is None:  # in use; a filler moves a corrupt entry aside itself (_commit)
             return False
         try:
             with self._global():

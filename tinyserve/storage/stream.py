@@ -12,6 +12,7 @@ as a local load).  Any failure removes the temporary file: a partial file never 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import mmap
 import os
@@ -19,6 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,55 +106,32 @@ def fetch_file(storage: Storage, key: str, dest: str | os.PathLike, *, size: int
     return actual
 
 
-class _Schedule:
-    """Which chunks each part completes: a chunk is ready once every part it overlaps has landed."""
+def plan_parts(infos, start: int, total: int, part_bytes: int) -> list[tuple[int, int]]:
+    """Split ``[start, total)`` into ranges of about ``part_bytes`` cut only at chunk starts, so every
+    chunk lies wholly inside one range (a chunk larger than ``part_bytes`` gets a range of its own).
+    Each range can then be verified and decoded straight from the buffer it landed in."""
+    cuts = sorted({c.offset for t in infos for c in t.chunks if start < c.offset < total} | {total})
+    parts, lo = [], start
+    while lo < total:
+        first = bisect.bisect_right(cuts, lo)  # the first cut after lo
+        last = bisect.bisect_right(cuts, lo + part_bytes) - 1  # the last cut within a part of lo
+        hi = cuts[max(first, last)]
+        parts.append((lo, hi))
+        lo = hi
+    return parts
 
-    def __init__(self, tensors, start: int, part_bytes: int) -> None:
-        self.chunks = []  # (tensor index, chunk index, offset, end)
-        for ti, t in enumerate(tensors):
-            for k, c in enumerate(t.chunks):
-                self.chunks.append((ti, k, c.offset, c.offset + c.size))
-        self.remaining = []
-        self.by_part: dict[int, list[int]] = {}
-        for ci, (_, _, off, end) in enumerate(self.chunks):
-            first, last = (off - start) // part_bytes, (end - 1 - start) // part_bytes
-            self.remaining.append(last - first + 1)
-            for p in range(first, last + 1):
-                self.by_part.setdefault(p, []).append(ci)
-        self.start, self.part_bytes = start, part_bytes
-        self.lock = threading.Lock()
-        self.done = 0
 
-    def landed(self, lo: int) -> list[int]:
-        ready = []
-        with self.lock:
-            for ci in self.by_part.get((lo - self.start) // self.part_bytes, ()):
-                self.remaining[ci] -= 1
-                if self.remaining[ci] == 0:
-                    ready.append(ci)
-        return ready
-
-    def runs(self, ready: list[int]):
-        """Group ready chunks into (tensor index, first chunk, end chunk) runs of consecutive chunks."""
-        ready.sort()
-        run = None
-        for ci in ready:
-            ti, k = self.chunks[ci][:2]
-            if run and run[0] == ti and run[2] == k:
-                run[2] = k + 1
-            else:
-                if run:
-                    yield tuple(run)
-                run = [ti, k, k + 1]
-        if run:
-            yield tuple(run)
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        done += os.pwrite(fd, buf[done:], offset + done)
 
 
 def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size: int | None = None,
                    header_checksum: int | None = None, decode: bool = True, verify: bool = True,
                    part_bytes: int = DEFAULT_PART_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
                    max_decoded_bytes: int | None = None, progress: Progress | None = None, core=None,
-                   stats: StreamStats | None = None) -> dict[str, torch.Tensor] | None:
+                   stats: StreamStats | None = None, sync: bool = True) -> dict[str, torch.Tensor] | None:
     """Stream the weights file ``key`` into the local file ``dest``; return its tensors (``decode``)
     or None.
 
@@ -160,6 +139,12 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
     the header and against ``size`` (the manifest), the header checksum against ``header_checksum``
     (which pins the whole file: it covers the index, which holds every chunk checksum), every
     chunk's checksum (``verify``), and every padding byte.  ``progress(n)`` gets each part's byte count.
+
+    The data is read as ranges cut at chunk boundaries (``plan_parts``) into one reused buffer per
+    download thread; the thread writes the range to the file with ``pwrite`` and verifies / decodes
+    its chunks from that buffer.  ``sync=False`` skips the fsync of the file and its directory: for a
+    caller that publishes the file later by a rename of its own (the cache's staging directory) and
+    fsyncs it then.
     """
     core = core or _default_core
     check_transfer(part_bytes, concurrency)
@@ -189,51 +174,81 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                                        f"{header_checksum:#018x} (a different file)")
     if progress:  # the data parts start at data_offset and refetch what the probe read past it
         progress(min(len(probe), header.data_offset))
+    head = probe
+    if header.data_offset > len(probe):  # a large index: fetch the rest of the head first
+        head = bytearray(header.data_offset)
+        head[:len(probe)] = probe
+        storage.read_parallel(key, memoryview(head)[len(probe):], offset=len(probe), part_bytes=part_bytes,
+                              concurrency=concurrency,
+                              on_part=(lambda a, b: progress(b - a)) if progress else None)
+    del probe
+    try:
+        infos = core.parse_index(header, bytes(head[HEADER_SIZE:HEADER_SIZE + header.index_size]))
+    except errors.TinyserveError as exc:
+        raise type(exc)(f"{url}: {exc}") from None
+    start = header.data_offset
+    gaps = []  # padding between tensors, [a, b) absolute
+    end = start
+    for t in infos:
+        if t.data_offset > end:
+            gaps.append((end, t.data_offset))
+        end = max(end, t.data_offset + t.data_size)
+    a, b = HEADER_SIZE + header.index_size, min(start, len(head))
+    if any(memoryview(head)[a:b]):
+        raise errors.LayoutError(f"{url}: padding bytes [{a}, {start}) are not zero")
+    need = sum(t.nbytes for t in infos if t.encoding != "raw") if decode else 0
+    limit = physical_memory() if max_decoded_bytes is None else max_decoded_bytes
+    if need > limit:
+        raise errors.LimitError(f"{url}: decoding needs {need} bytes of memory, more than the limit {limit} "
+                                "(max_decoded_bytes)")
+    flat: dict[int, torch.Tensor] = {}
+    if decode:
+        for ti, t in enumerate(infos):
+            if t.encoding != "raw":
+                try:
+                    flat[ti] = torch.empty(t.nbytes, dtype=torch.uint8)
+                except RuntimeError as exc:
+                    raise errors.LimitError(f"{url}: cannot allocate {t.nbytes} bytes for tensor "
+                                            f"{t.name!r}: {exc}") from None
+    parts = plan_parts(infos, start, total, part_bytes)
+    part_starts = [lo for lo, _ in parts]
+    # (tensor index, first chunk, end chunk) runs of each part, built once
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in parts]
+    for ti, t in enumerate(infos):
+        for k, c in enumerate(t.chunks):
+            pi = bisect.bisect_right(part_starts, c.offset) - 1
+            lo, hi = parts[pi]
+            if not (lo <= c.offset and c.offset + c.size <= hi):  # cannot happen for a parsed index
+                raise errors.LayoutError(f"{url}: tensor {t.name!r} chunk {k} [{c.offset}, "
+                                         f"{c.offset + c.size}) straddles the ranges it is read in")
+            r = runs[pi]
+            if r and r[-1][0] == ti and r[-1][2] == k:
+                r[-1] = (ti, r[-1][1], k + 1)
+            else:
+                r.append((ti, k, k + 1))
+    counts = {"verified": 0, "decoded": 0}
+    clock_lock = threading.Lock()
+    buffers = threading.local()
+    biggest = max((hi - lo for lo, hi in parts), default=0)
     tmp = _tmp_beside(dest)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    mm = view = None
     try:
         os.ftruncate(fd, total)
-        mm = mmap.mmap(fd, total)  # shared: what lands here is the cache file
-        view = memoryview(mm)
-        view[:len(probe)] = probe
-        if header.data_offset > len(probe):  # a large index: fetch the rest of the head first
-            storage.read_parallel(key, view[len(probe):header.data_offset], offset=len(probe),
-                                  part_bytes=part_bytes, concurrency=concurrency,
-                                  on_part=(lambda a, b: progress(b - a)) if progress else None)
-        try:
-            infos = core.parse_index(header, view[HEADER_SIZE:HEADER_SIZE + header.index_size])
-        except errors.TinyserveError as exc:
-            raise type(exc)(f"{url}: {exc}") from None
-        gaps = [(HEADER_SIZE + header.index_size, header.data_offset)]
-        end = header.data_offset
-        for t in infos:
-            gaps.append((end, t.data_offset))
-            end = t.data_offset + t.data_size
-        for a, b in gaps[:1]:
-            if any(view[a:b]):
-                raise errors.LayoutError(f"{url}: padding bytes [{a}, {b}) are not zero")
-        need = sum(t.nbytes for t in infos if t.encoding != "raw") if decode else 0
-        limit = physical_memory() if max_decoded_bytes is None else max_decoded_bytes
-        if need > limit:
-            raise errors.LimitError(f"{url}: decoding needs {need} bytes of memory, more than the limit {limit} "
-                                    "(max_decoded_bytes)")
-        flat: dict[int, torch.Tensor] = {}
-        if decode:
-            for ti, t in enumerate(infos):
-                if t.encoding != "raw":
-                    try:
-                        flat[ti] = torch.empty(t.nbytes, dtype=torch.uint8)
-                    except RuntimeError as exc:
-                        raise errors.LimitError(f"{url}: cannot allocate {t.nbytes} bytes for tensor "
-                                                f"{t.name!r}: {exc}") from None
-        start = header.data_offset
-        sched = _Schedule(infos, start, part_bytes)
-        counts = {"verified": 0, "decoded": 0}
-        clock_lock = threading.Lock()
+        _pwrite_all(fd, memoryview(head)[:min(start, len(head))], 0)
 
-        def consume(lo: int, hi: int) -> None:
-            for ti, a, b in sched.runs(sched.landed(lo)):
+        def part(pi: int) -> None:
+            lo, hi = parts[pi]
+            buf = getattr(buffers, "buf", None)
+            if buf is None:
+                buf = buffers.buf = memoryview(bytearray(biggest))
+            view = buf[:hi - lo]
+            storage.read_into(key, lo, view)
+            _pwrite_all(fd, view, lo)
+            for a, b in gaps:
+                a, b = max(a, lo), min(b, hi)
+                if b > a and any(view[a - lo:b - lo]):
+                    raise errors.LayoutError(f"{url}: padding bytes [{a}, {b}) are not zero")
+            for ti, a, b in runs[pi]:
                 t = infos[ti]
                 chunks = t.chunks[a:b]
                 first = a * t.chunk_elems
@@ -242,13 +257,13 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                                  data_size=sum(c.size for c in chunks))
                 if ti in flat:
                     isz = t.nbytes // t.numel
-                    core.decode_into(mm, [(sub, flat[ti][first * isz:(first + n) * isz].numpy())], verify, 1)
+                    core.decode_into(view, [(sub, flat[ti][first * isz:(first + n) * isz].numpy())], verify, 1, lo)
                     with clock_lock:
                         counts["decoded"] += b - a
                         if st.first_decode_s is None:
                             st.first_decode_s = time.perf_counter() - t0
                 elif verify:
-                    bad = core.verify_chunks(mm, [sub], 1)
+                    bad = core.verify_chunks(view, [sub], 1, lo)
                     if bad:
                         raise errors.ChecksumError(f"{url}: checksum mismatch in tensor {t.name!r} chunk "
                                                    f"{a + bad[0][1]} ({len(bad)} bad chunks in this part)")
@@ -258,33 +273,15 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
             if progress:
                 progress(hi - lo)
 
-        if total > start:
-            storage.read_parallel(key, view[start:total], offset=start, part_bytes=part_bytes,
-                                  concurrency=concurrency, on_part=consume)
-        left = sum(1 for r in sched.remaining if r)
-        if left:  # cannot happen when every part landed; a guard against a scheduling bug
-            raise errors.TruncatedError(f"{url}: {left} chunks never arrived")
-        for a, b in gaps[1:]:
-            if b > a and any(view[a:b]):
-                raise errors.LayoutError(f"{url}: padding bytes [{a}, {b}) are not zero")
-        view.release()
-        view = None
-        mm.flush()
-        mm.close()
-        mm = None
-        os.fsync(fd)
+        run_parts(part, len(parts), concurrency)
+        if sync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        if sync:
+            _fsync_dir(dest.parent)
     except BaseException:
-        if view is not None:
-            view.release()
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:  # a view still held by a failed worker's traceback; freed with it
-                pass
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -293,6 +290,7 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
     st.chunks_verified = counts["verified"]
     st.chunks_decoded = counts["decoded"]
     st.decoded_bytes = sum(t.nbytes for ti, t in enumerate(infos) if ti in flat)
+    st.extra["parts"] = len(parts)
     st.seconds = time.perf_counter() - t0
     if not decode:
         return None
@@ -306,3 +304,35 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
         out[t.name] = flat[ti].view(DTYPE_TO_TORCH[t.dtype]).reshape(t.shape) if ti in flat else raw[t.name]
     st.seconds = time.perf_counter() - t0
     return out
+
+
+def run_parts(work: Callable[[int], None], count: int, concurrency: int) -> None:
+    """Run ``work(i)`` for ``i`` in ``range(count)`` on up to ``concurrency`` threads, in order of ``i``
+    as threads free up; the first failure stops the parts not yet started and is raised."""
+    if count == 0:
+        return
+    if count == 1 or concurrency == 1:
+        for i in range(count):
+            work(i)
+        return
+    failed = threading.Event()
+
+    def one(i: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            work(i)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=min(concurrency, count), thread_name_prefix="ts-get") as pool:
+        futures = [pool.submit(one, i) for i in range(count)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if failed.is_set():
+            for f in futures:
+                f.cancel()
+        wait(futures)
+        for f in futures:
+            if not f.cancelled() and f.exception() is not None:
+                raise f.exception()
