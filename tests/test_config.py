@@ -301,3 +301,90 @@ def test_round_trip_property(inputs, outputs, platform, batching, extra):
     d = cfg.to_dict()
     assert ModelConfig.from_dict(d) == cfg
     assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg
+
+
+# --- scheduler fields (issue 5): target_p99_us, buckets, placement ----------------------------------
+def seq_model() -> dict:
+    d = base()
+    d["inputs"] = [{"name": "ids", "dtype": "int64", "shape": [-1, -1]},
+                   {"name": "mask", "dtype": "int64", "shape": [-1, -1]}]
+    d["outputs"] = [{"name": "h", "dtype": "float32", "shape": [-1, -1, 8]},
+                    {"name": "pooled", "dtype": "float32", "shape": [-1, 8]}]
+    d["batching"] = {"max_batch_size": 16, "target_p99_us": 20000,
+                     "buckets": {"dim": 1, "sizes": [16, 32, 64, 128], "inputs": ["ids", "mask"],
+                                 "trim_outputs": ["h"]}}
+    d["placement"] = {"mode": "elastic", "devices": ["cuda:0", "cpu"], "min_instances": 1, "max_instances": 4,
+                      "scale_up_queue_depth": 16, "pinned": True}
+    return d
+
+
+def test_scheduler_fields_round_trip():
+    cfg = ModelConfig.from_dict(seq_model())
+    b = cfg.batching
+    assert b.target_p99_us == 20000 and b.buckets.sizes == (16, 32, 64, 128) and b.buckets.pad_value == 0
+    assert [b.buckets.bucket(n) for n in (1, 16, 17, 128, 129)] == [16, 16, 32, 128, None]
+    p = cfg.placement
+    assert (p.mode, p.devices, p.pinned, p.max_instances, p.cooldown_ms) == ("elastic", ("cuda:0", "cpu"), True, 4, 5000)
+    d = cfg.to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert d["placement"]["devices"] == ["cuda:0", "cpu"]
+    # absent placement stays absent (the server's defaults); "devices" may be a single string
+    assert "placement" not in ModelConfig.from_dict(base()).to_dict()
+    assert ModelConfig.from_dict(with_("placement", {"devices": "cpu"})).placement.devices == ("cpu",)
+    assert BatchingConfig().target_p99_us is None and BatchingConfig().buckets is None
+
+
+SCHED_INVALID = [
+    ("batching.target_p99_us", 0, ["batching.target_p99_us", "0", "1..600000000"]),
+    ("batching.target_p99_us", 1.5, ["target_p99_us", "integer", "float"]),
+    ("batching.buckets", [16], ["batching.buckets", "object", "list"]),
+    ("batching.buckets.dim", 0, ["buckets.dim", "0", "batch dimension"]),
+    ("batching.buckets.dim", 2, ["buckets.inputs[0]", "'ids'", "2 dimensions", "at least 3"]),
+    ("batching.buckets.sizes", [], ["buckets.sizes", "0 sizes", "1..64"]),
+    ("batching.buckets.sizes", [32, 16], ["buckets.sizes[1]", "16", "ascending", "32"]),
+    ("batching.buckets.sizes", [16, 0], ["buckets.sizes[1]", "0", "1.."]),
+    ("batching.buckets.sizes", ["16"], ["buckets.sizes[0]", "integer", "str"]),
+    ("batching.buckets.inputs", [], ["buckets.inputs", "empty"]),
+    ("batching.buckets.inputs", ["ids", "ids"], ["buckets.inputs[1]", "repeats", "'ids'"]),
+    ("batching.buckets.inputs", ["nope"], ["buckets.inputs[0]", "'nope'", "not one of the model's inputs"]),
+    ("batching.buckets.trim_outputs", ["pooled"], ["trim_outputs[0]", "'pooled'.shape[1] is 8", "must be -1"]),
+    ("batching.buckets.trim_outputs", ["x"], ["trim_outputs[0]", "'x'", "outputs"]),
+    ("batching.buckets.pad_value", "0", ["pad_value", "number", "str"]),
+    ("batching.buckets.pad_value", math.inf, ["pad_value", "inf", "finite"]),
+    ("batching.buckets.pad_value", 1 << 64, ["pad_value", "64 bits"]),
+    ("batching.buckets.dims", 1, ["batching.buckets", "unknown key 'dims'"]),
+    ("batching.buckets.dim", DELETE, ["batching.buckets", "missing", "'dim'"]),
+    ("placement", "cpu", ["placement", "object", "str"]),
+    ("placement.mode", "lazy", ["placement.mode", "'lazy'", "static, dynamic, elastic"]),
+    ("placement.devices", ["gpu0"], ["placement.devices[0]", "'gpu0'", "cuda:N"]),
+    ("placement.devices", ["cuda:01"], ["placement.devices[0]", "'cuda:01'"]),
+    ("placement.devices", ["cpu", "cpu"], ["placement.devices[1]", "repeats"]),
+    ("placement.devices", ["auto", "cpu"], ["'auto' must be the only"]),
+    ("placement.devices", [], ["placement.devices", "0 entries", "1..64"]),
+    ("placement.pinned", 1, ["placement.pinned", "true or false", "int"]),
+    ("placement.min_instances", 0, ["placement.min_instances", "0", "1..256"]),
+    ("placement.max_instances", 0, ["placement.max_instances", "0", "1..256"]),
+    ("placement.min_instances", 5, ["max_instances is 4", "min_instances (5)"]),
+    ("placement.mode", "static", ["max_instances (4) differs from min_instances (1)", "elastic"]),
+    ("placement.scale_up_queue_depth", 0, ["scale_up_queue_depth", "0", "1..1048576"]),
+    ("placement.cooldown_ms", -1, ["placement.cooldown_ms", "-1", "0..86400000"]),
+    ("placement.scale_up_after_ms", None, ["scale_up_after_ms", "integer", "null"]),
+    ("placement.zone", "x", ["placement", "unknown key 'zone'"]),
+]
+
+
+@pytest.mark.parametrize("path,value,words", SCHED_INVALID, ids=[f"{p}={v!r}"[:60] for p, v, _ in SCHED_INVALID])
+def test_invalid_scheduler_field(path, value, words):
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict(with_(path, value, seq_model()))
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, (w, msg)
+    assert len(msg) < 400
+
+
+def test_buckets_need_a_dynamic_dim():
+    d = seq_model()
+    d["inputs"][1]["shape"] = [-1, 64]
+    with pytest.raises(ConfigError, match=r"buckets.inputs\[1\]: 'mask'.shape\[1\] is 64; must be -1"):
+        ModelConfig.from_dict(d)
