@@ -373,7 +373,7 @@ class BatchingConfig:
 # --- placement -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlacementConfig:
-    """Where and how many instances of a model run (docs/repository.md section 3.4).
+    """Where and how many instances of a model run (docs/repository.md section 3.3).
 
     mode: ``static`` (placed at start, never moved or evicted), ``dynamic`` (loaded on demand,
     evictable when idle) or ``elastic`` (dynamic, with min_instances..max_instances instances scaled
