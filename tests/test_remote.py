@@ -376,3 +376,109 @@ def test_cli_push_and_pull(weed, tmp_path, capsys):
     assert main(["push", remote_url, str(src), *common]) == 2  # no --name
     with pytest.raises(SystemExit):
         main(["pull", remote_url, "m", "--cache-size", "lots"])
+
+
+# --- background commit of a cold load (issue 7 follow-up) -------------------------------------------------
+def _local_remote(tmp_path, sd_seed: int = 0) -> tuple[RemoteRepository, dict]:
+    src, sd = make_version(tmp_path / "v", seed=sd_seed)
+    st_ = LocalStorage(tmp_path / "remote", create=True)
+    push(st_, src, "m", 1)
+    return RemoteRepository(st_, Cache(tmp_path / "cache", 1 << 30), part_bytes=PART), sd
+
+
+def test_cold_load_returns_before_the_entry_is_committed(tmp_path):
+    import threading
+
+    r, sd = _local_remote(tmp_path)
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(staging: Path) -> None:
+        held.set()
+        assert gate.wait(30)
+
+    r.cache.before_commit = hold
+    path, tensors = r.load_weights("m", 1)
+    assert all(torch.equal(tensors[k], sd[k]) for k in sd)  # usable now
+    assert held.wait(30)
+    # not committed yet: no entry, nothing at the returned path, the files wait in staging
+    assert r.cache.entries() == [] and not path.exists()
+    staged = list((r.cache.root / "staging").iterdir())
+    assert len(staged) == 1 and (staged[0] / "data" / "weights.tsw").is_file()
+    gate.set()
+    assert r.wait_committed("m", 1) == path
+    assert [(e.name, e.version) for e in r.cache.entries()] == [("m", 1)]
+    assert r.cache.check_entry(path.parent) is None and list((r.cache.root / "staging").iterdir()) == []
+    assert (path / "weights.tsw").read_bytes() == (tmp_path / "v" / "weights.tsw").read_bytes()
+    # the entry is pinned by r: eviction cannot take it
+    assert not r.cache.remove(r.space, "m", 1)
+    r.close()
+    assert r.cache.remove(r.space, "m", 1)
+
+
+def test_resolve_waits_for_a_pending_commit(tmp_path):
+    import threading
+
+    r, _ = _local_remote(tmp_path)
+    gate = threading.Event()
+    r.cache.before_commit = lambda staging: gate.wait(30)
+    path, _ = r.load_weights("m", 1)
+    threading.Timer(0.2, gate.set).start()
+    assert r.resolve("m", 1) == path and (path / "model.json").is_file()
+    r.close()
+
+
+def test_failed_background_commit_leaves_nothing_and_refetches(tmp_path):
+    r, sd = _local_remote(tmp_path)
+
+    def fail(staging: Path) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+    r.cache.before_commit = fail
+    _, tensors = r.load_weights("m", 1)
+    assert all(torch.equal(tensors[k], sd[k]) for k in sd)  # the tensors stay valid
+    assert r.wait_committed("m", 1) is None
+    assert len(r.commit_errors) == 1 and "No space left" in r.commit_errors[0]
+    assert r.cache.entries() == [] and list((r.cache.root / "staging").iterdir()) == []
+    r.cache.before_commit = None
+    path, tensors = r.load_weights("m", 1)  # fetched again
+    assert r.wait_committed("m", 1) == path and r.cache.check_entry(path.parent) is None
+    assert all(torch.equal(tensors[k], sd[k]) for k in sd)
+    r.close()
+
+
+_CRASH = """
+import os, sys, threading
+sys.path[:0] = {paths!r}
+printed = threading.Event()
+from tinyserve.remote import RemoteRepository
+from tinyserve.storage import Cache, LocalStorage
+r = RemoteRepository(LocalStorage({remote!r}), Cache({cache!r}, 1 << 30), part_bytes=65536)
+def die(staging):
+    printed.wait(30)
+    os._exit(9)   # the process dies between the tensors' return and the commit
+r.cache.before_commit = die
+path, tensors = r.load_weights("m", 1)
+print("loaded", len(tensors), flush=True)
+printed.set()
+r.wait_committed("m", 1)
+"""
+
+
+def test_crash_before_commit_leaves_no_entry(tmp_path):
+    import subprocess
+    import sys
+
+    r, sd = _local_remote(tmp_path)
+    code = _CRASH.format(paths=[str(Path(__file__).resolve().parent.parent)], remote=str(tmp_path / "remote"),
+                         cache=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    assert "loaded 2" in proc.stdout
+    # no entry, a dead filler's staging directory: ignored by lookups, deleted by the next fill
+    assert r.cache.entries() == [] and r.cache.lookup(r.space, "m", 1) is None
+    assert len(list((r.cache.root / "staging").iterdir())) == 1
+    path, tensors = r.load_weights("m", 1)
+    assert r.wait_committed("m", 1) == path
+    assert all(torch.equal(tensors[k], sd[k]) for k in sd)
+    assert list((r.cache.root / "staging").iterdir()) == []
+    r.close()

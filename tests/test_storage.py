@@ -363,3 +363,46 @@ def test_storage_stopping_mid_download_fails_cleanly(tmp_path):
         assert cache.entries() == [] and os.listdir(tmp_path / "cache" / "staging") == []
     finally:
         srv.stop()
+
+
+# --- ranges cut at chunk boundaries (stream.plan_parts) -----------------------------------------------------
+def test_plan_parts_cuts_only_at_chunk_starts():
+    from collections import namedtuple
+
+    from hypothesis import given
+    from hypothesis import strategies as hs
+
+    from tinyserve.storage.stream import plan_parts
+
+    C = namedtuple("C", "offset size")
+    T = namedtuple("T", "chunks")
+
+    @given(hs.lists(hs.lists(hs.integers(1, 300), min_size=0, max_size=6), max_size=5),
+           hs.lists(hs.integers(0, 50), min_size=5, max_size=5), hs.integers(1, 400), hs.integers(0, 40))
+    def prop(sizes, pads, part, tail):
+        start = pos = 1000
+        infos = []
+        for i, tensor in enumerate(sizes):
+            pos += pads[i]
+            chunks = []
+            for s in tensor:
+                chunks.append(C(pos, s))
+                pos += s
+            infos.append(T(chunks))
+        total = pos + tail
+        parts = plan_parts(infos, start, total, part)
+        if total == start:
+            assert parts == []
+            return
+        assert parts[0][0] == start and parts[-1][1] == total
+        assert all(a < b for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+        starts = {c.offset for t in infos for c in t.chunks}
+        for lo, hi in parts:
+            assert lo == start or lo in starts  # cut only at a chunk start
+            # longer than a part only when no chunk start lies inside the first part_bytes
+            assert hi - lo <= part or not any(lo < s <= lo + part for s in starts)
+        for t in infos:
+            for c in t.chunks:
+                assert any(lo <= c.offset and c.offset + c.size <= hi for lo, hi in parts)
+
+    prop()

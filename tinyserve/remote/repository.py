@@ -208,7 +208,7 @@ class RemoteRepository:
                                   background=decode)
             tensors = box.get("tensors")
             if isinstance(got, Pending):
-                if not got.done():  # committed in the background; tensors are ready now
+                if tensors is not None:  # committed in the background; the tensors are ready now
                     self._verified.add(key)
                     with self._lock:
                         self._pending[key] = got

@@ -111,8 +111,11 @@ class _Lock:
 def _try_lock(path: Path) -> int | None:
     """fd holding an exclusive lock on ``path``, or None when someone else holds it."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
+        if path.is_dir():  # a staging directory: flock works on a read-only descriptor
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -356,8 +359,13 @@ class Cache:
     def _commit_in_background(self, staged: tuple[Path, int], space: str, name: str, version: int,
                               lock: _Lock, pending: Pending) -> None:
         try:
-            if self.before_commit is not None:  # test hook: hold the commit back
-                self.before_commit(staged[0])
+            if self.before_commit is not None:  # test hook: hold the commit back, or fail it
+                try:
+                    self.before_commit(staged[0])
+                except BaseException:
+                    shutil.rmtree(staged[0], ignore_errors=True)
+                    os.close(staged[1])
+                    raise
             self._commit(staged, space, name, version)
             pin = self.pin(space, name, version)
             if pin is None:
