@@ -385,3 +385,13 @@ def test_batcher_in_latency_target_mode_uses_the_controller():
         b.add(Req(tag=i), 0.0)
     batch, _, _ = b.next(0.0)
     assert batch.rows == rows
+
+
+def test_request_over_the_controllers_limit_runs_alone():
+    b = Batcher(BatchingConfig(max_batch_size=8, max_queue_delay_us=1000, target_p99_us=10_000), ["x"])
+    b.add(Req(rows=3, tag="big"), 0.0)
+    b.add(Req(rows=1, tag="small"), 0.0)
+    assert b.limits() == (1, 0.0)
+    batch, _, wait = b.next(0.0)
+    assert tags(batch) == ["big"] and batch.rows == 3 and wait == 0.0
+    assert tags(b.next(0.0)[0]) == ["small"]

@@ -346,6 +346,8 @@ class Batcher:
         taken, rows = [], 0
         for e in g.order():
             if rows + e.rows > max_rows:
+                if not taken:  # over a smaller limit in force now (latency target): it runs alone
+                    return [e], e.rows, True
                 return taken, rows, True
             taken.append(e)
             rows += e.rows
