@@ -5,7 +5,7 @@ from pathlib import Path
 
 ORDER = ["errors", "spec", "config", "_native", "_fallback", "_backend", "weights", "storage", "repository",
          "program", "pack", "remote", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
-         "health", "server", "examples", "client", "bench", "cli"]
+         "health", "server", "examples", "client", "bench", "cli", "__main__"]
 PKG = Path(__file__).resolve().parent.parent / "tinyserve"
 
 

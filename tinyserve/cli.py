@@ -251,10 +251,19 @@ def cmd_serve(args) -> int:
     from tinyserve.server import ServerConfig, run
 
     port = args.port if args.port is not None else _default_port()
+    from tinyserve.health import EjectionConfig, configure_logging
+
+    ejection = EjectionConfig(consecutive_failures=args.eject_consecutive, error_rate=args.eject_error_rate,
+                              base_ejection_s=args.eject_base_s, max_ejection_s=max(args.eject_max_s, args.eject_base_s),
+                              fail_after=args.fail_after)
     config = ServerConfig(repo=args.repo, host=args.host or "127.0.0.1", port=port, models=tuple(args.model),
                           token=_token(args), tls_certfile=args.tls_cert, tls_keyfile=args.tls_key,
                           torch_threads=args.threads, use_uvloop=not args.no_uvloop,
-                          idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout)
+                          idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout,
+                          metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                          device_poll_s=args.device_poll, ejection=ejection, pinned=tuple(args.pin),
+                          require_model=args.require_model)
+    configure_logging(json_lines=args.log_json)
     return run(config)
 
 
@@ -605,6 +614,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-uvloop", action="store_true", help="use the asyncio event loop")
     sv.add_argument("--idle-timeout", type=float, default=300.0, help="close idle connections after S seconds")
     sv.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, wait S seconds for requests")
+    sv.add_argument("--metrics-port", type=int, default=None,
+                    help="serve /metrics (Prometheus), /healthz and /readyz over HTTP on this port (0: any free)")
+    sv.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics listener")
+    sv.add_argument("--device-poll", type=float, default=5.0, help="device health poll interval, seconds")
+    sv.add_argument("--eject-consecutive", type=int, default=5,
+                    help="eject a model version after this many failures in a row (0: off)")
+    sv.add_argument("--eject-error-rate", type=float, default=0.5,
+                    help="... or when this fraction of its answers over 30 s failed (0: off)")
+    sv.add_argument("--eject-base-s", type=float, default=5.0, help="first ejection back-off, seconds")
+    sv.add_argument("--eject-max-s", type=float, default=300.0, help="longest ejection back-off, seconds")
+    sv.add_argument("--fail-after", type=int, default=5,
+                    help="unload a version ejected this many times within 10 minutes (0: never)")
+    sv.add_argument("--pin", action="append", default=[], metavar="NAME[:VERSION]",
+                    help="ejected but never unloaded by the ejection policy (repeatable)")
+    sv.add_argument("--require-model", action="store_true", help="not ready unless some model version serves")
+    sv.add_argument("--log-json", action="store_true", help="logs as one JSON object per line")
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")

@@ -125,8 +125,8 @@ class Request:
     instance's `finish` callable made of it in the worker (the encoded reply frame).
     """
 
-    __slots__ = ("inputs", "outputs", "deadline", "priority", "owner", "tag", "t0", "instance",
-                 "result", "error", "reply", "code")
+    __slots__ = ("inputs", "outputs", "deadline", "priority", "owner", "tag", "t0", "t_run", "t_done",
+                 "instance", "result", "error", "reply", "code", "counted")
 
     def __init__(self, inputs: dict, outputs: list | None = None, deadline: float | None = None,
                  priority: int = 0, owner: object = None, tag: object = None, t0: int = 0) -> None:
@@ -136,12 +136,15 @@ class Request:
         self.priority = priority
         self.owner = owner
         self.tag = tag
-        self.t0 = t0
+        self.t0 = t0  # perf_counter_ns when the request was read
+        self.t_run = 0  # ... when the worker started it (0: never ran)
+        self.t_done = 0  # ... when it finished
         self.instance: ModelInstance | None = None
         self.result: dict | None = None
         self.error: errors.TinyserveError | None = None
         self.reply = None
         self.code = "OK"
+        self.counted = False  # in the statistics already (the server counts before replying)
 
 
 class Completions:
@@ -227,7 +230,9 @@ class ModelInstance:
         self._completions = completions
         self._finish = finish
         self._respond = respond
-        self.stats = None  # the server's statistics of this instance (written by the worker via respond)
+        self.metrics = None  # the server's metrics.ModelStats of this version (the worker records into it)
+        self.device = "cpu"
+        self._rec = None
         self._threads = torch_threads
         self._verify = verify
         self._warmup = warmup
@@ -425,6 +430,7 @@ class ModelInstance:
         respond = self._respond
         ready: list[Request] = []
         limit = COALESCE
+        rec = self._rec = self.metrics.recorder() if self.metrics is not None else None
 
         def flush() -> None:
             left = respond(ready) if respond is not None else ready
@@ -448,6 +454,8 @@ class ModelInstance:
             batch = get()
             if batch is _STOP:
                 return
+            if rec is not None:
+                rec.dequeued(len(batch))
             run(batch, done)
             if ready:
                 flush()
@@ -456,8 +464,14 @@ class ModelInstance:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;
         `done(request)` is called as each finishes.  For now each request runs alone."""
         monotonic = time.monotonic
+        perf_ns = time.perf_counter_ns
+        rec = self._rec
         for req in requests:
+            req.t_run = perf_ns()
             self._run_request(req, monotonic())
+            req.t_done = perf_ns()
+            if rec is not None and req.result is not None:
+                rec.batch(1)
             if done is not None:
                 done(req)
 

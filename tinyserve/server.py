@@ -13,7 +13,7 @@ Public API (used by `tinyserve serve` and the tests):
     await server.wait_stopped()
     run(config, *, on_ready=None) -> int    # blocking; SIGTERM/SIGINT -> graceful stop -> 0
 
-`python -m tinyserve.server --repo DIR [--model NAME[:VERSION]]... [--port N]` runs `run()`.
+`tinyserve serve` (tinyserve/cli.py; also `python -m tinyserve serve`) runs `run()`.
 
 Ops and error codes: docs/protocol.md.  The event loop does framing, validation and routing only;
 each loaded model version has its own worker thread (tinyserve/runtime.py), which also encodes the
@@ -22,7 +22,6 @@ reply so the loop merely writes it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import hmac
@@ -34,13 +33,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import logging
+import threading
+
 from tinyserve import __version__, errors, wire
+from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
+                              log_event, make_registry, on_loop)
+from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
 from tinyserve.repository import Repository
 from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
                                Request)
 
-__all__ = ["Server", "ServerConfig", "Stats", "run", "main"]
+__all__ = ["Server", "ServerConfig", "Stats", "run"]
 
 _perf_ns = time.perf_counter_ns
 _monotonic = time.monotonic
@@ -105,6 +110,12 @@ class ServerConfig:
     max_frame_memory: int = 1 << 30  # bytes of large frames being received at once, server-wide
     repo_cache_s: float = 1.0  # how long repository listings are cached (reloaded on load/unload)
     direct_replies: bool = True  # workers write replies to plain-TCP sockets themselves (no loop wakeup)
+    metrics_port: int | None = None  # HTTP /metrics, /healthz, /readyz (None: no listener; 0: any free port)
+    metrics_host: str = "127.0.0.1"
+    device_poll_s: float = 5.0  # device monitor interval (NVML, or the host where there is none)
+    ejection: EjectionConfig = field(default_factory=EjectionConfig)  # docs/health.md section 3
+    pinned: tuple = ()  # models ejected but never unloaded by the ejection policy: "name", "name:3"
+    require_model: bool = False  # ready only while at least one model version serves
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -137,6 +148,18 @@ class ServerConfig:
             _positive_int("torch_threads", self.torch_threads, 1024)
         if self.verify not in ("none", "compressed", "all"):
             raise errors.ConfigError(f"verify must be none, compressed or all, got {self.verify!r}")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port <= 65535):
+            raise errors.ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
+        v = self.device_poll_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= v <= 3600:
+            raise errors.ConfigError(f"device_poll_s must be a number in [0.01, 3600], got {v!r}")
+        if not isinstance(self.ejection, EjectionConfig):
+            raise errors.ConfigError(f"ejection must be an EjectionConfig, got {type(self.ejection).__name__}")
+        pinned = self.pinned
+        if isinstance(pinned, str):
+            pinned = (pinned,)
+        object.__setattr__(self, "pinned", tuple(_model_ref(m) for m in pinned))
 
     def limits_dict(self) -> dict:
         """The `limits` map of the hello reply (docs/protocol.md section 6)."""
@@ -267,8 +290,14 @@ class Server:
         self._draining = False
         self._stopping = False
         self._stopped: asyncio.Event | None = None
-        self.stats = Stats()
-        self._model_stats: dict[str, Stats] = {}
+        self.stats = Stats()  # what no model version counts: other ops, protocol errors, unroutable infers
+        self.metrics = Metrics()  # per model version (docs/health.md section 2)
+        self.policy = EjectionPolicy(config.ejection)  # guarded by _policy_lock (workers record into it)
+        self.clock = _monotonic  # the ejection policy's and the health report's clock (tests inject one)
+        self._policy_lock = threading.Lock()
+        self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
+        self._http: MetricsServer | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._ops = {
             "hello": self._op_hello, "ping": self._op_ping, "infer": self._op_infer, "load": self._op_load,
             "unload": self._op_unload, "models": self._op_models, "metadata": self._op_metadata,
@@ -287,6 +316,7 @@ class Server:
         self._conns_empty.set()
         self._stopped = asyncio.Event()
         try:
+            self.monitor.start()
             futs = [self._load(name, version) for name, version in self._startup]
             if futs:
                 results = await asyncio.gather(*futs, return_exceptions=True)
@@ -306,9 +336,19 @@ class Server:
                                            ssl=ctx, backlog=min(4096, self.config.max_connections),
                                            reuse_address=True)
             self._servers.append(srv)
+            if self.config.metrics_port is not None:
+                health = on_loop(loop, self.health_report, 2.0)
+                self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port,
+                                           registry=make_registry(self.metrics, self.monitor, self.policy, health),
+                                           health=health)
+                self._http.start()
         except BaseException:
+            for srv in self._servers:
+                srv.close()
+            self.monitor.stop()
             await self._stop_models(5.0)
             raise
+        self._tick_handle = loop.call_later(1.0, self._tick)
         # the objects of torch, the programs and the loaded models live as long as the server: move
         # them out of the collector's reach so a full collection while serving stays short (one took
         # 115-180 ms over ~335k start-up objects in bench/bench_latency.py)
@@ -327,14 +367,27 @@ class Server:
 
     @property
     def ready(self) -> bool:
-        """Listening, not draining, and every start-up model READY."""
-        if not self._ready or self._draining:
-            return False
-        for name, version in self._startup:
-            inst = self._routes.get(name) if version is None else self._instances.get((name, version))
-            if inst is None or inst.state != READY:
-                return False
-        return True
+        """Listening, not draining, every device healthy, every start-up model serving (not ejected),
+        and with require_model at least one model version serving (health_report has the reasons)."""
+        return self.health_report().ready
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    def health_report(self):
+        """Liveness, readiness and their reasons (tinyserve.health.assess), on the loop thread."""
+        models = [ModelInput(i.name, i.version, i.state, i.reason, i.device) for i in self._instances.values()]
+        with self._policy_lock:
+            return assess(models, self.monitor.latest(), policy=self.policy, now=self.clock(),
+                          required=self._startup, listening=self._ready, draining=self._draining,
+                          require_model=self.config.require_model)
+
+    def _tick(self) -> None:
+        """Once a second: the throughput windows."""
+        self.metrics.tick()
+        if not self._stopping:
+            self._tick_handle = self._loop.call_later(1.0, self._tick)
 
     @property
     def connections(self) -> frozenset:
@@ -379,6 +432,11 @@ class Server:
             except (asyncio.TimeoutError, TimeoutError):
                 pass
         self._ready = False
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._http is not None:
+            self._http.stop()
+        self.monitor.stop()
         gc.unfreeze()  # what start() froze can be collected again (and torch's bindings see it freed)
         self._stopped.set()
 
@@ -451,13 +509,27 @@ class Server:
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify)
-        inst.stats = Stats()
+        inst.metrics = self.metrics.model(name, version)
         self._instances[key] = inst
-        self._model_stats.setdefault(name, Stats())
+        with self._policy_lock:  # loading a version (again) clears what the policy held against it
+            self.policy.reset(key)
+            self.policy.pin(key, (name, None) in self.config.pinned or key in self.config.pinned)
         fut = inst.start()
-        fut.add_done_callback(lambda f, inst=inst: self._update_route(inst.name))
+        fut.add_done_callback(lambda f, inst=inst: self._loaded(inst, f))
         inst.stopped.add_done_callback(lambda f, inst=inst: self._unloaded(inst))
         return fut
+
+    def _loaded(self, inst: ModelInstance, fut: asyncio.Future) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        ms = inst.metrics
+        ms.record_load(inst.load_s, ok=exc is None)
+        if exc is None:
+            ms.set_resident(inst.nbytes)
+            log_event("load", model=inst.name, version=inst.version, seconds=round(inst.load_s, 6),
+                      bytes=inst.nbytes, device=inst.device)
+        else:
+            log_event("load_failed", model=inst.name, version=inst.version, reason=str(exc))
+        self._update_route(inst.name)
 
     def _unloaded(self, inst: ModelInstance, force: bool = False) -> None:
         """The instance's worker ended: forget it (a FAILED one stays listed, with its reason, until
@@ -465,10 +537,10 @@ class Server:
         key = (inst.name, inst.version)
         if self._instances.get(key) is inst and (inst.state != FAILED or force):
             del self._instances[key]
-            # its worker has ended: what it counted joins the loop's own figures for the model
-            self._model_stats.setdefault(inst.name, Stats()).merge(inst.stats)
-            self.stats.merge(inst.stats)
-            inst.stats = Stats()
+        if inst.metrics is not None:
+            inst.metrics.set_resident(0)
+        if inst.state == UNLOADED:
+            log_event("unload", model=inst.name, version=inst.version)
         self._update_route(inst.name)
 
     def _update_route(self, name: str) -> None:
@@ -506,6 +578,7 @@ class Server:
                 raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
                                        + (f" ({i.reason})" if i.reason else ""))
             self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
+            self._raise_if_failed(name, None)
             raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
         if type(version) is not int:
             raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
@@ -516,7 +589,18 @@ class Server:
             raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
                                    + (f" ({inst.reason})" if inst.reason else ""))
         self._resolve(name, version)
+        self._raise_if_failed(name, version)
         raise wire.Unavailable(f"model {name!r} version {version} is not loaded (load it first)")
+
+    def _raise_if_failed(self, name: str, version: int | None) -> None:
+        """UNAVAILABLE naming the reason when the ejection policy failed (and unloaded) the version."""
+        with self._policy_lock:
+            failed = [(k, st) for k, st in self.policy.states()
+                      if k[0] == name and (version is None or k[1] == version) and st.state == "FAILED"]
+        if failed:
+            (_, v), st = max(failed, key=lambda kv: kv[0][1])
+            raise wire.Unavailable(f"model {name!r} version {v} was taken out of service: {st.reason} "
+                                   "(load it again to retry)")
 
     # --- connections ------------------------------------------------------------------------------------
     def _make_connection(self) -> Connection:
@@ -546,6 +630,7 @@ class Server:
         for inst, reqs in groups.items():
             try:
                 inst.submit_many(reqs)
+                inst.metrics.recorder().admitted(len(reqs))
             except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
                 for req in reqs:
                     self._fail(req.owner, req.tag, exc.code, str(exc), {})
@@ -589,15 +674,20 @@ class Server:
         if fatal:  # the connection counts it (on_error) as it closes
             conn.send_error(rid, code, message, close=True)
             return
-        st = self.stats
-        st.requests += 1
-        st.error(code)
+        ms = None
         model = header.get("model")
-        if header.get("op") == "infer" and type(model) is str:
-            ms = self._model_stats.get(model)
-            if ms is not None:
-                ms.requests += 1
-                ms.error(code)
+        if header.get("op") == "infer" and type(model) is str:  # refused before it was queued
+            version = header.get("version")
+            inst = self._routes.get(model) if version is None else (
+                self._instances.get((model, version)) if type(version) is int else None)
+            if inst is not None:
+                ms = inst.metrics
+        if ms is not None:
+            ms.recorder().reject(code, message)
+        else:
+            st = self.stats
+            st.requests += 1
+            st.error(code)
         conn.send_error(rid, code, message)
 
     def _ok(self, conn: Connection, rid: int, fields: dict) -> None:
@@ -627,6 +717,10 @@ class Server:
         if self._draining:
             raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
         inst = self._instance_for(h.get("model"), h.get("version"))
+        with self._policy_lock:
+            why = self.policy.admit((inst.name, inst.version), self.clock())
+        if why is not None:
+            raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
         inputs = h.get("inputs")
         if type(inputs) is not list:
             raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, "
@@ -682,16 +776,19 @@ class Server:
         req.reply = wire.encode_error(rid, code, str(exc))
 
     def _respond(self, reqs: list) -> list:
-        """In a worker thread: write the replies of finished requests straight to their sockets
-        (Connection.reply_threadsafe: several replies to one connection in one write), counting them
-        in the instance's own statistics (written by this thread only).  Returns the requests the
-        loop must answer instead (`_deliver`)."""
+        """In a worker thread: count the finished requests (statistics, ejection policy: before the
+        client can see a reply, so what it reads next already includes them), then write their
+        replies straight to their sockets (Connection.reply_threadsafe: several replies to one
+        connection in one write).  Returns the requests the loop must answer instead (`_deliver`)."""
+        now = _perf_ns()
         if len(reqs) == 1:
             req = reqs[0]
             reply = req.reply
-            if reply is None or not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
+            if reply is None:
                 return reqs
-            self._count(req.instance.stats, req, _perf_ns())
+            self._count(req, now)
+            if not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
+                return reqs
             return _NONE
         left = []
         groups: dict = {}
@@ -700,34 +797,75 @@ class Server:
                 left.append(req)
             else:
                 groups.setdefault(req.owner, []).append(req)
-        now = _perf_ns()
         for conn, group in groups.items():
             parts, rids, n = [], [], 0
             for req in group:
+                self._count(req, now)
                 reply = req.reply
                 parts += reply
                 n += _frame_bytes(reply)
                 rids.append(req.tag)
-            if conn.reply_threadsafe(rids, parts, n):
-                st = group[0].instance.stats
-                for req in group:
-                    self._count(st, req, now)
-            else:
+            if not conn.reply_threadsafe(rids, parts, n):
                 left += group
         return left
 
-    @staticmethod
-    def _count(st: Stats, req: Request, now: int) -> None:
-        st.requests += 1
-        st.latency.add((now - req.t0) // 1000)
-        if req.code != "OK":
-            st.error(req.code)
+    def _count(self, req: Request, now: int) -> None:
+        """A request answered (in the worker or on the loop): its statistics, and the ejection
+        policy's view of the model (a state change is acted on, on the loop)."""
+        if req.counted:
+            return
+        req.counted = True
+        inst = req.instance
+        code = req.code
+        t_run = req.t_run or now
+        message = None if code == "OK" else str(req.error)
+        inst.metrics.recorder().record(code, t_run - req.t0, (req.t_done or t_run) - t_run, now - req.t0, message)
+        with self._policy_lock:
+            t = self.policy.record((inst.name, inst.version), code == "OK", code, self.clock(), message or "")
+        if t is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._transition, t)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def _transition(self, t) -> None:
+        """On the loop: the ejection policy changed a model version's state."""
+        name, version = t.key
+        log_event(t.kind, model=name, version=version, state=t.state, reason=t.reason, until=t.until,
+                  ejections=t.ejections)
+        if t.kind == "fail":  # unloaded until an operator loads it again (an older READY version serves)
+            inst = self._instances.get(t.key)
+            if inst is not None and inst.state == READY:
+                inst.reason = f"failed by the ejection policy: {t.reason}"
+                self._unload_targets(name, version)
+
+    def _device_reading(self, readings: tuple) -> None:
+        """From the device monitor's thread: hand the readings to the loop."""
+        loop = self._loop
+        if loop is not None and any(not r.healthy for r in readings):
+            try:
+                loop.call_soon_threadsafe(self._devices_changed, readings)
+            except RuntimeError:
+                pass
+
+    def _devices_changed(self, readings: tuple) -> None:
+        """On the loop: a device is not healthy: its models stop being scheduled (marked failed)."""
+        bad = {r.device: r.reason for r in readings if not r.healthy}
+        now = self.clock()
+        for key, inst in list(self._instances.items()):
+            reason = bad.get(inst.device)
+            if reason is None or inst.state != READY:
+                continue
+            with self._policy_lock:
+                already = self.policy.state(key) == "FAILED"
+                t = None if already else self.policy.mark_failed(key, f"device {inst.device}: {reason}", now)
+            if t is not None:
+                log_event("device_fault", device=inst.device, model=inst.name, version=inst.version, reason=reason)
+                self._transition(t)
 
     def _deliver(self, batch: list) -> None:
         """On the loop: write the finished requests' replies (one wakeup, one flush)."""
         now = _perf_ns()
-        st = self.stats
-        mstats = self._model_stats
         for req in batch:
             owner = req.owner
             if owner.closed:  # nobody to answer: release its in-flight slot (and the server's budget)
@@ -738,17 +876,7 @@ class Server:
                 reply = wire.encode_error(req.tag, "INTERNAL", str(req.error))
                 req.code = "INTERNAL"
             owner.send_parts(req.tag, reply)
-            us = (now - req.t0) // 1000
-            ms = mstats.get(req.instance.name)
-            st.requests += 1
-            st.latency.add(us)
-            if ms is not None:
-                ms.requests += 1
-                ms.latency.add(us)
-            if req.code != "OK":
-                st.error(req.code)
-                if ms is not None:
-                    ms.error(req.code)
+            self._count(req, now)
         self._flusher.flush()
 
     def _name_field(self, h: dict, op: str) -> str:
@@ -828,43 +956,41 @@ class Server:
                              "outputs": [s.to_dict() for s in cfg.outputs],
                              "batching": None if cfg.batching is None else cfg.batching.to_dict()})
 
-    def _model_health(self) -> dict:
-        out: dict[str, dict] = {}
-        for (name, version), inst in sorted(self._instances.items()):
-            cur = out.get(name)
-            # a READY version wins; else the newest
-            if cur is None or inst.state == READY or cur["state"] != READY:
-                out[name] = {"state": inst.state, "reason": inst.reason, "version": version}
-        return out
-
     def _op_health(self, conn, rid, h, payload) -> None:
-        self._ok(conn, rid, {"live": True, "ready": self.ready, "models": self._model_health()})
-
-    def _stats_of(self, name: str) -> Stats:
-        """A model's figures: the loop's own, plus what its live instances' workers counted."""
-        parts = [inst.stats for (n, _), inst in self._instances.items() if n == name]
-        st = self._model_stats.get(name)
-        if st is not None:
-            parts.append(st)
-        return Stats.sum(parts)
+        self._ok(conn, rid, self.health_report().to_dict())
 
     def _op_stats(self, conn, rid, h, payload) -> None:
+        """Server-wide figures at the top level (every model plus what no model counts: other ops,
+        protocol errors, requests for unknown models); per model version under `models`
+        (docs/health.md section 2).  Workers record while this reads: a request may be missing from
+        one snapshot, never counted twice."""
         name = h.get("model")
-        if name is None:
-            models = {n: self._stats_of(n) for n in sorted(self._model_stats)}
-            reply = Stats.sum([self.stats, *(inst.stats for inst in self._instances.values())]).to_dict()
-            reply["models"] = {n: s.to_dict() for n, s in models.items()}
-        else:
+        if name is not None:
             if type(name) is not str:
                 raise wire.BadRequest(f"stats: field 'model' must be a string, got {wire.shown(name)}")
-            if name not in self._model_stats:
+            one = self.metrics.model_dict(name)
+            if one is None:
                 self._resolve(name)  # NOT_FOUND for a model the server never heard of
-            st = self._stats_of(name)
-            reply = st.to_dict()
-            reply["models"] = {name: st.to_dict()}
+                one = {"requests": 0, "errors": {}, "latency_us": Histogram().percentiles()}
+            reply = dict(one)
+            reply["models"] = {name: one}
+        else:
+            models = self.metrics.to_dict()["models"]
+            st = self.stats
+            errs = dict(st.errors)
+            requests = st.requests
+            for m in models.values():
+                requests += m["requests"]
+                for code, n in m["errors"].items():
+                    errs[code] = errs.get(code, 0) + n
+            total = None
+            for ms in self.metrics.models():
+                snap = ms.snapshot()
+                total = snap.total if total is None else total.merge(snap.total)
+            reply = {"requests": requests, "errors": dict(sorted(errs.items())),
+                     "latency_us": total.percentiles() if total is not None else Histogram().percentiles(),
+                     "models": models}
         reply["in_flight"] = self._budget.count
-        # (the instances' own figures are read while their workers may be counting: a request or so
-        # may be missing from one snapshot, never counted twice)
         reply["connections"] = len(self._conns)
         reply["uptime_s"] = round(time.time() - self.started_at, 3)
         self._ok(conn, rid, reply)
@@ -925,35 +1051,3 @@ def run(config: ServerConfig, *, on_ready: Callable[[Server], None] | None = Non
     factory, name = _loop_factory(config.use_uvloop)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(_serve(config, on_ready, name))
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyserve.server", description="run a tinyserve server")
-    p.add_argument("--repo", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--model", action="append", default=[], help="NAME or NAME:VERSION to load at start")
-    p.add_argument("--torch-threads", type=int, default=None)
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--no-uvloop", action="store_true")
-    p.add_argument("--idle-timeout", type=float, default=300.0)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
-    args = p.parse_args(None if argv is None else list(argv))
-    token = os.environ.get("TINYSERVE_TOKEN") or None  # never on the command line (ps shows it)
-    try:
-        config = ServerConfig(repo=args.repo, host=args.host, port=args.port, models=tuple(args.model),
-                              token=token, tls_certfile=args.tls_cert, tls_keyfile=args.tls_key,
-                              torch_threads=args.torch_threads, use_uvloop=not args.no_uvloop,
-                              idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout)
-        return run(config)
-    except errors.TinyserveError as exc:
-        print(f"tinyserve: error [{exc.code}]: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"tinyserve: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
