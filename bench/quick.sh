@@ -5,21 +5,23 @@
 #   3. cold_start.py --quick      load request -> first answer, 128 MiB, warm / cold page cache
 #   4. tinyserve bench            the load generator against the example MLP: closed-loop sweep and
 #                                 open-loop rate sweep (bench/results/loadgen-quick.json + plots)
-# Results go to bench/results/ (each script says which files).  The peers (bench/peers/) are not part
+# Results go to bench/results/ (each script says which files), or to $BENCH_OUT when set.  The peers (bench/peers/) are not part
 # of it: they need bench/peers/install.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 TS=.venv/bin/tinyserve
+OUT="${BENCH_OUT:-bench/results}"
+mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
 
 step "1/4 weights (bench_weights.py --quick)"
-$PY bench/bench_weights.py --quick
+$PY bench/bench_weights.py --quick --out "$OUT"
 step "2/4 serving latency (bench_latency.py --quick)"
-$PY bench/bench_latency.py --quick
+$PY bench/bench_latency.py --quick --out "$OUT"
 step "3/4 cold start (cold_start.py --quick)"
-$PY bench/cold_start.py --quick
+$PY bench/cold_start.py --quick --out "$OUT"
 
 step "4/4 load generator (tinyserve bench)"
 work=$(mktemp -d /tmp/tinyserve-quick.XXXXXX)
@@ -44,7 +46,7 @@ done
 [ -n "$port" ] || { echo "the server did not start:"; cat "$work/server.log"; exit 1; }
 common=(--port "$port" --window 1 --time-bound 8 --max-windows 8 --warmup 1 --quiet)
 $TS bench mlp "${common[@]}" --concurrency 1,8,32 --connections 8 \
-    --json bench/results/loadgen-quick-closed.json --plot bench/results/loadgen-quick-closed
+    --json "$OUT"/loadgen-quick-closed.json --plot "$OUT"/loadgen-quick-closed
 $TS bench mlp "${common[@]}" --rate 500,2000,5000 --connections 4 \
-    --json bench/results/loadgen-quick-open.json --plot bench/results/loadgen-quick-open
+    --json "$OUT"/loadgen-quick-open.json --plot "$OUT"/loadgen-quick-open
 step "done"

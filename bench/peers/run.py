@@ -13,8 +13,9 @@ thread, no batching.  For each round, for each concurrency c, each system in tur
 point with c connections x 1 request in flight (HTTP/1.1 carries one at a time, so tinyserve is
 driven the same way): 1 s warm-up, then 1 s windows until 3 agree within 10% (at most 8 windows /
 8 s).  Server CPU per request = CPU time of the server's whole process tree (/proc/<pid>/stat of
-every descendant: LitServe's and TorchServe's worker processes, TorchServe's JVM) during the point /
-requests completed during it.  Before measuring, each system answers one request whose output is
+every descendant: LitServe's and TorchServe's worker processes, TorchServe's JVM) during the point
+(warm-up included) / requests completed during it (warm-up included); "server cores" = that CPU
+time / the point's wall time (at most 1 when the pinning holds).  Before measuring, each system answers one request whose output is
 compared with the module run here.  Figures: medians over rounds; ratios to tinyserve.
 
 Results: bench/peers/results/peers-<date>.json (every point), peers-latest.md, and the plots
@@ -271,9 +272,10 @@ def main() -> int:
             for c in concs:
                 for s in systems:
                     pid = running[s]["proc"].p.pid
-                    cpu0 = tree_cpu_s(pid)
+                    cpu0, w0 = tree_cpu_s(pid), time.perf_counter()
                     res = loadgen.run_closed_loop(targets[s], concurrency=c, connections=c, rule=rule, warmup_s=1.0)
-                    cpu = tree_cpu_s(pid) - cpu0
+                    cpu, wall = tree_cpu_s(pid) - cpu0, time.perf_counter() - w0
+                    res["server_cores"] = cpu / wall  # <= 1 when pinned to one core
                     res["round"], res["system"] = r, s
                     n = res.get("all_completions") or res["completed"]
                     res["server_cpu_us_per_request"] = cpu / n * 1e6 if n else None
@@ -315,6 +317,7 @@ def summarize(points, systems, concs) -> list[dict]:
                    "p50_us": statistics.median(p["latency_us"]["p50"] or 0 for p in ps),
                    "p99_us": statistics.median(p["latency_us"]["p99"] or 0 for p in ps),
                    "server_cpu_us": statistics.median(p["server_cpu_us_per_request"] or 0 for p in ps),
+                   "server_cores": statistics.median(p["server_cores"] for p in ps),
                    "loadgen_cpu": statistics.median(p["loadgen"]["cpu_cores"] for p in ps),
                    "errors": sum(sum(p["errors"].values()) for p in ps),
                    "stable": sum(p["stable"] for p in ps), "rounds": len(ps)}
@@ -337,13 +340,13 @@ def render(doc) -> str:
              f"{env['rounds']} rounds, medians; answers checked (max |diff| "
              + ", ".join(f"{k} {v:.1e}" for k, v in doc["answer_max_abs_diff"].items()) + ")", "",
              f"{'c':>3}  {'system':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU us/req':>18} "
-             f"{'gen cpu':>8} {'errors':>6} {'stable':>6}  vs tinyserve (req/s, p50)"]
+             f"{'srv cores':>9} {'gen cpu':>8} {'errors':>6} {'stable':>6}  vs tinyserve (req/s, p50)"]
     for r in doc["summary"]:
         vs = ""
         if "throughput_vs_tinyserve" in r:
             vs = f"{r['throughput_vs_tinyserve']:.3f}x, {r['p50_vs_tinyserve']:.1f}x"
         lines.append(f"{r['concurrency']:>3}  {r['system']:<11} {r['throughput']:>9,.0f} {r['p50_us'] / 1000:>8.2f} "
-                     f"{r['p99_us'] / 1000:>8.2f} {r['server_cpu_us']:>18,.0f} {r['loadgen_cpu']:>7.0%} "
+                     f"{r['p99_us'] / 1000:>8.2f} {r['server_cpu_us']:>18,.0f} {r['server_cores']:>9.2f} {r['loadgen_cpu']:>7.0%} "
                      f"{r['errors']:>6} {r['stable']:>3}/{r['rounds']}  {vs}")
     lines.append("")
     lines.append(f"wall time {doc['wall_s']} s")
