@@ -253,8 +253,8 @@ def test_error_codes_table():
     assert all(wire.WIRE_ERRORS[c].fatal for c in ("BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED"))
     assert not any(getattr(wire.WIRE_ERRORS[c], "fatal", False) for c in
                    ("BAD_REQUEST", "DUPLICATE_ID", "INVALID_INPUT", "UNAVAILABLE", "TOO_MANY_REQUESTS",
-                    "DEADLINE_EXCEEDED", "SHUTTING_DOWN"))
-    assert set(wire.WIRE_ERRORS) == {"BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED", "BAD_REQUEST",
+                    "DEADLINE_EXCEEDED", "SHUTTING_DOWN", "QUEUE_FULL", "RESOURCE_EXHAUSTED"))
+    assert set(wire.WIRE_ERRORS) == {"QUEUE_FULL", "RESOURCE_EXHAUSTED","BAD_FRAME", "FRAME_TOO_LARGE", "UNAUTHENTICATED", "BAD_REQUEST",
                                      "DUPLICATE_ID", "INVALID_INPUT", "NOT_FOUND", "UNAVAILABLE",
                                      "TOO_MANY_REQUESTS", "DEADLINE_EXCEEDED", "MODEL_ERROR", "SHUTTING_DOWN",
                                      "INTERNAL"}

@@ -24,8 +24,7 @@ from tinyserve import wire
 __all__ = ["DeviceBudget", "ElasticController", "Footprint", "Placement", "Plan", "ResourceExhausted",
            "cpu_budget", "gpu_budget", "rss_anon"]
 
-ResourceExhausted = type("ResourceExhausted", (wire.WireError,),
-                         {"code": "RESOURCE_EXHAUSTED", "__doc__": "wire code RESOURCE_EXHAUSTED"})
+ResourceExhausted = wire.ResourceExhausted
 
 
 def _mib(n: int) -> str:

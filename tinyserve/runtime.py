@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from tinyserve import errors, wire
+from tinyserve.batching import Batcher, assemble, split
 from tinyserve.config import ModelConfig
 from tinyserve.program import load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
@@ -231,6 +232,16 @@ class ModelInstance:
         self._finish = finish
         self._respond = respond
         self.metrics = None  # the server's metrics.ModelStats of this version (the worker records into it)
+        # dynamic batching (config.batching, models without preprocess/postprocess hooks): the loop
+        # counts requests submitted, the worker those it took out of the batcher; their difference is
+        # the queue depth that max_queue_size bounds (each counter has one writer)
+        self.batching = None
+        self.batcher: Batcher | None = None
+        self.max_queue: int | None = None
+        self.submitted = 0
+        self.taken = 0
+        self.max_batch_override: int | None = None
+        self.queue_delay_override_us: int | None = None
         self.device = "cpu"
         self._rec = None
         self._threads = torch_threads
@@ -404,6 +415,9 @@ class ModelInstance:
         self._out_names = tuple(s.name for s in cfg.outputs)
         self.output_names = frozenset(self._out_names)
         self.checks_inputs = self._pre is None
+        if cfg.batching is not None and self._pre is None and self._post is None:
+            self.batching = cfg.batching
+            self.max_queue = cfg.batching.max_queue_size
         self.nbytes = model.nbytes
         self.config = cfg
         self.model = model
@@ -450,6 +464,9 @@ class ModelInstance:
             if len(ready) >= limit:
                 flush()
 
+        if self.batching is not None:
+            self._serve_batched(done, flush, rec)
+            return
         while True:
             batch = get()
             if batch is _STOP:
@@ -459,6 +476,88 @@ class ModelInstance:
             run(batch, done)
             if ready:
                 flush()
+
+    def _serve_batched(self, done, flush, rec) -> None:
+        """The worker loop of a batching model: requests go into a Batcher (docs/scheduler.md), which
+        says when a batch is due; each batch is one model call, its outputs split back per request.
+        After unload() the requests already queued still run (their delay is not cut short)."""
+        b = self.batcher = Batcher(self.batching, self._in_names, max_batch_size=self.max_batch_override,
+                                   max_queue_delay_us=self.queue_delay_override_us)
+        q = self._q
+        monotonic = time.monotonic
+        stopping = False
+        wait = None
+        while True:
+            try:
+                items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
+            except queue.Empty:
+                items = None
+            while items is not None:
+                if items is _STOP:
+                    stopping = True
+                else:
+                    now = monotonic()
+                    if rec is not None:
+                        rec.dequeued(len(items))
+                    for r in items:
+                        try:
+                            b.add(r, now)
+                        except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
+                            r.error = exc
+                            self.taken += 1
+                            done(r)
+                try:
+                    items = q.get_nowait()
+                except queue.Empty:
+                    items = None
+            while True:
+                batch, expired, wait = b.next(monotonic())
+                for r in expired:
+                    r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before its "
+                                                    "deadline (timeout_ms)")
+                    self.taken += 1
+                    done(r)
+                if batch is None:
+                    break
+                self.taken += len(batch.requests)
+                self._run_batch(batch, b, done, rec)
+                flush()
+            flush()
+            if stopping and not len(b):
+                return
+
+    def _run_batch(self, batch, b: Batcher, done, rec) -> None:
+        reqs = batch.requests
+        t_run = time.perf_counter_ns()
+        err = None
+        try:
+            module = self.model.module
+            if module is None:
+                raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
+            buckets = self.batching.buckets
+            outs = self._outputs_of(module(*assemble(batch, self._in_names, buckets)))
+            results = split(outs, batch, self._out_names, buckets)
+        except (errors.ModelError, wire.InvalidInput) as exc:
+            err = exc
+        except Exception as exc:
+            log.debug("model %s raised", self, exc_info=True)
+            err = errors.ModelError(f"model {self.name!r} version {self.version} raised "
+                                    f"{type(exc).__name__}: {exc}")
+        t_done = time.perf_counter_ns()
+        b.observe(batch.rows, (t_done - t_run) / 1e9)
+        if rec is not None and err is None:
+            rec.batch(len(reqs))
+        for i, r in enumerate(reqs):
+            r.t_run, r.t_done = t_run, t_done
+            if err is not None:
+                r.error = err
+            else:
+                out = results[i]
+                want = r.outputs
+                if want is not None:
+                    out = {n: out[n] for n in want}  # names were checked against the config
+                r.result = out
+            done(r)
 
     def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;

@@ -632,6 +632,7 @@ class Server:
                 inst.submit_many(reqs)
                 inst.metrics.recorder().admitted(len(reqs))
             except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
+                inst.submitted -= len(reqs)
                 for req in reqs:
                     self._fail(req.owner, req.tag, exc.code, str(exc), {})
 
@@ -721,6 +722,10 @@ class Server:
             why = self.policy.admit((inst.name, inst.version), self.clock())
         if why is not None:
             raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
+        mq = inst.max_queue
+        if mq is not None and inst.submitted - inst.taken >= mq:
+            raise wire.QueueFull(f"model {inst.name!r} version {inst.version} has {inst.submitted - inst.taken} "
+                                 f"requests queued (batching.max_queue_size {mq})")
         inputs = h.get("inputs")
         if type(inputs) is not list:
             raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, "
@@ -753,6 +758,7 @@ class Server:
         if type(priority) is not int or not 0 <= priority <= 15:
             raise wire.BadRequest(f"field 'priority' must be an integer 0..15, got {wire.shown(priority)}")
         self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
+        inst.submitted += 1
 
     def _finish(self, req: Request) -> None:
         """In the worker thread: encode the reply frame of a finished request (none for a request

@@ -58,11 +58,14 @@ Unavailable = _wire_error("Unavailable", "UNAVAILABLE")
 TooManyRequests = _wire_error("TooManyRequests", "TOO_MANY_REQUESTS")
 DeadlineExceeded = _wire_error("DeadlineExceeded", "DEADLINE_EXCEEDED")
 ShuttingDown = _wire_error("ShuttingDown", "SHUTTING_DOWN")
+QueueFull = _wire_error("QueueFull", "QUEUE_FULL")
+ResourceExhausted = _wire_error("ResourceExhausted", "RESOURCE_EXHAUSTED")
 
 # every code a reply may carry -> the exception class a client raises for it
 WIRE_ERRORS: dict[str, type[errors.TinyserveError]] = {
     cls.code: cls for cls in (BadFrame, FrameTooLarge, Unauthenticated, BadRequest, DuplicateId,
-                               InvalidInput, Unavailable, TooManyRequests, DeadlineExceeded, ShuttingDown)
+                               InvalidInput, Unavailable, TooManyRequests, DeadlineExceeded, ShuttingDown,
+                               QueueFull, ResourceExhausted)
 }
 WIRE_ERRORS["NOT_FOUND"] = errors.ModelNotFoundError
 WIRE_ERRORS["MODEL_ERROR"] = errors.ModelError
