@@ -247,12 +247,31 @@ def _input_arg(value: str) -> tuple[str, str]:
     return name, rest
 
 
+def _policy_arg(value: str) -> tuple[str, str]:
+    name, sep, policy = value.partition("=")
+    if not sep or not name or not policy.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=POLICY, got {value!r}")
+    return name, policy.strip()
+
+
+def _size_arg(value: str) -> int:
+    from tinyserve.remote.cli import parse_size
+
+    try:
+        return parse_size(value)
+    except (ValueError, errors.TinyserveError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_serve(args) -> int:
     from tinyserve.server import ServerConfig, run
 
     port = args.port if args.port is not None else _default_port()
     from tinyserve.health import EjectionConfig, configure_logging
 
+    storage = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v is not None}
+    if args.anonymous:
+        storage["anonymous"] = True
     ejection = EjectionConfig(consecutive_failures=args.eject_consecutive, error_rate=args.eject_error_rate,
                               base_ejection_s=args.eject_base_s, max_ejection_s=max(args.eject_max_s, args.eject_base_s),
                               fail_after=args.fail_after)
@@ -262,7 +281,9 @@ def cmd_serve(args) -> int:
                           idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                           device_poll_s=args.device_poll, ejection=ejection, pinned=tuple(args.pin),
-                          require_model=args.require_model)
+                          require_model=args.require_model, cache_dir=args.cache_dir, cache_bytes=args.cache_size,
+                          storage=storage, model_control=args.model_control, poll_interval_s=args.poll_interval,
+                          version_policies=dict(args.version_policy))
     configure_logging(json_lines=args.log_json)
     return run(config)
 
@@ -630,6 +651,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ejected but never unloaded by the ejection policy (repeatable)")
     sv.add_argument("--require-model", action="store_true", help="not ready unless some model version serves")
     sv.add_argument("--log-json", action="store_true", help="logs as one JSON object per line")
+    sv.add_argument("--model-control", choices=("explicit", "poll"), default="explicit",
+                    help="explicit: load/unload ops only; poll: load new versions the policy selects, unload old ones")
+    sv.add_argument("--poll-interval", type=float, default=10.0, help="seconds between repository polls")
+    sv.add_argument("--version-policy", type=_policy_arg, action="append", default=[], metavar="NAME=POLICY",
+                    help="'latest: N', 'specific: [1,3]' or 'all' (default latest: 1; repeatable)")
+    sv.add_argument("--cache-dir", default=None, help="local cache of a remote (s3://) repository")
+    sv.add_argument("--cache-size", type=_size_arg, default=None, help="cache size limit, e.g. 20G")
+    sv.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    sv.add_argument("--region", default=None, help="S3 region (default: $AWS_REGION / AWS config)")
+    sv.add_argument("--anonymous", action="store_true", help="S3 without credentials")
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")

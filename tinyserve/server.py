@@ -33,20 +33,24 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import concurrent.futures
 import logging
 import threading
+from pathlib import PurePath
 
 from tinyserve import __version__, errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
                               log_event, make_registry, on_loop)
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
+from tinyserve.remote import Poller, VersionPolicy, open_repository
 from tinyserve.repository import Repository
 from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
                                Request)
 
 __all__ = ["Server", "ServerConfig", "Stats", "run"]
 
+log = logging.getLogger("tinyserve.server")
 _perf_ns = time.perf_counter_ns
 _monotonic = time.monotonic
 _NONE: list = []
@@ -116,6 +120,13 @@ class ServerConfig:
     ejection: EjectionConfig = field(default_factory=EjectionConfig)  # docs/health.md section 3
     pinned: tuple = ()  # models ejected but never unloaded by the ejection policy: "name", "name:3"
     require_model: bool = False  # ready only while at least one model version serves
+    # remote repositories (repo = "s3://bucket/prefix", docs/remote.md) and model control
+    cache_dir: str | None = None  # the remote repository's local cache (default: see docs/remote.md)
+    cache_bytes: int | None = None
+    storage: dict = field(default_factory=dict)  # S3 options: endpoint_url, region, access_key, ...
+    model_control: str = "explicit"  # explicit: load/unload ops only; poll: follow the repository
+    poll_interval_s: float = 10.0
+    version_policies: dict = field(default_factory=dict)  # name -> "latest: N" | "specific: [..]" | "all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -156,6 +167,19 @@ class ServerConfig:
             raise errors.ConfigError(f"device_poll_s must be a number in [0.01, 3600], got {v!r}")
         if not isinstance(self.ejection, EjectionConfig):
             raise errors.ConfigError(f"ejection must be an EjectionConfig, got {type(self.ejection).__name__}")
+        if self.model_control not in ("explicit", "poll"):
+            raise errors.ConfigError(f"model_control must be explicit or poll, got {self.model_control!r}")
+        v = self.poll_interval_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 86400:
+            raise errors.ConfigError(f"poll_interval_s must be a number of seconds in (0, 86400], got {v!r}")
+        if not isinstance(self.version_policies, dict):
+            raise errors.ConfigError("version_policies must map model names to policies")
+        object.__setattr__(self, "version_policies",
+                           {n: VersionPolicy.parse(spec) for n, spec in self.version_policies.items()})
+        if not isinstance(self.storage, dict):
+            raise errors.ConfigError("storage must be a dict of S3 options")
+        if self.cache_bytes is not None:
+            _positive_int("cache_bytes", self.cache_bytes, 1 << 60)
         pinned = self.pinned
         if isinstance(pinned, str):
             pinned = (pinned,)
@@ -260,6 +284,36 @@ class Stats:
         return out
 
 
+class _Listing:
+    """What the server knows of a remote repository's models and versions (refreshed off the loop,
+    at start, after loads and at every poll), with the look-up methods of a local Repository that
+    the loop needs: nothing here waits on the network."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.data: dict[str, list[int]] = {}
+
+    def models(self) -> list[str]:
+        return sorted(self.data)
+
+    def versions(self, name: str) -> list[int]:
+        Repository.validate_name(name)
+        versions = self.data.get(name)
+        if not versions:
+            raise errors.ModelNotFoundError(f"model {name!r} is not in the repository {self.root}")
+        return list(versions)
+
+    def resolve(self, name: str, version: int | None = None) -> PurePath:
+        """A path whose name is the version (the callers read only that)."""
+        versions = self.versions(name)
+        if version is None:
+            version = max(versions)
+        elif version not in versions:
+            raise errors.ModelNotFoundError(f"model {name!r} has no version {version} in the repository {self.root} "
+                                            f"(versions: {', '.join(map(str, versions))})")
+        return PurePath(str(version))
+
+
 # --- the server ----------------------------------------------------------------------------------------
 class Server:
     """See the module docstring.  All methods run on the event loop thread."""
@@ -268,7 +322,16 @@ class Server:
         if not isinstance(config, ServerConfig):
             raise errors.ConfigError(f"Server needs a ServerConfig, got {type(config).__name__}")
         self.config = config
-        self.repo = Repository(config.repo)
+        self.repo = open_repository(config.repo, cache_dir=config.cache_dir, cache_bytes=config.cache_bytes,
+                                    **config.storage)
+        # a remote repository is never touched on the loop: look-ups read a listing refreshed in the
+        # background, loads resolve (download) in the I/O pool
+        self._remote = not isinstance(self.repo, Repository)
+        self._index = _Listing(str(config.repo)) if self._remote else self.repo
+        self._io_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._poller = (Poller(self.repo, interval_s=config.poll_interval_s, policies=config.version_policies)
+                        if config.model_control == "poll" else None)
+        self._poll_task: asyncio.Task | None = None
         self._limits = config.limits
         self._token = config.token.encode("utf-8") if config.token is not None else None
         self._hello_reply = {"server": "tinyserve", "version": __version__,
@@ -317,6 +380,8 @@ class Server:
         self._stopped = asyncio.Event()
         try:
             self.monitor.start()
+            if self._remote:
+                await self._refresh_listing()
             futs = [self._load(name, version) for name, version in self._startup]
             if futs:
                 results = await asyncio.gather(*futs, return_exceptions=True)
@@ -349,6 +414,8 @@ class Server:
             await self._stop_models(5.0)
             raise
         self._tick_handle = loop.call_later(1.0, self._tick)
+        if self._poller is not None:
+            self._poll_task = loop.create_task(self._poll_loop())
         # the objects of torch, the programs and the loaded models live as long as the server: move
         # them out of the collector's reach so a full collection while serving stays short (one took
         # 115-180 ms over ~335k start-up objects in bench/bench_latency.py)
@@ -409,6 +476,8 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping = self._draining = True
+        if self._poll_task is not None:
+            self._poll_task.cancel()
         loop = self._loop
         for srv in self._servers:
             srv.close()
@@ -434,6 +503,10 @@ class Server:
         self._ready = False
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=False, cancel_futures=True)
         if self._http is not None:
             self._http.stop()
         self.monitor.stop()
@@ -488,16 +561,107 @@ class Server:
 
     def _resolve(self, name: str, version: int | None = None):
         """repo.resolve, cached for `repo_cache_s` (NOT_FOUND answers too)."""
-        return self._cached(("resolve", name, version), self.repo.resolve, name, version)
+        return self._cached(("resolve", name, version), self._index.resolve, name, version)
 
     def _repo_changed(self) -> None:
         self._repo_cache.clear()
 
+    # --- remote repositories and polling --------------------------------------------------------------
+    def _io(self, fn: Callable, *args) -> asyncio.Future:
+        """Run a blocking repository call (network, download) in the I/O pool."""
+        if self._io_pool is None:
+            self._io_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tinyserve-repo")
+        return self._loop.run_in_executor(self._io_pool, fn, *args)
+
+    def _list_repo(self) -> dict:
+        repo = self.repo
+        return {name: repo.versions(name) for name in repo.models()}
+
+    async def _refresh_listing(self) -> None:
+        self._index.data = await self._io(self._list_repo)
+        self._repo_changed()
+
+    def _default_version(self, name: str, versions: list[int]) -> int:
+        policy = self.config.version_policies.get(name)
+        v = policy.default(versions) if policy is not None else None
+        if v is None:
+            if not versions:
+                raise errors.ModelNotFoundError(f"model {name!r} has no version in {self.config.repo}")
+            v = max(versions)
+        return v
+
+    async def _load_remote(self, name: str, version: int | None) -> ModelInstance:
+        Repository.validate_name(name)
+        try:
+            if version is None:
+                version = self._default_version(name, await self._io(self.repo.versions, name))
+            inst = self._instances.get((name, version))
+            if inst is None or inst.state not in (READY, LOADING):
+                path = await self._io(self.repo.resolve, name, version)  # downloads into the cache
+                return await self._start(name, version, path)
+            return await inst.start()
+        finally:
+            if self._remote and not self._stopping:
+                self._loop.create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self._refresh_listing()
+        except Exception as exc:  # the storage is down: the old listing stays; loaded models keep serving
+            log.warning("tinyserve: listing the repository %s failed: %s", self.config.repo, exc)
+
+    async def _poll_loop(self) -> None:
+        """model_control=poll: follow the repository.  New versions the policy selects are loaded and
+        warmed up (traffic moves to a version once it is READY); versions it no longer selects are
+        then drained and unloaded, but never the last READY version of a model (a failed load of its
+        successor leaves it serving)."""
+        poller = self._poller
+        while not self._stopping:
+            await asyncio.sleep(poller.seconds_to_next())
+            try:
+                changes, listing = await self._io(self._poll_once)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("tinyserve: polling the repository failed: %s", exc)
+                continue
+            if self._remote and listing is not None:
+                self._index.data = listing
+            self._repo_changed()
+            if changes.error:
+                log.warning("tinyserve: polling the repository: %s", changes.error)
+            for name, versions in sorted(changes.load.items()):
+                for v in sorted(versions):
+                    if self._stopping:
+                        return
+                    try:
+                        await self._load(name, v)
+                    except Exception as exc:  # logged as load_failed; the old versions keep serving
+                        log.warning("tinyserve: poll: loading %s version %s failed: %s", name, v, exc)
+            for name, versions in sorted(changes.unload.items()):
+                keep = [i for (n, v), i in self._instances.items() if n == name and i.state == READY
+                        and v not in versions]
+                if not keep:
+                    log.warning("tinyserve: poll: %s: keeping versions %s (no newer version is ready)", name, versions)
+                    continue
+                targets = [t for v in versions for t in self._unload_targets(name, v)]
+                if targets:
+                    await asyncio.gather(*(t.unload() for t in targets), return_exceptions=True)
+
+    def _poll_once(self):
+        changes = self._poller.poll()
+        return changes, (self._list_repo() if self._remote else None)
+
     def _load(self, name: str, version: int | None) -> asyncio.Future:
         """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure)."""
         self._repo_changed()  # a load looks at the repository afresh
+        if self._remote:
+            return asyncio.ensure_future(self._load_remote(name, version))
         path = self.repo.resolve(name, version)  # NOT_FOUND, or BAD_REQUEST for an invalid name
         version = int(path.name)
+        return self._start(name, version, path)
+
+    def _start(self, name: str, version: int, path) -> asyncio.Future:
         key = (name, version)
         inst = self._instances.get(key)
         if inst is not None:
@@ -539,6 +703,8 @@ class Server:
             del self._instances[key]
         if inst.metrics is not None:
             inst.metrics.set_resident(0)
+        if self._remote and hasattr(self.repo, "release") and not self._stopping:
+            self._io(self.repo.release, inst.name, inst.version)
         if inst.state == UNLOADED:
             log_event("unload", model=inst.name, version=inst.version)
         self._update_route(inst.name)
@@ -939,12 +1105,16 @@ class Server:
         gathered.add_done_callback(done)
 
     def _op_models(self, conn, rid, h, payload) -> None:
-        names = set(self._cached(("models",), self.repo.models)) | {n for n, _ in self._instances}
+        names = set(self._cached(("models",), self._index.models)) | {n for n, _ in self._instances}
         out = []
         for name in sorted(names):
             loaded = [{"version": v, "state": inst.state, "bytes": inst.nbytes}
                       for (n, v), inst in sorted(self._instances.items()) if n == name]
-            out.append({"name": name, "versions": self._cached(("versions", name), self.repo.versions, name),
+            try:
+                versions = self._cached(("versions", name), self._index.versions, name)
+            except errors.ModelNotFoundError:  # loaded, then removed from the repository
+                versions = []
+            out.append({"name": name, "versions": versions,
                         "loaded": loaded})
         self._ok(conn, rid, {"models": out})
 
@@ -956,7 +1126,23 @@ class Server:
         else:
             path = self._resolve(name, version)
             version = int(path.name)
+            if self._remote:  # the config of a version not loaded is read from storage, off the loop
+                fut = self._io(self.repo.read_config, name, version)
+
+                def done(f, conn=conn, rid=rid, name=name, version=version):
+                    exc = f.exception()
+                    if exc is not None:
+                        self._fail(conn, rid, wire.wire_code(exc), str(exc), {})
+                    else:
+                        self._metadata_reply(conn, rid, name, version, f.result())
+                    self._flusher.flush()
+
+                fut.add_done_callback(done)
+                return
             cfg = self._cached(("config", name, version), self.repo.read_config, name, version)
+        self._metadata_reply(conn, rid, name, version, cfg)
+
+    def _metadata_reply(self, conn, rid, name, version, cfg) -> None:
         self._ok(conn, rid, {"model": name, "version": version, "platform": cfg.platform,
                              "inputs": [s.to_dict() for s in cfg.inputs],
                              "outputs": [s.to_dict() for s in cfg.outputs],

@@ -82,6 +82,8 @@ def wire_code(exc: BaseException) -> str:
         return "BAD_REQUEST"
     if isinstance(exc, (errors.ModelError, errors.ConfigError)):  # a model's config is the model's fault
         return "MODEL_ERROR"
+    if isinstance(exc, errors.RepositoryError):  # storage unreachable, refused, or holding bad objects
+        return "UNAVAILABLE"
     return "INTERNAL"
 
 

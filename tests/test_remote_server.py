@@ -1,0 +1,114 @@
+"""The server on a remote repository (SeaweedFS on loopback) and in poll mode: a new version rolls out
+while clients keep sending, and no request fails or is lost (issue 7)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import s3server
+from tinyserve import examples
+from tinyserve.pack import pack
+from tinyserve.remote import push
+from tinyserve.repository import Repository
+from tinyserve.server import ServerConfig
+
+from test_server import Client, ServerThread, error_of  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+MLP, _ = examples.mlp()
+
+
+def _send_throughout(port, stop: threading.Event, seen: dict, failures: list):
+    """One client sending infers (no version named) back to back until told to stop."""
+    x = np.ones((1, 64), np.float32)
+    with torch.inference_mode():
+        want = MLP(torch.from_numpy(x)).numpy()
+    try:
+        with Client(port) as c:
+            while not stop.is_set():
+                h, out = c.infer("mlp", {"x": x})
+                if not h["ok"]:
+                    failures.append(h)
+                    continue
+                seen[h["version"]] = seen.get(h["version"], 0) + 1
+                if not np.array_equal(out["output0"], want):
+                    failures.append(("wrong answer", h["version"]))
+    except BaseException as exc:
+        failures.append(exc)
+
+
+def test_poll_mode_rolls_out_a_new_version_with_no_failed_request(tmp_path):
+    repo = Repository(tmp_path / "repo", create=True)
+    pack(repo, "mlp", "tinyserve.examples:mlp")
+    s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, model_control="poll",
+                                  poll_interval_s=0.1, version_policies={"mlp": "latest: 1"}), "uvloop")
+    stop, seen, failures = threading.Event(), {}, []
+    senders = []
+    try:
+        deadline = time.monotonic() + 60
+        while s.run(lambda: "mlp" not in s.server._routes) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first poll loads version 1
+        assert s.run(lambda: s.server._routes["mlp"].version) == 1
+        senders = [threading.Thread(target=_send_throughout, args=(s.port, stop, seen, failures)) for _ in range(3)]
+        for t in senders:
+            t.start()
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pack(repo, "mlp", "tinyserve.examples:mlp")  # version 2 appears
+        while time.monotonic() < deadline:
+            loaded = s.run(lambda: sorted(v for (n, v), i in s.server._instances.items() if n == "mlp"))
+            if loaded == [2] and seen.get(2, 0) > 20:
+                break
+            time.sleep(0.05)
+        stop.set()
+        for t in senders:
+            t.join(30)
+        assert not failures, failures[:3]
+        assert seen.get(1, 0) > 0 and seen.get(2, 0) > 20, seen
+        assert s.run(lambda: sorted(v for (n, v) in s.server._instances)) == [2]  # version 1 drained, unloaded
+    finally:
+        stop.set()
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def weed():
+    why = s3server.available()
+    if why:
+        pytest.skip(why)
+    return s3server.shared(auth=False)
+
+
+def test_serving_from_s3(weed, tmp_path):
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    storage = weed.storage("served")
+    assert push(storage, local.resolve("mlp", 1), "mlp") == 1
+    assert push(storage, local.resolve("mlp", 1), "mlp") == 2
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    cfg = ServerConfig(repo=f"s3://{weed.bucket}/served", cache_dir=str(tmp_path / "cache"), storage=opts,
+                       models=("mlp:1",), torch_threads=1)
+    s = ServerThread(cfg, "uvloop")
+    try:
+        with Client(s.port) as c:
+            x = np.full((1, 64), 0.5, np.float32)
+            h, out = c.infer("mlp", {"x": x})
+            assert h["ok"] and h["version"] == 1
+            with torch.inference_mode():
+                np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
+            models = c.call("models")["models"]
+            assert models == [{"name": "mlp", "versions": [1, 2],
+                               "loaded": [{"version": 1, "state": "READY", "bytes": models[0]["loaded"][0]["bytes"]}]}]
+            md = c.call("metadata", model="mlp", version=2)  # not loaded: read from storage off the loop
+            assert md["version"] == 2 and md["inputs"][0]["name"] == "x"
+            error_of(c.call("metadata", model="nope"), "NOT_FOUND", "nope")
+            error_of(c.infer("nope", {"x": x})[0], "NOT_FOUND")
+            h = c.call("load", model="mlp")  # the latest: 2, downloaded into the cache
+            assert h["ok"] and h["version"] == 2, h
+            assert c.infer("mlp", {"x": x})[0]["version"] == 2
+            error_of(c.call("load", model="mlp", version=7), "NOT_FOUND")
+    finally:
+        s.stop()
