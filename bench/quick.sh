@@ -14,14 +14,17 @@ TS=.venv/bin/tinyserve
 OUT="${BENCH_OUT:-bench/results}"
 mkdir -p "$OUT"
 start=$(date +%s)
+failed=()
 step() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
+# run NAME CMD...: a failing benchmark is reported at the end; the others still run
+run() { local name="$1"; shift; "$@" || { echo "!!! $name failed (exit $?)"; failed+=("$name"); }; }
 
 step "1/4 weights (bench_weights.py --quick)"
-$PY bench/bench_weights.py --quick --out "$OUT"
+run bench_weights $PY bench/bench_weights.py --quick --out "$OUT"
 step "2/4 serving latency (bench_latency.py --quick)"
-$PY bench/bench_latency.py --quick --out "$OUT"
+run bench_latency $PY bench/bench_latency.py --quick --out "$OUT"
 step "3/4 cold start (cold_start.py --quick)"
-$PY bench/cold_start.py --quick --out "$OUT"
+run cold_start $PY bench/cold_start.py --quick --out "$OUT"
 
 step "4/4 load generator (tinyserve bench)"
 work=$(mktemp -d /tmp/tinyserve-quick.XXXXXX)
@@ -45,8 +48,12 @@ for _ in $(seq 1 600); do  # at most 60 s
 done
 [ -n "$port" ] || { echo "the server did not start:"; cat "$work/server.log"; exit 1; }
 common=(--port "$port" --window 1 --time-bound 8 --max-windows 8 --warmup 1 --quiet)
-$TS bench mlp "${common[@]}" --concurrency 1,8,32 --connections 8 \
+run "tinyserve bench (closed)" $TS bench mlp "${common[@]}" --concurrency 1,8,32 --connections 8 \
     --json "$OUT"/loadgen-quick-closed.json --plot "$OUT"/loadgen-quick-closed
-$TS bench mlp "${common[@]}" --rate 500,2000,5000 --connections 4 \
+run "tinyserve bench (open)" $TS bench mlp "${common[@]}" --rate 500,2000,5000 --connections 4 \
     --json "$OUT"/loadgen-quick-open.json --plot "$OUT"/loadgen-quick-open
 step "done"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi

@@ -47,6 +47,9 @@ def test_closed_loop_against_the_server(server):
     # the server counted at least what was measured (plus warm-up and the tail)
     assert res["server"]["requests"] >= res["completed"]
     assert res["server"]["latency_us_cumulative"]["p50"] > 0
+    # the server reports the queue / compute split (docs/health.md): it is carried through
+    split = res["server"]["split"]
+    assert split is not None and split["compute_us"]["p50"] > 0 and "p99" in split["queue_us"]
     assert 0 < res["loadgen"]["cpu_cores"] < 2.5
 
 

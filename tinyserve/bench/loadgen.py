@@ -346,6 +346,8 @@ def server_delta(before: dict | None, after: dict | None, model: str | None = No
             out["errors"][code] = d
     split = {k: mine[k] for k in SPLIT_FIELDS if k in mine} or {k: after[k] for k in SPLIT_FIELDS if k in after}
     out["split"] = split or None
+    if isinstance(mine.get("batch_size"), dict):  # requests per model call (dynamic batching), cumulative
+        out["batch_size_cumulative"] = mine["batch_size"]
     if not split:
         out["split_note"] = "the server does not report a queue / compute split (stats has no queue_us / compute_us)"
     return out

@@ -52,8 +52,12 @@ def table(results: Sequence[dict], title: str = "") -> str:
             line = (f"  {point_label(r)}: server counted {srv['requests']} requests"
                     + (f", errors {srv['errors']}" if srv["errors"] else "")
                     + (f"; server latency (since start) p50 {lat.get('p50')} us, p99 {lat.get('p99')} us" if lat else ""))
-            if srv.get("split"):
-                line += "; split " + ", ".join(f"{k} {v}" for k, v in srv["split"].items())
+            for k, v in (srv.get("split") or {}).items():
+                if isinstance(v, dict):
+                    line += f"; {k.removesuffix('_us')} p50 {v.get('p50')} us, p99 {v.get('p99')} us"
+            bs = srv.get("batch_size_cumulative")
+            if bs:
+                line += f"; batch size p50 {bs.get('p50')}, max {bs.get('max')}"
             notes.append(line)
         lg = r["loadgen"]
         if "send_lag_us" in lg:
