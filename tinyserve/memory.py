@@ -290,6 +290,24 @@ class Placement:
         m.evictions += 1
         return True
 
+    def registered(self, name: str) -> bool:
+        return name in self._models
+
+    def touch(self, name: str, now: float) -> None:
+        """A request used the model at ``now`` (its place in the least-recently-used order)."""
+        m = self._models.get(name)
+        if m is not None and now > m.last_used:
+            m.last_used = now
+
+    def measured(self, name: str, footprint: Footprint) -> None:
+        """Replace a model's estimated footprint with one measured at load; a resident or loading
+        model's reservation follows it (it may exceed the plan by what the estimate missed: the
+        next plan makes room for it)."""
+        m = self._models[name]
+        m.fp = footprint
+        if m.state in ("loading", "resident"):
+            m.reserved = footprint.bytes_for(m.device, max(1, m.cap))
+
     def begin(self, name: str, now: float, n: int = 1) -> None:
         m = self._models[name]
         m.in_flight += n

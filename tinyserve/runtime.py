@@ -52,6 +52,7 @@ import torch
 from tinyserve import errors, wire
 from tinyserve.batching import Batcher, assemble, split
 from tinyserve.config import ModelConfig
+from tinyserve.memory import rss_anon
 from tinyserve.program import load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
 from tinyserve.weights import DTYPE_TO_TORCH, LoadStats, WeightsFile
@@ -241,6 +242,11 @@ class ModelInstance:
         self.submitted = 0
         self.taken = 0
         self.max_batch_override: int | None = None
+        self.decoded_bytes = 0  # weights decoded into anonymous memory (the rest are mapped from the file)
+        self.workspace_bytes = 0  # anonymous memory the warm-up run left behind (RssAnon delta, >= 0)
+        self.last_used = 0.0  # monotonic time of the last request (the loop writes it)
+        self.placement_key: str | None = None  # the server's memory placement entry (None: no placement)
+        self.evicted = False  # unloaded to make room for another model
         self.queue_delay_override_us: int | None = None
         self.device = "cpu"
         self._rec = None
@@ -419,14 +425,19 @@ class ModelInstance:
             self.batching = cfg.batching
             self.max_queue = cfg.batching.max_queue_size
         self.nbytes = model.nbytes
+        self.decoded_bytes = model.weights_stats.decoded_bytes
         self.config = cfg
         self.model = model
 
     def _run_warmup(self) -> None:
         args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype])
                 for s in self.config.inputs]
+        before = rss_anon()
         try:
             self._outputs_of(self.model.module(*args))
+            after = rss_anon()
+            if before is not None and after is not None:
+                self.workspace_bytes = max(0, after - before)
         except Exception as exc:
             raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run on zeros "
                                     f"(batch 1) failed: {type(exc).__name__}: {exc}") from exc

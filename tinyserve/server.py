@@ -41,6 +41,7 @@ from pathlib import PurePath
 from tinyserve import __version__, errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
                               log_event, make_registry, on_loop)
+from tinyserve.memory import Footprint, Placement
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
 from tinyserve.remote import Poller, VersionPolicy, open_repository
@@ -127,6 +128,9 @@ class ServerConfig:
     model_control: str = "explicit"  # explicit: load/unload ops only; poll: follow the repository
     poll_interval_s: float = 10.0
     version_policies: dict = field(default_factory=dict)  # name -> "latest: N" | "specific: [..]" | "all"
+    # memory-aware placement (docs/scheduler.md section 4): with a CPU budget, a request for a model
+    # version that is not loaded loads it on demand, evicting idle ones least-recently-used first
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -180,6 +184,8 @@ class ServerConfig:
             raise errors.ConfigError("storage must be a dict of S3 options")
         if self.cache_bytes is not None:
             _positive_int("cache_bytes", self.cache_bytes, 1 << 60)
+        if self.memory_budget is not None:
+            _positive_int("memory_budget", self.memory_budget, 1 << 60)
         pinned = self.pinned
         if isinstance(pinned, str):
             pinned = (pinned,)
@@ -284,6 +290,39 @@ class Stats:
         return out
 
 
+_PARK = object()  # _instance_for: the request waits for an on-demand load
+
+
+class _Blocked(wire.Unavailable):
+    """Placement: room for the model frees only once loads under way finish (retried then)."""
+
+
+def _weights_bytes(version_dir) -> tuple[int, int]:
+    """(bytes decoded into memory, bytes mapped from the file) of a version's weights, from the index."""
+    from tinyserve.repository import load_config_dir
+    from tinyserve.weights import WeightsFile
+
+    cfg = load_config_dir(version_dir)
+    decoded = mapped = 0
+    with WeightsFile(os.path.join(version_dir, cfg.weights)) as wf:
+        for info in wf.tensors.values():
+            n = info.data_size if info.encoding == "raw" else _nbytes(info)
+            if info.encoding == "raw":
+                mapped += n
+            else:
+                decoded += n
+    return decoded, mapped
+
+
+def _nbytes(info) -> int:
+    from tinyserve.weights import DTYPE_TO_TORCH
+
+    n = DTYPE_TO_TORCH[info.dtype].itemsize
+    for d in info.shape:
+        n *= d
+    return n
+
+
 class _Listing:
     """What the server knows of a remote repository's models and versions (refreshed off the loop,
     at start, after loads and at every poll), with the look-up methods of a local Repository that
@@ -332,6 +371,9 @@ class Server:
         self._poller = (Poller(self.repo, interval_s=config.poll_interval_s, policies=config.version_policies)
                         if config.model_control == "poll" else None)
         self._poll_task: asyncio.Task | None = None
+        self.placement = Placement({"cpu": config.memory_budget}) if config.memory_budget is not None else None
+        self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
+        self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
         self._limits = config.limits
         self._token = config.token.encode("utf-8") if config.token is not None else None
         self._hello_reply = {"server": "tinyserve", "version": __version__,
@@ -661,6 +703,83 @@ class Server:
         version = int(path.name)
         return self._start(name, version, path)
 
+    def _on_demand(self, name: str, version: int):
+        """Placement mode: start loading (name, version) for a request (sharing a load under way);
+        when room frees only once loads under way finish, the load waits for that (_retry_blocked)."""
+        try:
+            fut = self._load(name, version)
+        except _Blocked:
+            self._blocked.add((name, version))
+            return _PARK
+        fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())  # retrieved: parked requests report it
+        return _PARK
+
+    def _retry_blocked(self) -> None:
+        """A load finished or an instance stopped: try the on-demand loads that were waiting for room."""
+        for name, version in sorted(self._blocked):
+            self._blocked.discard((name, version))
+            try:
+                fut = self._load(name, version)
+            except _Blocked:
+                self._blocked.add((name, version))
+                continue
+            except errors.TinyserveError as exc:
+                for key in ((name, version), (name, None)):
+                    for conn, rid, h, payload in self._parked.pop(key, ()):
+                        if conn.closed:
+                            conn.discard(rid)
+                        else:
+                            self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
+                self._flusher.flush()
+                continue
+            fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
+    def _unpark(self, inst: ModelInstance, fut: asyncio.Future) -> None:
+        """A load finished: the requests parked for it run now (or get its error)."""
+        exc = None if fut.cancelled() else fut.exception()
+        for key in [(inst.name, inst.version), (inst.name, None)]:
+            parked = self._parked.pop(key, None)
+            if not parked:
+                continue
+            for conn, rid, h, payload in parked:
+                if conn.closed:
+                    conn.discard(rid)
+                elif exc is not None and key[1] is not None:
+                    self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
+                else:  # dispatch again: it routes to the READY version (or reports why not)
+                    self._dispatch(conn, rid, h, payload)
+        self._submit_pending()
+        self._flusher.flush()
+
+    def _placement_plan(self, name: str, version: int, path) -> tuple[str, list]:
+        """Reserve room for (name, version): returns its placement key and the instances to evict
+        first (RESOURCE_EXHAUSTED when it cannot fit, UNAVAILABLE when room frees only later)."""
+        pl = self.placement
+        key = f"{name}:{version}"
+        if not pl.registered(key):
+            decoded, mapped = _weights_bytes(path)
+            pinned = (name, None) in self.config.pinned or (name, version) in self.config.pinned
+            pl.register(key, Footprint(weight_bytes=decoded, mapped={str(path): mapped} if mapped else {}),
+                        "cpu", pinned=pinned)
+        now = _monotonic()
+        for (n, v), i in self._instances.items():
+            pl.touch(f"{n}:{v}", i.last_used)
+        plan = pl.request(key, now)  # ResourceExhausted
+        if plan.action == "blocked":
+            raise _Blocked(plan.reason)
+        victims = []
+        for victim in plan.evict:
+            n, _, v = victim.rpartition(":")
+            inst = self._instances.get((n, int(v)))
+            if inst is not None and inst.state in (READY, LOADING):
+                log_event("evict", model=n, version=int(v), reason=f"making room for {name}:{version}",
+                          bytes=inst.decoded_bytes)
+                inst.evicted = True
+                victims.append(inst)
+        for inst in victims:
+            inst.unload()
+        return key, victims
+
     def _start(self, name: str, version: int, path) -> asyncio.Future:
         key = (name, version)
         inst = self._instances.get(key)
@@ -670,21 +789,39 @@ class Server:
             if inst.state == UNLOADING:
                 raise wire.Unavailable(f"model {name!r} version {version} is unloading; load it again "
                                        "once the unload has finished")
+        pkey, victims = self._placement_plan(name, version, path) if self.placement is not None else (None, [])
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify)
         inst.metrics = self.metrics.model(name, version)
+        inst.placement_key = pkey
         self._instances[key] = inst
         with self._policy_lock:  # loading a version (again) clears what the policy held against it
             self.policy.reset(key)
             self.policy.pin(key, (name, None) in self.config.pinned or key in self.config.pinned)
-        fut = inst.start()
+        if victims:  # their memory is returned (workers ended) before this load takes its own
+            async def start_after(victims=victims, inst=inst):
+                await asyncio.gather(*(v.stopped for v in victims), return_exceptions=True)
+                return await inst.start()
+
+            fut = asyncio.ensure_future(start_after())
+        else:
+            fut = inst.start()
         fut.add_done_callback(lambda f, inst=inst: self._loaded(inst, f))
         inst.stopped.add_done_callback(lambda f, inst=inst: self._unloaded(inst))
         return fut
 
     def _loaded(self, inst: ModelInstance, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
+        pkey = inst.placement_key
+        if pkey is not None:
+            if exc is None:
+                self.placement.measured(pkey, Footprint(weight_bytes=inst.decoded_bytes,
+                                                        workspace={1: inst.workspace_bytes}))
+                if self.placement.state(pkey) == "loading":
+                    self.placement.loaded(pkey, _monotonic())
+            else:
+                self.placement.load_failed(pkey)
         ms = inst.metrics
         ms.record_load(inst.load_s, ok=exc is None)
         if exc is None:
@@ -694,6 +831,10 @@ class Server:
         else:
             log_event("load_failed", model=inst.name, version=inst.version, reason=str(exc))
         self._update_route(inst.name)
+        if self._parked:
+            self._unpark(inst, fut)
+        if self._blocked:
+            self._retry_blocked()
 
     def _unloaded(self, inst: ModelInstance, force: bool = False) -> None:
         """The instance's worker ended: forget it (a FAILED one stays listed, with its reason, until
@@ -703,6 +844,11 @@ class Server:
             del self._instances[key]
         if inst.metrics is not None:
             inst.metrics.set_resident(0)
+        pkey = inst.placement_key
+        if pkey is not None and self.placement.state(pkey) == "resident":
+            self.placement.unload(pkey)  # an explicit unload (an eviction released it when planned)
+        if self._blocked and not self._stopping:
+            self._retry_blocked()
         if self._remote and hasattr(self.repo, "release") and not self._stopping:
             self._io(self.repo.release, inst.name, inst.version)
         if inst.state == UNLOADED:
@@ -739,12 +885,16 @@ class Server:
             if inst is not None:
                 return inst
             states = [i for (n, _), i in self._instances.items() if n == name]
+            if self.placement is not None and any(i.state is LOADING for i in states):
+                return _PARK
             if states:
                 i = max(states, key=lambda i: i.version)
                 raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
                                        + (f" ({i.reason})" if i.reason else ""))
-            self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
+            path = self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
             self._raise_if_failed(name, None)
+            if self.placement is not None:
+                return self._on_demand(name, int(path.name))
             raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
         if type(version) is not int:
             raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
@@ -752,10 +902,14 @@ class Server:
         if inst is not None:
             if inst.state is READY:
                 return inst
+            if inst.state is LOADING and self.placement is not None:
+                return _PARK
             raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
                                    + (f" ({inst.reason})" if inst.reason else ""))
         self._resolve(name, version)
         self._raise_if_failed(name, version)
+        if self.placement is not None:
+            return self._on_demand(name, version)
         raise wire.Unavailable(f"model {name!r} version {version} is not loaded (load it first)")
 
     def _raise_if_failed(self, name: str, version: int | None) -> None:
@@ -884,6 +1038,10 @@ class Server:
         if self._draining:
             raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
         inst = self._instance_for(h.get("model"), h.get("version"))
+        if inst is _PARK:  # an on-demand load is under way: the request runs once it is done
+            self._parked.setdefault((h.get("model"), h.get("version")), []).append((conn, rid, h, payload))
+            return
+        inst.last_used = _monotonic()
         with self._policy_lock:
             why = self.policy.admit((inst.name, inst.version), self.clock())
         if why is not None:
