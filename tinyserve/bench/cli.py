@@ -202,7 +202,8 @@ def cmd_bench(args) -> int:
 
     async def run_all():
         for p in points:
-            progress.start(f"{mode} {p}", rule.max_windows)
+            progress.start(f"closed c={p['concurrency']}" if mode == "closed" else f"open {p['rate']:g}/s",
+                           rule.max_windows)
             fn = loadgen.closed_loop_async if mode == "closed" else loadgen.open_loop_async
             res = await fn(target, rule=rule, warmup_s=args.warmup, on_window=progress.window, **kw, **p)
             progress.done()
