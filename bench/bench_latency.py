@@ -10,7 +10,7 @@ MLP 64->256->256->10 of `tinyserve.examples:mlp`, and an identity `python` model
 server (this file, `--floor-server`: asyncio + uvloop, frames encoded and decoded with
 `tinyserve.wire`, each model loaded as tinyserve's worker loads it and run directly on the event
 loop under `torch.inference_mode`, `torch.set_num_threads(1)`) and a tinyserve server
-(`python -m tinyserve.server --torch-threads 1`), both pinned with `taskset` to one core, and one
+(`python -m tinyserve serve --threads 1`), both pinned with `taskset` to one core, and one
 load-generator process (`--driver`, raw sockets + `tinyserve.wire`) pinned to another core.  For
 each model and scenario (1 connection x 1 request in flight; 1 connection x 32 pipelined; 32
 connections x 1 in flight each), each round runs the floor and then tinyserve back to back, each a
@@ -851,7 +851,7 @@ class Bench:
     def start_server(self, kind: str, repo: Path, name: str | None = None, *, profile: bool = False,
                      gc_log: bool = False) -> tuple[Proc, int]:
         """kind floor or tinyserve; `profile` / `gc_log` run tinyserve through this file's
-        instrumented launcher (the measured tinyserve is plain `python -m tinyserve.server`)."""
+        instrumented launcher (the measured tinyserve is plain `python -m tinyserve serve`)."""
         me = str(Path(__file__).resolve())
         models = ",".join(MODELS)
         name = name or kind
@@ -866,7 +866,7 @@ class Bench:
                 argv += ["--prof-prefix", str(self.work / name)]
             pat = r"tinyserve-instrumented: listening on [^:\s]+:(\d+)"
         else:
-            argv = [py(), "-m", "tinyserve.server", "--repo", str(repo), "--torch-threads", "1", "--port", "0"]
+            argv = [py(), "-m", "tinyserve", "serve", "--repo", str(repo), "--threads", "1", "--port", "0"]
             for m in MODELS:
                 argv += ["--model", m]
             pat = r"tinyserve: listening on [^:\s]+:(\d+)"
@@ -1113,6 +1113,9 @@ WORKER_STAGES = [
     ("  Server._finish (cum): reply encoding", "tinyserve/server.py", "_finish"),
     ("    wire.tensor_parts (cum)", "tinyserve/wire.py", "tensor_parts"),
     ("    wire.encode_frame (cum): msgpack header", "tinyserve/wire.py", "encode_frame"),
+    ("  Server._respond (cum): statistics, then the reply written by the worker", "tinyserve/server.py", "_respond"),
+    ("    Server._count (cum): statistics and ejection bookkeeping", "tinyserve/server.py", "_count"),
+    ("    Connection.reply_threadsafe (cum): release, writev", "tinyserve/protocol.py", "reply_threadsafe"),
     ("  Completions.post_many (cum): wake the loop (call_soon_threadsafe)", "tinyserve/runtime.py", "post_many"),
 ]
 

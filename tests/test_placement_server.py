@@ -85,6 +85,13 @@ def test_on_demand_load_and_lru_eviction_return_memory(prepo):
             assert pl["models"]["a:1"]["state"] == "absent" and pl["models"]["a:1"]["evictions"] == 1
             _ask(c, "a")  # back: b is now the least recently used
             assert _resident(s) == ["a", "c"]
+            models = {m["name"]: m for m in c.call("models")["models"]}
+            entry = models["a"]["loaded"][0]
+            assert entry["state"] == "READY" and entry["loads"] == 2 and entry["evictions"] == 1
+            assert entry["reserved"] >= SIZES["a"] and models["b"]["loaded"] == []
+            st = c.call("stats")
+            assert st["placement"]["devices"]["cpu"]["budget"] == BUDGET
+            assert st["placement"]["models"]["b:1"]["evictions"] == 1
     finally:
         s.stop()
 

@@ -247,6 +247,7 @@ class ModelInstance:
         self.last_used = 0.0  # monotonic time of the last request (the loop writes it)
         self.placement_key: str | None = None  # the server's memory placement entry (None: no placement)
         self.evicted = False  # unloaded to make room for another model
+        self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
         self.queue_delay_override_us: int | None = None
         self.device = "cpu"
         self._rec = None
@@ -455,7 +456,7 @@ class ModelInstance:
         respond = self._respond
         ready: list[Request] = []
         limit = COALESCE
-        rec = self._rec = self.metrics.recorder() if self.metrics is not None else None
+        rec = self._rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
 
         def flush() -> None:
             left = respond(ready) if respond is not None else ready

@@ -131,6 +131,7 @@ class ServerConfig:
     # memory-aware placement (docs/scheduler.md section 4): with a CPU budget, a request for a model
     # version that is not loaded loads it on demand, evicting idle ones least-recently-used first
     memory_budget: int | None = None
+    statistics: bool = True  # per-request statistics and the ejection policy's bookkeeping (off: for A/B cost runs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -297,8 +298,8 @@ class _Blocked(wire.Unavailable):
     """Placement: room for the model frees only once loads under way finish (retried then)."""
 
 
-def _weights_bytes(version_dir) -> tuple[int, int]:
-    """(bytes decoded into memory, bytes mapped from the file) of a version's weights, from the index."""
+def _weights_bytes(version_dir) -> tuple:
+    """(config, bytes decoded into memory, bytes mapped from the file) of a version, from its index."""
     from tinyserve.repository import load_config_dir
     from tinyserve.weights import WeightsFile
 
@@ -311,7 +312,7 @@ def _weights_bytes(version_dir) -> tuple[int, int]:
                 mapped += n
             else:
                 decoded += n
-    return decoded, mapped
+    return cfg, decoded, mapped
 
 
 def _nbytes(info) -> int:
@@ -374,6 +375,7 @@ class Server:
         self.placement = Placement({"cpu": config.memory_budget}) if config.memory_budget is not None else None
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
+        self._batch_caps: dict[str, int] = {}  # placement key -> the batch size its memory plan allows
         self._limits = config.limits
         self._token = config.token.encode("utf-8") if config.token is not None else None
         self._hello_reply = {"server": "tinyserve", "version": __version__,
@@ -399,6 +401,7 @@ class Server:
         self.metrics = Metrics()  # per model version (docs/health.md section 2)
         self.policy = EjectionPolicy(config.ejection)  # guarded by _policy_lock (workers record into it)
         self.clock = _monotonic  # the ejection policy's and the health report's clock (tests inject one)
+        self._statistics = config.statistics
         self._policy_lock = threading.Lock()
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
@@ -757,10 +760,13 @@ class Server:
         pl = self.placement
         key = f"{name}:{version}"
         if not pl.registered(key):
-            decoded, mapped = _weights_bytes(path)
-            pinned = (name, None) in self.config.pinned or (name, version) in self.config.pinned
+            cfg, decoded, mapped = _weights_bytes(path)
+            place = cfg.placement
+            pinned = ((name, None) in self.config.pinned or (name, version) in self.config.pinned
+                      or (place is not None and (place.pinned or place.mode == "static")))
+            max_batch = cfg.batching.max_batch_size if cfg.batching is not None else 1
             pl.register(key, Footprint(weight_bytes=decoded, mapped={str(path): mapped} if mapped else {}),
-                        "cpu", pinned=pinned)
+                        "cpu", pinned=pinned, max_batch=max_batch)
         now = _monotonic()
         for (n, v), i in self._instances.items():
             pl.touch(f"{n}:{v}", i.last_used)
@@ -778,6 +784,7 @@ class Server:
                 victims.append(inst)
         for inst in victims:
             inst.unload()
+        self._batch_caps[key] = plan.max_batch
         return key, victims
 
     def _start(self, name: str, version: int, path) -> asyncio.Future:
@@ -794,7 +801,10 @@ class Server:
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify)
         inst.metrics = self.metrics.model(name, version)
+        inst.recording = self._statistics
         inst.placement_key = pkey
+        if pkey is not None:
+            inst.max_batch_override = self._batch_caps.get(pkey) or None  # the workspace fits the budget
         self._instances[key] = inst
         with self._policy_lock:  # loading a version (again) clears what the policy held against it
             self.policy.reset(key)
@@ -950,7 +960,8 @@ class Server:
         for inst, reqs in groups.items():
             try:
                 inst.submit_many(reqs)
-                inst.metrics.recorder().admitted(len(reqs))
+                if self._statistics:
+                    inst.metrics.recorder().admitted(len(reqs))
             except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
                 inst.submitted -= len(reqs)
                 for req in reqs:
@@ -1145,6 +1156,8 @@ class Server:
         if req.counted:
             return
         req.counted = True
+        if not self._statistics:
+            return
         inst = req.instance
         code = req.code
         t_run = req.t_run or now
@@ -1266,8 +1279,7 @@ class Server:
         names = set(self._cached(("models",), self._index.models)) | {n for n, _ in self._instances}
         out = []
         for name in sorted(names):
-            loaded = [{"version": v, "state": inst.state, "bytes": inst.nbytes}
-                      for (n, v), inst in sorted(self._instances.items()) if n == name]
+            loaded = [self._loaded_entry(v, inst) for (n, v), inst in sorted(self._instances.items()) if n == name]
             try:
                 versions = self._cached(("versions", name), self._index.versions, name)
             except errors.ModelNotFoundError:  # loaded, then removed from the repository
@@ -1275,6 +1287,14 @@ class Server:
             out.append({"name": name, "versions": versions,
                         "loaded": loaded})
         self._ok(conn, rid, {"models": out})
+
+    def _loaded_entry(self, version: int, inst: ModelInstance) -> dict:
+        out = {"version": version, "state": inst.state, "bytes": inst.nbytes}
+        if inst.placement_key is not None:  # memory placement: what it holds against the budget
+            m = self.placement.to_dict()["models"].get(inst.placement_key, {})
+            out.update(device=m.get("device", "cpu"), reserved=m.get("reserved", 0), loads=m.get("loads", 0),
+                       evictions=m.get("evictions", 0), max_batch=m.get("max_batch", 0))
+        return out
 
     def _op_metadata(self, conn, rid, h, payload) -> None:
         name, version = self._name_field(h, "metadata"), self._version_field(h, "metadata")
@@ -1340,6 +1360,8 @@ class Server:
             reply = {"requests": requests, "errors": dict(sorted(errs.items())),
                      "latency_us": total.percentiles() if total is not None else Histogram().percentiles(),
                      "models": models}
+        if self.placement is not None:
+            reply["placement"] = self.placement.to_dict()
         reply["in_flight"] = self._budget.count
         reply["connections"] = len(self._conns)
         reply["uptime_s"] = round(time.time() - self.started_at, 3)
