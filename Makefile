@@ -44,7 +44,7 @@ test-python:
 
 bench: build
 	$(PIP) install $(C) zipnn
-	$(VPY) bench/bench_weights.py --quick
+	bench/quick.sh
 
 clean:
 	rm -rf build csrc/build tinyserve/_native/*.so tinyserve/_native/_core.c *.egg-info
