@@ -239,3 +239,25 @@ def test_marked_input_scenario():
     assert a["successes"] == 5 and a["in_flight"] == 0
     assert a["last_error"]["code"] == "UNAVAILABLE" and "ejected" in a["last_error"]["message"]
     assert srv.metrics.to_dict()["models"]["b"]["errors"] == {}
+
+
+def test_fast_success_path_matches_record():
+    """record_success_fast does what record(ok) does for a serving key, and declines otherwise."""
+    cfg = EjectionConfig(consecutive_failures=3, error_rate=0.9, error_rate_min_requests=4, error_rate_window_s=10.0)
+    a, b = EjectionPolicy(cfg), EjectionPolicy(cfg)
+    key = ("m", 1)
+    for p in (a, b):
+        p.record(key, False, "MODEL_ERROR", 0.0, "x")
+        p.record(key, False, "MODEL_ERROR", 0.1, "x")
+    assert a.record_success_fast(key, 0.2) is True  # serving: done without the full path
+    b.record(key, True, "OK", 0.2)
+    assert a.info(key).consecutive == b.info(key).consecutive == 0
+    # the same two more failures do not eject either (the success broke the run) ...
+    for p in (a, b):
+        p.record(key, False, "MODEL_ERROR", 0.3, "x")
+        p.record(key, False, "MODEL_ERROR", 0.4, "x")
+    assert a.state(key) == b.state(key) == SERVING
+    # ... and once ejected, the fast path declines: the locked path must run
+    a.record(key, False, "MODEL_ERROR", 0.5, "x")
+    assert a.state(key) == EJECTED
+    assert a.record_success_fast(key, 0.6) is False

@@ -1127,7 +1127,7 @@ class Server:
             reply = req.reply
             if reply is None:
                 return reqs
-            self._count(req, now)
+            self._count(req, now, req.instance._rec)
             if not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
                 return reqs
             return _NONE
@@ -1141,7 +1141,7 @@ class Server:
         for conn, group in groups.items():
             parts, rids, n = [], [], 0
             for req in group:
-                self._count(req, now)
+                self._count(req, now, req.instance._rec)
                 reply = req.reply
                 parts += reply
                 n += _frame_bytes(reply)
@@ -1150,9 +1150,10 @@ class Server:
                 left += group
         return left
 
-    def _count(self, req: Request, now: int) -> None:
-        """A request answered (in the worker or on the loop): its statistics, and the ejection
-        policy's view of the model (a state change is acted on, on the loop)."""
+    def _count(self, req: Request, now: int, rec=None) -> None:
+        """A request answered (in the worker, which passes its own recorder, or on the loop): its
+        statistics, and the ejection policy's view of the model (a state change is acted on, on the
+        loop)."""
         if req.counted:
             return
         req.counted = True
@@ -1161,10 +1162,17 @@ class Server:
         inst = req.instance
         code = req.code
         t_run = req.t_run or now
-        message = None if code == "OK" else str(req.error)
-        inst.metrics.recorder().record(code, t_run - req.t0, (req.t_done or t_run) - t_run, now - req.t0, message)
+        if code == "OK":
+            (rec or inst.metrics.recorder()).record(code, t_run - req.t0, (req.t_done or t_run) - t_run, now - req.t0)
+            if self.policy.record_success_fast((inst.name, inst.version), self.clock()):
+                return
+            message = ""
+        else:
+            message = str(req.error)
+            (rec or inst.metrics.recorder()).record(code, t_run - req.t0, (req.t_done or t_run) - t_run,
+                                                    now - req.t0, message)
         with self._policy_lock:
-            t = self.policy.record((inst.name, inst.version), code == "OK", code, self.clock(), message or "")
+            t = self.policy.record((inst.name, inst.version), code == "OK", code, self.clock(), message)
         if t is not None:
             try:
                 self._loop.call_soon_threadsafe(self._transition, t)

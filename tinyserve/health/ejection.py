@@ -211,6 +211,26 @@ class EjectionPolicy:
             return f"{st.reason}; a probe request is in flight"
         return st.reason  # FAILED
 
+    def record_success_fast(self, key: Hashable, now: float) -> bool:
+        """The hot path of `record(key, True, "OK", now)` for a serving key: True when done (nothing
+        changes state), False when the caller must call `record` (under its lock).  The server calls
+        this without its policy lock from the one worker thread that serves `key`: it only resets the
+        consecutive-failure count and counts a success in the error-rate window, so a concurrent
+        locked `record` of the same key can at worst lose that one success from the window."""
+        st = self._states.get(key)
+        if st is None:
+            return not self._rate_on()
+        if st.state is not SERVING:
+            return False
+        st.consecutive = 0
+        if self._rate:
+            slot = now // self._slot_s
+            if slot == st.cur_slot:
+                st.cur_ok += 1
+            else:
+                return False  # rolling the window: the locked path
+        return True
+
     def record(self, key: Hashable, ok: bool, code: str, now: float, message: str = "") -> Transition | None:
         """A request to `key` was answered (ok, or an error with its wire `code`)."""
         st = self._states.get(key)
