@@ -1334,3 +1334,37 @@ def test_device_fault_marks_its_models_not_ready(repo_root, kind):
             assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
     finally:
         s.stop()
+
+
+def test_statistics_add_up_exactly_under_concurrent_load(repo_root, kind):
+    """8 clients, 40 requests each, every fifth one invalid: the server's counts equal what was sent."""
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1), kind)
+    errors_seen = []
+
+    def client(seed):
+        try:
+            with Client(s.port) as c:
+                rids = []
+                for i in range(40):
+                    x = np.full((1, 64 if i % 5 else 63), seed, np.float32)
+                    rids.append(c.infer_send("mlp", {"x": x}))
+                for _ in rids:
+                    c.recv()
+        except BaseException as exc:
+            errors_seen.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors_seen, errors_seen[0]
+        with Client(s.port) as c:
+            st = c.call("stats", model="mlp")
+        assert st["requests"] == 320 and st["successes"] == 256
+        assert st["errors"] == {"INVALID_INPUT": 64}
+        m = st["models"]["mlp"]  # (the top-level in_flight is the server's, this stats request included)
+        assert m["batch_size"]["batches"] == 256 and m["in_flight"] == 0 and m["queue_depth"] == 0
+    finally:
+        s.stop()
