@@ -358,3 +358,28 @@ def test_requests_of_a_closed_connection_do_not_run(loop, repo):
         assert r2.error is None and len(module_calls(h.inst)) == n + 1
         await h.inst.unload()
     arun(loop, go())
+
+
+@pytest.mark.parametrize("source", ["tinyserve.examples:mlp", "tinyserve.examples:encoder_bf16"])
+def test_device_load_path_on_the_cpu_matches_the_default_load(tmp_path, source):
+    """The GPU load path (kernels.load_to_device: staging pool, plane merge kernel) taken on the CPU:
+    the bound program computes exactly what the default load's does."""
+    from tinyserve import examples
+    from tinyserve.pack import pack
+    from tinyserve.repository import Repository
+    from tinyserve.runtime import load_version
+
+    r = Repository(tmp_path / "r", create=True)
+    pack(r, "m", source, compression="planes")  # every tensor regrouped: the merge kernel runs
+    vdir = r.resolve("m")
+    plain = load_version(vdir)
+    dev = load_version(vdir, device_loader=True)
+    assert plain.weights.keys() == dev.weights.keys()
+    for k, t in plain.weights.items():
+        assert torch.equal(dev.weights[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+    _, args = getattr(examples, source.split(":")[1])()
+    with torch.inference_mode():
+        a, b = plain.module(*args), dev.module(*args)
+    a = a if isinstance(a, torch.Tensor) else a[0]
+    b = b if isinstance(b, torch.Tensor) else b[0]
+    assert torch.equal(a, b)

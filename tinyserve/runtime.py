@@ -95,21 +95,38 @@ class LoadedModel:
 
 
 def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None,
-                 check_inputs: bool = True) -> LoadedModel:
-    """Load the model version in `version_dir` (a `<root>/<name>/<version>/` directory)."""
+                 check_inputs: bool = True, device: str | torch.device = "cpu",
+                 device_loader: bool | None = None) -> LoadedModel:
+    """Load the model version in `version_dir` (a `<root>/<name>/<version>/` directory) onto `device`.
+
+    Off the CPU the weights stream to the device through tinyserve.kernels.load_to_device (the CPU
+    entropy-decodes into a pinned staging pool, the device copies and regroups the byte planes;
+    docs/gpu.md), and the module is moved there.  `device_loader=True` takes that path on the CPU too
+    (tests: the same code as on a GPU, with the CPU's copies and the kernel's CPU fallback)."""
     version_dir = Path(version_dir)
+    device = torch.device(device)
+    if device_loader is None:
+        device_loader = device.type != "cpu"
     t0 = time.perf_counter()
     config = load_config_dir(version_dir)
     with WeightsFile(version_dir / config.weights) as wf:
         t1 = time.perf_counter()
-        weights = wf.load(verify=verify, threads=threads)
-        stats = wf.last_load
+        if device_loader:
+            from tinyserve.kernels import load_to_device
+
+            weights = load_to_device(wf, device, verify=verify, threads=threads)
+            stats = LoadStats(decoded_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
+        else:
+            weights = wf.load(verify=verify, threads=threads)
+            stats = wf.last_load
     t2 = time.perf_counter()
     module, hooks = None, None
     if config.platform == "torch_export":
         module = load_export_program(version_dir, weights, config.program, check_inputs=check_inputs)
     elif config.platform == "python":
         module, hooks = load_python_model(version_dir, weights, config.extra, config.program)
+    if module is not None and device.type != "cpu":
+        module.to(device)  # what the program made itself (non-persistent buffers, constants); weights are there
     t3 = time.perf_counter()
     return LoadedModel(config, version_dir, module, weights, stats,
                        {"open_s": t1 - t0, "weights_s": t2 - t1, "program_s": t3 - t2, "total_s": t3 - t0},
@@ -183,6 +200,11 @@ class Completions:
             self._deliver(batch)
 
 
+def _to_host(outputs: dict) -> dict:
+    """A device model's outputs, copied to the CPU for the reply (one synchronisation)."""
+    return {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in outputs.items()}
+
+
 # --- the model instance ------------------------------------------------------------------------------
 _STOP = object()
 to_array = wire.to_array
@@ -218,7 +240,7 @@ class ModelInstance:
     def __init__(self, name: str, version: int, path: str | os.PathLike, *, loop, completions: Completions,
                  finish: Callable[[Request], None] | None = None,
                  respond: Callable[[list], list] | None = None, torch_threads: int | None = None,
-                 verify: str = "compressed", warmup: bool = True) -> None:
+                 verify: str = "compressed", warmup: bool = True, device: str = "cpu") -> None:
         self.name = name
         self.version = version
         self.path = Path(path)
@@ -249,7 +271,10 @@ class ModelInstance:
         self.evicted = False  # unloaded to make room for another model
         self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
         self.queue_delay_override_us: int | None = None
-        self.device = "cpu"
+        self.torch_device = torch.device(device)  # where the model runs
+        self._on_host = self.torch_device.type == "cpu"
+        # the device's name in health reports (tinyserve.health.devices: "cpu", "gpu0", ...)
+        self.device = "cpu" if self._on_host else f"gpu{self.torch_device.index or 0}"
         self._rec = None
         self._threads = torch_threads
         self._verify = verify
@@ -408,7 +433,7 @@ class ModelInstance:
 
     def _load(self) -> None:
         # the server checks every request against the config: skip torch.export's own per-call check
-        model = load_version(self.path, verify=self._verify, check_inputs=False)
+        model = load_version(self.path, verify=self._verify, check_inputs=False, device=self.torch_device)
         cfg = model.config
         if cfg.name != self.name:
             raise errors.ModelError(f"model {self.name!r} version {self.version}: its config names {cfg.name!r}")
@@ -431,8 +456,8 @@ class ModelInstance:
         self.model = model
 
     def _run_warmup(self) -> None:
-        args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype])
-                for s in self.config.inputs]
+        args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype],
+                            device=self.torch_device) for s in self.config.inputs]
         before = rss_anon()
         try:
             self._outputs_of(self.model.module(*args))
@@ -547,7 +572,12 @@ class ModelInstance:
             if module is None:
                 raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
             buckets = self.batching.buckets
-            outs = self._outputs_of(module(*assemble(batch, self._in_names, buckets)))
+            args = assemble(batch, self._in_names, buckets)
+            if not self._on_host:
+                args = [a.to(self.torch_device, non_blocking=True) for a in args]
+            outs = self._outputs_of(module(*args))
+            if not self._on_host:
+                outs = _to_host(outs)
             results = split(outs, batch, self._out_names, buckets)
         except (errors.ModelError, wire.InvalidInput) as exc:
             err = exc
@@ -624,7 +654,11 @@ class ModelInstance:
         module = self.model.module
         if module is None:
             raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
+        if not self._on_host:
+            args = [a.to(self.torch_device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
         outputs = self._outputs_of(module(*args))
+        if not self._on_host:
+            outputs = _to_host(outputs)
         if self._post is not None:
             outputs = self._post(outputs)
             if not isinstance(outputs, Mapping):

@@ -26,6 +26,7 @@ import asyncio
 import gc
 import hmac
 import os
+import re
 import signal
 import ssl
 import sys
@@ -131,6 +132,7 @@ class ServerConfig:
     # memory-aware placement (docs/scheduler.md section 4): with a CPU budget, a request for a model
     # version that is not loaded loads it on demand, evicting idle ones least-recently-used first
     memory_budget: int | None = None
+    device: str = "cpu"  # where models run: cpu, cuda:N, or auto (cuda:0 when torch sees a GPU, else cpu)
     statistics: bool = True  # per-request statistics and the ejection policy's bookkeeping (off: for A/B cost runs)
 
     def __post_init__(self) -> None:
@@ -187,6 +189,9 @@ class ServerConfig:
             _positive_int("cache_bytes", self.cache_bytes, 1 << 60)
         if self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget, 1 << 60)
+        dev = self.device
+        if not isinstance(dev, str) or not (dev in ("cpu", "auto") or re.fullmatch(r"cuda:\d{1,4}", dev)):
+            raise errors.ConfigError(f"device must be cpu, auto or cuda:N, got {dev!r}")
         pinned = self.pinned
         if isinstance(pinned, str):
             pinned = (pinned,)
@@ -289,6 +294,17 @@ class Stats:
         for st in parts:
             out.merge(st)
         return out
+
+
+def _pick_device(name: str) -> str:
+    """ServerConfig.device -> a torch device string (auto: cuda:0 where torch sees a GPU, else cpu)."""
+    import torch
+
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise errors.ConfigError(f"device {name}: torch sees no CUDA device here (use cpu or auto)")
+    return name
 
 
 _PARK = object()  # _instance_for: the request waits for an on-demand load
@@ -402,6 +418,7 @@ class Server:
         self.policy = EjectionPolicy(config.ejection)  # guarded by _policy_lock (workers record into it)
         self.clock = _monotonic  # the ejection policy's and the health report's clock (tests inject one)
         self._statistics = config.statistics
+        self._device = _pick_device(config.device)
         self._policy_lock = threading.Lock()
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
@@ -799,7 +816,8 @@ class Server:
         pkey, victims = self._placement_plan(name, version, path) if self.placement is not None else (None, [])
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
-                             torch_threads=self.config.torch_threads, verify=self.config.verify)
+                             torch_threads=self.config.torch_threads, verify=self.config.verify,
+                             device=self._device)
         inst.metrics = self.metrics.model(name, version)
         inst.recording = self._statistics
         inst.placement_key = pkey
