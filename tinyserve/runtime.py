@@ -96,29 +96,37 @@ class LoadedModel:
 
 def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", threads: int | None = None,
                  check_inputs: bool = True, device: str | torch.device = "cpu",
-                 device_loader: bool | None = None) -> LoadedModel:
+                 device_loader: bool | None = None, weights: dict | None = None) -> LoadedModel:
     """Load the model version in `version_dir` (a `<root>/<name>/<version>/` directory) onto `device`.
 
     Off the CPU the weights stream to the device through tinyserve.kernels.load_to_device (the CPU
     entropy-decodes into a pinned staging pool, the device copies and regroups the byte planes;
     docs/gpu.md), and the module is moved there.  `device_loader=True` takes that path on the CPU too
-    (tests: the same code as on a GPU, with the CPU's copies and the kernel's CPU fallback)."""
+    (tests: the same code as on a GPU, with the CPU's copies and the kernel's CPU fallback).
+    `weights`: the version's tensors already decoded (a remote repository streams and decodes them
+    as they download): the weights file is not read again."""
     version_dir = Path(version_dir)
     device = torch.device(device)
     if device_loader is None:
         device_loader = device.type != "cpu"
     t0 = time.perf_counter()
     config = load_config_dir(version_dir)
-    with WeightsFile(version_dir / config.weights) as wf:
-        t1 = time.perf_counter()
-        if device_loader:
-            from tinyserve.kernels import load_to_device
+    t1 = time.perf_counter()
+    if weights is not None:
+        if device.type != "cpu":
+            weights = {k: v.to(device) for k, v in weights.items()}
+        stats = LoadStats(decoded_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
+    else:
+        with WeightsFile(version_dir / config.weights) as wf:
+            t1 = time.perf_counter()
+            if device_loader:
+                from tinyserve.kernels import load_to_device
 
-            weights = load_to_device(wf, device, verify=verify, threads=threads)
-            stats = LoadStats(decoded_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
-        else:
-            weights = wf.load(verify=verify, threads=threads)
-            stats = wf.last_load
+                weights = load_to_device(wf, device, verify=verify, threads=threads)
+                stats = LoadStats(decoded_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
+            else:
+                weights = wf.load(verify=verify, threads=threads)
+                stats = wf.last_load
     t2 = time.perf_counter()
     module, hooks = None, None
     if config.platform == "torch_export":
@@ -240,7 +248,8 @@ class ModelInstance:
     def __init__(self, name: str, version: int, path: str | os.PathLike, *, loop, completions: Completions,
                  finish: Callable[[Request], None] | None = None,
                  respond: Callable[[list], list] | None = None, torch_threads: int | None = None,
-                 verify: str = "compressed", warmup: bool = True, device: str = "cpu") -> None:
+                 verify: str = "compressed", warmup: bool = True, device: str = "cpu",
+                 weights: dict | None = None) -> None:
         self.name = name
         self.version = version
         self.path = Path(path)
@@ -271,6 +280,7 @@ class ModelInstance:
         self.evicted = False  # unloaded to make room for another model
         self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
         self.queue_delay_override_us: int | None = None
+        self._preloaded = weights  # tensors decoded already (a remote repository's streamed load)
         self.torch_device = torch.device(device)  # where the model runs
         self._on_host = self.torch_device.type == "cpu"
         # the device's name in health reports (tinyserve.health.devices: "cpu", "gpu0", ...)
@@ -433,7 +443,9 @@ class ModelInstance:
 
     def _load(self) -> None:
         # the server checks every request against the config: skip torch.export's own per-call check
-        model = load_version(self.path, verify=self._verify, check_inputs=False, device=self.torch_device)
+        weights, self._preloaded = self._preloaded, None
+        model = load_version(self.path, verify=self._verify, check_inputs=False, device=self.torch_device,
+                             weights=weights)
         cfg = model.config
         if cfg.name != self.name:
             raise errors.ModelError(f"model {self.name!r} version {self.version}: its config names {cfg.name!r}")

@@ -659,8 +659,16 @@ class Server:
                 version = self._default_version(name, await self._io(self.repo.versions, name))
             inst = self._instances.get((name, version))
             if inst is None or inst.state not in (READY, LOADING):
-                path = await self._io(self.repo.resolve, name, version)  # downloads into the cache
-                return await self._start(name, version, path)
+                # the weights decode as they download (checksummed per chunk); the program files are
+                # read from the cache entry once its background commit is done
+                path, weights = await self._io(self.repo.load_weights, name, version)
+                committed = await self._io(self.repo.wait_committed, name, version)
+                if committed is None:  # the commit failed: fetch the version again, whole
+                    path, weights = await self._io(self.repo.resolve, name, version), None
+                inst = self._instances.get((name, version))  # (another load may have started meanwhile)
+                if inst is not None and inst.state in (READY, LOADING):
+                    return await inst.start()
+                return await self._start(name, version, committed or path, weights=weights)
             return await inst.start()
         finally:
             if self._remote and not self._stopping:
@@ -804,7 +812,7 @@ class Server:
         self._batch_caps[key] = plan.max_batch
         return key, victims
 
-    def _start(self, name: str, version: int, path) -> asyncio.Future:
+    def _start(self, name: str, version: int, path, weights: dict | None = None) -> asyncio.Future:
         key = (name, version)
         inst = self._instances.get(key)
         if inst is not None:
@@ -817,7 +825,7 @@ class Server:
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
-                             device=self._device)
+                             device=self._device, weights=weights)
         inst.metrics = self.metrics.model(name, version)
         inst.recording = self._statistics
         inst.placement_key = pkey
