@@ -19,7 +19,9 @@ core, the load generators to another (this process pins itself there too).
    tinyserve server (`python -m tinyserve serve --threads 1`) is started alone; saturation throughput
    is measured closed-loop (64 in flight over 8 connections); then open-loop Poisson arrivals at
    increasing fractions of that saturation rate (the sweep stops after the first point answered below
-   80% of the offered rate; windows are stretched at low rates to hold ~150 answers each).  Latency counts from each request's scheduled time (no coordinated omission).
+   80% of the offered rate; windows are stretched at low rates to hold ~150 answers each; a point whose
+   generator fell > 5 ms behind its schedule (p99 send lag: its core was taken by other processes) is
+   run again, at most 3 tries, and flagged if still late).  Latency counts from each request's scheduled time (no coordinated omission).
    Targets: batched saturation >= 3x unbatched; for `big_on`, every open-loop point at an offered rate
    <= 70% of its saturation has p99 <= max_queue_delay + compute(batch 32).  `big_target` is checked
    against its own target_p99_us at the same loads.
@@ -75,8 +77,11 @@ MODES = {
              "fractions": (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0, 1.2), "rounds": 5, "conn32": (2000, 20000)},
 }
 SAT_CONNECTIONS = 8
+OPEN_ATTEMPTS = 3  # an open-loop point whose generator fell behind its schedule is run again, at most this often
+LATE_US = 5000.0  # ... "fell behind": p99 of (sent - scheduled) above this (the generator's core was taken)
 OPEN_CONNECTIONS = 8
 WALL_BUDGET_S = {"quick": 180.0, "full": 600.0}  # phases after this are skipped (reported as such)
+PART2_RESERVE_S = {"quick": 45.0, "full": 100.0}  # kept for part 2 (its rounds, retries included) and the report
 
 
 def big_mlp(seed: int = 0):
@@ -230,14 +235,21 @@ def run_variant(name: str, port: int, m: dict, log, deadline: float) -> dict:
         if time.perf_counter() + m["warmup_s"] + prule.time_bound_s + 2 * win > deadline:
             log(f"{name}: rate {rate:,.0f}/s and above skipped: wall-time budget")
             break
-        r = run_open_loop(target, rate=rate, rule=prule, warmup_s=m["warmup_s"], connections=OPEN_CONNECTIONS,
-                          max_outstanding=4096, seed=int(f * 1000))
-        lat = r["latency_us"]
-        log(f"{name}: open loop {rate:,.0f}/s offered ({f:.2f} x sat): {r['ok_throughput']:,.0f} answered/s, "
-            f"p50 {lat['p50'] or 0:,.0f} us, p99 {lat['p99'] or 0:,.0f} us, errors {r['errors']}")
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            r = run_open_loop(target, rate=rate, rule=prule, warmup_s=m["warmup_s"], connections=OPEN_CONNECTIONS,
+                              max_outstanding=4096, seed=int(f * 1000) + attempt)
+            lat = r["latency_us"]
+            lag = (r["loadgen"].get("send_lag_us") or {}).get("p99") or 0.0
+            log(f"{name}: open loop {rate:,.0f}/s offered ({f:.2f} x sat): {r['ok_throughput']:,.0f} answered/s, "
+                f"p50 {lat['p50'] or 0:,.0f} us, p99 {lat['p99'] or 0:,.0f} us, errors {r['errors']}, "
+                f"send lag p99 {lag:,.0f} us (attempt {attempt})")
+            if lag <= LATE_US or time.perf_counter() + m["warmup_s"] + prule.time_bound_s + 2 * win > deadline:
+                break
         b = _brief(r)
         b["fraction_of_saturation"] = f
         b["window_s"] = win
+        b["attempts"] = attempt
+        b["generator_late"] = lag > LATE_US
         points.append(b)
         if r["ok_throughput"] < 0.8 * rate:  # clearly overloaded: higher rates only grow the queue
             break
@@ -339,9 +351,16 @@ def build_rows(res: dict) -> list[dict]:
             worst = max((p["latency_us"]["p99"] or float("inf") for p in pts), default=None)
             errs = sum(sum(p["errors"].values()) for p in pts)
             ok = bool(pts) and worst is not None and worst <= lim and errs == 0
+            late = [p for p in pts if p.get("generator_late")]
+            clean = max((p["latency_us"]["p99"] or float("inf") for p in pts if not p.get("generator_late")),
+                        default=None)
+            late_txt = (f"; {len(late)} of these points with the generator > {LATE_US / 1e3:g} ms behind schedule "
+                        f"after {OPEN_ATTEMPTS} tries" + (f" (worst p99 without them {clean:,.0f} us = "
+                                                          f"{clean / lim:.2f}x)" if clean is not None else "")
+                        if late else "")
             add(sec1, f"{name}: worst p99 at offered <= {frac:.0%} of its saturation ({len(pts)} rates)",
-                f"{worst:,.0f} us ({worst / lim:.2f}x of {lim:,.0f} us), errors {errs}" if worst is not None
-                else "no points", f"<= {what}", ok)
+                f"{worst:,.0f} us ({worst / lim:.2f}x of {lim:,.0f} us), errors {errs}{late_txt}"
+                if worst is not None else "no points", f"<= {what}", ok)
     c32 = res.get("conn32")
     if c32:
         sec2 = "part 2: MLP 64->256->256->10, 32 connections x 1 in flight (closed loop, bench_latency driver)"
@@ -355,10 +374,19 @@ def build_rows(res: dict) -> list[dict]:
         add(sec2, "disturbance (shared machine)", f"{len(c32)} rounds, {still} still disturbed after "
             f"{bl.MAX_ATTEMPTS} tries (disturbed: > {bl.DISTURBED:.0%} of a run's wall time to other processes, "
             f"bench_latency.disturbance)")
-        ratio = _span([p["tinyserve"]["throughput_rps"] / p["floor"]["throughput_rps"] for p in c32])
-        add(sec2, "throughput tinyserve / floor (median of per-round ratios)", _fmt(ratio, ".2f") + "x",
-            f">= {TARGETS['small_conn32_throughput_ratio_min']:g}x",
-            ratio["median"] >= TARGETS["small_conn32_throughput_ratio_min"])
+        clean = [p for p in c32 if not p["floor"].get("disturbed")]
+        lim = TARGETS["small_conn32_throughput_ratio_min"]
+        ratio_all = _span([p["tinyserve"]["throughput_rps"] / p["floor"]["throughput_rps"] for p in c32])
+        ratio = _span([p["tinyserve"]["throughput_rps"] / p["floor"]["throughput_rps"] for p in clean])
+        add(sec2, "throughput tinyserve / floor, all rounds (median of per-round ratios)", _fmt(ratio_all, ".2f") + "x")
+        # the verdict uses undisturbed rounds only: the floor's one thread loses more to a busy core than
+        # tinyserve's two, so a disturbed round flatters tinyserve
+        if clean:
+            add(sec2, f"throughput tinyserve / floor, undisturbed rounds ({len(clean)})", _fmt(ratio, ".2f") + "x",
+                f">= {lim:g}x", ratio["median"] >= lim)
+        else:
+            add(sec2, "throughput tinyserve / floor, undisturbed rounds (0)", "no undisturbed round", f">= {lim:g}x")
+            rows[-1]["verdict"] = "INCONCLUSIVE"
         srv = res.get("conn32_server_stats") or {}
         bs = srv.get("batch_size") if isinstance(srv, dict) else None
         if isinstance(bs, dict):
@@ -437,13 +465,23 @@ def main(argv=None) -> int:
     ap.add_argument("--model-timing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repo", help=argparse.SUPPRESS)
     ap.add_argument("--models", help=argparse.SUPPRESS)
+    ap.add_argument("--render", metavar="JSON", help="only rebuild the table (in the JSON and on stdout) and "
+                    "batching-latest.md from a results JSON; the measurements stay as they are")
     args = ap.parse_args(argv)
     if args.model_timing:
         return model_timing(args.repo, args.models.split(","))
+    if args.render:
+        path = Path(args.render)
+        d = json.loads(path.read_text())
+        d["rows"] = build_rows(d["results"])
+        print(render_text(header_text(d["env"]), d["rows"]))
+        _atomic_write(path, json.dumps(d, indent=1, default=float) + "\n")
+        _atomic_write(Path(args.out) / "batching-latest.md", render_md(d["env"], d["rows"], d["results"]))
+        return 0
     args.mode = "quick" if args.quick else "full"
     m = MODES[args.mode]
     t_start = time.perf_counter()
-    deadline = t_start + WALL_BUDGET_S[args.mode] - 25.0  # leave room for part 2 and the report
+    deadline = t_start + WALL_BUDGET_S[args.mode] - PART2_RESERVE_S[args.mode]  # part 1 stops adding points here
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
