@@ -216,7 +216,7 @@ def _to_host(outputs: dict) -> dict:
 # --- the model instance ------------------------------------------------------------------------------
 _STOP = object()
 to_array = wire.to_array
-COALESCE = 8  # most finished requests held back while the worker has a backlog
+COALESCE = 32  # most finished requests held back while the worker has a backlog
 
 
 def _release(model: LoadedModel) -> None:
@@ -279,6 +279,8 @@ class ModelInstance:
         self.placement_key: str | None = None  # the server's memory placement entry (None: no placement)
         self.evicted = False  # unloaded to make room for another model
         self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
+        self.key = (name, version)
+        self.loop_rec = None  # the server's recorder for this version on the loop thread
         self.queue_delay_override_us: int | None = None
         self._preloaded = weights  # tensors decoded already (a remote repository's streamed load)
         self.torch_device = torch.device(device)  # where the model runs

@@ -827,6 +827,8 @@ class Server:
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
                              device=self._device, weights=weights)
         inst.metrics = self.metrics.model(name, version)
+        inst.loop_rec = inst.metrics.recorder()  # this (the loop's) thread's recorder
+        inst.key = key
         inst.recording = self._statistics
         inst.placement_key = pkey
         if pkey is not None:
@@ -987,7 +989,7 @@ class Server:
             try:
                 inst.submit_many(reqs)
                 if self._statistics:
-                    inst.metrics.recorder().admitted(len(reqs))
+                    inst.loop_rec.admits += len(reqs)  # Recorder.admitted, inlined
             except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
                 inst.submitted -= len(reqs)
                 for req in reqs:
@@ -1079,10 +1081,12 @@ class Server:
             self._parked.setdefault((h.get("model"), h.get("version")), []).append((conn, rid, h, payload))
             return
         inst.last_used = _monotonic()
-        with self._policy_lock:
-            why = self.policy.admit((inst.name, inst.version), self.clock())
-        if why is not None:
-            raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
+        key = inst.key
+        if not self.policy.serving(key):  # ejected, probing or failed: the locked path decides
+            with self._policy_lock:
+                why = self.policy.admit(key, self.clock())
+            if why is not None:
+                raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
         mq = inst.max_queue
         if mq is not None and inst.submitted - inst.taken >= mq:
             raise wire.QueueFull(f"model {inst.name!r} version {inst.version} has {inst.submitted - inst.taken} "
@@ -1190,7 +1194,7 @@ class Server:
         t_run = req.t_run or now
         if code == "OK":
             (rec or inst.metrics.recorder()).record(code, t_run - req.t0, (req.t_done or t_run) - t_run, now - req.t0)
-            if self.policy.record_success_fast((inst.name, inst.version), self.clock()):
+            if self.policy.record_success_fast(inst.key, self.clock()):
                 return
             message = ""
         else:

@@ -211,6 +211,12 @@ class EjectionPolicy:
             return f"{st.reason}; a probe request is in flight"
         return st.reason  # FAILED
 
+    def serving(self, key: Hashable) -> bool:
+        """True when `admit(key, ...)` would let a request through without changing anything (the
+        key is serving): a read the server makes without its policy lock before taking it."""
+        st = self._states.get(key)
+        return st is None or st.state is SERVING
+
     def record_success_fast(self, key: Hashable, now: float) -> bool:
         """The hot path of `record(key, True, "OK", now)` for a serving key: True when done (nothing
         changes state), False when the caller must call `record` (under its lock).  The server calls
