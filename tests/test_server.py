@@ -1330,8 +1330,12 @@ def test_device_fault_marks_its_models_not_ready(repo_root, kind):
             error_of(c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0], "UNAVAILABLE", "device cpu")
             h = c.call("health")
             assert h["ready"] is False and any("mlp" in r for r in h["reasons"])
+            deadline = time.monotonic() + 30  # the failed version's unload finishes (loading it meanwhile is UNAVAILABLE)
+            while s.run(lambda: ("mlp", 5) in s.server._instances) and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert c.call("load", model="mlp")["ok"]  # an operator loads it again
-            assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+            h, _ = c.infer("mlp", {"x": np.ones((1, 64), np.float32)})
+            assert h["ok"], h
     finally:
         s.stop()
 
