@@ -397,7 +397,17 @@ def cmd_stats(args) -> int:
         errs = st.get("errors") or {}
         err = ", ".join(f"{k} {v}" for k, v in sorted(errs.items())) or "none"
         pcts = " ".join(f"{k} {lat[k]}" for k in ("p50", "p90", "p99", "max") if k in lat)
-        return f"{label}: {st.get('requests', 0)} requests, errors: {err}; latency us: {pcts or '-'}"
+        out = f"{label}: {st.get('requests', 0)} requests, errors: {err}; latency us: {pcts or '-'}"
+        q, c, b = st.get("queue_us"), st.get("compute_us"), st.get("batch_size")
+        if isinstance(q, dict) and isinstance(c, dict):  # a model's entry (docs/health.md section 2)
+            out += (f"; queue p50/p99 {q.get('p50')}/{q.get('p99')} us, compute p50/p99 {c.get('p50')}/{c.get('p99')} us"
+                    f"; {st.get('throughput_rps', 0)} req/s; in flight {st.get('in_flight', 0)}")
+            if isinstance(b, dict) and b.get("batches"):
+                out += f"; batch mean {b.get('mean')} (max {b.get('max')})"
+            le = st.get("last_error")
+            if isinstance(le, dict):
+                out += f"; last error {le.get('code')}: {str(le.get('message'))[:80]}"
+        return out
 
     print(line("server" if args.model is None else args.model, stats))
     if args.model is None:
