@@ -584,6 +584,7 @@ class Server:
         await self._conns_empty.wait()
 
     async def _stop_models(self, timeout: float) -> None:
+        self._submit_pending()
         futs = [inst.unload() for inst in list(self._instances.values())]
         self._routes.clear()
         if futs:
@@ -808,6 +809,8 @@ class Server:
                           bytes=inst.decoded_bytes)
                 inst.evicted = True
                 victims.append(inst)
+        if victims:
+            self._submit_pending()  # (as in _unload_targets)
         for inst in victims:
             inst.unload()
         self._batch_caps[key] = plan.max_batch
@@ -905,6 +908,9 @@ class Server:
             self._routes[name] = best
 
     def _unload_targets(self, name: str, version: int | None) -> list[ModelInstance]:
+        # requests already read and routed go to their instance first (an unloading instance still
+        # runs what is queued): the hand-off to the workers is deferred to the end of the loop turn
+        self._submit_pending()
         self._repo_changed()
         targets = [inst for (n, v), inst in self._instances.items()
                    if n == name and (version is None or v == version) and inst.state != UNLOADED]
