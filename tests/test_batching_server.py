@@ -13,22 +13,14 @@ from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import GATE_MODEL, LOOPS, Client, Gate, ServerThread, error_of, outputs_of  # noqa: E402
+from test_server import GATE_MODEL, LOOPS, Client, ServerThread, error_of, gate, outputs_of  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 MLP, _ = examples.mlp()
 
 
 @pytest.fixture(scope="module")
-def bgate():
-    g = Gate()
-    yield g
-    g.release()
-    g.listener.close()
-
-
-@pytest.fixture(scope="module")
-def brepo(tmp_path_factory, bgate):
+def brepo(tmp_path_factory, gate):
     tmp = tmp_path_factory.mktemp("batching")
     repo = Repository(tmp / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp",
@@ -39,7 +31,7 @@ def brepo(tmp_path_factory, bgate):
     py = tmp / "gate.py"
     py.write_text(GATE_MODEL)
     cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
-           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": bgate.port},
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": gate.port},
            "batching": {"max_batch_size": 1, "max_queue_delay_us": 0, "max_queue_size": 2}}
     pack(repo, "gate", str(sd), program=str(py), config=cfg)
     return str(repo.root)
@@ -100,21 +92,21 @@ def test_requests_with_several_rows_and_many_clients(bs):
     assert not errors_seen, errors_seen[0]
 
 
-def test_queue_full_then_everything_answered(bs, bgate):
+def test_queue_full_then_everything_answered(bs, gate):
     """gate batches one row at a time with room for 2 queued: one request held in the model, two
     queued, the next is refused QUEUE_FULL at once naming the limit; released, the rest run."""
     held = np.full((1, 4), 42.0, np.float32)
     ok = np.ones((1, 4), np.float32)
     with Client(bs.port) as c:
         first = c.infer_send("gate", {"x": held})
-        bgate.wait()  # it is running (blocked inside the model)
+        gate.wait()  # it is running (blocked inside the model)
         queued = [c.infer_send("gate", {"x": ok}) for _ in range(2)]
         time.sleep(0.05)  # (the two are in the worker's queue either way; this only lets them arrive)
         refused = c.infer_send("gate", {"x": ok})
         h, _ = c.recv()
         assert h["id"] == refused
         error_of(h, "QUEUE_FULL", "max_queue_size 2")
-        bgate.release()
+        gate.release()
         answered = {}
         for _ in range(3):
             h, payload = c.recv()
@@ -123,14 +115,14 @@ def test_queue_full_then_everything_answered(bs, bgate):
         assert set(answered) == {first, *queued}
 
 
-def test_deadline_passed_in_the_queue_is_answered_without_running(bs, bgate):
+def test_deadline_passed_in_the_queue_is_answered_without_running(bs, gate):
     held = np.full((1, 4), 42.0, np.float32)
     with Client(bs.port) as c:
         c.infer_send("gate", {"x": held})
-        bgate.wait()
+        gate.wait()
         late = c.infer_send("gate", {"x": np.full((1, 4), -1.0, np.float32)}, timeout_ms=1)
         time.sleep(0.05)  # the deadline passes while the model is busy
-        bgate.release()
+        gate.release()
         replies = {}
         for _ in range(2):
             h, _ = c.recv()

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import s3server  # pytest puts tests/ on sys.path
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,13 +21,6 @@ from tinyserve.weights import write_weights
 
 PART = 64 << 10
 
-
-@pytest.fixture(scope="module")
-def weed():
-    why = s3server.available()
-    if why:
-        pytest.skip(why)
-    return s3server.shared(auth=False)
 
 
 _prefixes = iter(range(10**6))

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import s3server
 from tinyserve import examples
 from tinyserve.pack import pack
 from tinyserve.remote import push
@@ -73,13 +72,6 @@ def test_poll_mode_rolls_out_a_new_version_with_no_failed_request(tmp_path):
         stop.set()
         s.stop()
 
-
-@pytest.fixture(scope="module")
-def weed():
-    why = s3server.available()
-    if why:
-        pytest.skip(why)
-    return s3server.shared(auth=False)
 
 
 def test_serving_from_s3(weed, tmp_path):

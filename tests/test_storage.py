@@ -27,20 +27,6 @@ def core(request):
     return BACKENDS[request.param]
 
 
-@pytest.fixture(scope="module")
-def weed():
-    why = s3server.available()
-    if why:
-        pytest.skip(why)
-    return s3server.shared(auth=False)
-
-
-@pytest.fixture(scope="module")
-def weed_auth():
-    why = s3server.available()
-    if why:
-        pytest.skip(why)
-    return s3server.shared(auth=True)
 
 
 def sample_state() -> dict[str, torch.Tensor]:

@@ -17,6 +17,15 @@ from dataclasses import dataclass
 
 from tinyserve.errors import InvalidNameError, LimitError, ModelNotFoundError, RepositoryError, TruncatedError
 
+
+def fsync_dir(path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 MAX_KEY_BYTES = 1024  # the S3 limit on an object key, in UTF-8 bytes
 MAX_OBJECT_BYTES = 1 << 56  # the weights format's file size limit; larger objects are refused
 DEFAULT_PART_BYTES = 8 << 20

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyserve.storage.base import fsync_dir
 from tinyserve.config import name_problem
 from tinyserve.errors import LimitError, RepositoryError
 
@@ -56,12 +57,6 @@ class EntryInfo:
     path: Path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_stamps(data: Path) -> list[dict]:
@@ -422,15 +417,15 @@ class Cache:
             (staging / USED_FILE).touch()
             os.utime(staging / USED_FILE, (now, now))
             for dirpath, _, _ in os.walk(staging):
-                _fsync_dir(Path(dirpath))
+                fsync_dir(Path(dirpath))
             entry = self.entry_path(space, name, version)
             entry.parent.mkdir(parents=True, exist_ok=True)
             with self._global():
                 if entry.exists():  # a corrupt leftover that lookup could not remove: move it aside
                     self._trash(entry)
                 os.rename(staging, entry)
-                _fsync_dir(entry.parent)
-                _fsync_dir(staging.parent)
+                fsync_dir(entry.parent)
+                fsync_dir(staging.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -23,18 +23,13 @@ from tinyserve.storage.base import (
     StorageError,
     check_key,
     check_prefix,
+    fsync_dir,
     short_read,
 )
 
 _TMP = ".tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStorage(Storage):
@@ -105,7 +100,7 @@ class LocalStorage(Storage):
 
         target, tmp = self._write_tmp(key, fill)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         target, tmp = self._write_tmp(key, lambda f: f.write(data))
@@ -121,7 +116,7 @@ class LocalStorage(Storage):
                 os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def list(self, prefix: str) -> ListResult:
         prefix = check_prefix(prefix)

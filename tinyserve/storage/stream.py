@@ -29,7 +29,7 @@ import torch
 from tinyserve import errors
 from tinyserve._backend import core as _default_core
 from tinyserve.spec import HEADER_SIZE, MAX_FILE_SIZE
-from tinyserve.storage.base import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, Storage, check_transfer
+from tinyserve.storage.base import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, Storage, check_transfer, fsync_dir
 from tinyserve.weights import DTYPE_TO_TORCH, WeightsFile, physical_memory
 
 HEAD_PROBE = 64 << 10  # first read: the header and, for most files, the whole index
@@ -53,12 +53,6 @@ def _tmp_beside(dest: Path) -> Path:
     return dest.parent / f".part-{dest.name}-{secrets.token_hex(6)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _expect_size(url: str, actual: int, expected: int | None) -> None:
@@ -99,7 +93,7 @@ def fetch_file(storage: Storage, key: str, dest: str | os.PathLike, *, size: int
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -280,7 +274,7 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
         fd = -1
         os.replace(tmp, dest)
         if sync:
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
