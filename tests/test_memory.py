@@ -231,3 +231,20 @@ def test_elastic_controller_on_a_fake_clock():
     assert c2.decide(0.0, 0, 5) == -1  # above max
     with pytest.raises(ValueError, match="1 <= min <= max"):
         ElasticController(3, 2, 1, 0, 0, 0)
+
+
+def test_shed_evicts_idle_models_lru_first_until_the_budget_holds():
+    pl = Placement({"cpu": 100})
+    for name in ("a", "b", "c"):
+        pl.register(name, Footprint(weight_bytes=30), "cpu")
+    for t, name in enumerate(("a", "b", "c")):
+        assert pl.request(name, float(t)).action == "load"
+        pl.loaded(name, float(t))
+    assert pl.used("cpu") == 90 and pl.shed("cpu") == []
+    pl.measured("c", Footprint(weight_bytes=60))  # c turned out larger than estimated: 120 > 100
+    pl.touch("a", 10.0)  # b is now the least recently used
+    assert pl.shed("cpu", keep="c") == ["b"]
+    assert pl.used("cpu") == 90 and pl.state("b") == "absent"
+    pl.measured("c", Footprint(weight_bytes=100))
+    pl.begin("a", 11.0)  # busy: never shed
+    assert pl.shed("cpu", keep="c") == [] and pl.used("cpu") == 130  # nothing idle: stays over, reported

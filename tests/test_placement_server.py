@@ -14,7 +14,7 @@ from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import Client, ServerThread, error_of  # noqa: E402
+from test_server import Client, ServerThread, error_of, gate, outputs_of  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(240)
 MB = 1 << 20
@@ -146,4 +146,63 @@ def test_concurrent_clients_rotating_three_models_through_a_budget_for_two(prepo
             assert st[n]["loads"] == loads[f"{n}:1"]  # every planned load happened once: no double loads
     finally:
         stop.set()
+        s.stop()
+
+
+HELD_MODEL = MODEL.replace('''    def forward(self, x):
+        return x + self.w[:4]''', '''    def forward(self, x):
+        if float(x.reshape(-1)[0]) == 42.0:  # wait for the test (tests/test_server.py's gate)
+            import socket
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            try:
+                s.recv(1)
+            finally:
+                s.close()
+        return x + self.w[:4]''').replace('''def build(params):
+    return Const(params["n"])''', '''def build(params):
+    m = Const(params["n"])
+    m.port = params["port"]
+    return m''')
+
+
+def test_requests_arriving_during_an_eviction_wait_and_reload(tmp_path, gate):
+    """a is evicted while a request of its own is still running (held in the model): a request for a
+    that arrives meanwhile waits, and is answered once a is loaded again (not UNAVAILABLE)."""
+    repo = Repository(tmp_path / "repo", create=True)
+    py = tmp_path / "held.py"
+    py.write_text(HELD_MODEL)
+    for name in "abc":
+        n = SIZES["a"] // 4
+        sd = tmp_path / f"{name}.pt"
+        torch.save({"w": torch.full((n,), VALUE[name])}, sd)
+        cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+        pack(repo, name, str(sd), program=str(py), config=cfg, compression="zstd")
+    s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, memory_budget=BUDGET), "uvloop")
+    try:
+        with Client(s.port) as c1, Client(s.port) as c2, Client(s.port) as c3:
+            _ask(c1, "a")
+            _ask(c1, "b")
+            _ask(c1, "b")  # a is now the least recently used
+            held = c1.infer_send("a", {"x": np.full((1, 4), 42.0, np.float32)})
+            gate.wait()  # a's worker is inside the model
+            c2.infer_send("c", {"x": np.zeros((1, 4), np.float32)})  # evicts a (idle by the plan's account)
+            deadline = time.monotonic() + 30
+            while not s.run(lambda: any(i.evicted for i in s.server._instances.values())):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            late = c3.infer_send("a", {"x": np.zeros((1, 4), np.float32)})  # a is being evicted
+            while not s.run(lambda: s.server._parked):  # the request waits (before: UNAVAILABLE)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            gate.release()
+            h, out = c1.recv()
+            assert h["id"] == held and h["ok"], h
+            h, out = c2.recv()
+            assert h["ok"], h
+            h, out = c3.recv()
+            assert h["id"] == late and h["ok"], h  # waited for the eviction, then a was loaded again
+            np.testing.assert_array_equal(outputs_of(h, out)["y"], np.zeros((1, 4), np.float32) + VALUE["a"])
+    finally:
+        gate.release()
         s.stop()

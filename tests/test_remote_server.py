@@ -93,7 +93,8 @@ def test_serving_from_s3(weed, tmp_path):
                 np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
             models = c.call("models")["models"]
             assert models == [{"name": "mlp", "versions": [1, 2],
-                               "loaded": [{"version": 1, "state": "READY", "bytes": models[0]["loaded"][0]["bytes"]}]}]
+                               "loaded": [{"version": 1, "state": "READY", "bytes": models[0]["loaded"][0]["bytes"],
+                                           "instances": 1}]}]
             md = c.call("metadata", model="mlp", version=2)  # not loaded: read from storage off the loop
             assert md["version"] == 2 and md["inputs"][0]["name"] == "x"
             error_of(c.call("metadata", model="nope"), "NOT_FOUND", "nope")

@@ -421,7 +421,7 @@ def test_models_metadata_health_stats(st):
         models = {m["name"]: m for m in c.call("models")["models"]}
         assert set(models) >= {"mlp", "gate", "text", "broken"}
         assert models["mlp"]["versions"] == [1, 5]
-        assert models["mlp"]["loaded"] == [{"version": 5, "state": "READY", "bytes": 340008}]
+        assert models["mlp"]["loaded"] == [{"version": 5, "state": "READY", "bytes": 340008, "instances": 1}]
         assert models["broken"]["loaded"] == []
         md = c.call("metadata", model="mlp")
         assert md["version"] == 5 and md["platform"] == "torch_export" and md["batching"] is None

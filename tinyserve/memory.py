@@ -308,6 +308,26 @@ class Placement:
         if m.state in ("loading", "resident"):
             m.reserved = footprint.bytes_for(m.device, max(1, m.cap))
 
+    def shed(self, device: str, keep: str | None = None) -> list[str]:
+        """Evict idle unpinned models on ``device``, least recently used first (never ``keep``), until
+        the reservations fit its budget again: after a measured footprint came out larger than the
+        estimate the load was planned with.  Returns their names (the caller unloads them)."""
+        over = self.used(device) - self.budgets[device]
+        out = []
+        if over <= 0:
+            return out
+        idle = sorted((o for o in self._models.values() if o.device == device and o.state == "resident"
+                       and not o.pinned and o.in_flight == 0 and o.name != keep),
+                      key=lambda o: (o.last_used, o.name))
+        for v in idle:
+            if over <= 0:
+                break
+            out.append(v.name)
+            over -= v.reserved
+            v.state, v.reserved, v.cap = "absent", 0, 0
+            v.evictions += 1
+        return out
+
     def begin(self, name: str, now: float, n: int = 1) -> None:
         m = self._models[name]
         m.in_flight += n

@@ -214,7 +214,8 @@ def _to_host(outputs: dict) -> dict:
 
 
 # --- the model instance ------------------------------------------------------------------------------
-_STOP = object()
+_STOP = object()  # each worker takes one and ends (unload puts one per worker)
+_RETIRE = object()  # one worker ends (an elastic scale-down); the others go on
 to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
 
@@ -249,7 +250,7 @@ class ModelInstance:
                  finish: Callable[[Request], None] | None = None,
                  respond: Callable[[list], list] | None = None, torch_threads: int | None = None,
                  verify: str = "compressed", warmup: bool = True, device: str = "cpu",
-                 weights: dict | None = None) -> None:
+                 weights: dict | None = None, workers: int = 1) -> None:
         self.name = name
         self.version = version
         self.path = Path(path)
@@ -287,7 +288,15 @@ class ModelInstance:
         self._on_host = self.torch_device.type == "cpu"
         # the device's name in health reports (tinyserve.health.devices: "cpu", "gpu0", ...)
         self.device = "cpu" if self._on_host else f"gpu{self.torch_device.index or 0}"
-        self._rec = None
+        # worker threads sharing the loaded model and the queue (placement.min_instances, or the
+        # server's default; elastic models add and remove them): the first loads, the others start
+        # once it is ready; the last to end releases the model
+        self._want_workers = max(1, int(workers))
+        self._workers = 0
+        self._workers_lock = threading.Lock()  # guards _workers and _stopping
+        self._stopping = False
+        self._taken_lock = threading.Lock()
+        self._tls = threading.local()  # each worker's statistics recorder
         self._threads = torch_threads
         self._verify = verify
         self._warmup = warmup
@@ -331,7 +340,13 @@ class ModelInstance:
         self.check_ready()
         for req in reqs:
             req.instance = self
-        self._q.put(reqs)
+        n = self._workers
+        if n > 1 and len(reqs) > 1:  # spread over the workers (one list goes to one worker)
+            step = -(-len(reqs) // n)
+            for i in range(0, len(reqs), step):
+                self._q.put(reqs[i:i + step])
+        else:
+            self._q.put(reqs)
 
     def unload(self) -> asyncio.Future:
         """Stop taking requests, run what is queued, end the worker thread."""
@@ -341,8 +356,38 @@ class ModelInstance:
             self._set_stopped()
             return self._stopped
         self.state = UNLOADING
-        self._q.put(_STOP)
+        with self._workers_lock:
+            self._stopping = True
+            n = self._workers
+        for _ in range(max(1, n)):
+            self._q.put(_STOP)
         return self._stopped
+
+    @property
+    def workers(self) -> int:
+        """Worker threads serving this version now."""
+        return self._workers
+
+    def add_worker(self) -> bool:
+        """One more worker thread on the same model (elastic scale-up; READY only)."""
+        with self._workers_lock:
+            if self.state is not READY or self._stopping:
+                return False
+            self._workers += 1
+        self._spawn()
+        return True
+
+    def remove_worker(self) -> bool:
+        """One worker fewer, after the requests queued ahead (elastic scale-down; never the last)."""
+        with self._workers_lock:
+            if self._stopping or self._workers <= 1:
+                return False
+        self._q.put(_RETIRE)
+        return True
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._worker_main, name=f"tinyserve-{self.name}-{self.version}+",
+                         daemon=True).start()
 
     @property
     def stopped(self) -> asyncio.Future:
@@ -433,15 +478,37 @@ class ModelInstance:
                                                 f"{type(exc).__name__}: {exc}")
                     self._call_loop(self._set_ready, err)
                     return
+                with self._workers_lock:  # counted before READY: an unload then stops every one
+                    self._workers = n = self._want_workers
+                for _ in range(n - 1):
+                    self._spawn()
                 self._call_loop(self._set_ready, None)
                 self._serve()
         finally:
-            model, self.model = self.model, None
-            self._pre = self._post = None
-            if model is not None:
-                _release(model)
-                del model
-            self._call_loop(self._set_stopped)
+            self._worker_done()
+
+    def _worker_main(self) -> None:
+        try:
+            if self._threads:
+                torch.set_num_threads(self._threads)
+            with torch.inference_mode():
+                self._serve()
+        finally:
+            self._worker_done()
+
+    def _worker_done(self) -> None:
+        """A worker ends; the last one releases the model and reports the instance stopped."""
+        with self._workers_lock:
+            self._workers = max(0, self._workers - 1)
+            last = self._workers == 0
+        if not last:
+            return
+        model, self.model = self.model, None
+        self._pre = self._post = None
+        if model is not None:
+            _release(model)
+            del model
+        self._call_loop(self._set_stopped)
 
     def _load(self) -> None:
         # the server checks every request against the config: skip torch.export's own per-call check
@@ -495,10 +562,10 @@ class ModelInstance:
         respond = self._respond
         ready: list[Request] = []
         limit = COALESCE
-        rec = self._rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
+        rec = self._tls.rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
 
         def flush() -> None:
-            left = respond(ready) if respond is not None else ready
+            left = respond(ready, rec) if respond is not None else ready
             if left:
                 post_many(left)
             ready.clear()
@@ -520,8 +587,13 @@ class ModelInstance:
             return
         while True:
             batch = get()
-            if batch is _STOP:
+            if batch is _STOP or batch is _RETIRE:
                 return
+            n = self._workers
+            if n > 1 and len(batch) > 1:  # leave the others their share (one list would pin it all here)
+                keep = -(-len(batch) // n)
+                q.put(batch[keep:])
+                batch = batch[:keep]
             if rec is not None:
                 rec.dequeued(len(batch))
             run(batch, done)
@@ -544,7 +616,7 @@ class ModelInstance:
             except queue.Empty:
                 items = None
             while items is not None:
-                if items is _STOP:
+                if items is _STOP or items is _RETIRE:
                     stopping = True
                 else:
                     now = monotonic()
@@ -555,7 +627,8 @@ class ModelInstance:
                             b.add(r, now)
                         except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
                             r.error = exc
-                            self.taken += 1
+                            with self._taken_lock:
+                                self.taken += 1
                             done(r)
                 try:
                     items = q.get_nowait()
@@ -566,11 +639,13 @@ class ModelInstance:
                 for r in expired:
                     r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before its "
                                                     "deadline (timeout_ms)")
-                    self.taken += 1
+                    with self._taken_lock:
+                        self.taken += 1
                     done(r)
                 if batch is None:
                     break
-                self.taken += len(batch.requests)
+                with self._taken_lock:
+                    self.taken += len(batch.requests)
                 self._run_batch(batch, b, done, rec)
                 flush()
             flush()
@@ -620,8 +695,11 @@ class ModelInstance:
         `done(request)` is called as each finishes.  For now each request runs alone."""
         monotonic = time.monotonic
         perf_ns = time.perf_counter_ns
-        rec = self._rec
+        rec = getattr(self._tls, "rec", None)
+        taken_lock = self._taken_lock
         for req in requests:
+            with taken_lock:  # started: no longer queued (the depth elastic scaling follows)
+                self.taken += 1
             req.t_run = perf_ns()
             self._run_request(req, monotonic())
             req.t_done = perf_ns()

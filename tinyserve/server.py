@@ -42,11 +42,11 @@ from pathlib import PurePath
 from tinyserve import __version__, errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
                               log_event, make_registry, on_loop)
-from tinyserve.memory import Footprint, Placement
+from tinyserve.memory import ElasticController, Footprint, Placement
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
 from tinyserve.remote import Poller, VersionPolicy, open_repository
-from tinyserve.repository import Repository
+from tinyserve.repository import Repository, load_config_dir
 from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
                                Request)
 
@@ -133,6 +133,7 @@ class ServerConfig:
     # version that is not loaded loads it on demand, evicting idle ones least-recently-used first
     memory_budget: int | None = None
     device: str = "cpu"  # where models run: cpu, cuda:N, or auto (cuda:0 when torch sees a GPU, else cpu)
+    instances: int = 1  # worker threads per loaded version (a model's placement.min_instances wins)
     statistics: bool = True  # per-request statistics and the ejection policy's bookkeeping (off: for A/B cost runs)
 
     def __post_init__(self) -> None:
@@ -189,6 +190,7 @@ class ServerConfig:
             _positive_int("cache_bytes", self.cache_bytes, 1 << 60)
         if self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget, 1 << 60)
+        _positive_int("instances", self.instances, 256)
         dev = self.device
         if not isinstance(dev, str) or not (dev in ("cpu", "auto") or re.fullmatch(r"cuda:\d{1,4}", dev)):
             raise errors.ConfigError(f"device must be cpu, auto or cuda:N, got {dev!r}")
@@ -392,6 +394,7 @@ class Server:
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
         self._batch_caps: dict[str, int] = {}  # placement key -> the batch size its memory plan allows
+        self._elastic: dict[tuple[str, int], ElasticController] = {}
         self._limits = config.limits
         self._token = config.token.encode("utf-8") if config.token is not None else None
         self._hello_reply = {"server": "tinyserve", "version": __version__,
@@ -516,6 +519,8 @@ class Server:
     def _tick(self) -> None:
         """Once a second: the throughput windows."""
         self.metrics.tick()
+        if self._elastic:
+            self._scale(self.clock())
         if not self._stopping:
             self._tick_handle = self._loop.call_later(1.0, self._tick)
 
@@ -813,6 +818,7 @@ class Server:
             self._submit_pending()  # (as in _unload_targets)
         for inst in victims:
             inst.unload()
+            self._update_route(inst.name)  # new requests for it wait for the eviction, then reload it
         self._batch_caps[key] = plan.max_batch
         return key, victims
 
@@ -829,7 +835,7 @@ class Server:
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
-                             device=self._device, weights=weights)
+                             device=self._device, weights=weights, workers=self._workers_for(path))
         inst.metrics = self.metrics.model(name, version)
         inst.loop_rec = inst.metrics.recorder()  # this (the loop's) thread's recorder
         inst.key = key
@@ -853,8 +859,32 @@ class Server:
         inst.stopped.add_done_callback(lambda f, inst=inst: self._unloaded(inst))
         return fut
 
+    def _workers_for(self, path) -> int:
+        """Worker threads for a version: its placement.min_instances, else the server's default."""
+        try:
+            place = load_config_dir(path).placement
+        except (errors.TinyserveError, OSError):  # the load reports it
+            return self.config.instances
+        return place.min_instances if place is not None else self.config.instances
+
+    def _scale(self, now: float) -> None:
+        """Elastic models (placement.mode elastic): one worker more while the queue stays deep, one
+        fewer after an idle spell (memory.ElasticController; the tick calls this each second)."""
+        for key, ctl in list(self._elastic.items()):
+            inst = self._instances.get(key)
+            if inst is None or inst.state is not READY:
+                continue
+            d = ctl.decide(now, max(0, inst.submitted - inst.taken), inst.workers)
+            if d > 0 and inst.add_worker():
+                log_event("scale_up", model=key[0], version=key[1], instances=inst.workers)
+            elif d < 0 and inst.remove_worker():
+                log_event("scale_down", model=key[0], version=key[1], instances=inst.workers - 1)
+
     def _loaded(self, inst: ModelInstance, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
+        place = inst.config.placement if exc is None and inst.config is not None else None
+        if place is not None and place.mode == "elastic":
+            self._elastic[inst.key] = ElasticController.from_config(place)
         pkey = inst.placement_key
         if pkey is not None:
             if exc is None:
@@ -862,6 +892,17 @@ class Server:
                                                         workspace={1: inst.workspace_bytes}))
                 if self.placement.state(pkey) == "loading":
                     self.placement.loaded(pkey, _monotonic())
+                # the measured footprint may exceed the estimate the load was planned with
+                for victim in self.placement.shed("cpu", keep=pkey):
+                    n, _, v = victim.rpartition(":")
+                    other = self._instances.get((n, int(v)))
+                    if other is not None and other.state in (READY, LOADING):
+                        log_event("evict", model=n, version=int(v), reason="the budget after a measured footprint",
+                                  bytes=other.decoded_bytes)
+                        other.evicted = True
+                        self._submit_pending()
+                        other.unload()
+                        self._update_route(other.name)
             else:
                 self.placement.load_failed(pkey)
         ms = inst.metrics
@@ -895,6 +936,13 @@ class Server:
             self._io(self.repo.release, inst.name, inst.version)
         if inst.state == UNLOADED:
             log_event("unload", model=inst.name, version=inst.version)
+        if self._instances.get(inst.key) is None:
+            self._elastic.pop(inst.key, None)
+        if self._parked and inst.evicted and not self._stopping:
+            # requests that arrived while it was being evicted: dispatched again, they load it anew
+            done = self._loop.create_future()
+            done.set_result(None)
+            self._unpark(inst, done)
         self._update_route(inst.name)
 
     def _update_route(self, name: str) -> None:
@@ -930,8 +978,8 @@ class Server:
             if inst is not None:
                 return inst
             states = [i for (n, _), i in self._instances.items() if n == name]
-            if self.placement is not None and any(i.state is LOADING for i in states):
-                return _PARK
+            if self.placement is not None and any(i.state is LOADING or i.evicted for i in states):
+                return _PARK  # a load under way, or an eviction: the request runs after (a reload)
             if states:
                 i = max(states, key=lambda i: i.version)
                 raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
@@ -947,7 +995,7 @@ class Server:
         if inst is not None:
             if inst.state is READY:
                 return inst
-            if inst.state is LOADING and self.placement is not None:
+            if self.placement is not None and (inst.state is LOADING or inst.evicted):
                 return _PARK
             raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
                                    + (f" ({inst.reason})" if inst.reason else ""))
@@ -1162,7 +1210,7 @@ class Server:
         req.code = code = wire.wire_code(exc)
         req.reply = wire.encode_error(rid, code, str(exc))
 
-    def _respond(self, reqs: list) -> list:
+    def _respond(self, reqs: list, rec=None) -> list:
         """In a worker thread: count the finished requests (statistics, ejection policy: before the
         client can see a reply, so what it reads next already includes them), then write their
         replies straight to their sockets (Connection.reply_threadsafe: several replies to one
@@ -1173,7 +1221,7 @@ class Server:
             reply = req.reply
             if reply is None:
                 return reqs
-            self._count(req, now, req.instance._rec)
+            self._count(req, now, rec)
             if not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
                 return reqs
             return _NONE
@@ -1187,7 +1235,7 @@ class Server:
         for conn, group in groups.items():
             parts, rids, n = [], [], 0
             for req in group:
-                self._count(req, now, req.instance._rec)
+                self._count(req, now, rec)
                 reply = req.reply
                 parts += reply
                 n += _frame_bytes(reply)
@@ -1343,7 +1391,7 @@ class Server:
         self._ok(conn, rid, {"models": out})
 
     def _loaded_entry(self, version: int, inst: ModelInstance) -> dict:
-        out = {"version": version, "state": inst.state, "bytes": inst.nbytes}
+        out = {"version": version, "state": inst.state, "bytes": inst.nbytes, "instances": inst.workers}
         if inst.placement_key is not None:  # memory placement: what it holds against the budget
             m = self.placement.to_dict()["models"].get(inst.placement_key, {})
             out.update(device=m.get("device", "cpu"), reserved=m.get("reserved", 0), loads=m.get("loads", 0),
