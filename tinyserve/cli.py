@@ -284,7 +284,7 @@ def cmd_serve(args) -> int:
                           require_model=args.require_model, cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                           storage=storage, model_control=args.model_control, poll_interval_s=args.poll_interval,
                           version_policies=dict(args.version_policy), memory_budget=args.memory_budget,
-                          statistics=not args.no_statistics, device=args.device)
+                          statistics=not args.no_statistics, device=args.device, instances=args.instances)
     configure_logging(json_lines=args.log_json)
     return run(config)
 
@@ -665,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-statistics", action="store_true",
                     help="no per-request statistics and no ejection (only to measure what they cost)")
     sv.add_argument("--device", default="cpu", help="cpu, cuda:N, or auto (a GPU when torch sees one)")
+    sv.add_argument("--instances", type=int, default=1,
+                    help="worker threads per loaded version (a model's placement.min_instances wins)")
     sv.add_argument("--memory-budget", type=_size_arg, default=None,
                     help="CPU memory for models, e.g. 8G: models load on demand and idle ones are evicted "
                          "least-recently-used first to stay within it")
