@@ -206,3 +206,56 @@ def test_requests_arriving_during_an_eviction_wait_and_reload(tmp_path, gate):
     finally:
         gate.release()
         s.stop()
+
+
+OOM_MODEL = '''
+import torch
+
+class Oom(torch.nn.Module):
+    def __init__(self, n, mode):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n))
+        self.mode = mode
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # call 1 is the warm-up
+        if (self.mode == "always" and self.calls >= 2) or (self.mode == "once" and self.calls == 2):
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return x + self.w[:4]
+
+def build(params):
+    return Oom(params["n"], params["mode"])
+'''
+
+
+def test_out_of_memory_while_running_evicts_idle_models_and_retries_once(tmp_path):
+    repo = Repository(tmp_path / "repo", create=True)
+    io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+          "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}]}
+    for name, source, extra in (("a", MODEL, {"n": 1024}), ("b", MODEL, {"n": 1024}),
+                                ("oomonce", OOM_MODEL, {"n": 1024, "mode": "once"}),
+                                ("oomalways", OOM_MODEL, {"n": 1024, "mode": "always"})):
+        value = VALUE.get(name, VALUE["c"])
+        sd, py = tmp_path / f"{name}.pt", tmp_path / f"{name}.py"
+        torch.save({"w": torch.full((1024,), value)}, sd)
+        py.write_text(source)
+        pack(repo, name, str(sd), program=str(py), config={**io, "extra": extra}, compression="zstd")
+    prepo = str(repo.root)
+    s = ServerThread(ServerConfig(repo=prepo, torch_threads=1, memory_budget=1 << 30), "uvloop")
+    try:
+        with Client(s.port) as c:
+            _ask(c, "a")
+            _ask(c, "b")
+            assert _resident(s) == ["a", "b"]
+            x = np.zeros((1, 4), np.float32)
+            h, out = c.infer("oomonce", {"x": x})  # out of memory once: a and b go, the retry succeeds
+            assert h["ok"], h
+            np.testing.assert_array_equal(out["y"], x + VALUE["c"])
+            assert _resident(s) == ["oomonce"]
+            h, _ = c.infer("oomalways", {"x": x})  # retried once (oomonce evicted), then that batch fails
+            error_of(h, "MODEL_ERROR", "out of memory")
+            assert _resident(s) == ["oomalways"]
+            _ask(c, "a")  # the server goes on serving
+    finally:
+        s.stop()

@@ -208,6 +208,15 @@ class Completions:
             self._deliver(batch)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """An allocation failure of the device or the host (torch raises OutOfMemoryError on a GPU and a
+    RuntimeError naming the allocator on the CPU)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 def _to_host(outputs: dict) -> dict:
     """A device model's outputs, copied to the CPU for the reply (one synchronisation)."""
     return {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in outputs.items()}
@@ -279,6 +288,7 @@ class ModelInstance:
         self.last_used = 0.0  # monotonic time of the last request (the loop writes it)
         self.placement_key: str | None = None  # the server's memory placement entry (None: no placement)
         self.evicted = False  # unloaded to make room for another model
+        self.on_oom: Callable | None = None  # server hook (worker thread): free memory, True if it did
         self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
         self.key = (name, version)
         self.loop_rec = None  # the server's recorder for this version on the loop thread
@@ -664,7 +674,12 @@ class ModelInstance:
             args = assemble(batch, self._in_names, buckets)
             if not self._on_host:
                 args = [a.to(self.torch_device, non_blocking=True) for a in args]
-            outs = self._outputs_of(module(*args))
+            try:
+                outs = self._outputs_of(module(*args))
+            except Exception as exc:
+                if not (_is_oom(exc) and self._make_room()):
+                    raise
+                outs = self._outputs_of(module(*args))  # once more, after the server freed memory
             if not self._on_host:
                 outs = _to_host(outs)
             results = split(outs, batch, self._out_names, buckets)
@@ -719,7 +734,12 @@ class ModelInstance:
                 "could run (timeout_ms)")
             return
         try:
-            req.result = self._run_one(req)
+            try:
+                req.result = self._run_one(req)
+            except Exception as exc:
+                if not (_is_oom(exc) and self._make_room()):
+                    raise
+                req.result = self._run_one(req)  # once more, after the server freed memory
         except (errors.ModelError, wire.InvalidInput) as exc:
             # a hook that refuses a request with wire.InvalidInput answers INVALID_INPUT (the client's
             # mistake); anything else a model raises is MODEL_ERROR naming the model
@@ -728,6 +748,18 @@ class ModelInstance:
             log.debug("model %s raised", self, exc_info=True)
             req.error = errors.ModelError(f"model {self.name!r} version {self.version} raised "
                                           f"{type(exc).__name__}: {exc}")
+
+    def _make_room(self) -> bool:
+        """Out of memory while running: ask the server to evict idle models (blocks this worker until
+        it has); True when something was freed, so the batch is worth one more try."""
+        hook = self.on_oom
+        if hook is None:
+            return False
+        try:
+            return bool(hook(self))
+        except Exception:  # noqa: BLE001 - the batch then fails with its own error
+            log.exception("tinyserve: making room after an out-of-memory error failed")
+            return False
 
     def _run_one(self, req: Request) -> dict:
         if self._pre is not None:

@@ -838,6 +838,7 @@ class Server:
                              device=self._device, weights=weights, workers=self._workers_for(path))
         inst.metrics = self.metrics.model(name, version)
         inst.loop_rec = inst.metrics.recorder()  # this (the loop's) thread's recorder
+        inst.on_oom = self._oom
         inst.key = key
         inst.recording = self._statistics
         inst.placement_key = pkey
@@ -866,6 +867,37 @@ class Server:
         except (errors.TinyserveError, OSError):  # the load reports it
             return self.config.instances
         return place.min_instances if place is not None else self.config.instances
+
+    def _oom(self, inst: ModelInstance) -> bool:
+        """From a worker whose model ran out of memory: evict the other idle versions (memory placement
+        only; never pinned ones, never one with requests queued or running), wait until their workers
+        have ended, and say whether anything was freed.  The worker then retries once."""
+        if self.placement is None or self._loop is None:
+            return False
+        fut = asyncio.run_coroutine_threadsafe(self._shed_for_oom(inst), self._loop)
+        return fut.result(60)
+
+    async def _shed_for_oom(self, inst: ModelInstance) -> bool:
+        victims = []
+        for key, other in list(self._instances.items()):
+            pkey = other.placement_key
+            if (other is inst or other.state is not READY or pkey is None or other.submitted != other.taken
+                    or self.placement.to_dict()["models"].get(pkey, {}).get("pinned")):
+                continue
+            victims.append(other)
+        victims.sort(key=lambda i: i.last_used)
+        if not victims:
+            return False
+        self._submit_pending()
+        for other in victims:
+            log_event("evict", model=other.name, version=other.version,
+                      reason=f"model {inst.name!r} version {inst.version} ran out of memory", bytes=other.decoded_bytes)
+            other.evicted = True
+            self.placement.unload(other.placement_key)
+            other.unload()
+            self._update_route(other.name)
+        await asyncio.gather(*(o.stopped for o in victims), return_exceptions=True)
+        return True
 
     def _scale(self, now: float) -> None:
         """Elastic models (placement.mode elastic): one worker more while the queue stays deep, one
