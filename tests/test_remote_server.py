@@ -105,3 +105,39 @@ def test_serving_from_s3(weed, tmp_path):
             error_of(c.call("load", model="mlp", version=7), "NOT_FOUND")
     finally:
         s.stop()
+
+
+def test_storage_going_away_leaves_loaded_models_serving(tmp_path):
+    """The S3 server stops: loaded versions keep answering, a load that needs the storage fails
+    cleanly (UNAVAILABLE naming the storage), and the server stays up."""
+    import s3server
+
+    why = s3server.available()
+    if why:
+        pytest.skip(why)
+    srv = s3server.SeaweedServer().start()
+    s = None
+    try:
+        local = Repository(tmp_path / "local", create=True)
+        pack(local, "mlp", "tinyserve.examples:mlp")
+        storage = srv.storage("down")
+        push(storage, local.resolve("mlp", 1), "mlp")
+        push(storage, local.resolve("mlp", 1), "mlp")
+        opts = {**srv.credentials(), "endpoint_url": srv.endpoint, "region": "us-east-1",
+                "connect_timeout": 1.0, "read_timeout": 2.0, "attempts": 1}
+        s = ServerThread(ServerConfig(repo=f"s3://{srv.bucket}/down", cache_dir=str(tmp_path / "cache"),
+                                      storage=opts, models=("mlp:1",), torch_threads=1), "uvloop")
+        srv.stop()  # the storage goes away
+        with Client(s.port) as c:
+            x = np.ones((1, 64), np.float32)
+            for _ in range(20):
+                h, _ = c.infer("mlp", {"x": x})
+                assert h["ok"] and h["version"] == 1, h
+            h = c.call("load", model="mlp", version=2)  # not cached: needs the storage
+            error_of(h, "UNAVAILABLE")
+            assert c.infer("mlp", {"x": x})[0]["ok"]
+            assert c.call("health")["ready"] is True
+    finally:
+        if s is not None:
+            s.stop()
+        srv.stop()
