@@ -13,7 +13,7 @@ from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import GATE_MODEL, LOOPS, Client, ServerThread, error_of, gate, outputs_of  # noqa: E402,F401  (gate: a fixture)
+from test_server import LOOPS, Client, ServerThread, error_of, gate, outputs_of, pack_gate  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 MLP, _ = examples.mlp()
@@ -25,15 +25,8 @@ def brepo(tmp_path_factory, gate):
     repo = Repository(tmp / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp",
          config={"batching": {"max_batch_size": 32, "max_queue_delay_us": 20000}})
-    lin = torch.nn.Linear(4, 4)
-    sd = tmp / "gate.pt"
-    torch.save({"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()}, sd)
-    py = tmp / "gate.py"
-    py.write_text(GATE_MODEL)
-    cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
-           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": gate.port},
-           "batching": {"max_batch_size": 1, "max_queue_delay_us": 0, "max_queue_size": 2}}
-    pack(repo, "gate", str(sd), program=str(py), config=cfg)
+    pack_gate(repo, tmp, "gate", gate.port,
+              batching={"max_batch_size": 1, "max_queue_delay_us": 0, "max_queue_size": 2})
     return str(repo.root)
 
 

@@ -6,13 +6,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import GATE_MODEL, Client, ServerThread, gate  # noqa: E402,F401  (gate: a fixture)
+from test_server import Client, ServerThread, gate, pack_gate  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 HELD = np.full((1, 4), 42.0, np.float32)  # gate blocks on it until released
@@ -31,17 +30,10 @@ class FakeClock:
 def irepo(tmp_path_factory, gate):
     tmp = tmp_path_factory.mktemp("instances")
     repo = Repository(tmp / "repo", create=True)
-    lin = torch.nn.Linear(4, 4)
-    sd = tmp / "gate.pt"
-    torch.save({"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()}, sd)
-    py = tmp / "gate.py"
-    py.write_text(GATE_MODEL)
-    io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
-          "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": gate.port}}
-    pack(repo, "gate", str(sd), program=str(py), config=io)
+    pack_gate(repo, tmp, "gate", gate.port)
     elastic = {"mode": "elastic", "min_instances": 1, "max_instances": 3, "scale_up_queue_depth": 2,
                "scale_up_after_ms": 1000, "scale_down_idle_ms": 2000, "cooldown_ms": 500}
-    pack(repo, "egate", str(sd), program=str(py), config={**io, "placement": elastic})
+    pack_gate(repo, tmp, "egate", gate.port, placement=elastic)
     return str(repo.root)
 
 

@@ -84,6 +84,17 @@ def postprocess(outputs):
 '''
 
 
+def pack_gate(repo, tmp, name: str, port: int, **config) -> None:
+    """Pack the gate model (GATE_MODEL) as `name`, with extra config fields (batching, placement)."""
+    lin = torch.nn.Linear(4, 4)
+    sd, py = tmp / f"{name}.pt", tmp / f"{name}.py"
+    torch.save({"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()}, sd)
+    py.write_text(GATE_MODEL)
+    cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": port}, **config}
+    pack(repo, name, str(sd), program=str(py), config=cfg)
+
+
 # --- fixtures ----------------------------------------------------------------------------------------
 class Gate:
     """The far end of the gate model's socket: `wait()` for a gated request to be running, `release()`."""
