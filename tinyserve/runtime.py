@@ -281,7 +281,7 @@ class ModelInstance:
         self.batcher: Batcher | None = None
         self.max_queue: int | None = None
         self.submitted = 0
-        self.taken = 0
+        self._taken_cells: list[list[int]] = []  # one counter per worker thread (each writes its own)
         self.max_batch_override: int | None = None
         self.decoded_bytes = 0  # weights decoded into anonymous memory (the rest are mapped from the file)
         self.workspace_bytes = 0  # anonymous memory the warm-up run left behind (RssAnon delta, >= 0)
@@ -305,7 +305,6 @@ class ModelInstance:
         self._workers = 0
         self._workers_lock = threading.Lock()  # guards _workers and _stopping
         self._stopping = False
-        self._taken_lock = threading.Lock()
         self._tls = threading.local()  # each worker's statistics recorder
         self._threads = torch_threads
         self._verify = verify
@@ -372,6 +371,11 @@ class ModelInstance:
         for _ in range(max(1, n)):
             self._q.put(_STOP)
         return self._stopped
+
+    @property
+    def taken(self) -> int:
+        """Requests the workers took off the queue (started, or answered as expired or invalid)."""
+        return sum(c[0] for c in list(self._taken_cells))
 
     @property
     def workers(self) -> int:
@@ -573,6 +577,9 @@ class ModelInstance:
         ready: list[Request] = []
         limit = COALESCE
         rec = self._tls.rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
+        cell = self._tls.cell = [0]
+        with self._workers_lock:
+            self._taken_cells.append(cell)
 
         def flush() -> None:
             left = respond(ready, rec) if respond is not None else ready
@@ -617,6 +624,7 @@ class ModelInstance:
         b = self.batcher = Batcher(self.batching, self._in_names, max_batch_size=self.max_batch_override,
                                    max_queue_delay_us=self.queue_delay_override_us)
         q = self._q
+        cell = self._tls.cell
         monotonic = time.monotonic
         stopping = False
         wait = None
@@ -637,8 +645,7 @@ class ModelInstance:
                             b.add(r, now)
                         except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
                             r.error = exc
-                            with self._taken_lock:
-                                self.taken += 1
+                            cell[0] += 1
                             done(r)
                 try:
                     items = q.get_nowait()
@@ -649,13 +656,11 @@ class ModelInstance:
                 for r in expired:
                     r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before its "
                                                     "deadline (timeout_ms)")
-                    with self._taken_lock:
-                        self.taken += 1
+                    cell[0] += 1
                     done(r)
                 if batch is None:
                     break
-                with self._taken_lock:
-                    self.taken += len(batch.requests)
+                cell[0] += len(batch.requests)
                 self._run_batch(batch, b, done, rec)
                 flush()
             flush()
@@ -711,10 +716,13 @@ class ModelInstance:
         monotonic = time.monotonic
         perf_ns = time.perf_counter_ns
         rec = getattr(self._tls, "rec", None)
-        taken_lock = self._taken_lock
+        cell = getattr(self._tls, "cell", None)
+        if cell is None:  # run() called outside the workers (tests, tools)
+            cell = self._tls.cell = [0]
+            with self._workers_lock:
+                self._taken_cells.append(cell)
         for req in requests:
-            with taken_lock:  # started: no longer queued (the depth elastic scaling follows)
-                self.taken += 1
+            cell[0] += 1  # started: no longer queued (the depth QUEUE_FULL and elastic scaling read)
             req.t_run = perf_ns()
             self._run_request(req, monotonic())
             req.t_done = perf_ns()
