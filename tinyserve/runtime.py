@@ -14,8 +14,12 @@ back to the loop through `Completions`, which wakes the loop once for however ma
 Lifecycle states: LOADING -> READY -> UNLOADING -> UNLOADED, or LOADING -> FAILED (reason kept).
 Requests are accepted only while READY; requests queued before `unload()` still run.
 
-The worker API is batch-shaped (`run(list of requests)`) for the batching issue; for now each request
-runs alone.
+A model whose config has `batching` (and no preprocess / postprocess hooks) runs its requests in
+batches formed by a `tinyserve.batching.Batcher` per worker (`_serve_batched`, docs/scheduler.md);
+the others run each request alone (`run`).  An instance may have several worker threads sharing the
+model and the queue (`workers`, `add_worker`, `remove_worker`); the last to end releases the model.
+An allocation failure while running calls the server's `on_oom` hook (evict idle models) and retries
+once.
 
 Python model files (docs/repository.md section 4.2) may define, besides `build(params)`:
 
@@ -712,7 +716,8 @@ class ModelInstance:
 
     def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;
-        `done(request)` is called as each finishes.  For now each request runs alone."""
+        `done(request)` is called as each finishes.  Each request runs alone (batching models use
+        `_serve_batched`)."""
         monotonic = time.monotonic
         perf_ns = time.perf_counter_ns
         rec = getattr(self._tls, "rec", None)
