@@ -1,10 +1,10 @@
-"""A loaded model version and the instance that serves it: one dedicated worker thread per instance.
+"""A loaded model version and the instance that serves it, on dedicated worker threads.
 
 `load_version(dir)` maps/decodes the weights and binds the program (`LoadedModel`).
 
-`ModelInstance` wraps a `LoadedModel` with ONE worker thread fed by a `queue.SimpleQueue` (a hand-off
+`ModelInstance` wraps a `LoadedModel` with worker threads fed by one `queue.SimpleQueue` (a hand-off
 costs a lock release and a GIL switch, about 10-30 us, against 50-120 us for a ThreadPoolExecutor
-round trip).  The thread loads the version, warms it up (one run on inputs made from the config with
+round trip).  The first thread loads the version, warms it up (one run on inputs made from the config with
 batch 1), then runs requests; model compute, pre- and post-processing never touch the event loop.
 Finished requests are handed to the server's `respond` callable in the worker thread, which writes
 the replies to their sockets directly when it can (protocol.Connection.reply_threadsafe); the rest go
