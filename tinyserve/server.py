@@ -316,12 +316,10 @@ class _Blocked(wire.Unavailable):
     """Placement: room for the model frees only once loads under way finish (retried then)."""
 
 
-def _weights_bytes(version_dir) -> tuple:
-    """(config, bytes decoded into memory, bytes mapped from the file) of a version, from its index."""
-    from tinyserve.repository import load_config_dir
+def _weights_bytes(version_dir, cfg) -> tuple[int, int]:
+    """(bytes decoded into memory, bytes mapped from the file) of a version, from its weights index."""
     from tinyserve.weights import WeightsFile
 
-    cfg = load_config_dir(version_dir)
     decoded = mapped = 0
     with WeightsFile(os.path.join(version_dir, cfg.weights)) as wf:
         for info in wf.tensors.values():
@@ -330,7 +328,7 @@ def _weights_bytes(version_dir) -> tuple:
                 mapped += n
             else:
                 decoded += n
-    return cfg, decoded, mapped
+    return decoded, mapped
 
 
 def _nbytes(info) -> int:
@@ -390,6 +388,7 @@ class Server:
         self._poller = (Poller(self.repo, interval_s=config.poll_interval_s, policies=config.version_policies)
                         if config.model_control == "poll" else None)
         self._poll_task: asyncio.Task | None = None
+        self._bg_tasks: set[asyncio.Task] = set()  # listing refreshes after remote loads
         self.placement = Placement({"cpu": config.memory_budget}) if config.memory_budget is not None else None
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
@@ -546,6 +545,8 @@ class Server:
         self._stopping = self._draining = True
         if self._poll_task is not None:
             self._poll_task.cancel()
+        for task in list(self._bg_tasks):
+            task.cancel()
         loop = self._loop
         for srv in self._servers:
             srv.close()
@@ -679,7 +680,9 @@ class Server:
             return await inst.start()
         finally:
             if self._remote and not self._stopping:
-                self._loop.create_task(self._refresh_quietly())
+                task = self._loop.create_task(self._refresh_quietly())
+                self._bg_tasks.add(task)
+                task.add_done_callback(self._bg_tasks.discard)
 
     async def _refresh_quietly(self) -> None:
         try:
@@ -786,13 +789,13 @@ class Server:
         self._submit_pending()
         self._flusher.flush()
 
-    def _placement_plan(self, name: str, version: int, path) -> tuple[str, list]:
+    def _placement_plan(self, name: str, version: int, path, cfg) -> tuple[str, list]:
         """Reserve room for (name, version): returns its placement key and the instances to evict
         first (RESOURCE_EXHAUSTED when it cannot fit, UNAVAILABLE when room frees only later)."""
         pl = self.placement
         key = f"{name}:{version}"
         if not pl.registered(key):
-            cfg, decoded, mapped = _weights_bytes(path)
+            decoded, mapped = _weights_bytes(path, cfg)
             place = cfg.placement
             pinned = ((name, None) in self.config.pinned or (name, version) in self.config.pinned
                       or (place is not None and (place.pinned or place.mode == "static")))
@@ -831,11 +834,18 @@ class Server:
             if inst.state == UNLOADING:
                 raise wire.Unavailable(f"model {name!r} version {version} is unloading; load it again "
                                        "once the unload has finished")
-        pkey, victims = self._placement_plan(name, version, path) if self.placement is not None else (None, [])
+        try:  # the config, read once here for the memory plan and the worker count
+            cfg = load_config_dir(path)
+        except (errors.TinyserveError, OSError):  # the worker's load reports it
+            cfg = None
+        pkey, victims = (self._placement_plan(name, version, path, cfg) if self.placement is not None and cfg is not None
+                         else (None, []))
+        place = cfg.placement if cfg is not None else None
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
-                             device=self._device, weights=weights, workers=self._workers_for(path))
+                             device=self._device, weights=weights,
+                             workers=place.min_instances if place is not None else self.config.instances)
         inst.metrics = self.metrics.model(name, version)
         inst.loop_rec = inst.metrics.recorder()  # this (the loop's) thread's recorder
         inst.on_oom = self._oom
@@ -859,14 +869,6 @@ class Server:
         fut.add_done_callback(lambda f, inst=inst: self._loaded(inst, f))
         inst.stopped.add_done_callback(lambda f, inst=inst: self._unloaded(inst))
         return fut
-
-    def _workers_for(self, path) -> int:
-        """Worker threads for a version: its placement.min_instances, else the server's default."""
-        try:
-            place = load_config_dir(path).placement
-        except (errors.TinyserveError, OSError):  # the load reports it
-            return self.config.instances
-        return place.min_instances if place is not None else self.config.instances
 
     def _oom(self, inst: ModelInstance) -> bool:
         """From a worker whose model ran out of memory: evict the other idle versions (memory placement
@@ -1176,7 +1178,8 @@ class Server:
         if inst is _PARK:  # an on-demand load is under way: the request runs once it is done
             self._parked.setdefault((h.get("model"), h.get("version")), []).append((conn, rid, h, payload))
             return
-        inst.last_used = _monotonic()
+        if self.placement is not None:
+            inst.last_used = _monotonic()  # (the least-recently-used order of evictions)
         key = inst.key
         if not self.policy.serving(key):  # ejected, probing or failed: the locked path decides
             with self._policy_lock:
