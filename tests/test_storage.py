@@ -286,6 +286,79 @@ def test_s3_backend_roundtrip_and_stream(weed, tmp_path):
         weed.storage("x").__class__("no-such-bucket", "", endpoint_url=weed.endpoint, anonymous=True).size("a")
 
 
+def test_s3_ranged_reads_land_straight_in_the_buffer(weed, monkeypatch):
+    """read_into reads the socket straight into the caller's buffer (http.client readinto, no bytes
+    blocks), right bytes at any offset, the connection reused, a read past the end a TruncatedError."""
+    import http.client
+
+    st = weed.storage("ranged")
+    data = os.urandom(300_001)
+    st.put_bytes("blob", data)
+    calls = {"readinto": 0}
+    real = http.client.HTTPResponse.readinto
+
+    def counting(self, b):
+        calls["readinto"] += 1
+        return real(self, b)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "readinto", counting)
+    for off, n in ((0, 1), (0, len(data)), (12345, 100_000), (len(data) - 7, 7), (65536, 65536)):
+        buf = bytearray(b"\xaa" * (n + 3))
+        st.read_into("blob", off, memoryview(buf)[1:n + 1])
+        assert buf[1:n + 1] == data[off:off + n] and buf[:1] == b"\xaa" and buf[n + 1:] == b"\xaa\xaa", (off, n)
+    assert calls["readinto"] >= 5
+    pools = list(st.client._endpoint.http_session._manager.pools._container.values())
+    assert sum(p.num_connections for p in pools) == 1  # every response was read whole and its connection reused
+    with pytest.raises(errors.TruncatedError, match=r"\[300000, 300010\) requested, the object ended after 1 "):
+        st.read_into("blob", 300_000, memoryview(bytearray(10)))
+
+
+class _FakeBody:
+    """A response body that only has read() (as a checksum-validating wrapper would)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos, self.closed = data, 0, False
+
+    def read(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + min(n, 1000)]
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeClient:
+    class meta:  # noqa: N801 - mirrors botocore's client.meta
+        endpoint_url = "http://fake"
+
+    def __init__(self, data: bytes, honour_range: bool = True) -> None:
+        self.data, self.honour_range, self.bodies = data, honour_range, []
+
+    def get_object(self, Bucket, Key, Range):  # noqa: N803 - botocore's parameter names
+        a, b = (int(x) for x in Range.removeprefix("bytes=").split("-"))
+        part = self.data[a:b + 1] if self.honour_range else self.data
+        self.bodies.append(_FakeBody(part))
+        return {"Body": self.bodies[-1], "ContentLength": len(part)}
+
+
+def test_s3_read_into_falls_back_to_read_blocks_and_refuses_an_ignored_range():
+    from tinyserve.storage.base import StorageError
+    from tinyserve.storage.s3 import S3Storage
+
+    data = os.urandom(5000)
+    fake = _FakeClient(data)
+    st = S3Storage("bucket", client=fake)
+    buf = bytearray(3000)
+    st.read_into("k", 1500, memoryview(buf))
+    assert buf == data[1500:4500] and fake.bodies[-1].closed
+    with pytest.raises(errors.TruncatedError, match="ended after 500 of them"):
+        st.read_into("k", 4500, memoryview(bytearray(1000)))
+    ignoring = S3Storage("bucket", client=_FakeClient(data, honour_range=False))
+    with pytest.raises(StorageError, match=r"asked for bytes \[100, 200\), the storage sent 5000 bytes"):
+        ignoring.read_into("k", 100, memoryview(bytearray(100)))
+
+
 def test_s3_wrong_keys_give_an_authentication_error(weed_auth):
     good = weed_auth.storage("auth")
     good.put_bytes("k", b"secret")

@@ -10,6 +10,7 @@ the prefix.  botocore errors are mapped to the storage errors of ``base`` in one
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 from collections.abc import Callable
@@ -35,6 +36,39 @@ _AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Invalid
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 READ_BLOCK = 1 << 20
+
+
+def _body_readinto(body, buf: memoryview) -> int:
+    """Fill ``buf`` from a botocore response body; return the bytes read (fewer at the end of the body).
+
+    A plain body over an uncompressed HTTP response is read with ``readinto`` on the underlying
+    ``http.client`` response: the socket's bytes land straight in ``buf`` with no intermediate
+    ``bytes`` objects (urllib3's own ``readinto`` reads into a new ``bytes`` and copies).  The
+    connection then goes back to urllib3's pool.  Anything else (a checksum-validating wrapper, a
+    content encoding, another HTTP stack) is read with ``read()`` blocks and copied."""
+    from botocore.response import StreamingBody
+
+    want, got = len(buf), 0
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if (type(body) is StreamingBody and isinstance(fp, http.client.HTTPResponse)
+            and getattr(raw, "_decoder", None) is None
+            and raw.headers.get("content-encoding", "identity").lower() == "identity"):
+        while got < want:
+            n = fp.readinto(buf[got:])
+            if not n:
+                break
+            got += n
+        if fp.isclosed():  # the whole response was read: the connection can be reused
+            raw.release_conn()
+        return got
+    while got < want:
+        block = body.read(min(READ_BLOCK, want - got))
+        if not block:
+            break
+        buf[got:got + len(block)] = block
+        got += len(block)
+    return got
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -118,7 +152,8 @@ class S3Storage(Storage):
             return StorageAuthError(f"{where}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                                     "a profile, or use anonymous access)")
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionError, bx.HTTPClientError,
-                            bx.IncompleteReadError, bx.ResponseStreamingError, ConnectionError, TimeoutError)):
+                            bx.IncompleteReadError, bx.ResponseStreamingError, http.client.HTTPException,
+                            ConnectionError, TimeoutError)):
             return StorageUnavailableError(f"{where}: storage unreachable or stopped answering ({exc})")
         if isinstance(exc, bx.BotoCoreError):
             return StorageError(f"{where}: {exc}")
@@ -153,14 +188,12 @@ class S3Storage(Storage):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
                                           Range=f"bytes={offset}-{offset + want - 1}")
             body = resp["Body"]
-            got = 0
             try:
-                while got < want:
-                    block = body.read(min(READ_BLOCK, want - got))
-                    if not block:
-                        break
-                    buf[got:got + len(block)] = block
-                    got += len(block)
+                length = resp.get("ContentLength")
+                if length is not None and int(length) > want:
+                    raise StorageError(f"{self.url}{key} (endpoint {self.endpoint}): asked for bytes [{offset}, "
+                                       f"{offset + want}), the storage sent {length} bytes (Range ignored)")
+                got = _body_readinto(body, buf)
             finally:
                 body.close()
         except Exception as e:  # noqa: BLE001

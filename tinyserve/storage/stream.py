@@ -267,7 +267,9 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
             if progress:
                 progress(hi - lo)
 
+        st.extra["head_s"] = time.perf_counter() - t0
         run_parts(part, len(parts), concurrency)
+        st.extra["parts_s"] = time.perf_counter() - t0 - st.extra["head_s"]
         if sync:
             os.fsync(fd)
         os.close(fd)
