@@ -1383,3 +1383,28 @@ def test_statistics_add_up_exactly_under_concurrent_load(repo_root, kind):
         assert m["batch_size"]["batches"] == 256 and m["in_flight"] == 0 and m["queue_depth"] == 0
     finally:
         s.stop()
+
+
+def test_a_failed_version_is_reported_and_an_older_ready_one_serves_meanwhile(repo_root, kind):
+    """The ejection policy fails mlp version 5 (unloaded): version 1 serves the requests that name no
+    version, `models` and `health` report 5 as FAILED with the reason and say that 1 serves."""
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp:1", "mlp:5"), torch_threads=1), kind)
+    try:
+        with Client(s.port) as c:
+            x = np.ones((1, 64), np.float32)
+            assert c.infer("mlp", {"x": x})[0]["version"] == 5
+            s.run(lambda: s.server._transition(s.server.policy.mark_failed(("mlp", 5), "too many errors", 0.0)))
+            deadline = time.monotonic() + 30
+            while s.run(lambda: ("mlp", 5) in s.server._instances) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            h, _ = c.infer("mlp", {"x": x})
+            assert h["ok"] and h["version"] == 1, h
+            loaded = {e["version"]: e for e in next(m for m in c.call("models")["models"] if m["name"] == "mlp")["loaded"]}
+            assert loaded[1]["state"] == "READY" and loaded[5]["state"] == "FAILED"
+            assert "too many errors" in loaded[5]["reason"]
+            m = c.call("health")["models"]["mlp"]
+            assert m["version"] == 1 and m["serving"] and "version 1 serves" in m["fallback"]
+            assert c.call("load", model="mlp", version=5)["ok"]  # an operator loads it again
+            assert c.infer("mlp", {"x": x})[0]["version"] == 5
+    finally:
+        s.stop()

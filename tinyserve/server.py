@@ -511,6 +511,8 @@ class Server:
         """Liveness, readiness and their reasons (tinyserve.health.assess), on the loop thread."""
         models = [ModelInput(i.name, i.version, i.state, i.reason, i.device) for i in self._instances.values()]
         with self._policy_lock:
+            for (name, version), reason in self._failed_versions().items():
+                models.append(ModelInput(name, version, FAILED, reason))
             return assess(models, self.monitor.latest(), policy=self.policy, now=self.clock(),
                           required=self._startup, listening=self._ready, draining=self._draining,
                           require_model=self.config.require_model)
@@ -1412,11 +1414,22 @@ class Server:
 
         gathered.add_done_callback(done)
 
+    def _failed_versions(self) -> dict:
+        """(name, version) -> reason of the versions the ejection policy failed and unloaded: reported
+        as FAILED until an operator loads them again (an older READY version serves meanwhile)."""
+        return {key: st.reason for key, st in self.policy.states()
+                if st.state == "FAILED" and key not in self._instances and isinstance(key, tuple)}
+
     def _op_models(self, conn, rid, h, payload) -> None:
         names = set(self._cached(("models",), self._index.models)) | {n for n, _ in self._instances}
+        with self._policy_lock:
+            failed = self._failed_versions()
         out = []
         for name in sorted(names):
             loaded = [self._loaded_entry(v, inst) for (n, v), inst in sorted(self._instances.items()) if n == name]
+            loaded += [{"version": v, "state": FAILED, "reason": reason, "bytes": 0, "instances": 0}
+                       for (n, v), reason in sorted(failed.items()) if n == name]
+            loaded.sort(key=lambda e: e["version"])
             try:
                 versions = self._cached(("versions", name), self._index.versions, name)
             except errors.ModelNotFoundError:  # loaded, then removed from the repository
