@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
+from pathlib import Path
 
 
 def _proc_field(path: str, key: str) -> str | None:
@@ -48,3 +51,33 @@ def phase_timer(phases: dict, log):
         log(f"{name} done in {phases[name]['s']:.1f} s (load avg {' '.join(loadavg())})")
 
     return phase
+
+
+def write_atomic(path, data) -> None:
+    """Write a results file whole or not at all: a temp file beside it, fsync, rename (text or bytes)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def source_module(data: Path, filename: str, source: str):
+    """Import `source` (a model file a benchmark generates) written as data/filename."""
+    path = Path(data) / filename
+    if not path.exists() or path.read_text() != source:
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, phase_timer, render_text, verdict  # noqa: E402 (bench/ is sys.path[0])
+from _common import _proc_field, loadavg, phase_timer, render_text, verdict, write_atomic  # noqa: E402 (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -475,8 +475,8 @@ def main(argv=None) -> int:
         d = json.loads(path.read_text())
         d["rows"] = build_rows(d["results"])
         print(render_text(header_text(d["env"]), d["rows"]))
-        _atomic_write(path, json.dumps(d, indent=1, default=float) + "\n")
-        _atomic_write(Path(args.out) / "batching-latest.md", render_md(d["env"], d["rows"], d["results"]))
+        write_atomic(path, json.dumps(d, indent=1, default=float) + "\n")
+        write_atomic(Path(args.out) / "batching-latest.md", render_md(d["env"], d["rows"], d["results"]))
         return 0
     args.mode = "quick" if args.quick else "full"
     m = MODES[args.mode]
@@ -563,19 +563,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sfx = "-quick" if args.quick else ""
     jpath = out / f"batching-{env['date'][:10]}{sfx}.json"
-    _atomic_write(jpath, json.dumps({"env": env, "results": res, "rows": rows}, indent=1, default=float) + "\n")
-    _atomic_write(out / "batching-latest.md", render_md(env, rows, res))
+    write_atomic(jpath, json.dumps({"env": env, "results": res, "rows": rows}, indent=1, default=float) + "\n")
+    write_atomic(out / "batching-latest.md", render_md(env, rows, res))
     print(f"wrote {jpath}, {out / 'batching-latest.md'}")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import _proc_field, loadavg, render_text, verdict  # noqa: E402
+from _common import _proc_field, loadavg, render_text, verdict, write_atomic  # noqa: E402
 
 from tinyserve.health.ejection import EjectionConfig, EjectionPolicy  # noqa: E402
 from tinyserve.metrics import ModelStats  # noqa: E402
@@ -179,19 +179,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     day = env["date"][:10]
-    _atomic_write(out / f"stats-{day}.json", json.dumps({"environment": env, "figures": figures}, indent=2) + "\n")
-    _atomic_write(out / "stats-latest.md", "```\n" + text + "\n```\n\nCommand: `.venv/bin/python bench/bench_stats.py"
+    write_atomic(out / f"stats-{day}.json", json.dumps({"environment": env, "figures": figures}, indent=2) + "\n")
+    write_atomic(out / "stats-latest.md", "```\n" + text + "\n```\n\nCommand: `.venv/bin/python bench/bench_stats.py"
                   + (" --quick" if args.quick else "") + "`\n")
     return 0 if all(r["verdict"] != "FAIL" for r in rows) else 1
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, phase_timer  # noqa: E402  (bench/ is sys.path[0])
+from _common import _proc_field, fsync_file, loadavg, phase_timer, source_module, write_atomic  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -101,23 +101,7 @@ def log(msg: str) -> None:
 
 def model_module(data: Path):
     """Import MODEL_PY (written into the data folder) as a module."""
-    import importlib.util
-
-    path = data / "bigmlp.py"
-    if not path.exists() or path.read_text() != MODEL_PY:
-        path.write_text(MODEL_PY)
-    spec = importlib.util.spec_from_file_location("bigmlp", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return source_module(data, "bigmlp.py", MODEL_PY)
 
 
 def evict(paths) -> None:
@@ -437,15 +421,6 @@ def git_commit() -> str:
 
     head = run("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("-dirty" if run("status", "--porcelain") else "")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
