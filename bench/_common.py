@@ -81,3 +81,13 @@ def source_module(data: Path, filename: str, source: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def machine() -> dict:
+    """The machine a benchmark ran on: CPU model, cores, RAM, load average at the start, kernel."""
+    import platform
+
+    mem_kb = int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0])
+    return {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+            "cores": os.cpu_count(), "ram_gib": round(mem_kb / 2**20, 2), "loadavg_start": loadavg(),
+            "kernel": platform.release()}

@@ -65,7 +65,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import _proc_field, fsync_file, loadavg, phase_timer, source_module, verdict, write_atomic  # noqa: E402  (bench/ is sys.path[0])
+from _common import fsync_file, loadavg, machine, phase_timer, source_module, verdict, write_atomic  # noqa: E402  (bench/ is sys.path[0])
 from bench_latency import Proc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -391,10 +391,7 @@ def main() -> int:
     argv = " ".join(sys.argv[1:])
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
-                    "cores": os.cpu_count(),
-                    "ram_gib": round(int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) / 2**20, 2),
-                    "loadavg_start": loadavg(), "kernel": platform.release()},
+        "machine": machine(),
         "commit": git_commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "command": ".venv/bin/python bench/bench_swap.py" + (f" {argv}" if argv else ""),

@@ -57,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import _proc_field, fsync_file, loadavg, phase_timer, source_module, write_atomic  # noqa: E402  (bench/ is sys.path[0])
+from _common import fsync_file, loadavg, machine, phase_timer, source_module, write_atomic  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -307,10 +307,7 @@ def main() -> int:
     phase = phase_timer(phases, log)
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
-                    "cores": os.cpu_count(),
-                    "ram_gib": round(int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) / 2**20, 2),
-                    "loadavg_start": loadavg(), "kernel": platform.release()},
+        "machine": machine(),
         "commit": git_commit(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "tinyserve_path": str(Path(tinyserve.__file__).parent)},

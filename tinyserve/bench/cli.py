@@ -39,30 +39,26 @@ def _list(kind):
     return parse
 
 
-def _count(lo: int, hi: int):
-    def parse(value: str) -> int:
+def _ranged(kind, lo, hi, what: str, unit: str = ""):
+    """argparse type: a `kind` (int or float) in lo..hi; `what` names it in the error."""
+    def parse(value: str):
         try:
-            n = int(value)
+            x = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be {lo}..{hi}, got {n}")
-        return n
-
-    return parse
-
-
-def _seconds(lo: float, hi: float):
-    def parse(value: str) -> float:
-        try:
-            x = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
         if not lo <= x <= hi:
-            raise argparse.ArgumentTypeError(f"must be {lo:g}..{hi:g} seconds, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {lo:g}..{hi:g}{unit}, got {value}")
         return x
 
     return parse
+
+
+def _count(lo: int, hi: int):
+    return _ranged(int, lo, hi, "an integer")
+
+
+def _seconds(lo: float, hi: float):
+    return _ranged(float, lo, hi, "a number of seconds", " seconds")
 
 
 def _fraction(value: str) -> float:
