@@ -57,8 +57,9 @@ def test_push_then_resolve_and_load(storage, tmp_path):
     r = remote(storage, tmp_path)
     assert r.models() == ["m"] and r.versions("m") == [1, 2]
     assert r.read_config("m").name == "m"
-    path, tensors = r.load_weights("m")  # latest: 2, streamed; the entry is committed in the background
-    assert r.wait_committed("m", 2) == path
+    view, tensors = r.load_weights("m")  # latest: 2, streamed; the entry is committed in the background
+    path = r.wait_committed("m", 2)  # the stable path; the view names the same directory
+    assert view.resolve() == path and (view / "model.json").is_file()
     assert path.name == "data" and (path / "assets" / "vocab.txt").read_text() == "hello 1\n"
     assert all(torch.equal(tensors[k], sd2[k]) for k in sd2)
     assert r.last_stream.chunks_decoded > 0
@@ -66,7 +67,7 @@ def test_push_then_resolve_and_load(storage, tmp_path):
     assert (p1 / "weights.tsw").read_bytes() == (src / "weights.tsw").read_bytes()
     # a second repository object (another server process) finds both in the cache
     r2 = remote(storage, tmp_path)
-    path2, tensors2 = r2.load_weights("m", 2)
+    path2, tensors2 = r2.load_weights("m", 2)  # a cache hit: the entry's own path
     assert path2 == path and all(torch.equal(tensors2[k], sd2[k]) for k in sd2)
     r.close()
     r2.close()
@@ -389,15 +390,17 @@ def test_cold_load_returns_before_the_entry_is_committed(tmp_path):
         assert gate.wait(30)
 
     r.cache.before_commit = hold
-    path, tensors = r.load_weights("m", 1)
+    view, tensors = r.load_weights("m", 1)
     assert all(torch.equal(tensors[k], sd[k]) for k in sd)  # usable now
     assert held.wait(30)
-    # not committed yet: no entry, nothing at the returned path, the files wait in staging
+    # not committed yet: no entry, the files wait in staging, where the view points
+    path = r.cache.entry_path(r.space, "m", 1) / "data"
     assert r.cache.entries() == [] and not path.exists()
     staged = list((r.cache.root / "staging").iterdir())
     assert len(staged) == 1 and (staged[0] / "data" / "weights.tsw").is_file()
+    assert view.resolve() == staged[0] / "data" and (view / "model.json").is_file()
     gate.set()
-    assert r.wait_committed("m", 1) == path
+    assert r.wait_committed("m", 1) == path and view.resolve() == path
     assert [(e.name, e.version) for e in r.cache.entries()] == [("m", 1)]
     assert r.cache.check_entry(path.parent) is None and list((r.cache.root / "staging").iterdir()) == []
     assert (path / "weights.tsw").read_bytes() == (tmp_path / "v" / "weights.tsw").read_bytes()
@@ -413,9 +416,11 @@ def test_resolve_waits_for_a_pending_commit(tmp_path):
     r, _ = _local_remote(tmp_path)
     gate = threading.Event()
     r.cache.before_commit = lambda staging: gate.wait(30)
-    path, _ = r.load_weights("m", 1)
+    view, _ = r.load_weights("m", 1)
     threading.Timer(0.2, gate.set).start()
-    assert r.resolve("m", 1) == path and (path / "model.json").is_file()
+    path = r.resolve("m", 1)
+    assert path == r.cache.entry_path(r.space, "m", 1) / "data" and (path / "model.json").is_file()
+    assert view.resolve() == path
     r.close()
 
 
@@ -432,8 +437,9 @@ def test_failed_background_commit_leaves_nothing_and_refetches(tmp_path):
     assert len(r.commit_errors) == 1 and "No space left" in r.commit_errors[0]
     assert r.cache.entries() == [] and list((r.cache.root / "staging").iterdir()) == []
     r.cache.before_commit = None
-    path, tensors = r.load_weights("m", 1)  # fetched again
-    assert r.wait_committed("m", 1) == path and r.cache.check_entry(path.parent) is None
+    view, tensors = r.load_weights("m", 1)  # fetched again
+    path = r.wait_committed("m", 1)
+    assert path == view.resolve() and r.cache.check_entry(path.parent) is None
     assert all(torch.equal(tensors[k], sd[k]) for k in sd)
     r.close()
 
@@ -469,8 +475,8 @@ def test_crash_before_commit_leaves_no_entry(tmp_path):
     # no entry, a dead filler's staging directory: ignored by lookups, deleted by the next fill
     assert r.cache.entries() == [] and r.cache.lookup(r.space, "m", 1) is None
     assert len(list((r.cache.root / "staging").iterdir())) == 1
-    path, tensors = r.load_weights("m", 1)
-    assert r.wait_committed("m", 1) == path
+    view, tensors = r.load_weights("m", 1)
+    assert r.wait_committed("m", 1) == view.resolve()
     assert all(torch.equal(tensors[k], sd[k]) for k in sd)
     assert list((r.cache.root / "staging").iterdir()) == []
     r.close()

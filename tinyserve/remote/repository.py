@@ -4,7 +4,9 @@
 ``versions``, ``resolve``, ``read_config``); ``resolve`` downloads a version into the cache when it
 is not there (it blocks: call it off the event loop) and returns the cache's directory for it, which
 stays pinned (never evicted) until ``release``.  ``load_weights`` does the same and also returns the
-weights file's tensors, decoded as the download streams in.
+weights file's tensors, decoded as the download streams in; on a cold load it returns before the
+cache entry is committed (and, with ``defer``, before the weights file is written), with a *view*
+path that stays valid across the commit's rename until ``release_view`` (see ``load_weights``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tinyserve.storage.base import (
     ObjectNotFoundError,
     StorageUnavailableError,
 )
-from tinyserve.storage.stream import StreamStats, fetch_file, stream_weights
+from tinyserve.storage.stream import DeferredWrite, StreamStats, fetch_file, stream_weights
 from tinyserve.weights import WeightsFile, verify_file
 
 Progress = Callable[[int], None]
@@ -55,18 +57,29 @@ def space_of(storage: Storage) -> str:
 
 class RemoteRepository:
     def __init__(self, storage: Storage, cache: Cache, *, verify: str = "stamp",
-                 part_bytes: int = DEFAULT_PART_BYTES, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 part_bytes: int = DEFAULT_PART_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
+                 defer: bool = True, defer_bytes: int | None = None) -> None:
         """verify: 'stamp' (a cached entry is used when every file matches its recorded size and
-        mtime) or 'full' (also re-hash every file the first time this object uses an entry)."""
+        mtime) or 'full' (also re-hash every file the first time this object uses an entry).
+        defer / defer_bytes: a cold ``load_weights`` keeps up to ``defer_bytes`` of compressed parts
+        in memory and writes them into the cache file after returning the tensors
+        (``stream_weights``; default limit min(stored size, 1/8 of physical memory))."""
         if verify not in ("stamp", "full"):
             raise ConfigError(f"verify {verify!r} must be 'stamp' or 'full'")
+        if defer_bytes is not None and (isinstance(defer_bytes, bool) or not isinstance(defer_bytes, int)
+                                        or defer_bytes < 0):
+            raise ConfigError(f"defer_bytes {defer_bytes!r} must be a number of bytes >= 0")
         self.storage = storage
         self.cache = cache
         self.verify = verify
         self.part_bytes = part_bytes
         self.concurrency = concurrency
         self.space = space_of(storage)
+        self.defer = bool(defer)
+        self.defer_bytes = defer_bytes
         self._pins: dict[tuple[str, int], Pin] = {}
+        self._views: dict[tuple[str, int], list[int]] = {}  # O_DIRECTORY fds behind view paths
+        self._writes: dict[tuple[str, int], DeferredWrite] = {}  # deferred weights writes under way
         self._pending: dict[tuple[str, int], Pending] = {}
         self.commit_errors: list[str] = []  # background commits that failed (the entry was re-fetched later)
         self._verified: set[tuple[str, int]] = set()
@@ -124,11 +137,32 @@ class RemoteRepository:
 
     def load_weights(self, name: str, version: int | None = None, *, progress: Progress | None = None,
                      ) -> tuple[Path, dict[str, torch.Tensor]]:
-        """(version directory, the weights file's tensors).  Not cached: the tensors are decoded while
-        the download streams in, and returned as soon as the last chunk is decoded; the cache entry
-        is committed (fsync, stamp, rename) on a background thread, so the returned directory exists
-        once ``wait_committed(name, version)`` returns (``resolve`` waits for it too).  Cached: read
-        from the cache as from a local repository."""
+        """(version directory, the weights file's tensors).
+
+        Cached: the entry's data directory (pinned until ``release``), the tensors read from it as
+        from a local repository.
+
+        Not cached (a cold load): the tensors are decoded while the download streams in and are
+        returned as soon as the last chunk is decoded.  The cache entry is committed (fsync, stamp,
+        rename into ``entries/``) on a background thread; with ``defer`` the weights file itself is
+        written on a background thread first (its compressed parts were held in memory).  The path
+        returned is then a **view**: ``/proc/self/fd/<fd>/data``, over a directory descriptor of the
+        staging directory that this object holds.  It names the version's files before the commit
+        and, the descriptor following the directory, the committed entry's files after the rename.
+        Contract of the view:
+
+        * the config, the program and every other small file are there when this returns (they are
+          fetched and checked before the weights), so ``runtime.load_version(view, weights=tensors)``
+          works at once; the weights file appears there only once ``wait_written`` returns True;
+        * it is valid in this process only, until ``release_view(name, version)`` (or ``release`` /
+          ``close``) closes the descriptor; after that the number may name another file: never use
+          the path again;
+        * when the commit fails the directory is deleted: the view names nothing (ENOENT), the
+          tensors stay valid, ``wait_committed`` returns None, and the next load fetches again.
+
+        ``wait_committed(name, version)`` gives the committed entry's data directory, the stable
+        path (``resolve`` waits for the commit too).  Where ``/proc/self/fd`` is not available, a cold
+        load waits for the commit and returns the committed directory."""
         path, tensors = self._get(name, version, decode=True, progress=progress)
         if tensors is None:
             cfg = load_config_dir(path)
@@ -150,6 +184,36 @@ class RemoteRepository:
                     raise RepositoryError(f"{p}: SHA-256 does not match the manifest")
         return check
 
+    def wait_written(self, name: str, version: int, timeout: float | None = None) -> bool:
+        """Wait for the deferred write of a cold load's weights file: True once the file is complete
+        in the version directory (the view path, then the committed entry), or when no write is
+        pending; False when it failed (then the commit fails too and the next load fetches again)."""
+        with self._lock:
+            w = self._writes.get((name, version))
+        if w is None:
+            return True
+        try:
+            w.wait(timeout)
+        except RepositoryError:
+            if not w.done():
+                raise  # the timeout ran out
+            return False
+        return True
+
+    def view_path(self, name: str, version: int) -> Path | None:
+        """The view path of the last cold load of a version while its descriptor is held, else None."""
+        with self._lock:
+            fds = self._views.get((name, version))
+        return Path(f"/proc/self/fd/{fds[-1]}/data") if fds else None
+
+    def release_view(self, name: str, version: int) -> None:
+        """Close the directory descriptors behind a version's view paths (idempotent).  The entry stays
+        pinned (``release`` unpins it)."""
+        with self._lock:
+            fds = self._views.pop((name, version), [])
+        for fd in fds:
+            os.close(fd)
+
     def _settle(self, key: tuple[str, int]) -> None:
         """Wait for a background commit of ``key``, if any, and adopt its pin (or record its failure)."""
         with self._lock:
@@ -167,6 +231,7 @@ class RemoteRepository:
             if self._pending.get(key) is not pending:  # another thread settled it and adopted the pin
                 return
             del self._pending[key]
+            self._writes.pop(key, None)
             old = self._pins.pop(key, None)
             if pin is not None:
                 self._pins[key] = pin
@@ -201,19 +266,37 @@ class RemoteRepository:
             man = self.manifest(name, version)
             box: dict = {}
 
-            def fill(data: Path) -> None:
-                box["tensors"] = self._download(man, data, decode=decode, progress=progress)
+            def fill(data: Path):
+                box["tensors"], write = self._download(man, data, decode=decode, progress=progress)
+                box["write"] = write
+                if decode:  # the view: a descriptor of the staging directory, opened before the commit can run
+                    box["view"] = os.open(data.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                return write.wait if write is not None else None  # the commit waits for the file first
 
-            got = self.cache.fill(self.space, name, version, man.total_bytes + len(man.to_bytes()), fill, check,
-                                  background=decode)
+            try:
+                got = self.cache.fill(self.space, name, version, man.total_bytes + len(man.to_bytes()), fill,
+                                      check, background=decode)
+            except BaseException:
+                if "view" in box:
+                    os.close(box.pop("view"))
+                raise
             tensors = box.get("tensors")
+            view_fd = box.pop("view", None)
             if isinstance(got, Pending):
-                if tensors is not None:  # committed in the background; the tensors are ready now
+                if tensors is not None and view_fd is not None and os.path.isdir(f"/proc/self/fd/{view_fd}/data"):
+                    # committed in the background; the tensors are ready now, the files under the view
                     self._verified.add(key)
                     with self._lock:
                         self._pending[key] = got
-                    return self.cache.entry_path(self.space, name, version) / "data", tensors
+                        if box.get("write") is not None:
+                            self._writes[key] = box["write"]
+                        self._views.setdefault(key, []).append(view_fd)
+                    return Path(f"/proc/self/fd/{view_fd}/data"), tensors
+                if view_fd is not None:
+                    os.close(view_fd)
                 got = got.wait()
+            elif view_fd is not None:
+                os.close(view_fd)
             pin = got
         if pin is None:
             raise RepositoryError(f"cache entry {name}:{version} was evicted as it was being used; retry")
@@ -226,20 +309,24 @@ class RemoteRepository:
         return pin.path, tensors
 
     def _download(self, man: Manifest, data: Path, *, decode: bool, progress: Progress | None):
-        """Fill ``data`` with the version's files (weights streamed and verified), then check it."""
+        """Fill ``data`` with the version's files: the small ones first (fetched and checked: config,
+        program), then the weights, streamed and verified.  Returns (the tensors or None, the
+        weights file's pending ``DeferredWrite`` or None)."""
         (data.parent / "manifest.json").write_bytes(man.to_bytes())
         tensors = None
+        stats = self.last_stream = StreamStats()
 
         def one(f) -> dict | None:
             dest = data / f.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             k = file_key(man.name, man.version, f.path)
             try:
-                if f.header_checksum is not None:
+                if f.header_checksum is not None:  # the cache's commit fsyncs (sync=False)
                     return stream_weights(self.storage, k, dest, size=f.size, header_checksum=f.header_checksum,
                                           decode=decode, part_bytes=self.part_bytes,
                                           concurrency=self.concurrency, progress=progress,
-                                          stats=self.last_stream, sync=False)  # the cache's commit fsyncs
+                                          stats=stats, sync=False, defer=decode and self.defer,
+                                          defer_bytes=self.defer_bytes)
                 fetch_file(self.storage, k, dest, size=f.size, sha256=f.sha256, part_bytes=self.part_bytes,
                            concurrency=self.concurrency, progress=progress)
             except ObjectNotFoundError as e:
@@ -251,9 +338,8 @@ class RemoteRepository:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="ts-fetch") as pool:
             for _ in pool.map(one, small):
                 pass
-        for f in man.files:
-            if f.header_checksum is not None:
-                tensors = one(f)
+        # the config is checked before the weights: it does not need them, and nothing may fail
+        # after the weights' deferred write has started
         cfg = load_config_dir(data)
         if cfg.name != man.name:
             raise ConfigError(f"{self.storage.url}{man.name}/{man.version}: config name {cfg.name!r} does not "
@@ -264,7 +350,10 @@ class RemoteRepository:
         if cfg.program is not None and not (data / cfg.program).is_file():
             raise RepositoryError(f"{self.storage.url}{man.name}/{man.version}: program file {cfg.program!r} "
                                   "is not in the version")
-        return tensors
+        for f in man.files:
+            if f.header_checksum is not None:
+                tensors = one(f)
+        return tensors, stats.write
 
     def read_config(self, name: str, version: int | None = None) -> ModelConfig:
         """The config of a version; reads only the config object when the version is not cached."""
@@ -290,23 +379,28 @@ class RemoteRepository:
         return cfg
 
     def release(self, name: str, version: int) -> None:
-        """Unpin a version (the server unloaded it): the cache may evict it again."""
+        """Unpin a version (the server unloaded it): the cache may evict it again.  Waits for a
+        pending commit; also closes the version's view descriptors (``release_view``).  Idempotent."""
         self._settle((name, version))
+        self.release_view(name, version)
         with self._lock:
             pin = self._pins.pop((name, version), None)
         if pin is not None:
             pin.close()
 
     def close(self) -> None:
-        """Wait for background commits, then release every pin."""
+        """Wait for background commits, then release every pin and close every view descriptor."""
         with self._lock:
             keys = list(self._pending)
         for key in keys:
             self._settle(key)
         with self._lock:
             pins, self._pins = list(self._pins.values()), {}
+            views, self._views = [fd for fds in self._views.values() for fd in fds], {}
         for p in pins:
             p.close()
+        for fd in views:
+            os.close(fd)
 
 
 # --- writing -----------------------------------------------------------------------------------------

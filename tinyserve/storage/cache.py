@@ -72,6 +72,15 @@ def _file_stamps(data: Path) -> list[dict]:
     return out
 
 
+def _finish_quietly(finish: Callable | None) -> None:
+    """Let a fill's pending writer end (its outcome no longer matters) before its directory goes."""
+    if finish is not None:
+        try:
+            finish()
+        except BaseException:  # noqa: BLE001 - the commit fails anyway
+            pass
+
+
 class _Lock:
     """An flock on a file, taken by polling so a wait can time out."""
 
@@ -305,19 +314,23 @@ class Cache:
         return sum(e.bytes for e in self.entries())
 
     # --- writing ---------------------------------------------------------------------------------------
-    def fill(self, space: str, name: str, version: int, nbytes: int, fill: Callable[[Path], None],
+    def fill(self, space: str, name: str, version: int, nbytes: int,
+             fill: Callable[[Path], Callable[[], object] | None],
              verify: Callable[[Path], None] | None = None, *, background: bool = False) -> Pin | Pending:
         """Return a pin on the entry, filling it first when absent (or corrupt).
 
         ``fill(data_dir)`` writes the version's files into an empty staging directory; ``nbytes`` is
         what they will take (room is made before filling).  Only one process fills a given entry at a
-        time; the others wait for it and then use its result.
+        time; the others wait for it and then use its result.  ``fill`` may return a callable
+        ``finish()``: some of its files are still being written (a deferred write); the commit calls
+        ``finish()`` first and proceeds only once it returns.  When it raises, the commit fails as
+        if ``fill`` had: the staging directory is removed and the entry never appears.
 
         ``background=True`` returns a ``Pending`` as soon as ``fill`` has returned: the commit (fsync
         of every file and directory, the stamp, the rename into ``entries/``, the pin) runs on a
         thread, which holds the fill lock until the entry is committed or the staging directory
         removed.  Until then the entry does not exist for anyone; a crash leaves only a staging
-        directory, deleted at the next fill."""
+        directory, deleted at the next fill.  ``fill``'s ``finish()`` runs on that thread too."""
         self._check(space, name, version)
         if nbytes > self.max_bytes:
             raise LimitError(f"model {name!r} version {version} needs {nbytes} bytes, more than the cache's "
@@ -351,13 +364,14 @@ class Cache:
         raise RepositoryError(f"{what} was evicted three times while being filled; the cache limit "
                               f"{self.max_bytes} bytes is too small for the working set")
 
-    def _commit_in_background(self, staged: tuple[Path, int], space: str, name: str, version: int,
-                              lock: _Lock, pending: Pending) -> None:
+    def _commit_in_background(self, staged: tuple[Path, int, Callable | None], space: str, name: str,
+                              version: int, lock: _Lock, pending: Pending) -> None:
         try:
             if self.before_commit is not None:  # test hook: hold the commit back, or fail it
                 try:
                     self.before_commit(staged[0])
                 except BaseException:
+                    _finish_quietly(staged[2])  # no writer may still work in the directory removed
                     shutil.rmtree(staged[0], ignore_errors=True)
                     os.close(staged[1])
                     raise
@@ -371,8 +385,9 @@ class Cache:
         finally:
             lock.close()
 
-    def _stage(self, fill: Callable[[Path], None]) -> tuple[Path, int]:
-        """A new staging directory (flock held: the returned fd) with ``fill``'s files in ``data/``."""
+    def _stage(self, fill: Callable[[Path], Callable[[], object] | None]) -> tuple[Path, int, Callable | None]:
+        """A new staging directory (flock held: the returned fd) with ``fill``'s files in ``data/``,
+        and ``fill``'s ``finish`` callable (None when it returned none)."""
         self._clean_staging()
         staging = self.root / "staging" / secrets.token_hex(12)
         staging.mkdir()
@@ -381,18 +396,23 @@ class Cache:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             data = staging / DATA_DIR
             data.mkdir()
-            fill(data)
+            finish = fill(data)
+            if finish is not None and not callable(finish):
+                raise TypeError(f"a cache fill returned {finish!r}: expected None or a finish() callable")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             os.close(fd)
             raise
-        return staging, fd
+        return staging, fd, finish
 
-    def _commit(self, staged: tuple[Path, int], space: str, name: str, version: int) -> None:
-        """Stamp, fsync and rename a staging directory into ``entries/``; closes its fd; removes it on
-        failure."""
-        staging, fd = staged
+    def _commit(self, staged: tuple[Path, int, Callable | None], space: str, name: str, version: int) -> None:
+        """Wait for the fill's ``finish()``, then stamp, fsync and rename a staging directory into
+        ``entries/``; closes its fd; removes it on failure (``finish`` having ended first)."""
+        staging, fd, finish = staged
         try:
+            if finish is not None:
+                wait_for, finish = finish, None
+                wait_for()  # a deferred write: its file is complete (or gone) once this returns
             data = staging / DATA_DIR
             files = _file_stamps(data)
             for f in files:  # writers may leave the fsync to this step
@@ -427,6 +447,7 @@ class Cache:
                 fsync_dir(entry.parent)
                 fsync_dir(staging.parent)
         except BaseException:
+            _finish_quietly(finish)
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:

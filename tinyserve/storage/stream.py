@@ -7,6 +7,11 @@ thread that completed it, while the other parts are still in flight.  When the l
 file is fsynced and renamed to its final name; raw tensors are then mapped from it (zero-copy,
 as a local load).  Any failure removes the temporary file: a partial file never gets the final name.
 
+With ``defer=True`` the file write leaves the critical path: a part holding only compressed chunks
+keeps its buffer once verified and decoded (up to ``defer_bytes`` held in all; past that a part is
+written through), and the held parts are written, the file fsynced (``sync``) and renamed on a
+background thread after the tensors are returned.  ``stats.write`` is the ``DeferredWrite`` handle.
+
 ``fetch_file`` does the same for any other file, checked against a size and a SHA-256.
 """
 
@@ -24,12 +29,14 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tinyserve import errors
 from tinyserve._backend import core as _default_core
 from tinyserve.spec import HEADER_SIZE, MAX_FILE_SIZE
-from tinyserve.storage.base import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, Storage, check_transfer, fsync_dir
+from tinyserve.storage.base import (DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, Storage, StorageError,
+                                    check_transfer, fsync_dir)
 from tinyserve.weights import DTYPE_TO_TORCH, WeightsFile, physical_memory
 
 HEAD_PROBE = 64 << 10  # first read: the header and, for most files, the whole index
@@ -47,6 +54,103 @@ class StreamStats:
     decoded_bytes: int = 0
     first_decode_s: float | None = None  # time from the start to the first decoded chunk
     extra: dict = field(default_factory=dict)
+    write: DeferredWrite | None = None  # defer=True: the file's pending write (already done if nothing was held)
+
+
+class DeferredWrite:
+    """The write of a streamed file's held parts, finished on a background thread after
+    ``stream_weights(defer=True)`` returned (see there).
+
+    The thread ``pwrite``s every held part into the temporary file (dropping each buffer once it is
+    written), fsyncs the file when ``sync``, renames it to ``dest`` and fsyncs the directory when
+    ``sync``.  ``wait()`` returns ``dest`` once it holds the whole file, or raises ``StorageError``
+    naming the file and the cause; the temporary file is then removed and ``dest`` does not exist
+    (a failure after the rename unlinks ``dest`` again).  ``cancel()`` makes the thread stop before
+    the rename (``wait`` then raises).  Raw tensors mapped from the temporary file stay valid in
+    every case (the inode lives while mapped)."""
+
+    def __init__(self, dest: Path, held_bytes: int = 0, parts: int = 0) -> None:
+        self.dest = Path(dest)
+        self.held_bytes = held_bytes  # bytes still held in memory; falls as the thread writes them
+        self.parts = parts  # held parts to write
+        self.seconds = 0.0  # the thread's wall time
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._cancelled = threading.Event()
+        self._error: BaseException | None = None
+
+    @classmethod
+    def finished(cls, dest: Path) -> DeferredWrite:
+        """A handle for a file written at once (nothing was held)."""
+        w = cls(dest)
+        w._event.set()
+        return w
+
+    def __repr__(self) -> str:
+        state = "failed" if self.error is not None else "done" if self.done() else "writing"
+        return f"<DeferredWrite {self.dest} {state}, {self.parts} parts, {self.held_bytes} bytes held>"
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error if self._event.is_set() else None
+
+    def cancel(self) -> None:
+        """Stop before the rename: the temporary file is removed, ``dest`` never appears."""
+        self._cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> Path:
+        if not self._event.wait(timeout):
+            raise StorageError(f"{self.dest}: the deferred write is still running after {timeout} s")
+        if self._error is not None:
+            raise StorageError(f"{self.dest}: writing the file failed: {self._error}") from self._error
+        return self.dest
+
+    def _run(self, fd: int, tmp: Path, held: list, sync: bool) -> None:
+        t0 = time.perf_counter()
+        renamed = False
+        try:
+            for i, (lo, arr) in enumerate(held):
+                if self._cancelled.is_set():
+                    raise StorageError("cancelled by the caller")
+                _pwrite_all(fd, memoryview(arr), lo)
+                held[i] = None  # the buffer is freed now
+                with self._lock:
+                    self.held_bytes -= len(arr)
+                del arr
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            if self._cancelled.is_set():
+                raise StorageError("cancelled by the caller")
+            os.replace(tmp, self.dest)
+            renamed = True
+            if sync:
+                fsync_dir(self.dest.parent)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            if fd >= 0:
+                os.close(fd)
+            try:
+                tmp.unlink(missing_ok=True)
+                if renamed:
+                    self.dest.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._error = exc
+        finally:
+            held.clear()
+            with self._lock:
+                self.held_bytes = 0
+            self.seconds = time.perf_counter() - t0
+            self._event.set()
+
+
+def default_defer_bytes(total: int) -> int:
+    """How many bytes a deferred write may hold by default: min(the file's size, 1/8 of RAM)."""
+    return min(total, physical_memory() // 8)
 
 
 def _tmp_beside(dest: Path) -> Path:
@@ -125,7 +229,8 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                    header_checksum: int | None = None, decode: bool = True, verify: bool = True,
                    part_bytes: int = DEFAULT_PART_BYTES, concurrency: int = DEFAULT_CONCURRENCY,
                    max_decoded_bytes: int | None = None, progress: Progress | None = None, core=None,
-                   stats: StreamStats | None = None, sync: bool = True) -> dict[str, torch.Tensor] | None:
+                   stats: StreamStats | None = None, sync: bool = True, defer: bool = False,
+                   defer_bytes: int | None = None) -> dict[str, torch.Tensor] | None:
     """Stream the weights file ``key`` into the local file ``dest``; return its tensors (``decode``)
     or None.
 
@@ -139,9 +244,24 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
     its chunks from that buffer.  ``sync=False`` skips the fsync of the file and its directory: for a
     caller that publishes the file later by a rename of its own (the cache's staging directory) and
     fsyncs it then.
+
+    ``defer=True`` takes the file write off the critical path.  A part whose range holds no raw
+    tensor byte (only compressed chunks and padding) is read into a buffer of its own, verified and
+    decoded from it, and kept instead of being written, as long as the bytes kept stay within
+    ``defer_bytes`` (default ``default_defer_bytes``: min(the file's size, 1/8 of physical memory));
+    past it a part is written through, as are the parts holding raw bytes (so at worst this is the
+    plain path).  When every part has landed, raw tensors are mapped from the temporary file (valid
+    before the rename), the tensors are returned, and a background thread writes the kept parts,
+    fsyncs (``sync``) and renames the file: ``stats.write`` is its ``DeferredWrite``, whose
+    ``wait()`` says when ``dest`` exists or why it never will.  ``dest`` does not exist when this
+    returns unless ``stats.write.done()``.  ``stats.extra`` records ``held_bytes`` / ``held_parts``
+    (kept) and ``through_parts`` (written at once).
     """
     core = core or _default_core
     check_transfer(part_bytes, concurrency)
+    if defer_bytes is not None and (isinstance(defer_bytes, bool) or not isinstance(defer_bytes, int)
+                                    or defer_bytes < 0):
+        raise errors.LimitError(f"defer_bytes {defer_bytes!r} must be a number of bytes >= 0")
     st = stats if stats is not None else StreamStats()
     t0 = time.perf_counter()
     url = f"{storage.url}{key}"
@@ -220,10 +340,14 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                 r[-1] = (ti, r[-1][1], k + 1)
             else:
                 r.append((ti, k, k + 1))
-    counts = {"verified": 0, "decoded": 0}
+    counts = {"verified": 0, "decoded": 0, "held": 0}
     clock_lock = threading.Lock()
     buffers = threading.local()
     biggest = max((hi - lo for lo, hi in parts), default=0)
+    # defer: the parts that may be kept in memory (no raw tensor byte in their range), the limit
+    raw_parts = {pi for pi, r in enumerate(runs) for ti, _, _ in r if infos[ti].encoding == "raw"}
+    hold_limit = (default_defer_bytes(total) if defer_bytes is None else defer_bytes) if defer else 0
+    held: list[tuple[int, np.ndarray]] = []  # (offset, bytes) of the parts kept, written after the return
     tmp = _tmp_beside(dest)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -232,12 +356,22 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
 
         def part(pi: int) -> None:
             lo, hi = parts[pi]
-            buf = getattr(buffers, "buf", None)
-            if buf is None:
-                buf = buffers.buf = memoryview(bytearray(biggest))
-            view = buf[:hi - lo]
+            keep = None
+            if hold_limit and pi not in raw_parts:
+                with clock_lock:  # reserve before reading, so the bytes held never pass the limit
+                    if counts["held"] + (hi - lo) <= hold_limit:
+                        counts["held"] += hi - lo
+                        keep = np.empty(hi - lo, dtype=np.uint8)  # uninitialised: the GET fills it
+            if keep is not None:
+                view = memoryview(keep)
+            else:
+                buf = getattr(buffers, "buf", None)
+                if buf is None:
+                    buf = buffers.buf = memoryview(bytearray(biggest))
+                view = buf[:hi - lo]
             storage.read_into(key, lo, view)
-            _pwrite_all(fd, view, lo)
+            if keep is None:
+                _pwrite_all(fd, view, lo)
             for a, b in gaps:
                 a, b = max(a, lo), min(b, hi)
                 if b > a and any(view[a - lo:b - lo]):
@@ -264,19 +398,45 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                 if verify:
                     with clock_lock:
                         counts["verified"] += b - a
+            if keep is not None:
+                view.release()
+                held.append((lo, keep))  # list.append is atomic
             if progress:
                 progress(hi - lo)
 
         st.extra["head_s"] = time.perf_counter() - t0
         run_parts(part, len(parts), concurrency)
         st.extra["parts_s"] = time.perf_counter() - t0 - st.extra["head_s"]
-        if sync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, dest)
-        if sync:
-            fsync_dir(dest.parent)
+        raw_names = [t.name for t in infos if t.encoding == "raw"] if decode else []
+        raw: dict[str, torch.Tensor] = {}
+        if held:
+            # the raw parts are in the file already: map them from the temporary file, which the
+            # rename keeps (same inode); the kept parts are written once the tensors are returned
+            if raw_names:
+                with WeightsFile(tmp, core=core) as wf:
+                    raw = wf.load(raw_names, verify="none")
+            held.sort(key=lambda h: h[0])
+            writer = DeferredWrite(dest, held_bytes=sum(len(a) for _, a in held), parts=len(held))
+            thread = threading.Thread(target=writer._run, args=(fd, tmp, held, sync),
+                                      name=f"ts-defer-write-{dest.name}")  # not a daemon: exit finishes it
+            st.extra["held_bytes"] = writer.held_bytes
+            st.extra["held_parts"] = len(held)
+            thread.start()
+            fd = -1  # the writer owns it now
+            st.write = writer
+        else:
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, dest)
+            if sync:
+                fsync_dir(dest.parent)
+            if raw_names:
+                with WeightsFile(dest, core=core) as wf:
+                    raw = wf.load(raw_names, verify="none")
+            st.extra["held_bytes"] = st.extra["held_parts"] = 0
+            st.write = DeferredWrite.finished(dest) if defer else None
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -287,14 +447,11 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
     st.chunks_decoded = counts["decoded"]
     st.decoded_bytes = sum(t.nbytes for ti, t in enumerate(infos) if ti in flat)
     st.extra["parts"] = len(parts)
-    st.seconds = time.perf_counter() - t0
+    st.extra["through_parts"] = len(parts) - st.extra["held_parts"]
+    st.extra["defer_limit"] = hold_limit
     if not decode:
+        st.seconds = time.perf_counter() - t0
         return None
-    raw_names = [t.name for t in infos if t.encoding == "raw"]
-    raw: dict[str, torch.Tensor] = {}
-    if raw_names:
-        with WeightsFile(dest, core=core) as wf:
-            raw = wf.load(raw_names, verify="none")
     out = {}
     for ti, t in enumerate(infos):
         out[t.name] = flat[ti].view(DTYPE_TO_TORCH[t.dtype]).reshape(t.shape) if ti in flat else raw[t.name]
