@@ -8,6 +8,7 @@ them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -31,6 +32,11 @@ MAX_OBJECT_BYTES = 1 << 56  # the weights format's file size limit; larger objec
 DEFAULT_PART_BYTES = 8 << 20
 DEFAULT_CONCURRENCY = 8
 MAX_CONCURRENCY = 64
+DEFAULT_PART_ATTEMPTS = 4  # requests per range, the first one included (docs/remote.md, "Resuming a range")
+DEFAULT_BACKOFF_S = 0.05
+DEFAULT_BACKOFF_MAX_S = 1.0
+MAX_PART_ATTEMPTS = 100
+MAX_BACKOFF_S = 300.0
 _SEGMENT = re.compile(r"[A-Za-z0-9_.=+,@-]+")  # no spaces, no control characters, no '/' or '\\'
 
 
@@ -49,6 +55,57 @@ class StorageAuthError(StorageError):
 
 class StorageUnavailableError(StorageError):
     """The storage cannot be reached or stopped answering (connection refused / reset, timeout)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a backend retries one ranged read whose transfer broke (docs/remote.md, "Resuming a range").
+
+    ``attempts`` is the most requests made for one range, the first one included (1 = never retry).
+    After the ``n``-th failed request (n = 1, 2, ...) the reader waits ``delay(n)`` =
+    ``min(backoff_max, backoff * 2 ** (n - 1))`` seconds before the next one."""
+
+    attempts: int = DEFAULT_PART_ATTEMPTS
+    backoff: float = DEFAULT_BACKOFF_S
+    backoff_max: float = DEFAULT_BACKOFF_MAX_S
+
+    def __post_init__(self) -> None:
+        a = self.attempts
+        if isinstance(a, bool) or not isinstance(a, int) or not 1 <= a <= MAX_PART_ATTEMPTS:
+            raise LimitError(f"part_attempts {a!r} outside 1..{MAX_PART_ATTEMPTS}")
+        for name, v, lo in (("backoff", self.backoff, 0.0), ("backoff_max", self.backoff_max, self.backoff)):
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if not ok or not lo <= v <= MAX_BACKOFF_S:
+                raise LimitError(f"{name} {v!r} outside {lo!r}..{MAX_BACKOFF_S} seconds")
+
+    def delay(self, failed: int) -> float:
+        """Seconds to wait after the ``failed``-th failed request of a range."""
+        return min(self.backoff_max, self.backoff * 2.0 ** min(failed - 1, 64))
+
+
+class ResumeCounters:
+    """Thread-safe totals of the ranged reads a backend resumed (one object per storage instance).
+
+    ``resumed_parts``: ranges completed after at least one re-request; ``resume_requests``:
+    re-requests sent (successful or not); ``kept_bytes``: bytes that had arrived before a break and
+    were kept (never asked for again); ``resumed_bytes``: bytes that arrived through re-requests;
+    ``failed_parts``: ranges given up after the last attempt.  Only a range that breaks touches them."""
+
+    FIELDS = ("resumed_parts", "resume_requests", "kept_bytes", "resumed_bytes", "failed_parts")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for f, d in deltas.items():
+                setattr(self, f, getattr(self, f) + d)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f: getattr(self, f) for f in self.FIELDS}
 
 
 def check_key(key: object) -> str:
@@ -94,7 +151,9 @@ class Storage:
 
     def read_into(self, key: str, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the object's bytes ``[offset, offset + len(buf))`` (TruncatedError if the
-        object ends earlier)."""
+        object ends earlier).  A remote backend resumes a transfer that breaks (docs/remote.md,
+        "Resuming a range"): on return every byte of ``buf`` is the object's, and on failure the
+        contents of ``buf`` are unspecified."""
         raise NotImplementedError
 
     def put_file(self, key: str, path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> None:
@@ -139,7 +198,8 @@ class Storage:
         """Fill ``dest`` with bytes ``[offset, offset + len(dest))`` of ``key`` using ranged reads of
         ``part_bytes`` on ``concurrency`` threads.  ``on_part(start, end)`` (absolute offsets) runs in
         the worker thread right after each part has landed, so the caller can consume it while other
-        parts are still in flight.  The first failure cancels the parts not yet started and is raised."""
+        parts are still in flight.  Each part is one ``read_into`` (which resumes a broken transfer
+        itself); the first failure cancels the parts not yet started and is raised."""
         parallel_ranges(lambda start, view: self.read_into(key, start, view), dest, offset=offset,
                         part_bytes=part_bytes, concurrency=concurrency, on_part=on_part)
 
