@@ -263,6 +263,25 @@ def _size_arg(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device_arg(value: str) -> str:
+    from tinyserve.config import parse_devices
+
+    try:
+        return ",".join(parse_devices(value, "--device"))
+    except errors.TinyserveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _budget_arg(value: str):
+    from tinyserve.config import parse_budgets
+    from tinyserve.remote.cli import parse_size
+
+    try:
+        return parse_budgets(value, parse_size, "--memory-budget")
+    except errors.TinyserveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_serve(args) -> int:
     from tinyserve.server import ServerConfig, run
 
@@ -664,12 +683,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-json", action="store_true", help="logs as one JSON object per line")
     sv.add_argument("--no-statistics", action="store_true",
                     help="no per-request statistics and no ejection (only to measure what they cost)")
-    sv.add_argument("--device", default="cpu", help="cpu, cuda:N, or auto (a GPU when torch sees one)")
+    sv.add_argument("--device", type=_device_arg, default="cpu",
+                    help="cpu, cuda:N, a comma list (cuda:0,cuda:1: instances spread over them), or auto "
+                         "(every GPU torch sees, else cpu)")
     sv.add_argument("--instances", type=int, default=1,
                     help="worker threads per loaded version (a model's placement.min_instances wins)")
-    sv.add_argument("--memory-budget", type=_size_arg, default=None,
-                    help="CPU memory for models, e.g. 8G: models load on demand and idle ones are evicted "
-                         "least-recently-used first to stay within it")
+    sv.add_argument("--memory-budget", type=_budget_arg, default=None,
+                    help="memory for models, e.g. 8G (every device in use) or cpu=8G,cuda:0=20G (a GPU not named: "
+                         "NVML's total minus 1 GiB): models load on demand and idle ones are evicted "
+                         "least-recently-used first to stay within it (on whenever a GPU is used)")
     sv.add_argument("--model-control", choices=("explicit", "poll"), default="explicit",
                     help="explicit: load/unload ops only; poll: load new versions the policy selects, unload old ones")
     sv.add_argument("--poll-interval", type=float, default=10.0, help="seconds between repository polls")

@@ -31,6 +31,8 @@ __all__ = [
     "PLATFORMS",
     "TensorSpec",
     "name_problem",
+    "parse_budgets",
+    "parse_devices",
 ]
 
 PLATFORMS = ("torch_export", "python", "weights")  # "weights": no program, weights only
@@ -371,6 +373,56 @@ class BatchingConfig:
 
 
 # --- placement -------------------------------------------------------------------------------------
+def parse_devices(text: object, flag: str = "--device") -> tuple[str, ...]:
+    """``cpu``, ``cuda:N``, a comma list of those (``cuda:0,cuda:1``; no repeats, at most MAX_DEVICES),
+    or ``auto`` alone -> a tuple of device names.  ConfigError naming ``flag`` and the limit broken."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{flag} must be a string such as cpu, auto, cuda:0 or cuda:0,cuda:1, got {_type_name(text)}")
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > MAX_DEVICES:
+        raise ConfigError(f"{flag} lists {len(parts)} devices; at most {MAX_DEVICES}")
+    for i, dev in enumerate(parts):
+        if not _DEVICE_RE.fullmatch(dev):
+            raise ConfigError(f"{flag}: {_show(dev)} is not a device; use cpu, auto, cuda:N (N 0..9999) "
+                              "or a comma list such as cuda:0,cuda:1")
+        if dev in parts[:i]:
+            raise ConfigError(f"{flag} repeats {dev!r}")
+    if "auto" in parts and len(parts) > 1:
+        raise ConfigError(f"{flag}: 'auto' must be the only device")
+    return tuple(parts)
+
+
+def parse_budgets(text: str, parse_size, flag: str = "--memory-budget") -> int | dict[str, int]:
+    """One size (``8G``: every device in use) or ``DEVICE=SIZE`` pairs, comma separated
+    (``cpu=8G,cuda:0=20G``) -> bytes, or {device: bytes}.  ``parse_size`` turns one size into bytes
+    (raising ValueError / argparse.ArgumentTypeError).  ConfigError naming ``flag`` otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{flag} must be a size such as 8G or DEVICE=SIZE pairs such as cpu=8G,cuda:0=20G")
+    if "=" not in text:
+        try:
+            return parse_size(text)
+        except Exception as exc:  # noqa: BLE001 - the size parser's own message says what is wrong
+            raise ConfigError(f"{flag}: {exc}") from None
+    out: dict[str, int] = {}
+    for pair in text.split(","):
+        dev, sep, size = pair.strip().partition("=")
+        dev = dev.strip()
+        if not sep or not dev or not size.strip():
+            raise ConfigError(f"{flag}: {_show(pair.strip())} is not DEVICE=SIZE (e.g. cuda:0=20G); "
+                              "give one size, or pairs only")
+        if dev == "auto" or not _DEVICE_RE.fullmatch(dev):
+            raise ConfigError(f"{flag}: {_show(dev)} is not a device; use cpu or cuda:N (N 0..9999)")
+        if dev in out:
+            raise ConfigError(f"{flag} gives {dev} twice")
+        try:
+            out[dev] = parse_size(size)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{flag}: {dev}: {exc}") from None
+        if len(out) > MAX_DEVICES:
+            raise ConfigError(f"{flag} lists more than {MAX_DEVICES} devices")
+    return out
+
+
 @dataclass(frozen=True)
 class PlacementConfig:
     """Where and how many instances of a model run (docs/repository.md section 3.3).

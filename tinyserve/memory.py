@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tinyserve import wire
 
-__all__ = ["DeviceBudget", "ElasticController", "Footprint", "Placement", "Plan", "ResourceExhausted",
-           "cpu_budget", "gpu_budget", "rss_anon"]
+__all__ = ["DeviceBudget", "DeviceResolver", "ElasticController", "Footprint", "Placement", "Plan",
+           "ResourceExhausted", "cpu_budget", "gpu_budget", "health_name", "resolver", "rss_anon"]
 
 ResourceExhausted = wire.ResourceExhausted
 
@@ -115,6 +116,75 @@ def rss_anon(status: str = "/proc/self/status") -> int | None:
     return None
 
 
+def health_name(device: str) -> str:
+    """A device's name in health readings (tinyserve.health.devices): "cpu", or "gpuN" for cuda:N."""
+    return "cpu" if device == "cpu" else f"gpu{int(device.partition(':')[2] or 0)}"
+
+
+class DeviceResolver:
+    """The one seam between device names ("cpu", "cuda:N") and the machine: how many GPUs torch sees,
+    which torch device runs a named device, and each device's budget probe.  The server and the
+    runtime read the module-level ``resolver`` (never on the hot path: when a server starts and when
+    an instance is built), so tests replace it to run "cuda:0", "cuda:1" on the host's CPU with fake
+    NVML totals::
+
+        memory.resolver = DeviceResolver(gpus=2, torch_devices={"cuda:0": "cpu", "cuda:1": "cpu"},
+                                          nvml_total=lambda i: totals[i], reserve=0)
+
+    ``gpus``: the GPU count (None: ``torch.cuda.device_count()`` when CUDA is available, else 0).
+    ``torch_devices``: name -> the torch device that runs it (default: the name itself).
+    ``nvml_total`` / ``torch_mem_get_info``: the GPU budget probes (None: the real ones, see gpu_budget).
+    ``reserve``: bytes kept back from a probed total (an explicit budget is taken as given).
+    """
+
+    def __init__(self, gpus: int | None = None, torch_devices: dict[str, str] | None = None,
+                 nvml_total: Callable[[int], int] | None = None,
+                 torch_mem_get_info: Callable[[int], tuple[int, int]] | None = None,
+                 reserve: int = 1 << 30) -> None:
+        self._gpus = gpus
+        self._torch_devices = dict(torch_devices or {})
+        self._nvml_total = nvml_total
+        self._torch_mem_get_info = torch_mem_get_info
+        self.reserve = reserve
+
+    def gpu_count(self) -> int:
+        if self._gpus is not None:
+            return self._gpus
+        try:
+            import torch
+
+            return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001 - no driver: no GPU
+            return 0
+
+    def check(self, device: str, flag: str = "--device") -> None:
+        """ValueError naming ``flag`` when ``device`` is not "cpu" or a cuda:N that torch sees."""
+        if device == "cpu":
+            return
+        m = re.fullmatch(r"cuda:(\d{1,4})", device) if isinstance(device, str) else None
+        if m is None:
+            raise ValueError(f"{flag}: device {device!r} must be cpu or cuda:N")
+        n = self.gpu_count()
+        if int(m.group(1)) >= n:
+            seen = f"cuda:0..cuda:{n - 1}" if n else "none"
+            raise ValueError(f"{flag}: device {device}: torch sees {n} CUDA device(s) here ({seen}); "
+                             "use cpu, auto or one of those")
+
+    def torch_device(self, device: str) -> str:
+        """The torch device that runs ``device``."""
+        return self._torch_devices.get(device, device)
+
+    def budget(self, device: str, explicit: int | None = None) -> DeviceBudget:
+        """``device``'s budget: ``explicit`` bytes, else the probes (cpu_budget / gpu_budget)."""
+        if device == "cpu":
+            return cpu_budget(explicit, reserve=self.reserve)
+        return gpu_budget(int(device.partition(":")[2]), explicit, reserve=self.reserve,
+                          nvml_total=self._nvml_total, torch_mem_get_info=self._torch_mem_get_info)
+
+
+resolver = DeviceResolver()
+
+
 # --- footprints ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Footprint:
@@ -162,108 +232,148 @@ class Footprint:
 class Plan:
     """What the caller does for a request.  action: "ready" (resident: run), "wait" (a load is under
     way: queue the request behind it; never a second load), "load" (first unload every model in
-    ``evict``, in order, then load with batches capped at ``max_batch``), "blocked" (room exists only
-    once busy models finish: retry after the next ``end``).  ``reason`` says why for "blocked"."""
+    ``evict``, in order, then load one copy on each of ``devices`` with batches capped at
+    ``max_batch``), "blocked" (room exists only once busy models finish: retry after the next
+    ``end``).  ``reason`` says why for "blocked"; ``reserved`` is the bytes held on all devices."""
 
     action: str
     evict: list = field(default_factory=list)
     max_batch: int = 0
     reserved: int = 0
     reason: str = ""
+    devices: list = field(default_factory=list)
 
 
 class _Model:
-    __slots__ = ("name", "fp", "device", "pinned", "max_batch", "state", "reserved", "cap", "in_flight",
-                 "last_used", "loads", "evictions")
+    __slots__ = ("name", "fp", "candidates", "want", "pinned", "max_batch", "state", "res", "devices", "cap",
+                 "in_flight", "last_used", "loads", "evictions")
 
-    def __init__(self, name, fp, device, pinned, max_batch) -> None:
-        self.name, self.fp, self.device, self.pinned, self.max_batch = name, fp, device, pinned, max_batch
+    def __init__(self, name, fp, candidates, want, pinned, max_batch) -> None:
+        self.name, self.fp, self.pinned, self.max_batch = name, fp, pinned, max_batch
+        self.candidates = candidates  # devices it may occupy, in preference order for ties
+        self.want = want  # how many of them it occupies (len(candidates): all, a fixed placement)
         self.state = "absent"  # absent -> loading -> resident -> absent
-        self.reserved = 0
+        self.res: dict[str, int] = {}  # device -> bytes reserved there (loading / resident only)
+        self.devices: tuple = ()  # the devices it occupies (loading / resident only)
         self.cap = 0
         self.in_flight = 0
         self.last_used = -math.inf
         self.loads = 0
         self.evictions = 0
 
+    @property
+    def reserved(self) -> int:
+        return sum(self.res.values())
+
+    def release(self) -> None:
+        self.state, self.res, self.devices, self.cap = "absent", {}, (), 0
+
 
 class Placement:
     """Residency of models on devices, within each device's budget (docs/scheduler.md section 4.3).
 
-    Invariant: on every device, the sum of ``reserved`` over loading and resident models is at most
-    the budget.  A model's reservation is its footprint at its batch cap, taken when its load is
-    planned and released when it is evicted or its load fails.
+    Invariant: on every device, the sum of the reservations there of loading and resident models is
+    at most its budget.  A model's reservation on each device it occupies is its footprint there at
+    its batch cap, taken when its load is planned and released when it is evicted or its load fails.
     """
 
     def __init__(self, budgets: dict[str, DeviceBudget | int]) -> None:
         self.budgets = {d: (b.budget if isinstance(b, DeviceBudget) else int(b)) for d, b in budgets.items()}
         self._models: dict[str, _Model] = {}
 
-    def register(self, name: str, footprint: Footprint, device: str, *, pinned: bool = False,
-                 max_batch: int = 1) -> None:
-        if device not in self.budgets:
-            raise ValueError(f"model {name!r}: device {device!r} has no budget (devices: {', '.join(self.budgets)})")
+    def register(self, name: str, footprint: Footprint, device, *, pinned: bool = False,
+                 max_batch: int = 1, count: int | None = None) -> None:
+        """``device``: one device name, or a list of candidate devices.  ``count`` None: the model
+        occupies every listed device (a fixed placement); else it occupies ``min(count, len)`` of them,
+        chosen at each load (the ones with the most free bytes, ties to the earlier listed)."""
+        cands = (device,) if isinstance(device, str) else tuple(device)
+        if not cands:
+            raise ValueError(f"model {name!r}: no device to place it on")
+        for d in cands:
+            if d not in self.budgets:
+                raise ValueError(f"model {name!r}: device {d!r} has no budget (devices: {', '.join(self.budgets)})")
+        if len(set(cands)) != len(cands):
+            raise ValueError(f"model {name!r}: devices {list(cands)} repeat a device")
         if name in self._models:
             raise ValueError(f"model {name!r} is already registered")
-        self._models[name] = _Model(name, footprint, device, pinned, max(1, int(max_batch)))
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"model {name!r}: device count {count!r} must be an integer >= 1")
+        want = len(cands) if count is None else min(count, len(cands))
+        m = _Model(name, footprint, cands, want, pinned, max(1, int(max_batch)))
+        m.want = want if count is not None else -len(cands)  # negative: fixed, every candidate
+        self._models[name] = m
 
     def used(self, device: str) -> int:
-        return sum(m.reserved for m in self._models.values() if m.device == device)
+        return sum(m.res.get(device, 0) for m in self._models.values())
 
     def free(self, device: str) -> int:
         return self.budgets[device] - self.used(device)
 
-    def _evictable(self, m: _Model) -> list[_Model]:
-        """Idle resident models on m's device, least recently used first."""
-        c = [o for o in self._models.values() if o is not m and o.device == m.device and o.state == "resident"
+    def _evictable(self, m: _Model, device: str) -> list[_Model]:
+        """Idle resident models occupying ``device`` (other than m), least recently used first."""
+        c = [o for o in self._models.values() if o is not m and device in o.res and o.state == "resident"
              and not o.pinned and o.in_flight == 0]
         return sorted(c, key=lambda o: (o.last_used, o.name))
 
     def request(self, name: str, now: float) -> Plan:
         """Plan the residency of ``name`` for a request arriving at ``now``.  Raises
-        ResourceExhausted (with the numbers) when the model cannot fit even at batch size 1 on an
-        otherwise empty device (pinned models and static placements left in place)."""
+        ResourceExhausted (naming the device and the numbers) when the model cannot fit even at batch
+        size 1 on an otherwise empty device (pinned models and static placements left in place): on
+        any one of its devices for a fixed placement, on every candidate otherwise."""
         m = self._models[name]
         m.last_used = now
         if m.state == "resident":
-            return Plan("ready", max_batch=m.cap, reserved=m.reserved)
+            return Plan("ready", max_batch=m.cap, reserved=m.reserved, devices=list(m.devices))
         if m.state == "loading":
-            return Plan("wait", max_batch=m.cap, reserved=m.reserved)
-        budget = self.budgets[m.device]
-        fixed = sum(o.reserved for o in self._models.values()
-                    if o is not m and o.device == m.device and o.pinned)
-        need1 = m.fp.bytes_for(m.device, 1)
-        if need1 > budget - fixed:
-            raise ResourceExhausted(
-                f"model {name!r} needs {_mib(need1)} on {m.device} at batch size 1, but the budget is "
-                f"{_mib(budget)} with {_mib(fixed)} held by pinned models")
-        free = self.free(m.device)
-        victims = self._evictable(m)
-        room = free + sum(v.reserved for v in victims)
-        cap = self._cap(m, room)
-        if cap == 0:
+            return Plan("wait", max_batch=m.cap, reserved=m.reserved, devices=list(m.devices))
+        short, rooms, frees = [], {}, {}
+        for d in m.candidates:
+            budget = self.budgets[d]
+            fixed = sum(o.res.get(d, 0) for o in self._models.values() if o is not m and o.pinned)
+            need1 = m.fp.bytes_for(d, 1)
+            if need1 > budget - fixed:
+                short.append(f"{_mib(need1)} on {d} at batch size 1, but the budget is {_mib(budget)} "
+                             f"with {_mib(fixed)} held by pinned models")
+                continue
+            frees[d] = self.free(d)
+            rooms[d] = frees[d] + sum(v.res[d] for v in self._evictable(m, d))
+        fixed_place = m.want < 0
+        if (fixed_place and short) or not rooms:
+            raise ResourceExhausted(f"model {name!r} needs " + "; and ".join(short))
+        usable = [d for d in rooms if self._cap(m, d, rooms[d]) > 0]
+        if fixed_place and len(usable) < len(m.candidates) or not usable:
+            d = next(d for d in rooms if d not in usable)
             return Plan("blocked", reason=(
-                f"model {name!r} needs {_mib(need1)} on {m.device}; {_mib(free)} free and {_mib(room - free)} "
-                "evictable now, the rest is held by models with work in flight or loading"))
-        need = m.fp.bytes_for(m.device, cap)
-        evict = []
-        for v in victims:
-            if free >= need:
-                break
-            evict.append(v.name)
-            free += v.reserved
-            v.state, v.reserved, v.cap = "absent", 0, 0
-            v.evictions += 1
-        m.state, m.reserved, m.cap = "loading", need, cap
+                f"model {name!r} needs {_mib(m.fp.bytes_for(d, 1))} on {d}; {_mib(frees[d])} free and "
+                f"{_mib(rooms[d] - frees[d])} evictable now, the rest is held by models with work in flight "
+                "or loading"))
+        if fixed_place:
+            chosen = list(m.candidates)
+        else:
+            order = {d: i for i, d in enumerate(m.candidates)}
+            chosen = sorted(usable, key=lambda d: (-frees[d], order[d]))[:m.want]
+        cap = min(self._cap(m, d, rooms[d]) for d in chosen)
+        evict, res = [], {}
+        for d in chosen:
+            need = res[d] = m.fp.bytes_for(d, cap)
+            free = self.free(d)
+            for v in self._evictable(m, d):  # afresh: an eviction for another device may have freed this one
+                if free >= need:
+                    break
+                evict.append(v.name)
+                free += v.res[d]
+                v.release()
+                v.evictions += 1
+        m.state, m.res, m.devices, m.cap = "loading", res, tuple(chosen), cap
         m.loads += 1
-        return Plan("load", evict=evict, max_batch=cap, reserved=need)
+        return Plan("load", evict=evict, max_batch=cap, reserved=m.reserved, devices=list(chosen))
 
-    def _cap(self, m: _Model, room: int) -> int:
-        """The largest batch size <= m.max_batch whose footprint fits in ``room`` (0: none)."""
+    def _cap(self, m: _Model, device: str, room: int) -> int:
+        """The largest batch size <= m.max_batch whose footprint on ``device`` fits in ``room`` (0: none)."""
         lo, hi, best = 1, m.max_batch, 0
         while lo <= hi:
             mid = (lo + hi) // 2
-            if m.fp.bytes_for(m.device, mid) <= room:
+            if m.fp.bytes_for(device, mid) <= room:
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
@@ -279,15 +389,26 @@ class Placement:
     def load_failed(self, name: str) -> None:
         m = self._models[name]
         if m.state == "loading":
-            m.state, m.reserved, m.cap = "absent", 0, 0
+            m.release()
 
     def unload(self, name: str) -> bool:
         """An explicit unload (the `unload` op): release the reservation; False when it has work in flight."""
         m = self._models[name]
         if m.in_flight or m.state != "resident":
             return False
-        m.state, m.reserved, m.cap = "absent", 0, 0
+        m.release()
         m.evictions += 1
+        return True
+
+    def drop_device(self, name: str, device: str) -> bool:
+        """A loaded model stops using ``device`` (a device fault stopped that copy): its reservation
+        there is released; its other devices keep theirs.  False when it does not occupy ``device``
+        or it is its only device (the caller unloads the model instead)."""
+        m = self._models.get(name)
+        if m is None or device not in m.res or len(m.res) < 2:
+            return False
+        del m.res[device]
+        m.devices = tuple(d for d in m.devices if d != device)
         return True
 
     def registered(self, name: str) -> bool:
@@ -301,30 +422,30 @@ class Placement:
 
     def measured(self, name: str, footprint: Footprint) -> None:
         """Replace a model's estimated footprint with one measured at load; a resident or loading
-        model's reservation follows it (it may exceed the plan by what the estimate missed: the
-        next plan makes room for it)."""
+        model's reservation on each of its devices follows it (it may exceed the plan by what the
+        estimate missed: the next plan, or ``shed``, makes room for it)."""
         m = self._models[name]
         m.fp = footprint
         if m.state in ("loading", "resident"):
-            m.reserved = footprint.bytes_for(m.device, max(1, m.cap))
+            m.res = {d: footprint.bytes_for(d, max(1, m.cap)) for d in m.devices}
 
     def shed(self, device: str, keep: str | None = None) -> list[str]:
-        """Evict idle unpinned models on ``device``, least recently used first (never ``keep``), until
-        the reservations fit its budget again: after a measured footprint came out larger than the
-        estimate the load was planned with.  Returns their names (the caller unloads them)."""
+        """Evict idle unpinned models occupying ``device``, least recently used first (never ``keep``),
+        until the reservations fit its budget again: after a measured footprint came out larger than
+        the estimate the load was planned with.  Returns their names (the caller unloads them)."""
         over = self.used(device) - self.budgets[device]
         out = []
         if over <= 0:
             return out
-        idle = sorted((o for o in self._models.values() if o.device == device and o.state == "resident"
+        idle = sorted((o for o in self._models.values() if device in o.res and o.state == "resident"
                        and not o.pinned and o.in_flight == 0 and o.name != keep),
                       key=lambda o: (o.last_used, o.name))
         for v in idle:
             if over <= 0:
                 break
             out.append(v.name)
-            over -= v.reserved
-            v.state, v.reserved, v.cap = "absent", 0, 0
+            over -= v.res[device]
+            v.release()
             v.evictions += 1
         return out
 
@@ -343,12 +464,19 @@ class Placement:
     def state(self, name: str) -> str:
         return self._models[name].state
 
+    def devices_of(self, name: str) -> list[str]:
+        """The devices a loading or resident model occupies (empty when absent)."""
+        return list(self._models[name].devices)
+
     def to_dict(self) -> dict[str, Any]:
-        """Residency, bytes and load/evict counts per model, and each device's budget and use."""
+        """Residency, bytes and load/evict counts per model, and each device's budget and use.
+        A model's ``device`` is the first it occupies (or may occupy, when absent), ``devices`` all
+        it occupies, ``reserved`` the sum over them and ``reserved_by_device`` each one's part."""
         return {
             "devices": {d: {"budget": b, "reserved": self.used(d)} for d, b in self.budgets.items()},
-            "models": {n: {"device": m.device, "state": m.state, "reserved": m.reserved, "max_batch": m.cap,
-                           "pinned": m.pinned, "in_flight": m.in_flight, "loads": m.loads,
+            "models": {n: {"device": (m.devices or m.candidates)[0], "devices": list(m.devices),
+                           "state": m.state, "reserved": m.reserved, "reserved_by_device": dict(m.res),
+                           "max_batch": m.cap, "pinned": m.pinned, "in_flight": m.in_flight, "loads": m.loads,
                            "evictions": m.evictions} for n, m in self._models.items()},
         }
 

@@ -56,7 +56,8 @@ import torch
 from tinyserve import errors, wire
 from tinyserve.batching import Batcher, assemble, split
 from tinyserve.config import ModelConfig
-from tinyserve.memory import rss_anon
+from tinyserve import memory
+from tinyserve.memory import health_name, rss_anon
 from tinyserve.program import load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
 from tinyserve.weights import DTYPE_TO_TORCH, LoadStats, WeightsFile
@@ -227,8 +228,37 @@ def _to_host(outputs: dict) -> dict:
 
 
 # --- the model instance ------------------------------------------------------------------------------
-_STOP = object()  # each worker takes one and ends (unload puts one per worker)
-_RETIRE = object()  # one worker ends (an elastic scale-down); the others go on
+class _Marker:
+    """A control item on the queue (requests travel as lists, so one type test tells them apart)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+_STOP = _Marker("stop")  # each worker takes one and ends (unload puts one per worker)
+_RETIRE = _Marker("retire")  # one worker ends (an elastic scale-down); the others go on
+_WAKE = _Marker("wake")  # a device fault: a worker of the faulted device ends, the others ignore it
+
+
+class _Replica:
+    """One loaded copy of the model on one device, and the workers assigned to it."""
+
+    __slots__ = ("index", "device", "health", "torch_device", "on_host", "model", "module", "workers", "cells",
+                 "down")
+
+    def __init__(self, index: int, device: str) -> None:
+        self.index = index
+        self.device = device  # the device's name ("cpu", "cuda:N")
+        self.health = health_name(device)  # its name in health readings ("cpu", "gpuN")
+        self.torch_device = torch.device(memory.resolver.torch_device(device))  # what runs it
+        self.on_host = self.torch_device.type == "cpu"
+        self.model: LoadedModel | None = None
+        self.module = None  # model.module, for the hot path
+        self.workers = 0  # worker threads assigned to it now
+        self.cells: list[list[int]] = []  # its workers' taken counters (ended workers' too)
+        self.down = ""  # why it stopped (a device fault); "" while it serves
 to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
 
@@ -263,7 +293,7 @@ class ModelInstance:
                  finish: Callable[[Request], None] | None = None,
                  respond: Callable[[list], list] | None = None, torch_threads: int | None = None,
                  verify: str = "compressed", warmup: bool = True, device: str = "cpu",
-                 weights: dict | None = None, workers: int = 1) -> None:
+                 weights: dict | None = None, workers: int = 1, devices: list | tuple | None = None) -> None:
         self.name = name
         self.version = version
         self.path = Path(path)
@@ -298,14 +328,23 @@ class ModelInstance:
         self.loop_rec = None  # the server's recorder for this version on the loop thread
         self.queue_delay_override_us: int | None = None
         self._preloaded = weights  # tensors decoded already (a remote repository's streamed load)
-        self.torch_device = torch.device(device)  # where the model runs
-        self._on_host = self.torch_device.type == "cpu"
-        # the device's name in health reports (tinyserve.health.devices: "cpu", "gpu0", ...)
-        self.device = "cpu" if self._on_host else f"gpu{self.torch_device.index or 0}"
-        # worker threads sharing the loaded model and the queue (placement.min_instances, or the
-        # server's default; elastic models add and remove them): the first loads, the others start
+        # one loaded copy of the model per device ("cpu", "cuda:N"; memory.resolver says which torch
+        # device runs each); workers are assigned to the copies round-robin
+        names = [str(d) for d in (devices if devices else [device])]
+        if len(set(names)) != len(names):
+            raise errors.ConfigError(f"model {name!r}: devices {names} repeat a device")
+        self.devices = names
+        self._replicas = [_Replica(i, d) for i, d in enumerate(names)]
+        self._multi = len(names) > 1  # only then do workers check for a device fault
+        first = self._replicas[0]
+        self.torch_device = first.torch_device  # the first copy's (single-device callers)
+        self._on_host = first.on_host
+        # the first serving device's name in health reports (tinyserve.health.devices: "cpu", "gpu0", ...)
+        self.device = first.health
+        # worker threads sharing the queue (placement.min_instances, or the server's default, and at
+        # least one per device; elastic models add and remove them): the first loads, the others start
         # once it is ready; the last to end releases the model
-        self._want_workers = max(1, int(workers))
+        self._want_workers = max(len(names), int(workers), 1)
         self._workers = 0
         self._workers_lock = threading.Lock()  # guards _workers and _stopping
         self._stopping = False
@@ -387,12 +426,16 @@ class ModelInstance:
         return self._workers
 
     def add_worker(self) -> bool:
-        """One more worker thread on the same model (elastic scale-up; READY only)."""
+        """One more worker thread (elastic scale-up; READY only), on the serving device with the
+        fewest workers (ties: the first listed): a copy already loaded, never a new one."""
         with self._workers_lock:
-            if self.state is not READY or self._stopping:
+            live = [r for r in self._replicas if not r.down]
+            if self.state is not READY or self._stopping or not live:
                 return False
+            rep = min(live, key=lambda r: (r.workers, r.index))
             self._workers += 1
-        self._spawn()
+            rep.workers += 1
+        self._spawn(rep)
         return True
 
     def remove_worker(self) -> bool:
@@ -403,9 +446,37 @@ class ModelInstance:
         self._q.put(_RETIRE)
         return True
 
-    def _spawn(self) -> None:
-        threading.Thread(target=self._worker_main, name=f"tinyserve-{self.name}-{self.version}+",
+    def _spawn(self, rep: _Replica) -> None:
+        threading.Thread(target=self._worker_main, args=(rep,), name=f"tinyserve-{self.name}-{self.version}+",
                          daemon=True).start()
+
+    def stop_device(self, device: str, reason: str) -> bool:
+        """A health fault on ``device`` (its "cuda:N" name or its health name "gpuN"): that copy's
+        workers stop taking requests and end (a request one of them took is put back on the queue
+        for the others; a batching worker finishes the requests already in its batcher on a serving
+        copy), and the last of them releases the copy.  The other copies keep serving.  False (and
+        nothing changes) when no serving copy is on ``device``, or it is the last serving one: the
+        caller then fails the whole version."""
+        with self._workers_lock:
+            rep = next((r for r in self._replicas if not r.down and device in (r.device, r.health)), None)
+            if rep is None or not any(not r.down for r in self._replicas if r is not rep):
+                return False
+            rep.down = str(reason) or "device fault"
+            n = rep.workers
+            self.device = next(r.health for r in self._replicas if not r.down)
+        for _ in range(n):  # wake its idle workers (another worker taking one ignores it)
+            self._q.put(_WAKE)
+        return True
+
+    def device_stats(self) -> list[dict]:
+        """Per device: requests its workers took (ran, or answered as expired / invalid), workers
+        now, and ``serving`` or the fault that stopped it."""
+        return [{"device": r.device, "requests": sum(c[0] for c in list(r.cells)), "workers": r.workers,
+                 "state": "FAULTED" if r.down else "SERVING", **({"reason": r.down} if r.down else {})}
+                for r in self._replicas]
+
+    def _live(self) -> _Replica | None:
+        return next((r for r in self._replicas if not r.down and r.module is not None), None)
 
     @property
     def stopped(self) -> asyncio.Future:
@@ -478,6 +549,7 @@ class ModelInstance:
 
     # --- worker thread ------------------------------------------------------------------------------
     def _main(self) -> None:
+        rep = None  # the copy this (first) worker serves; None while it loads
         try:
             if self._threads:
                 torch.set_num_threads(self._threads)
@@ -486,7 +558,8 @@ class ModelInstance:
                     t0 = time.perf_counter()
                     self._load()
                     if self._warmup and self.model.module is not None:
-                        self._run_warmup()
+                        for r in self._replicas:
+                            self._run_warmup(r)
                     self.load_s = time.perf_counter() - t0
                 except BaseException as exc:  # noqa: BLE001 - every failure becomes the reason
                     if isinstance(exc, errors.ModelError):
@@ -496,43 +569,69 @@ class ModelInstance:
                                                 f"{type(exc).__name__}: {exc}")
                     self._call_loop(self._set_ready, err)
                     return
+                reps = self._replicas
                 with self._workers_lock:  # counted before READY: an unload then stops every one
                     self._workers = n = self._want_workers
-                for _ in range(n - 1):
-                    self._spawn()
+                    assigned = [reps[k % len(reps)] for k in range(n)]  # round-robin over the devices
+                    for r in assigned:
+                        r.workers += 1
+                for r in assigned[1:]:
+                    self._spawn(r)
                 self._call_loop(self._set_ready, None)
-                self._serve()
+                rep = assigned[0]
+                self._serve(rep)
         finally:
-            self._worker_done()
+            self._worker_done(rep)
 
-    def _worker_main(self) -> None:
+    def _worker_main(self, rep: _Replica) -> None:
         try:
             if self._threads:
                 torch.set_num_threads(self._threads)
             with torch.inference_mode():
-                self._serve()
+                self._serve(rep)
         finally:
-            self._worker_done()
+            self._worker_done(rep)
 
-    def _worker_done(self) -> None:
-        """A worker ends; the last one releases the model and reports the instance stopped."""
+    def _worker_done(self, rep: _Replica | None) -> None:
+        """A worker ends; the last one releases every copy of the model and reports the instance
+        stopped; the last worker of a faulted device releases that device's copy."""
         with self._workers_lock:
             self._workers = max(0, self._workers - 1)
             last = self._workers == 0
-        if not last:
-            return
-        model, self.model = self.model, None
-        self._pre = self._post = None
-        if model is not None:
+            if rep is not None:
+                rep.workers = max(0, rep.workers - 1)
+            drop = rep is not None and not last and rep.down and rep.workers == 0 and rep.model is not None
+            if drop:
+                model, rep.model, rep.module = rep.model, None, None
+                if self.model is model:
+                    self.model = next((r.model for r in self._replicas if r.model is not None), None)
+        if drop:
             _release(model)
             del model
+        if not last:
+            return
+        models = [r.model for r in self._replicas if r.model is not None]
+        self.model = None
+        for r in self._replicas:
+            r.model = r.module = None
+        self._pre = self._post = None
+        for model in models:
+            _release(model)
+        del models
         self._call_loop(self._set_stopped)
 
     def _load(self) -> None:
         # the server checks every request against the config: skip torch.export's own per-call check
         weights, self._preloaded = self._preloaded, None
-        model = load_version(self.path, verify=self._verify, check_inputs=False, device=self.torch_device,
-                             weights=weights)
+        models = []
+        for r in self._replicas:  # one copy per device, one after the other
+            w = weights
+            if weights is not None and r.index > 0:  # the others get their own copy of the tensors
+                w = {k: v.to(r.torch_device, copy=True) for k, v in weights.items()}
+            m = load_version(self.path, verify=self._verify, check_inputs=False, device=r.torch_device, weights=w)
+            r.model, r.module = m, m.module
+            models.append(m)
+        model = models[0]
         cfg = model.config
         if cfg.name != self.name:
             raise errors.ModelError(f"model {self.name!r} version {self.version}: its config names {cfg.name!r}")
@@ -549,25 +648,32 @@ class ModelInstance:
         if cfg.batching is not None and self._pre is None and self._post is None:
             self.batching = cfg.batching
             self.max_queue = cfg.batching.max_queue_size
-        self.nbytes = model.nbytes
-        self.decoded_bytes = model.weights_stats.decoded_bytes
+        self.nbytes = sum(m.nbytes for m in models)  # every copy
+        self.decoded_bytes = model.weights_stats.decoded_bytes  # one copy (placement counts it per device)
         self.config = cfg
         self.model = model
 
-    def _run_warmup(self) -> None:
+    def _run_warmup(self, rep: _Replica) -> None:
         args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype],
-                            device=self.torch_device) for s in self.config.inputs]
-        before = rss_anon()
+                            device=rep.torch_device) for s in self.config.inputs]
+        # the workspace the run needs: on the host the growth of RssAnon, on a GPU the peak of the
+        # caching allocator above what the copy held before
+        probe = rss_anon if rep.on_host else (lambda: torch.cuda.max_memory_allocated(rep.torch_device))
+        if not rep.on_host:
+            torch.cuda.reset_peak_memory_stats(rep.torch_device)
+            base = torch.cuda.memory_allocated(rep.torch_device)
+        before = rss_anon() if rep.on_host else base
         try:
-            self._outputs_of(self.model.module(*args))
-            after = rss_anon()
-            if before is not None and after is not None:
+            self._outputs_of(rep.module(*args))
+            after = probe()
+            if rep.index == 0 and before is not None and after is not None:  # the workspace of one copy
                 self.workspace_bytes = max(0, after - before)
         except Exception as exc:
+            where = f" on {rep.device}" if self._multi else ""
             raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run on zeros "
-                                    f"(batch 1) failed: {type(exc).__name__}: {exc}") from exc
+                                    f"(batch 1){where} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _serve(self) -> None:
+    def _serve(self, rep: _Replica) -> None:
         """The worker loop.  Finished requests go back to the loop at once when the worker has
         nothing else to do; while a backlog is queued they go in groups of up to COALESCE (each
         wakeup of the loop thread preempts the worker, so fewer wakeups mean more throughput, and
@@ -584,6 +690,7 @@ class ModelInstance:
         cell = self._tls.cell = [0]
         with self._workers_lock:
             self._taken_cells.append(cell)
+            rep.cells.append(cell)
 
         def flush() -> None:
             left = respond(ready, rec) if respond is not None else ready
@@ -604,11 +711,17 @@ class ModelInstance:
                 flush()
 
         if self.batching is not None:
-            self._serve_batched(done, flush, rec)
+            self._serve_batched(done, flush, rec, rep)
             return
+        multi = self._multi
         while True:
             batch = get()
-            if batch is _STOP or batch is _RETIRE:
+            if type(batch) is not list:  # a marker
+                if batch is _WAKE and not rep.down:
+                    continue
+                return
+            if multi and rep.down:  # its device faulted: the request goes back to the others
+                q.put(batch)
                 return
             n = self._workers
             if n > 1 and len(batch) > 1:  # leave the others their share (one list would pin it all here)
@@ -617,11 +730,11 @@ class ModelInstance:
                 batch = batch[:keep]
             if rec is not None:
                 rec.dequeued(len(batch))
-            run(batch, done)
+            run(batch, done, rep)
             if ready:
                 flush()
 
-    def _serve_batched(self, done, flush, rec) -> None:
+    def _serve_batched(self, done, flush, rec, rep: _Replica) -> None:
         """The worker loop of a batching model: requests go into a Batcher (docs/scheduler.md), which
         says when a batch is due; each batch is one model call, its outputs split back per request.
         After unload() the requests already queued still run (their delay is not cut short)."""
@@ -630,16 +743,28 @@ class ModelInstance:
         q = self._q
         cell = self._tls.cell
         monotonic = time.monotonic
-        stopping = False
+        multi = self._multi
+        stopping = faulted = False
         wait = None
         while True:
-            try:
-                items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
-            except queue.Empty:
+            if faulted:  # take nothing more: run what the batcher holds, on a serving copy
                 items = None
+                if wait:
+                    time.sleep(wait)
+            else:
+                try:
+                    items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
+                except queue.Empty:
+                    items = None
             while items is not None:
-                if items is _STOP or items is _RETIRE:
-                    stopping = True
+                if type(items) is not list:  # a marker
+                    if items is not _WAKE:
+                        stopping = True
+                    elif rep.down:
+                        faulted = True
+                elif multi and rep.down:
+                    q.put(items)  # its device faulted: the requests go back to the others
+                    faulted = True
                 else:
                     now = monotonic()
                     if rec is not None:
@@ -651,10 +776,21 @@ class ModelInstance:
                             r.error = exc
                             cell[0] += 1
                             done(r)
+                if faulted:
+                    break
                 try:
                     items = q.get_nowait()
                 except queue.Empty:
                     items = None
+            if faulted and rep.down:
+                live = self._live()
+                if live is not None:
+                    rep = live
+                    cell = [0]  # what runs from now on counts for the serving copy
+                    with self._workers_lock:
+                        self._taken_cells.append(cell)
+                        rep.cells.append(cell)
+                stopping = True
             while True:
                 batch, expired, wait = b.next(monotonic())
                 for r in expired:
@@ -665,31 +801,31 @@ class ModelInstance:
                 if batch is None:
                     break
                 cell[0] += len(batch.requests)
-                self._run_batch(batch, b, done, rec)
+                self._run_batch(batch, b, done, rec, rep)
                 flush()
             flush()
             if stopping and not len(b):
                 return
 
-    def _run_batch(self, batch, b: Batcher, done, rec) -> None:
+    def _run_batch(self, batch, b: Batcher, done, rec, rep: _Replica) -> None:
         reqs = batch.requests
         t_run = time.perf_counter_ns()
         err = None
         try:
-            module = self.model.module
+            module = rep.module
             if module is None:
                 raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
             buckets = self.batching.buckets
             args = assemble(batch, self._in_names, buckets)
-            if not self._on_host:
-                args = [a.to(self.torch_device, non_blocking=True) for a in args]
+            if not rep.on_host:
+                args = [a.to(rep.torch_device, non_blocking=True) for a in args]
             try:
                 outs = self._outputs_of(module(*args))
             except Exception as exc:
                 if not (_is_oom(exc) and self._make_room()):
                     raise
                 outs = self._outputs_of(module(*args))  # once more, after the server freed memory
-            if not self._on_host:
+            if not rep.on_host:
                 outs = _to_host(outs)
             results = split(outs, batch, self._out_names, buckets)
         except (errors.ModelError, wire.InvalidInput) as exc:
@@ -714,10 +850,13 @@ class ModelInstance:
                 r.result = out
             done(r)
 
-    def run(self, requests: list[Request], done: Callable[[Request], None] | None = None) -> None:
+    def run(self, requests: list[Request], done: Callable[[Request], None] | None = None,
+            rep: _Replica | None = None) -> None:
         """Run a batch of requests (in the worker thread), setting each one's `result` or `error`;
         `done(request)` is called as each finishes.  Each request runs alone (batching models use
-        `_serve_batched`)."""
+        `_serve_batched`).  ``rep``: the copy that runs them (default: the first)."""
+        if rep is None:
+            rep = self._replicas[0]
         monotonic = time.monotonic
         perf_ns = time.perf_counter_ns
         rec = getattr(self._tls, "rec", None)
@@ -729,7 +868,7 @@ class ModelInstance:
         for req in requests:
             cell[0] += 1  # started: no longer queued (the depth QUEUE_FULL and elastic scaling read)
             req.t_run = perf_ns()
-            self._run_request(req, monotonic())
+            self._run_request(req, monotonic(), rep)
             req.t_done = perf_ns()
             if rec is not None and req.result is not None:
                 sizes = rec.batches  # rec.batch(1), inlined: this is the per-request path
@@ -737,7 +876,7 @@ class ModelInstance:
             if done is not None:
                 done(req)
 
-    def _run_request(self, req: Request, now: float) -> None:
+    def _run_request(self, req: Request, now: float, rep: _Replica) -> None:
         if req.owner is not None and getattr(req.owner, "closed", False):
             req.error = wire.Unavailable("the request's connection closed before it ran")
             return  # nobody would read the result: do not run it
@@ -748,11 +887,11 @@ class ModelInstance:
             return
         try:
             try:
-                req.result = self._run_one(req)
+                req.result = self._run_one(req, rep)
             except Exception as exc:
                 if not (_is_oom(exc) and self._make_room()):
                     raise
-                req.result = self._run_one(req)  # once more, after the server freed memory
+                req.result = self._run_one(req, rep)  # once more, after the server freed memory
         except (errors.ModelError, wire.InvalidInput) as exc:
             # a hook that refuses a request with wire.InvalidInput answers INVALID_INPUT (the client's
             # mistake); anything else a model raises is MODEL_ERROR naming the model
@@ -774,7 +913,7 @@ class ModelInstance:
             log.exception("tinyserve: making room after an out-of-memory error failed")
             return False
 
-    def _run_one(self, req: Request) -> dict:
+    def _run_one(self, req: Request, rep: _Replica) -> dict:
         if self._pre is not None:
             # torch tensors viewing the request frame (no copy); a list of bytes for `bytes`
             tensors = self._pre({name: to_array(*t, torch=True) for name, t in req.inputs.items()})
@@ -788,13 +927,13 @@ class ModelInstance:
         else:
             inputs = req.inputs
             args = [to_array(*inputs[n], torch=True) for n in self._in_names]
-        module = self.model.module
+        module = rep.module
         if module is None:
             raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
-        if not self._on_host:
-            args = [a.to(self.torch_device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
+        if not rep.on_host:
+            args = [a.to(rep.torch_device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
         outputs = self._outputs_of(module(*args))
-        if not self._on_host:
+        if not rep.on_host:
             outputs = _to_host(outputs)
         if self._post is not None:
             outputs = self._post(outputs)

@@ -42,6 +42,8 @@ from pathlib import PurePath
 from tinyserve import __version__, errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
                               log_event, make_registry, on_loop)
+from tinyserve import memory
+from tinyserve.config import parse_devices
 from tinyserve.memory import ElasticController, Footprint, Placement
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
@@ -129,10 +131,12 @@ class ServerConfig:
     model_control: str = "explicit"  # explicit: load/unload ops only; poll: follow the repository
     poll_interval_s: float = 10.0
     version_policies: dict = field(default_factory=dict)  # name -> "latest: N" | "specific: [..]" | "all"
-    # memory-aware placement (docs/scheduler.md section 4): with a CPU budget, a request for a model
-    # version that is not loaded loads it on demand, evicting idle ones least-recently-used first
-    memory_budget: int | None = None
-    device: str = "cpu"  # where models run: cpu, cuda:N, or auto (cuda:0 when torch sees a GPU, else cpu)
+    # memory-aware placement (docs/scheduler.md section 4): with a budget, or on a GPU, a request for
+    # a model version that is not loaded loads it on demand, evicting idle ones least-recently-used
+    # first.  One size for every device in use, or {device: bytes} (a GPU without one: its probed size)
+    memory_budget: int | dict | None = None
+    # where models run: cpu, cuda:N, a comma list (cuda:0,cuda:1), or auto (every GPU torch sees, else cpu)
+    device: str = "cpu"
     instances: int = 1  # worker threads per loaded version (a model's placement.min_instances wins)
     statistics: bool = True  # per-request statistics and the ejection policy's bookkeeping (off: for A/B cost runs)
 
@@ -188,12 +192,16 @@ class ServerConfig:
             raise errors.ConfigError("storage must be a dict of S3 options")
         if self.cache_bytes is not None:
             _positive_int("cache_bytes", self.cache_bytes, 1 << 60)
-        if self.memory_budget is not None:
+        if isinstance(self.memory_budget, dict):
+            for dev, n in self.memory_budget.items():
+                if not isinstance(dev, str) or not re.fullmatch(r"cpu|cuda:\d{1,4}", dev):
+                    raise errors.ConfigError(f"memory_budget: {dev!r} is not a device (cpu or cuda:N)")
+                _positive_int(f"memory_budget[{dev}]", n, 1 << 60)
+            object.__setattr__(self, "memory_budget", dict(self.memory_budget))
+        elif self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget, 1 << 60)
         _positive_int("instances", self.instances, 256)
-        dev = self.device
-        if not isinstance(dev, str) or not (dev in ("cpu", "auto") or re.fullmatch(r"cuda:\d{1,4}", dev)):
-            raise errors.ConfigError(f"device must be cpu, auto or cuda:N, got {dev!r}")
+        parse_devices(self.device, "device")  # ConfigError naming what is wrong
         pinned = self.pinned
         if isinstance(pinned, str):
             pinned = (pinned,)
@@ -298,15 +306,37 @@ class Stats:
         return out
 
 
-def _pick_device(name: str) -> str:
-    """ServerConfig.device -> a torch device string (auto: cuda:0 where torch sees a GPU, else cpu)."""
-    import torch
+def _pick_devices(text: str) -> list[str]:
+    """ServerConfig.device -> the device names in use (auto: every GPU torch sees, else cpu), each
+    checked against what torch sees (memory.resolver, the seam tests replace)."""
+    names = parse_devices(text, "--device")
+    res = memory.resolver
+    if names == ("auto",):
+        n = res.gpu_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    for d in names:
+        try:
+            res.check(d, "--device")
+        except ValueError as exc:
+            raise errors.ConfigError(str(exc)) from None
+    return list(names)
 
-    if name == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise errors.ConfigError(f"device {name}: torch sees no CUDA device here (use cpu or auto)")
-    return name
+
+def _budgets(devices: list[str], given: int | dict | None) -> dict:
+    """The budget of each device in use: --memory-budget's (one size for all, or per device), else
+    the probe's (cpu: MemTotal minus a reserve; GPU: NVML's total minus a reserve, or torch's)."""
+    explicit = dict(given) if isinstance(given, dict) else {d: given for d in devices} if given is not None else {}
+    extra = [d for d in explicit if d not in devices]
+    if extra:
+        raise errors.ConfigError(f"--memory-budget names {', '.join(extra)}, which the server does not use "
+                                 f"(--device: {', '.join(devices)})")
+    out = {}
+    for d in devices:
+        try:
+            out[d] = memory.resolver.budget(d, explicit.get(d))
+        except ValueError as exc:
+            raise errors.ConfigError(str(exc)) from None
+    return out
 
 
 _PARK = object()  # _instance_for: the request waits for an on-demand load
@@ -389,7 +419,11 @@ class Server:
                         if config.model_control == "poll" else None)
         self._poll_task: asyncio.Task | None = None
         self._bg_tasks: set[asyncio.Task] = set()  # listing refreshes after remote loads
-        self.placement = Placement({"cpu": config.memory_budget}) if config.memory_budget is not None else None
+        self._devices = _pick_devices(config.device)  # the devices in use ("cpu", "cuda:N")
+        self._device = self._devices[0]
+        # placement is on with a budget, or whenever a GPU is used (each device has a budget)
+        self.placement = (Placement(_budgets(self._devices, config.memory_budget))
+                          if config.memory_budget is not None or any(d != "cpu" for d in self._devices) else None)
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
         self._batch_caps: dict[str, int] = {}  # placement key -> the batch size its memory plan allows
@@ -421,7 +455,6 @@ class Server:
         self.policy = EjectionPolicy(config.ejection)  # guarded by _policy_lock (workers record into it)
         self.clock = _monotonic  # the ejection policy's and the health report's clock (tests inject one)
         self._statistics = config.statistics
-        self._device = _pick_device(config.device)
         self._policy_lock = threading.Lock()
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
@@ -447,7 +480,7 @@ class Server:
             self.monitor.start()
             if self._remote:
                 await self._refresh_listing()
-            futs = [self._load(name, version) for name, version in self._startup]
+            futs = [self._load(name, version) for name, version in self._startup + self._static_models()]
             if futs:
                 results = await asyncio.gather(*futs, return_exceptions=True)
                 failed = [r for r in results if isinstance(r, BaseException)]
@@ -488,6 +521,25 @@ class Server:
         gc.freeze()
         self.started_at = time.time()
         self._ready = True
+
+    def _static_models(self) -> tuple:
+        """(name, version) of the local repository's models whose latest version's placement.mode is
+        static (placed on their devices at start, never evicted), less those already listed."""
+        if self._remote:
+            return ()
+        out = []
+        listed = {n for n, _ in self._startup}
+        for name in self.repo.models():
+            if name in listed:
+                continue
+            try:
+                path = self.repo.resolve(name)
+                cfg = load_config_dir(path)
+            except (errors.TinyserveError, OSError):  # a broken model: reported when it is asked for
+                continue
+            if cfg.placement is not None and cfg.placement.mode == "static":
+                out.append((name, int(path.name)))
+        return tuple(out)
 
     @property
     def port(self) -> int:
@@ -791,19 +843,38 @@ class Server:
         self._submit_pending()
         self._flusher.flush()
 
-    def _placement_plan(self, name: str, version: int, path, cfg) -> tuple[str, list]:
-        """Reserve room for (name, version): returns its placement key and the instances to evict
-        first (RESOURCE_EXHAUSTED when it cannot fit, UNAVAILABLE when room frees only later)."""
+    def _candidates(self, name: str, cfg) -> tuple[list[str], int | None]:
+        """The devices a version may occupy and how many of them (None: all, a static placement):
+        placement.devices (auto: every device in use), and one per worker up to that many."""
+        place = cfg.placement if cfg is not None else None
+        devs = place.devices if place is not None else ("auto",)
+        if devs == ("auto",):
+            cands = list(self._devices)
+        else:
+            missing = [d for d in devs if d not in self._devices]
+            if missing:
+                raise errors.ConfigError(f"model {name!r}: placement.devices names {', '.join(missing)}, which this "
+                                         f"server does not use (--device: {', '.join(self._devices)})")
+            cands = list(devs)
+        if place is not None and place.mode == "static":
+            return cands, None
+        return cands, place.min_instances if place is not None else self.config.instances
+
+    def _placement_plan(self, name: str, version: int, path, cfg) -> tuple[str, list, list]:
+        """Reserve room for (name, version): returns its placement key, the instances to evict first
+        and the devices it goes on (RESOURCE_EXHAUSTED when it cannot fit, UNAVAILABLE when room
+        frees only later)."""
         pl = self.placement
         key = f"{name}:{version}"
         if not pl.registered(key):
+            cands, count = self._candidates(name, cfg)
             decoded, mapped = _weights_bytes(path, cfg)
             place = cfg.placement
             pinned = ((name, None) in self.config.pinned or (name, version) in self.config.pinned
                       or (place is not None and (place.pinned or place.mode == "static")))
             max_batch = cfg.batching.max_batch_size if cfg.batching is not None else 1
             pl.register(key, Footprint(weight_bytes=decoded, mapped={str(path): mapped} if mapped else {}),
-                        "cpu", pinned=pinned, max_batch=max_batch)
+                        cands, pinned=pinned, max_batch=max_batch, count=count)
         now = _monotonic()
         for (n, v), i in self._instances.items():
             pl.touch(f"{n}:{v}", i.last_used)
@@ -825,7 +896,7 @@ class Server:
             inst.unload()
             self._update_route(inst.name)  # new requests for it wait for the eviction, then reload it
         self._batch_caps[key] = plan.max_batch
-        return key, victims
+        return key, victims, plan.devices
 
     def _start(self, name: str, version: int, path, weights: dict | None = None) -> asyncio.Future:
         key = (name, version)
@@ -840,13 +911,16 @@ class Server:
             cfg = load_config_dir(path)
         except (errors.TinyserveError, OSError):  # the worker's load reports it
             cfg = None
-        pkey, victims = (self._placement_plan(name, version, path, cfg) if self.placement is not None and cfg is not None
-                         else (None, []))
+        if self.placement is not None and cfg is not None:
+            pkey, victims, devices = self._placement_plan(name, version, path, cfg)
+        else:  # no placement: the CPU only
+            cands, count = self._candidates(name, cfg) if cfg is not None else ([self._device], 1)
+            pkey, victims, devices = None, [], cands if count is None else cands[:count]
         place = cfg.placement if cfg is not None else None
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
                              finish=self._finish, respond=self._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
-                             device=self._device, weights=weights,
+                             device=devices[0], devices=devices, weights=weights,
                              workers=place.min_instances if place is not None else self.config.instances)
         inst.metrics = self.metrics.model(name, version)
         inst.loop_rec = inst.metrics.recorder()  # this (the loop's) thread's recorder
@@ -929,7 +1003,7 @@ class Server:
                 if self.placement.state(pkey) == "loading":
                     self.placement.loaded(pkey, _monotonic())
                 # the measured footprint may exceed the estimate the load was planned with
-                for victim in self.placement.shed("cpu", keep=pkey):
+                for victim in [v for d in self.placement.devices_of(pkey) for v in self.placement.shed(d, keep=pkey)]:
                     n, _, v = victim.rpartition(":")
                     other = self._instances.get((n, int(v)))
                     if other is not None and other.state in (READY, LOADING):
@@ -1335,14 +1409,27 @@ class Server:
         bad = {r.device: r.reason for r in readings if not r.healthy}
         now = self.clock()
         for key, inst in list(self._instances.items()):
-            reason = bad.get(inst.device)
-            if reason is None or inst.state != READY:
+            if inst.state != READY:
                 continue
+            live = [(d["device"], memory.health_name(d["device"])) for d in inst.device_stats() if d["state"] == "SERVING"]
+            hit = [(d, h) for d, h in live if h in bad]
+            if not hit:
+                continue
+            if len(hit) < len(live):  # a version on several devices: the others keep serving
+                for d, h in hit:
+                    if inst.stop_device(d, f"device {h}: {bad[h]}"):
+                        log_event("device_fault", device=h, model=inst.name, version=inst.version, reason=bad[h],
+                                  action="stopped the workers of that device; the others serve")
+                        if inst.placement_key is not None:
+                            self.placement.drop_device(inst.placement_key, d)
+                continue
+            dev = hit[0][1]
+            reason = bad[dev]
             with self._policy_lock:
                 already = self.policy.state(key) == "FAILED"
-                t = None if already else self.policy.mark_failed(key, f"device {inst.device}: {reason}", now)
+                t = None if already else self.policy.mark_failed(key, f"device {dev}: {reason}", now)
             if t is not None:
-                log_event("device_fault", device=inst.device, model=inst.name, version=inst.version, reason=reason)
+                log_event("device_fault", device=dev, model=inst.name, version=inst.version, reason=reason)
                 self._transition(t)
 
     def _deliver(self, batch: list) -> None:
@@ -1443,8 +1530,20 @@ class Server:
         if inst.placement_key is not None:  # memory placement: what it holds against the budget
             m = self.placement.to_dict()["models"].get(inst.placement_key, {})
             out.update(device=m.get("device", "cpu"), reserved=m.get("reserved", 0), loads=m.get("loads", 0),
-                       evictions=m.get("evictions", 0), max_batch=m.get("max_batch", 0))
+                       evictions=m.get("evictions", 0), max_batch=m.get("max_batch", 0),
+                       reserved_by_device=m.get("reserved_by_device", {}))
+        if inst.placement_key is not None or len(inst.devices) > 1:
+            out.update(devices=list(inst.devices), per_device=inst.device_stats())
         return out
+
+    def _add_devices(self, models: dict) -> None:
+        """stats: each loaded version on several devices, or under placement, gets `per_device`."""
+        for (n, v), inst in list(self._instances.items()):
+            if inst.placement_key is None and len(inst.devices) < 2:
+                continue
+            for entry in models.get(n, {}).get("versions", ()):
+                if entry.get("version") == v:
+                    entry["per_device"] = inst.device_stats()
 
     def _op_metadata(self, conn, rid, h, payload) -> None:
         name, version = self._name_field(h, "metadata"), self._version_field(h, "metadata")
@@ -1494,8 +1593,10 @@ class Server:
                 one = {"requests": 0, "errors": {}, "latency_us": Histogram().percentiles()}
             reply = dict(one)
             reply["models"] = {name: one}
+            self._add_devices(reply["models"])
         else:
             models = self.metrics.to_dict()["models"]
+            self._add_devices(models)
             st = self.stats
             errs = dict(st.errors)
             requests = st.requests
