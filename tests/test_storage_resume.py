@@ -519,3 +519,44 @@ def test_a_weights_file_read_through_resumes_equals_the_local_load(weed, proxy_f
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
     assert st.resumes.resumed_parts == 4
+
+
+def test_resume_property_any_breaks_within_the_attempts():
+    """For any range and any run of breaks (clean short bodies or errors), fewer than the attempts:
+    the bytes are right and each request starts at the first byte not yet received; as many breaks
+    as attempts: a StorageUnavailableError counting them."""
+    from hypothesis import given
+    from hypothesis import strategies as hs
+
+    data = os.urandom(3_000)
+
+    @given(offset=hs.integers(0, 2_999), want=hs.integers(1, 3_000), attempts=hs.integers(1, 5),
+           breaks=hs.lists(hs.tuples(hs.integers(0, 3_000), hs.booleans()), max_size=5))
+    def check(offset, want, attempts, breaks):
+        want = min(want, len(data) - offset)
+        script = [(stop, ConnectionResetError("reset") if err else None) for stop, err in breaks]
+        fake = _Client(data, script + ["ok"] * 6)
+        sleeps = Sleeps()
+        st = S3Storage("bucket", client=fake, part_attempts=attempts, sleep=sleeps)
+        buf = bytearray(want)
+        expect_start, failures = offset, 0
+        for stop, _ in script:
+            if stop >= offset + want - expect_start:  # the body delivered the whole rest: no break
+                break
+            expect_start += stop
+            failures += 1
+            if failures == attempts:
+                break
+        if failures >= attempts:
+            with pytest.raises(StorageUnavailableError, match=rf"gave up after {attempts} attempt"):
+                st.read_into("k", offset, memoryview(buf))
+            assert len(fake.calls) == attempts
+            return
+        st.read_into("k", offset, memoryview(buf))
+        assert buf == data[offset:offset + want]
+        starts = [a for a, _, _ in fake.calls]
+        assert starts[-1] == expect_start and all(b == offset + want for _, b, _ in fake.calls)
+        assert starts == sorted(starts) and len(starts) == failures + 1
+        assert sleeps == [min(1.0, 0.05 * 2 ** i) for i in range(failures)]
+
+    check()

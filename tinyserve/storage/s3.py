@@ -282,7 +282,7 @@ class S3Storage(Storage):
         except Exception as e:  # noqa: BLE001
             mapped = self._map(e, key)
             if isinstance(mapped, StorageUnavailableError):
-                raise _Broken(0, str(mapped), etag) from None
+                raise _Broken(0, str(mapped).removeprefix(f"{where}: "), etag) from None
             if etag is not None and isinstance(mapped, VersionExistsError):  # 412 on If-Match
                 raise StorageError(f"{where}: the object changed while it was being read (its ETag is no "
                                    f"longer {etag}); not resumed") from None
@@ -305,12 +305,12 @@ class S3Storage(Storage):
             except _BodyError as b:
                 mapped = self._map(b.cause, key)
                 if isinstance(mapped, StorageUnavailableError) or isinstance(b.cause, OSError):
-                    raise _Broken(b.got, str(mapped), etag) from None
+                    raise _Broken(b.got, str(mapped).removeprefix(f"{where}: "), etag) from None
                 raise mapped from None
         finally:
             body.close()
         if length is not None and n < min(int(length), want):
-            raise _Broken(n, f"{where}: bytes [{start}, {start + want}): the body ended after {n} of its "
+            raise _Broken(n, f"bytes [{start}, {start + want}): the body ended after {n} of its "
                              f"{length} bytes", etag)
         return n, etag
 
