@@ -387,3 +387,67 @@ def test_a_fault_on_one_device_leaves_the_other_copy_serving(gpus, drepo, name):
             error_of(_raw_infer(c, name), "UNAVAILABLE", "gpu0", "xid 79")
     finally:
         s.stop()
+
+
+# --- the placement state machine over several devices (pure accounting) ------------------------------
+def _pl(**budgets):
+    return memory.Placement({d.replace("_", ":"): b * MB for d, b in budgets.items()})
+
+
+def test_plan_chooses_the_freest_devices_ties_to_the_first_listed():
+    pl = _pl(cuda_0=100, cuda_1=100, cuda_2=100)
+    devs = ["cuda:0", "cuda:1", "cuda:2"]
+    pl.register("a", memory.Footprint(30 * MB), devs, count=1)
+    pl.register("b", memory.Footprint(20 * MB), devs, count=2)
+    pl.register("c", memory.Footprint(10 * MB), devs, count=5)  # more than there are: all three
+    assert pl.request("a", 1).devices == ["cuda:0"]  # all equal: the first listed
+    plan = pl.request("b", 2)
+    assert plan.devices == ["cuda:1", "cuda:2"] and plan.reserved == 40 * MB
+    assert pl.request("c", 3).devices == ["cuda:1", "cuda:2", "cuda:0"]  # all three, the freest first
+    assert [pl.free(d) for d in devs] == [60 * MB, 70 * MB, 70 * MB]
+    d = pl.to_dict()["models"]["b"]
+    assert d["reserved_by_device"] == {"cuda:1": 20 * MB, "cuda:2": 20 * MB} and d["device"] == "cuda:1"
+
+
+def test_plan_evicts_on_the_device_that_needs_room_and_a_victim_frees_all_its_devices():
+    pl = _pl(cuda_0=100, cuda_1=100)
+    both = ["cuda:0", "cuda:1"]
+    pl.register("wide", memory.Footprint(60 * MB), both, count=2)
+    pl.register("left", memory.Footprint(30 * MB), ["cuda:0"])
+    pl.register("right", memory.Footprint(30 * MB), ["cuda:1"])
+    pl.register("new", memory.Footprint(50 * MB), ["cuda:0"])
+    for t, n in enumerate(["left", "wide", "right"]):
+        pl.request(n, t)
+        pl.loaded(n, t)
+    plan = pl.request("new", 10)  # cuda:0 has 10 free: left (least recently used there) goes first
+    assert plan.evict == ["left", "wide"] and plan.devices == ["cuda:0"]
+    assert pl.state("right") == "resident" and pl.used("cuda:1") == 30 * MB  # wide left cuda:1 too
+    with pytest.raises(memory.ResourceExhausted, match=r"'huge' needs .* on cuda:0 .*; and .* on cuda:1"):
+        pl.register("huge", memory.Footprint(200 * MB), both, count=1)
+        pl.request("huge", 11)
+
+
+def test_fixed_placement_takes_every_device_or_waits_or_is_refused():
+    pl = _pl(cuda_0=100, cuda_1=50)
+    pl.register("busy", memory.Footprint(40 * MB), ["cuda:1"])
+    pl.request("busy", 0)
+    pl.loaded("busy", 0)
+    pl.begin("busy", 0)
+    pl.register("st", memory.Footprint(20 * MB), ["cuda:0", "cuda:1"], pinned=True)
+    plan = pl.request("st", 1)
+    assert plan.action == "blocked" and "cuda:1" in plan.reason  # busy holds cuda:1
+    pl.end("busy", 2)
+    plan = pl.request("st", 3)
+    assert plan.action == "load" and plan.devices == ["cuda:0", "cuda:1"] and plan.evict == ["busy"]
+    pl.register("too_big", memory.Footprint(60 * MB), ["cuda:0", "cuda:1"])
+    with pytest.raises(memory.ResourceExhausted) as ei:
+        pl.request("too_big", 4)
+    assert "cuda:1" in str(ei.value) and "cuda:0" not in str(ei.value)  # only the device it misses
+    # a fault drops one device of a model on several; never its last one
+    pl.loaded("st", 5)
+    assert pl.drop_device("st", "cuda:1") and pl.devices_of("st") == ["cuda:0"] and pl.used("cuda:1") == 0
+    assert not pl.drop_device("st", "cuda:0")
+    with pytest.raises(ValueError, match="repeat"):
+        pl.register("dup", memory.Footprint(1), ["cuda:0", "cuda:0"])
+    with pytest.raises(ValueError, match="'cuda:7' has no budget"):
+        pl.register("nowhere", memory.Footprint(1), ["cuda:7"])

@@ -251,7 +251,7 @@ class _Model:
     def __init__(self, name, fp, candidates, want, pinned, max_batch) -> None:
         self.name, self.fp, self.pinned, self.max_batch = name, fp, pinned, max_batch
         self.candidates = candidates  # devices it may occupy, in preference order for ties
-        self.want = want  # how many of them it occupies (len(candidates): all, a fixed placement)
+        self.want = want  # how many of them it occupies (-len(candidates): all of them, a fixed placement)
         self.state = "absent"  # absent -> loading -> resident -> absent
         self.res: dict[str, int] = {}  # device -> bytes reserved there (loading / resident only)
         self.devices: tuple = ()  # the devices it occupies (loading / resident only)
@@ -298,10 +298,8 @@ class Placement:
             raise ValueError(f"model {name!r} is already registered")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ValueError(f"model {name!r}: device count {count!r} must be an integer >= 1")
-        want = len(cands) if count is None else min(count, len(cands))
-        m = _Model(name, footprint, cands, want, pinned, max(1, int(max_batch)))
-        m.want = want if count is not None else -len(cands)  # negative: fixed, every candidate
-        self._models[name] = m
+        want = -len(cands) if count is None else min(count, len(cands))  # negative: fixed, every candidate
+        self._models[name] = _Model(name, footprint, cands, want, pinned, max(1, int(max_batch)))
 
     def used(self, device: str) -> int:
         return sum(m.res.get(device, 0) for m in self._models.values())
