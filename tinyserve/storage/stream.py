@@ -367,7 +367,7 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
             else:
                 buf = getattr(buffers, "buf", None)
                 if buf is None:
-                    buf = buffers.buf = memoryview(bytearray(biggest))
+                    buf = buffers.buf = memoryview(np.empty(biggest, dtype=np.uint8))  # not zero-filled
                 view = buf[:hi - lo]
             storage.read_into(key, lo, view)
             if keep is None:
