@@ -174,7 +174,7 @@ def test_a_failed_deferred_write_leaves_nothing_and_the_next_load_refetches(s3, 
     view, tensors = r.load_weights("w", 1)
     assert all(torch.equal(tensors[k], sd[k]) for k in sd)  # the tensors stay valid
     assert r.wait_written("w", 1) is False
-    assert r.wait_committed("w", 1) is None
+    assert r.wait_committed("w", 1) is None and r.wait_written("w", 1) is False  # still known as failed
     assert len(r.commit_errors) == 1 and "No space left" in r.commit_errors[0]
     assert r.cache.entries() == [] and list((r.cache.root / "staging").iterdir()) == []
     assert leftovers(r.cache.root) == [] and not view.exists()  # the staging directory is gone
@@ -184,6 +184,7 @@ def test_a_failed_deferred_write_leaves_nothing_and_the_next_load_refetches(s3, 
     view2, tensors2 = r.load_weights("w", 1)  # fetched again
     path = r.wait_committed("w", 1)
     assert ctl.calls > calls and path == view2.resolve() and r.cache.check_entry(path.parent) is None
+    assert r.wait_written("w", 1) is True
     assert all(torch.equal(tensors2[k], sd[k]) for k in sd)
     assert (path / "weights.tsw").read_bytes() == (src / "weights.tsw").read_bytes()
     r.close()

@@ -185,9 +185,10 @@ class RemoteRepository:
         return check
 
     def wait_written(self, name: str, version: int, timeout: float | None = None) -> bool:
-        """Wait for the deferred write of a cold load's weights file: True once the file is complete
-        in the version directory (the view path, then the committed entry), or when no write is
-        pending; False when it failed (then the commit fails too and the next load fetches again)."""
+        """Wait for the deferred write of the last cold load's weights file: True once the file is
+        complete in the version directory (the view path, then the committed entry), or when no
+        write is known (a cached version, or after ``release``); False when it failed (then the
+        commit fails too and the next load fetches again)."""
         with self._lock:
             w = self._writes.get((name, version))
         if w is None:
@@ -231,7 +232,6 @@ class RemoteRepository:
             if self._pending.get(key) is not pending:  # another thread settled it and adopted the pin
                 return
             del self._pending[key]
-            self._writes.pop(key, None)
             old = self._pins.pop(key, None)
             if pin is not None:
                 self._pins[key] = pin
@@ -289,7 +289,7 @@ class RemoteRepository:
                     with self._lock:
                         self._pending[key] = got
                         if box.get("write") is not None:
-                            self._writes[key] = box["write"]
+                            self._writes[key] = box["write"]  # (replaces a failed earlier one)
                         self._views.setdefault(key, []).append(view_fd)
                     return Path(f"/proc/self/fd/{view_fd}/data"), tensors
                 if view_fd is not None:
@@ -384,6 +384,7 @@ class RemoteRepository:
         self._settle((name, version))
         self.release_view(name, version)
         with self._lock:
+            self._writes.pop((name, version), None)
             pin = self._pins.pop((name, version), None)
         if pin is not None:
             pin.close()
@@ -397,6 +398,7 @@ class RemoteRepository:
         with self._lock:
             pins, self._pins = list(self._pins.values()), {}
             views, self._views = [fd for fds in self._views.values() for fd in fds], {}
+            self._writes = {}
         for p in pins:
             p.close()
         for fd in views:
