@@ -229,7 +229,7 @@ def _to_host(outputs: dict) -> dict:
 
 # --- the model instance ------------------------------------------------------------------------------
 class _Marker:
-    """A control item on the queue (requests travel as lists, so one type test tells them apart)."""
+    """A control item on the queue (one type test tells it from a hand-off of requests)."""
 
     __slots__ = ("what",)
 
@@ -716,7 +716,7 @@ class ModelInstance:
         multi = self._multi
         while True:
             batch = get()
-            if type(batch) is not list:  # a marker
+            if type(batch) is _Marker:
                 if batch is _WAKE and not rep.down:
                     continue
                 return
@@ -757,7 +757,7 @@ class ModelInstance:
                 except queue.Empty:
                     items = None
             while items is not None:
-                if type(items) is not list:  # a marker
+                if type(items) is _Marker:
                     if items is not _WAKE:
                         stopping = True
                     elif rep.down:

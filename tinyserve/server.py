@@ -960,7 +960,8 @@ class Server:
         for key, other in list(self._instances.items()):
             pkey = other.placement_key
             if (other is inst or other.state is not READY or pkey is None or other.submitted != other.taken
-                    or self.placement.to_dict()["models"].get(pkey, {}).get("pinned")):
+                    or self.placement.to_dict()["models"].get(pkey, {}).get("pinned")
+                    or not set(other.devices) & set(inst.devices)):  # frees nothing where inst runs
                 continue
             victims.append(other)
         victims.sort(key=lambda i: i.last_used)
@@ -1020,7 +1021,7 @@ class Server:
         if exc is None:
             ms.set_resident(inst.nbytes)
             log_event("load", model=inst.name, version=inst.version, seconds=round(inst.load_s, 6),
-                      bytes=inst.nbytes, device=inst.device)
+                      bytes=inst.nbytes, device=inst.device, devices=inst.devices)
         else:
             log_event("load_failed", model=inst.name, version=inst.version, reason=str(exc))
         self._update_route(inst.name)
