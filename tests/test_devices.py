@@ -254,7 +254,7 @@ def test_explicit_budgets_per_device_and_for_every_device(gpus, drepo):
         s.stop()
 
 
-def test_server_refuses_bad_devices_and_budgets(gpus, drepo):
+def test_server_refuses_bad_devices_and_budgets(gpus, drepo, monkeypatch):
     with pytest.raises(errors.ConfigError, match=r"--memory-budget names cuda:1.*--device: cuda:0"):
         Server(ServerConfig(repo=drepo, device="cuda:0", memory_budget={"cuda:1": MB}))
     with pytest.raises(errors.ConfigError, match=r"--device: device cuda:2: torch sees 2 CUDA device\(s\).*cuda:0..cuda:1"):
@@ -266,8 +266,8 @@ def test_server_refuses_bad_devices_and_budgets(gpus, drepo):
     def no_torch(i):
         raise RuntimeError("no CUDA")
 
-    memory.resolver = memory.DeviceResolver(gpus=1, torch_devices={"cuda:0": "cpu"}, nvml_total=broken,
-                                            torch_mem_get_info=no_torch)
+    monkeypatch.setattr(memory, "resolver", memory.DeviceResolver(gpus=1, torch_devices={"cuda:0": "cpu"},
+                                                                  nvml_total=broken, torch_mem_get_info=no_torch))
     with pytest.raises(errors.ConfigError, match=r"no memory size for cuda:0 \(nvml: RuntimeError: NVML.*torch: "
                                                  r"RuntimeError: no CUDA\); pass --memory-budget"):
         Server(ServerConfig(repo=drepo, device="cuda:0"))
