@@ -1,11 +1,11 @@
 """Streaming download of objects into local files, with verification as the bytes arrive.
 
-``stream_weights`` fetches a weights file (docs/format.md) with parallel ranged reads into a
-temporary file mapped shared, and as soon as every byte of a chunk has landed it verifies the chunk's
-checksum and, for a compressed tensor, decodes it into the destination tensor, on the download
-thread that completed it, while the other parts are still in flight.  When the last part lands the
-file is fsynced and renamed to its final name; raw tensors are then mapped from it (zero-copy,
-as a local load).  Any failure removes the temporary file: a partial file never gets the final name.
+``stream_weights`` fetches a weights file (docs/format.md) with parallel ranged reads, each range
+into a buffer and written to a temporary file with ``pwrite``; as soon as a range has landed, the
+thread that fetched it verifies its chunks' checksums and, for a compressed tensor, decodes them into
+the destination tensor while the other ranges are still in flight.  When the last range lands the
+file is fsynced and renamed to its final name; raw tensors are then mapped from it (zero-copy, as a
+local load).  Any failure removes the temporary file: a partial file never gets the final name.
 
 With ``defer=True`` the file write leaves the critical path: a part holding only compressed chunks
 keeps its buffer once verified and decoded (up to ``defer_bytes`` held in all; past that a part is
