@@ -451,3 +451,16 @@ def test_fixed_placement_takes_every_device_or_waits_or_is_refused():
         pl.register("dup", memory.Footprint(1), ["cuda:0", "cuda:0"])
     with pytest.raises(ValueError, match="'cuda:7' has no budget"):
         pl.register("nowhere", memory.Footprint(1), ["cuda:7"])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0,cuda:1"])
+def test_unloading_a_batching_version_ends_every_worker(gpus, drepo, device):
+    """Each batching worker takes one stop marker and then nothing more from the queue (a worker that
+    went on reading would swallow the others' markers and the unload would never finish)."""
+    s = ServerThread(ServerConfig(repo=drepo, models=("b",), torch_threads=1, device=device, instances=3), "asyncio")
+    try:
+        _hammer(s.port, "b", clients=3, each=10)
+        assert s.call(s.server.unload("b"), timeout=5) == [1]
+        assert s.run(lambda: s.server._instances) == {}
+    finally:
+        s.stop()

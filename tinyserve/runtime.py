@@ -263,6 +263,27 @@ to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
 
 
+POLL_S = 0.0002  # _get_within's sleep between looks at the queue
+
+
+def _get_within(q: queue.SimpleQueue, wait: float):
+    """The next item of ``q`` within ``wait`` seconds, else None, by polling.  CPython 3.11's
+    ``SimpleQueue.get(timeout=...)`` can block for good when several threads consume the queue: woken
+    by a put whose item another consumer took first, after its deadline, it recomputes a negative
+    timeout, which means "wait forever" (a batching worker then held a partial batch indefinitely:
+    tests/test_devices.py).  A blocking get() without a timeout is not affected."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            pass
+        left = end - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(left, POLL_S))
+
+
 def _release(model: LoadedModel) -> None:
     """Drop every reference the model holds to its weights, now.  A torch.export module is full of
     reference cycles (graph <-> nodes) that only a full garbage collection (about 0.2 s here, holding
@@ -345,6 +366,9 @@ class ModelInstance:
         # least one per device; elastic models add and remove them): the first loads, the others start
         # once it is ready; the last to end releases the model
         self._want_workers = max(len(names), int(workers), 1)
+        # set (for good) before a second worker starts: the queue then has several consumers, and a
+        # batching worker's timed wait polls (_get_within) instead of SimpleQueue.get(timeout=...)
+        self._shared_queue = self._want_workers > 1
         self._workers = 0
         self._workers_lock = threading.Lock()  # guards _workers and _stopping
         self._stopping = False
@@ -435,6 +459,7 @@ class ModelInstance:
             rep = min(live, key=lambda r: (r.workers, r.index))
             self._workers += 1
             rep.workers += 1
+            self._shared_queue = True
         self._spawn(rep)
         return True
 
@@ -744,13 +769,17 @@ class ModelInstance:
         cell = self._tls.cell
         monotonic = time.monotonic
         multi = self._multi
+        # stopping: a stop or retire marker, or a fault of its device: take nothing more from the
+        # queue (the markers behind are the other workers'), run what the batcher holds, end
         stopping = faulted = False
         wait = None
         while True:
-            if faulted:  # take nothing more: run what the batcher holds, on a serving copy
+            if stopping:
                 items = None
                 if wait:
                     time.sleep(wait)
+            elif wait is not None and wait > 0 and self._shared_queue:
+                items = _get_within(q, wait)
             else:
                 try:
                     items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
@@ -761,10 +790,10 @@ class ModelInstance:
                     if items is not _WAKE:
                         stopping = True
                     elif rep.down:
-                        faulted = True
+                        stopping = faulted = True
                 elif multi and rep.down:
                     q.put(items)  # its device faulted: the requests go back to the others
-                    faulted = True
+                    stopping = faulted = True
                 else:
                     now = monotonic()
                     if rec is not None:
@@ -776,13 +805,13 @@ class ModelInstance:
                             r.error = exc
                             cell[0] += 1
                             done(r)
-                if faulted:
+                if stopping:
                     break
                 try:
                     items = q.get_nowait()
                 except queue.Empty:
                     items = None
-            if faulted and rep.down:
+            if faulted and rep.down:  # what the batcher holds runs on a serving copy
                 live = self._live()
                 if live is not None:
                     rep = live
@@ -790,7 +819,6 @@ class ModelInstance:
                     with self._workers_lock:
                         self._taken_cells.append(cell)
                         rep.cells.append(cell)
-                stopping = True
             while True:
                 batch, expired, wait = b.next(monotonic())
                 for r in expired:
