@@ -17,7 +17,10 @@ Requests are accepted only while READY; requests queued before `unload()` still 
 A model whose config has `batching` (and no preprocess / postprocess hooks) runs its requests in
 batches formed by a `tinyserve.batching.Batcher` per worker (`_serve_batched`, docs/scheduler.md);
 the others run each request alone (`run`).  An instance may have several worker threads sharing the
-model and the queue (`workers`, `add_worker`, `remove_worker`); the last to end releases the model.
+queue (`workers`, `add_worker`, `remove_worker`); the last to end releases the model.  It may run on
+several devices (`devices`): one loaded copy per device, the workers assigned to the copies
+round-robin, all taking from the one queue; `stop_device` stops one copy after a device fault and
+`device_stats` reports per device (docs/scheduler.md section 5).
 An allocation failure while running calls the server's `on_oom` hook (evict idle models) and retries
 once.
 
