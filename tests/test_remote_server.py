@@ -141,3 +141,51 @@ def test_storage_going_away_leaves_loaded_models_serving(tmp_path):
         if s is not None:
             s.stop()
         srv.stop()
+
+
+def test_a_cold_load_serves_before_the_cache_commit_then_moves_to_the_entry(weed, tmp_path):
+    """The server starts a remotely loaded version from the staging view (docs/remote.md section 5)
+    without waiting for the cache commit; once the commit is done the instance's path is the committed
+    entry (what a reload after an eviction reads) and the view's descriptor is closed."""
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    storage = weed.storage("view")
+    assert push(storage, local.resolve("mlp", 1), "mlp") == 1
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    cfg = ServerConfig(repo=f"s3://{weed.bucket}/view", cache_dir=str(tmp_path / "cache"), storage=opts,
+                       torch_threads=1)
+    s = ServerThread(cfg, "uvloop")
+    gate, held = threading.Event(), threading.Event()
+
+    def before_commit(staging):
+        held.set()
+        assert gate.wait(60)
+
+    try:
+        repo = s.run(lambda: s.server.repo)
+        repo.cache.before_commit = before_commit
+        entry = repo.cache.entry_path(repo.space, "mlp", 1)
+        with Client(s.port) as c:
+            x = np.full((1, 64), 0.25, np.float32)
+            h = c.call("load", model="mlp", version=1)
+            assert h["ok"], h
+            assert held.wait(30) and not entry.exists()  # the commit is held back: no entry yet
+            inst_path = s.run(lambda: s.server._instances[("mlp", 1)].path)
+            assert str(inst_path).startswith("/proc/self/fd/")  # served from the view
+            assert repo.view_path("mlp", 1) is not None
+            h, out = c.infer("mlp", {"x": x})
+            assert h["ok"] and h["version"] == 1, h
+            with torch.inference_mode():
+                np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
+            gate.set()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and repo.view_path("mlp", 1) is not None:
+                time.sleep(0.01)
+            assert repo.view_path("mlp", 1) is None  # released
+            assert s.run(lambda: s.server._instances[("mlp", 1)].path) == entry / "data"
+            assert (entry / "data" / "model.json").is_file()
+            h, out = c.infer("mlp", {"x": x})
+            assert h["ok"], h
+    finally:
+        gate.set()
+        s.stop()

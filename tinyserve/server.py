@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import concurrent.futures
 import logging
 import threading
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from tinyserve import __version__, errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
@@ -721,22 +721,53 @@ class Server:
                 version = self._default_version(name, await self._io(self.repo.versions, name))
             inst = self._instances.get((name, version))
             if inst is None or inst.state not in (READY, LOADING):
-                # the weights decode as they download (checksummed per chunk); the program files are
-                # read from the cache entry once its background commit is done
+                # the weights decode as they download (checksummed per chunk); a cold load returns a
+                # view of the staging directory (docs/remote.md section 5) holding the config and the
+                # program files, so the model starts before the cache file is written and committed
                 path, weights = await self._io(self.repo.load_weights, name, version)
-                committed = await self._io(self.repo.wait_committed, name, version)
-                if committed is None:  # the commit failed: fetch the version again, whole
-                    path, weights = await self._io(self.repo.resolve, name, version), None
-                inst = self._instances.get((name, version))  # (another load may have started meanwhile)
-                if inst is not None and inst.state in (READY, LOADING):
-                    return await inst.start()
-                return await self._start(name, version, committed or path, weights=weights)
+                try:
+                    if self.placement is not None:  # _placement_plan reads the weights file's index
+                        await self._io(self.repo.wait_written, name, version)
+                    inst = self._instances.get((name, version))  # (another load may have started meanwhile)
+                    started = (inst.start() if inst is not None and inst.state in (READY, LOADING)
+                               else self._start(name, version, path, weights=weights))
+                except BaseException:
+                    self.repo.release_view(name, version)
+                    raise
+                task = self._loop.create_task(self._adopt_commit(name, version, started))
+                self._bg_tasks.add(task)
+                task.add_done_callback(self._bg_tasks.discard)
+                return await started
             return await inst.start()
         finally:
             if self._remote and not self._stopping:
                 task = self._loop.create_task(self._refresh_quietly())
                 self._bg_tasks.add(task)
                 task.add_done_callback(self._bg_tasks.discard)
+
+    async def _adopt_commit(self, name: str, version: int, started: asyncio.Future) -> None:
+        """Off the critical path of a remote load: once the version has loaded from the staging view,
+        wait for the cache commit and point the instance at the committed entry (its path is read
+        again to reload it after an eviction; a failed commit fetches the version again), then close
+        the view."""
+        try:
+            try:
+                await asyncio.shield(started)
+            except BaseException:  # noqa: BLE001 - the load's own caller reports it
+                pass
+            committed = await self._io(self.repo.wait_committed, name, version)
+            if committed is None:
+                try:
+                    committed = await self._io(self.repo.resolve, name, version)
+                except Exception as exc:  # noqa: BLE001 - a later reload fetches it again
+                    log.warning("tinyserve: fetching %s version %s again after a failed cache commit: %s",
+                                name, version, exc)
+            inst = self._instances.get((name, version))
+            if inst is not None:  # never left on the view: its descriptor closes below
+                inst.path = Path(committed) if committed is not None else \
+                    self.repo.cache.entry_path(self.repo.space, name, version) / "data"
+        finally:
+            self.repo.release_view(name, version)  # closes a descriptor; does not block
 
     async def _refresh_quietly(self) -> None:
         try:
