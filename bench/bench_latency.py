@@ -419,11 +419,11 @@ def instrumented_server(repo_dir: str, models: list[str], host: str, prefix: str
     if prefix:
         orig_serve = runtime.ModelInstance._serve
 
-        def profiled_serve(self):
+        def profiled_serve(self, *args):
             prof = cProfile.Profile()
             prof.enable()
             try:
-                return orig_serve(self)
+                return orig_serve(self, *args)
             finally:
                 prof.disable()
                 prof.dump_stats(f"{prefix}.worker-{self.name}.prof")
