@@ -389,6 +389,36 @@ def test_a_fault_on_one_device_leaves_the_other_copy_serving(gpus, drepo, name):
         s.stop()
 
 
+
+def test_a_fault_on_the_only_copy_with_workers_fails_the_version_and_answers_what_was_queued(gpus, drepo, gate):
+    """An elastic scale-down can leave a copy with no worker; a fault on the other copy's device then
+    must not stop its workers (nobody would take the queue, the instance would end by itself and a
+    queued request would never be answered): the version fails as a whole, and the request gets
+    UNAVAILABLE naming the device."""
+    s = ServerThread(ServerConfig(repo=drepo, models=("a",), torch_threads=1, device="cuda:0,cuda:1",
+                                  instances=2), "asyncio")
+    try:
+        inst = _inst(s, "a")
+        with Client(s.port) as held, Client(s.port, timeout=20) as c:
+            held.infer_send("a", {"x": HELD})
+            gate.wait()  # one worker is inside the model
+            assert s.run(inst.remove_worker)  # the idle one (the other copy's only worker) retires
+            deadline = time.monotonic() + 10
+            while sorted(r.workers for r in inst._replicas) != [0, 1] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            busy = next(r for r in inst._replicas if r.workers)
+            assert sorted(r.workers for r in inst._replicas) == [0, 1]
+            assert not s.run(lambda: inst.stop_device(busy.device, "test"))  # refused: it is the last
+            s.run(lambda: s.server._devices_changed((DeviceReading(busy.health, "gpu", False, "xid 48"),)))
+            c.infer_send("a", {"x": np.zeros((1, 4), np.float32)})
+            gate.release()
+            assert held.recv()[0]["ok"]  # what was running finishes
+            h = c.recv()[0]  # answered, not lost
+            error_of(h, "UNAVAILABLE", busy.health, "xid 48")
+    finally:
+        gate.release()
+        s.stop()
+
 # --- the placement state machine over several devices (pure accounting) ------------------------------
 def _pl(**budgets):
     return memory.Placement({d.replace("_", ":"): b * MB for d, b in budgets.items()})

@@ -190,6 +190,34 @@ def test_a_failed_deferred_write_leaves_nothing_and_the_next_load_refetches(s3, 
     r.close()
 
 
+def test_release_view_of_one_path_leaves_a_newer_view_of_the_version_open(s3, tmp_path):
+    """Two views of one version: the first load's commit failed (its staging directory is gone), the
+    second load fetched it again.  Releasing the first view by its path closes only that one."""
+    src, _ = weights_version(tmp_path / "v")
+    push(s3, src, "w", 1)
+    r = remote(s3, tmp_path)
+    fail = [True]
+
+    def before_commit(staging):
+        if fail[0]:
+            fail[0] = False
+            raise OSError(28, "injected: no space left on device")
+
+    r.cache.before_commit = before_commit
+    first, _ = r.load_weights("w", 1)
+    assert r.wait_committed("w", 1) is None  # failed: the next load fetches again
+    second, _ = r.load_weights("w", 1)
+    assert second != first and r.wait_committed("w", 1) is not None
+    r.release_view("w", 1, first)
+    assert r.view_path("w", 1) == second and (second / "model.json").is_file()
+    r.release_view("w", 1, first)  # idempotent
+    r.release_view("w", 1, "/not/a/view")  # not a view path: nothing to close
+    assert r.view_path("w", 1) == second
+    r.release_view("w", 1, second)
+    assert r.view_path("w", 1) is None
+    r.close()
+
+
 def test_release_view_is_idempotent_and_closes_the_descriptor(s3, tmp_path):
     src, _ = weights_version(tmp_path / "v")
     push(s3, src, "w", 1)

@@ -189,3 +189,50 @@ def test_a_cold_load_serves_before_the_cache_commit_then_moves_to_the_entry(weed
     finally:
         gate.set()
         s.stop()
+
+
+def test_a_cache_commit_failing_under_a_load_from_the_view_fetches_the_version_again(weed, tmp_path, monkeypatch):
+    """The commit fails (and removes the staging directory the view shows) before the worker has read
+    the program: the load is not failed for that; the server fetches the version again, once."""
+    from tinyserve import runtime
+
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    storage = weed.storage("refetch")
+    assert push(storage, local.resolve("mlp", 1), "mlp") == 1
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    cfg = ServerConfig(repo=f"s3://{weed.bucket}/refetch", cache_dir=str(tmp_path / "cache"), storage=opts,
+                       torch_threads=1)
+    staged, paths = [], []
+    real = runtime.load_version
+
+    def before_commit(staging):
+        staged.append(staging)
+        raise OSError(28, "injected: no space left on device")
+
+    def load_version(path, **kw):
+        paths.append(str(path))
+        if len(paths) == 1:  # the view's load: only once the failed commit has removed what it shows
+            deadline = time.monotonic() + 30
+            while not (staged and not staged[0].exists()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(path, **kw)
+
+    monkeypatch.setattr(runtime, "load_version", load_version)
+    s = ServerThread(cfg, "uvloop")
+    try:
+        repo = s.run(lambda: s.server.repo)
+        repo.cache.before_commit = before_commit
+        with Client(s.port) as c:
+            h = c.call("load", model="mlp", version=1)
+            assert h["ok"], h
+            assert len(paths) == 2 and paths[0].startswith("/proc/self/fd/") and not staged[0].exists()
+            entry = repo.cache.entry_path(repo.space, "mlp", 1)
+            assert paths[1] == str(entry / "data") and (entry / "data" / "model.json").is_file()  # fetched again
+            x = np.full((1, 64), 0.75, np.float32)
+            h, out = c.infer("mlp", {"x": x})
+            assert h["ok"], h
+            with torch.inference_mode():
+                np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
+    finally:
+        s.stop()

@@ -469,10 +469,20 @@ class ModelInstance:
     def remove_worker(self) -> bool:
         """One worker fewer, after the requests queued ahead (elastic scale-down; never the last)."""
         with self._workers_lock:
-            if self._stopping or self._workers <= 1:
+            if self._stopping or self._serving_workers() <= 1:
                 return False
         self._q.put(_RETIRE)
         return True
+
+    def _serving_workers(self) -> int:
+        """Workers of copies not stopped by a device fault (call with _workers_lock held)."""
+        return sum(r.workers for r in self._replicas if not r.down)
+
+    def _may_retire(self, rep: _Replica) -> bool:
+        """A worker that took a retire marker ends only if another serving worker remains (a device
+        fault since the scale-down was decided may have left it the last)."""
+        with self._workers_lock:
+            return self._serving_workers() - (0 if rep.down else 1) > 0
 
     def _spawn(self, rep: _Replica) -> None:
         threading.Thread(target=self._worker_main, args=(rep,), name=f"tinyserve-{self.name}-{self.version}+",
@@ -487,7 +497,9 @@ class ModelInstance:
         caller then fails the whole version."""
         with self._workers_lock:
             rep = next((r for r in self._replicas if not r.down and device in (r.device, r.health)), None)
-            if rep is None or not any(not r.down for r in self._replicas if r is not rep):
+            # another copy must be serving AND have workers (an elastic scale-down may have left a
+            # copy with none): else nobody would take the queue and the caller fails the version
+            if rep is None or not any(not r.down and r.workers > 0 for r in self._replicas if r is not rep):
                 return False
             rep.down = str(reason) or "device fault"
             n = rep.workers
@@ -745,22 +757,31 @@ class ModelInstance:
         while True:
             batch = get()
             if type(batch) is _Marker:
-                if batch is _WAKE and not rep.down:
+                if (batch is _WAKE and not rep.down) or (batch is _RETIRE and not self._may_retire(rep)):
                     continue
                 return
-            if multi and rep.down:  # its device faulted: the request goes back to the others
-                q.put(batch)
-                return
-            n = self._workers
-            if n > 1 and len(batch) > 1:  # leave the others their share (one list would pin it all here)
-                keep = -(-len(batch) // n)
-                q.put(batch[keep:])
-                batch = batch[:keep]
+            target = rep
+            if multi and rep.down:  # its device faulted: what it took runs on a serving copy, then it ends
+                # (never put back on the queue: it could land behind an unload's stop markers)
+                target = self._live()
+                if target is None:  # no serving copy: the server fails the version
+                    q.put(batch)
+                    return
+            else:
+                n = self._workers
+                if n > 1 and len(batch) > 1:  # leave the others their share (one list would pin it all here)
+                    keep = -(-len(batch) // n)
+                    with self._workers_lock:  # not once unload() has queued its stop markers
+                        if not self._stopping:
+                            q.put(batch[keep:])
+                            batch = batch[:keep]
             if rec is not None:
                 rec.dequeued(len(batch))
-            run(batch, done, rep)
+            run(batch, done, target)
             if ready:
                 flush()
+            if target is not rep:
+                return
 
     def _serve_batched(self, done, flush, rec, rep: _Replica) -> None:
         """The worker loop of a batching model: requests go into a Batcher (docs/scheduler.md), which
@@ -790,14 +811,13 @@ class ModelInstance:
                     items = None
             while items is not None:
                 if type(items) is _Marker:
-                    if items is not _WAKE:
+                    if items is _STOP or (items is _RETIRE and self._may_retire(rep)):
                         stopping = True
-                    elif rep.down:
+                    elif items is _WAKE and rep.down:
                         stopping = faulted = True
-                elif multi and rep.down:
-                    q.put(items)  # its device faulted: the requests go back to the others
-                    stopping = faulted = True
                 else:
+                    if multi and rep.down:  # its device faulted: these run on a serving copy (below)
+                        stopping = faulted = True  # (never put back: they could land behind stop markers)
                     now = monotonic()
                     if rec is not None:
                         rec.dequeued(len(items))

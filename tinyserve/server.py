@@ -725,19 +725,32 @@ class Server:
                 # view of the staging directory (docs/remote.md section 5) holding the config and the
                 # program files, so the model starts before the cache file is written and committed
                 path, weights = await self._io(self.repo.load_weights, name, version)
+                view = True
                 try:
-                    if self.placement is not None:  # _placement_plan reads the weights file's index
-                        await self._io(self.repo.wait_written, name, version)
-                    inst = self._instances.get((name, version))  # (another load may have started meanwhile)
-                    started = (inst.start() if inst is not None and inst.state in (READY, LOADING)
-                               else self._start(name, version, path, weights=weights))
+                    # _placement_plan reads the weights file's index: wait for the deferred write
+                    if self.placement is not None and not await self._io(self.repo.wait_written, name, version):
+                        self.repo.release_view(name, version, path)  # it failed: no entry will exist; fetch again
+                        path, weights, view = await self._io(self.repo.resolve, name, version), None, False
+                    started = self._start(name, version, path, weights=weights)  # (joins a load begun meanwhile)
                 except BaseException:
-                    self.repo.release_view(name, version)
+                    if view:
+                        self.repo.release_view(name, version, path)
                     raise
-                task = self._loop.create_task(self._adopt_commit(name, version, started))
-                self._bg_tasks.add(task)
-                task.add_done_callback(self._bg_tasks.discard)
-                return await started
+                if view:
+                    task = self._loop.create_task(self._adopt_commit(name, version, started, path))
+                    self._bg_tasks.add(task)
+                    task.add_done_callback(self._bg_tasks.discard)
+                try:
+                    return await started
+                except errors.ModelError:
+                    if not view or await self._io(self.repo.wait_committed, name, version) is not None:
+                        raise
+                    # the cache commit failed and removed the staging directory the view showed while
+                    # the model was reading it: fetch the version again, once
+                    log.warning("tinyserve: %s version %s: the cache commit failed during the load; fetching "
+                                "it again", name, version)
+                    path = await self._io(self.repo.resolve, name, version)
+                    return await self._start(name, version, path)
             return await inst.start()
         finally:
             if self._remote and not self._stopping:
@@ -745,29 +758,23 @@ class Server:
                 self._bg_tasks.add(task)
                 task.add_done_callback(self._bg_tasks.discard)
 
-    async def _adopt_commit(self, name: str, version: int, started: asyncio.Future) -> None:
+    async def _adopt_commit(self, name: str, version: int, started: asyncio.Future, view) -> None:
         """Off the critical path of a remote load: once the version has loaded from the staging view,
-        wait for the cache commit and point the instance at the committed entry (its path is read
-        again to reload it after an eviction; a failed commit fetches the version again), then close
-        the view."""
+        wait for the cache commit, point the instance at the committed entry (where `models` and a
+        reader of `inst.path` find it; a reload after an eviction goes through _load_remote again,
+        which fetches a version whose commit failed), then close the view."""
         try:
             try:
                 await asyncio.shield(started)
             except BaseException:  # noqa: BLE001 - the load's own caller reports it
                 pass
             committed = await self._io(self.repo.wait_committed, name, version)
-            if committed is None:
-                try:
-                    committed = await self._io(self.repo.resolve, name, version)
-                except Exception as exc:  # noqa: BLE001 - a later reload fetches it again
-                    log.warning("tinyserve: fetching %s version %s again after a failed cache commit: %s",
-                                name, version, exc)
             inst = self._instances.get((name, version))
             if inst is not None:  # never left on the view: its descriptor closes below
                 inst.path = Path(committed) if committed is not None else \
                     self.repo.cache.entry_path(self.repo.space, name, version) / "data"
         finally:
-            self.repo.release_view(name, version)  # closes a descriptor; does not block
+            self.repo.release_view(name, version, view)  # closes its descriptor; does not block
 
     async def _refresh_quietly(self) -> None:
         try:
@@ -1448,13 +1455,18 @@ class Server:
             if not hit:
                 continue
             if len(hit) < len(live):  # a version on several devices: the others keep serving
+                refused = []
                 for d, h in hit:
                     if inst.stop_device(d, f"device {h}: {bad[h]}"):
                         log_event("device_fault", device=h, model=inst.name, version=inst.version, reason=bad[h],
                                   action="stopped the workers of that device; the others serve")
                         if inst.placement_key is not None:
                             self.placement.drop_device(inst.placement_key, d)
-                continue
+                    else:  # no other copy with workers would be left: the whole version fails
+                        refused.append((d, h))
+                if not refused:
+                    continue
+                hit = refused
             dev = hit[0][1]
             reason = bad[dev]
             with self._policy_lock:

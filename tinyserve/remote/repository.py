@@ -154,7 +154,7 @@ class RemoteRepository:
         * the config, the program and every other small file are there when this returns (they are
           fetched and checked before the weights), so ``runtime.load_version(view, weights=tensors)``
           works at once; the weights file appears there only once ``wait_written`` returns True;
-        * it is valid in this process only, until ``release_view(name, version)`` (or ``release`` /
+        * it is valid in this process only, until ``release_view(name, version, path)`` (or ``release`` /
           ``close``) closes the descriptor; after that the number may name another file: never use
           the path again;
         * when the commit fails the directory is deleted: the view names nothing (ENOENT), the
@@ -207,12 +207,26 @@ class RemoteRepository:
             fds = self._views.get((name, version))
         return Path(f"/proc/self/fd/{fds[-1]}/data") if fds else None
 
-    def release_view(self, name: str, version: int) -> None:
-        """Close the directory descriptors behind a version's view paths (idempotent).  The entry stays
-        pinned (``release`` unpins it)."""
+    def release_view(self, name: str, version: int, path: str | os.PathLike | None = None) -> None:
+        """Close the directory descriptor behind the view ``path`` that ``load_weights`` returned, or
+        with no ``path`` every view of the version (idempotent: a path not held, or no longer held, is
+        ignored).  The entry stays pinned (``release`` unpins it)."""
+        key = (name, version)
         with self._lock:
-            fds = self._views.pop((name, version), [])
-        for fd in fds:
+            fds = self._views.get(key, [])
+            if path is None:
+                mine, rest = fds, []
+            else:
+                parts = Path(path).parts  # /proc/self/fd/<fd>/data
+                fd = int(parts[4]) if len(parts) == 6 and parts[:4] == ("/", "proc", "self", "fd") \
+                    and parts[4].isdigit() else None
+                mine = [f for f in fds if f == fd]
+                rest = [f for f in fds if f != fd]
+            if rest:
+                self._views[key] = rest
+            else:
+                self._views.pop(key, None)
+        for fd in mine:
             os.close(fd)
 
     def _settle(self, key: tuple[str, int]) -> None:
@@ -267,10 +281,11 @@ class RemoteRepository:
             box: dict = {}
 
             def fill(data: Path):
+                if decode:  # the view: a descriptor of the staging directory, opened before anything can
+                    # fail after the deferred write has started (and before the commit can run)
+                    box["view"] = os.open(data.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 box["tensors"], write = self._download(man, data, decode=decode, progress=progress)
                 box["write"] = write
-                if decode:  # the view: a descriptor of the staging directory, opened before the commit can run
-                    box["view"] = os.open(data.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 return write.wait if write is not None else None  # the commit waits for the file first
 
             try:
