@@ -165,9 +165,13 @@ HELD_MODEL = MODEL.replace('''    def forward(self, x):
     return m''')
 
 
-def test_requests_arriving_during_an_eviction_wait_and_reload(tmp_path, gate):
-    """a is evicted while a request of its own is still running (held in the model): a request for a
-    that arrives meanwhile waits, and is answered once a is loaded again (not UNAVAILABLE)."""
+def test_a_busy_model_is_never_evicted_and_requests_arriving_during_an_eviction_wait(tmp_path, gate, monkeypatch):
+    """a is the least recently used but has a request running (held in the model): c's load evicts the
+    idle b instead.  b's eviction is held open (its worker is stopped inside the release of its
+    weights): a request for b arriving meanwhile waits, and is answered once b is loaded again (not
+    UNAVAILABLE); that load evicts the idle c, never the busy a."""
+    from tinyserve import runtime
+
     repo = Repository(tmp_path / "repo", create=True)
     py = tmp_path / "held.py"
     py.write_text(HELD_MODEL)
@@ -178,33 +182,49 @@ def test_requests_arriving_during_an_eviction_wait_and_reload(tmp_path, gate):
         cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
                "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
         pack(repo, name, str(sd), program=str(py), config=cfg, compression="zstd")
+    releasing, let_go = threading.Event(), threading.Event()
+    real_release = runtime._release
+
+    def release(model):
+        if model.config.name == "b" and not let_go.is_set():
+            releasing.set()
+            assert let_go.wait(60)
+        real_release(model)
+
+    monkeypatch.setattr(runtime, "_release", release)
     s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, memory_budget=BUDGET), "uvloop")
+    x0 = np.zeros((1, 4), np.float32)
     try:
         with Client(s.port) as c1, Client(s.port) as c2, Client(s.port) as c3:
             _ask(c1, "a")
             _ask(c1, "b")
-            _ask(c1, "b")  # a is now the least recently used
             held = c1.infer_send("a", {"x": np.full((1, 4), 42.0, np.float32)})
-            gate.wait()  # a's worker is inside the model
-            c2.infer_send("c", {"x": np.zeros((1, 4), np.float32)})  # evicts a (idle by the plan's account)
+            gate.wait()  # a's worker is inside the model: a is the least recently used, and busy
+            c2.infer_send("c", {"x": x0})  # needs room: evicts b (idle), not a
+            assert releasing.wait(30)  # b is being evicted, held open
+            states = s.run(lambda: {n: (i.state, i.evicted) for (n, _), i in s.server._instances.items()})
+            assert states["a"] == ("READY", False) and states["b"][1] is True, states
+            late = c3.infer_send("b", {"x": x0})  # b is being evicted
             deadline = time.monotonic() + 30
-            while not s.run(lambda: any(i.evicted for i in s.server._instances.values())):
+            while not s.run(lambda: s.server._parked):  # the request waits (not UNAVAILABLE)
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            late = c3.infer_send("a", {"x": np.zeros((1, 4), np.float32)})  # a is being evicted
-            while not s.run(lambda: s.server._parked):  # the request waits (before: UNAVAILABLE)
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            gate.release()
-            h, out = c1.recv()
-            assert h["id"] == held and h["ok"], h
+            let_go.set()
             h, out = c2.recv()
             assert h["ok"], h
-            h, out = c3.recv()
-            assert h["id"] == late and h["ok"], h  # waited for the eviction, then a was loaded again
-            np.testing.assert_array_equal(outputs_of(h, out)["y"], np.zeros((1, 4), np.float32) + VALUE["a"])
+            np.testing.assert_array_equal(outputs_of(h, out)["y"], x0 + VALUE["c"])
+            h, out = c3.recv()  # b loaded again (c, idle now, evicted for it; a still busy)
+            assert h["id"] == late and h["ok"], h
+            np.testing.assert_array_equal(outputs_of(h, out)["y"], x0 + VALUE["b"])
+            assert _resident(s) == ["a", "b"]
+            gate.release()
+            h, out = c1.recv()
+            assert h["id"] == held and h["ok"], h  # a's request finished on the model it started on
+            evictions = s.run(lambda: {k: m["evictions"] for k, m in s.server.placement.to_dict()["models"].items()})
+            assert evictions == {"a:1": 0, "b:1": 1, "c:1": 1}, evictions
     finally:
         gate.release()
+        let_go.set()
         s.stop()
 
 

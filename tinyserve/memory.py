@@ -447,6 +447,14 @@ class Placement:
             v.evictions += 1
         return out
 
+    def set_in_flight(self, name: str, n: int) -> None:
+        """The work in flight of ``name`` as the caller counts it (requests submitted and not yet
+        finished): a model with work in flight is never evicted.  (``begin``/``end`` count it here
+        instead.)"""
+        m = self._models.get(name)
+        if m is not None:
+            m.in_flight = max(0, int(n))
+
     def begin(self, name: str, now: float, n: int = 1) -> None:
         m = self._models[name]
         m.in_flight += n

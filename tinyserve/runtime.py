@@ -448,6 +448,12 @@ class ModelInstance:
         return sum(c[0] for c in list(self._taken_cells))
 
     @property
+    def finished(self) -> int:
+        """Requests the workers are done with (ran, or answered as expired or invalid): submitted -
+        finished is the work in flight that memory placement never evicts."""
+        return sum(c[1] for c in list(self._taken_cells))
+
+    @property
     def workers(self) -> int:
         """Worker threads serving this version now."""
         return self._workers
@@ -727,7 +733,7 @@ class ModelInstance:
         ready: list[Request] = []
         limit = COALESCE
         rec = self._tls.rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
-        cell = self._tls.cell = [0]
+        cell = self._tls.cell = [0, 0]  # [taken off the queue, finished with the model]
         with self._workers_lock:
             self._taken_cells.append(cell)
             rep.cells.append(cell)
@@ -827,6 +833,7 @@ class ModelInstance:
                         except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
                             r.error = exc
                             cell[0] += 1
+                            cell[1] += 1
                             done(r)
                 if stopping:
                     break
@@ -838,7 +845,7 @@ class ModelInstance:
                 live = self._live()
                 if live is not None:
                     rep = live
-                    cell = [0]  # what runs from now on counts for the serving copy
+                    cell = [0, 0]  # what runs from now on counts for the serving copy
                     with self._workers_lock:
                         self._taken_cells.append(cell)
                         rep.cells.append(cell)
@@ -848,11 +855,13 @@ class ModelInstance:
                     r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before its "
                                                     "deadline (timeout_ms)")
                     cell[0] += 1
+                    cell[1] += 1
                     done(r)
                 if batch is None:
                     break
                 cell[0] += len(batch.requests)
                 self._run_batch(batch, b, done, rec, rep)
+                cell[1] += len(batch.requests)
                 flush()
             flush()
             if stopping and not len(b):
@@ -913,7 +922,7 @@ class ModelInstance:
         rec = getattr(self._tls, "rec", None)
         cell = getattr(self._tls, "cell", None)
         if cell is None:  # run() called outside the workers (tests, tools)
-            cell = self._tls.cell = [0]
+            cell = self._tls.cell = [0, 0]
             with self._workers_lock:
                 self._taken_cells.append(cell)
         for req in requests:
@@ -921,6 +930,7 @@ class ModelInstance:
             req.t_run = perf_ns()
             self._run_request(req, monotonic(), rep)
             req.t_done = perf_ns()
+            cell[1] += 1  # finished with the model (memory placement: no longer work in flight)
             if rec is not None and req.result is not None:
                 sizes = rec.batches  # rec.batch(1), inlined: this is the per-request path
                 sizes[1] = sizes.get(1, 0) + 1

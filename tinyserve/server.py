@@ -570,10 +570,13 @@ class Server:
                           require_model=self.config.require_model)
 
     def _tick(self) -> None:
-        """Once a second: the throughput windows."""
+        """Once a second: the throughput windows, elastic scaling, and loads blocked until busy models
+        finish their work in flight (nothing else says when that happens)."""
         self.metrics.tick()
         if self._elastic:
             self._scale(self.clock())
+        if self._blocked:
+            self._retry_blocked()
         if not self._stopping:
             self._tick_handle = self._loop.call_later(1.0, self._tick)
 
@@ -914,8 +917,11 @@ class Server:
             pl.register(key, Footprint(weight_bytes=decoded, mapped={str(path): mapped} if mapped else {}),
                         cands, pinned=pinned, max_batch=max_batch, count=count)
         now = _monotonic()
+        self._submit_pending()  # the requests read this turn count as work in flight of their instance
         for (n, v), i in self._instances.items():
-            pl.touch(f"{n}:{v}", i.last_used)
+            k = f"{n}:{v}"
+            pl.touch(k, i.last_used)
+            pl.set_in_flight(k, i.submitted - i.finished)  # queued or running: never evicted
         plan = pl.request(key, now)  # ResourceExhausted
         if plan.action == "blocked":
             raise _Blocked(plan.reason)
@@ -995,10 +1001,12 @@ class Server:
 
     async def _shed_for_oom(self, inst: ModelInstance) -> bool:
         victims = []
+        models = self.placement.to_dict()["models"]
         for key, other in list(self._instances.items()):
             pkey = other.placement_key
-            if (other is inst or other.state is not READY or pkey is None or other.submitted != other.taken
-                    or self.placement.to_dict()["models"].get(pkey, {}).get("pinned")
+            m = models.get(pkey, {}) if pkey is not None else {}
+            if (other is inst or other.state is not READY or pkey is None
+                    or other.submitted != other.finished or m.get("pinned")  # queued, running, pinned: left alone
                     or not set(other.devices) & set(inst.devices)):  # frees nothing where inst runs
                 continue
             victims.append(other)
