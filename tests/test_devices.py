@@ -494,3 +494,30 @@ def test_unloading_a_batching_version_ends_every_worker(gpus, drepo, device):
         assert s.run(lambda: s.server._instances) == {}
     finally:
         s.stop()
+
+
+def test_raw_weights_count_on_a_gpu_and_not_on_the_cpu_after_the_measured_footprint(gpus, tmp_path, gate):
+    """Raw tensors are page cache on the CPU (not in its budget) but copied into a GPU's memory: the
+    footprint measured at load keeps counting them there."""
+    repo = Repository(tmp_path / "repo", create=True)
+    n = 8 * MB // 4
+    torch.save({"w": torch.full((n,), 9.0)}, tmp_path / "raw.pt")
+    (tmp_path / "const.py").write_text(MODEL)
+    cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+           "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+    pack(repo, "raw", str(tmp_path / "raw.pt"), program=str(tmp_path / "const.py"), config=cfg, compression="none")
+    for device, counted in (("cuda:0", True), ("cpu", False)):
+        s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, device=device,
+                                      memory_budget=64 * MB), "uvloop")
+        try:
+            with Client(s.port) as c:
+                h, out = c.infer("raw", {"x": np.zeros((1, 4), np.float32)})
+                assert h["ok"], h
+                np.testing.assert_array_equal(out["y"], np.full((1, 4), 9.0, np.float32))
+                inst = _inst(s, "raw")
+                assert inst.decoded_bytes == 0  # every byte mapped from the file
+                m = s.run(lambda: s.server.placement.to_dict())["models"]["raw:1"]
+                reserved = m["reserved_by_device"][device]
+                assert (reserved >= 8 * MB) is counted, (device, reserved)
+        finally:
+            s.stop()

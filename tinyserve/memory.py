@@ -418,6 +418,10 @@ class Placement:
         if m is not None and now > m.last_used:
             m.last_used = now
 
+    def footprint(self, name: str) -> Footprint:
+        """The footprint ``name`` is planned with (the estimate, or the last ``measured``)."""
+        return self._models[name].fp
+
     def measured(self, name: str, footprint: Footprint) -> None:
         """Replace a model's estimated footprint with one measured at load; a resident or loading
         model's reservation on each of its devices follows it (it may exceed the plan by what the

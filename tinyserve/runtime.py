@@ -712,8 +712,8 @@ class ModelInstance:
         try:
             self._outputs_of(rep.module(*args))
             after = probe()
-            if rep.index == 0 and before is not None and after is not None:  # the workspace of one copy
-                self.workspace_bytes = max(0, after - before)
+            if before is not None and after is not None:  # one footprint for every copy: the largest
+                self.workspace_bytes = max(self.workspace_bytes if rep.index else 0, after - before)
         except Exception as exc:
             where = f" on {rep.device}" if self._multi else ""
             raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run on zeros "

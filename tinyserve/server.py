@@ -1045,8 +1045,11 @@ class Server:
         pkey = inst.placement_key
         if pkey is not None:
             if exc is None:
+                # decoded bytes and workspace measured (the largest copy's workspace); the raw tensors
+                # as estimated from the index: page cache on the CPU, device memory on a GPU
                 self.placement.measured(pkey, Footprint(weight_bytes=inst.decoded_bytes,
-                                                        workspace={1: inst.workspace_bytes}))
+                                                        workspace={1: inst.workspace_bytes},
+                                                        mapped=self.placement.footprint(pkey).mapped))
                 if self.placement.state(pkey) == "loading":
                     self.placement.loaded(pkey, _monotonic())
                 # the measured footprint may exceed the estimate the load was planned with
