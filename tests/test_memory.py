@@ -248,3 +248,37 @@ def test_shed_evicts_idle_models_lru_first_until_the_budget_holds():
     pl.measured("c", Footprint(weight_bytes=100))
     pl.begin("a", 11.0)  # busy: never shed
     assert pl.shed("cpu", keep="c") == [] and pl.used("cpu") == 130  # nothing idle: stays over, reported
+
+
+# --- CUDA index -> NVML index ----------------------------------------------------------------------
+def test_cuda_devices_map_to_nvml_by_pci_address_else_by_cuda_visible_devices():
+    from tinyserve.memory import map_cuda_to_nvml
+
+    nvml = [(0, 0x1A, 0), (0, 0x3B, 0), (0, 0x5E, 0), (0, 0x86, 0)]  # every GPU, PCI order
+    cuda = [(0, 0x5E, 0), (0, 0x3B, 0)]  # CUDA_VISIBLE_DEVICES=2,1 (or fastest first)
+    assert map_cuda_to_nvml(lambda: cuda, lambda: nvml, visible="") == {0: 2, 1: 1}
+
+    def broken():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    assert map_cuda_to_nvml(lambda: cuda, broken, visible="3, 0") == {0: 3, 1: 0}
+    assert map_cuda_to_nvml(broken, broken, visible="GPU-5f1c0e2a,GPU-77") == {}  # UUIDs: identity
+    assert map_cuda_to_nvml(broken, broken, visible="") == {}
+
+
+def test_health_names_and_nvml_budgets_follow_the_nvml_index(monkeypatch):
+    from tinyserve import memory
+
+    asked = []
+
+    def total(i):
+        asked.append(i)
+        return (10 + i) << 30
+
+    r = memory.DeviceResolver(gpus=2, nvml_total=total, reserve=0, nvml_map={0: 3, 1: 1})
+    monkeypatch.setattr(memory, "resolver", r)
+    assert memory.health_name("cuda:0") == "gpu3" and memory.health_name("cuda:1") == "gpu1"
+    assert memory.health_name("cpu") == "cpu"
+    b = r.budget("cuda:0")
+    assert (b.device, b.budget, b.source) == ("cuda:0", 13 << 30, "nvml") and asked == [3]
+    assert memory.DeviceResolver(gpus=2, nvml_map={}).nvml_index(1) == 1  # no map: the same number

@@ -23,7 +23,8 @@ from typing import Any, Callable
 from tinyserve import wire
 
 __all__ = ["DeviceBudget", "DeviceResolver", "ElasticController", "Footprint", "Placement", "Plan",
-           "ResourceExhausted", "cpu_budget", "gpu_budget", "health_name", "resolver", "rss_anon"]
+           "ResourceExhausted", "cpu_budget", "gpu_budget", "health_name", "map_cuda_to_nvml", "resolver",
+           "rss_anon"]
 
 ResourceExhausted = wire.ResourceExhausted
 
@@ -72,11 +73,14 @@ def cpu_budget(explicit: int | None = None, reserve: int = 1 << 30, meminfo: str
 
 def gpu_budget(index: int, explicit: int | None = None, reserve: int = 1 << 30,
                nvml_total: Callable[[int], int] | None = None,
-               torch_mem_get_info: Callable[[int], tuple[int, int]] | None = None) -> DeviceBudget:
-    """GPU ``index``'s budget: ``explicit`` bytes; else NVML's total minus ``reserve``; else
+               torch_mem_get_info: Callable[[int], tuple[int, int]] | None = None,
+               nvml_index: int | None = None) -> DeviceBudget:
+    """GPU ``cuda:index``'s budget: ``explicit`` bytes; else NVML's total (of NVML device
+    ``nvml_index``, default ``index``: see DeviceResolver.nvml_index) minus ``reserve``; else
     ``torch.cuda.mem_get_info``'s total minus ``reserve``.  The probes are injectable (tests); a
     probe that raises is skipped.  ValueError when nothing gives a number."""
     device = f"cuda:{index}"
+    nv = index if nvml_index is None else nvml_index
     if explicit is not None:
         return _explicit(device, explicit)
     if nvml_total is None:
@@ -94,7 +98,7 @@ def gpu_budget(index: int, explicit: int | None = None, reserve: int = 1 << 30,
 
             return torch.cuda.mem_get_info(i)
     errors = []
-    for source, probe in (("nvml", lambda: nvml_total(index)), ("torch", lambda: torch_mem_get_info(index)[1])):
+    for source, probe in (("nvml", lambda: nvml_total(nv)), ("torch", lambda: torch_mem_get_info(index)[1])):
         try:
             total = int(probe())
         except Exception as exc:  # no driver, no NVML, no CUDA: try the next probe
@@ -117,8 +121,58 @@ def rss_anon(status: str = "/proc/self/status") -> int | None:
 
 
 def health_name(device: str) -> str:
-    """A device's name in health readings (tinyserve.health.devices): "cpu", or "gpuN" for cuda:N."""
-    return "cpu" if device == "cpu" else f"gpu{int(device.partition(':')[2] or 0)}"
+    """A device's name in health readings (tinyserve.health.devices, which names GPUs by their NVML
+    index): "cpu", or "gpuM" for cuda:N, M being the NVML index of that GPU (resolver.nvml_index)."""
+    return "cpu" if device == "cpu" else f"gpu{resolver.nvml_index(int(device.partition(':')[2] or 0))}"
+
+
+def _cuda_pci_ids() -> list:
+    """(domain, bus, device) of each CUDA device torch sees, in CUDA's order."""
+    import torch
+
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append((int(p.pci_domain_id), int(p.pci_bus_id), int(p.pci_device_id)))
+    return out
+
+
+def _nvml_pci_ids() -> list:
+    """(domain, bus, device) of each GPU NVML sees, in NVML's order (PCI order: all GPUs, whatever
+    CUDA_VISIBLE_DEVICES says)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            out.append((int(info.domain), int(info.bus), int(info.device)))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def map_cuda_to_nvml(cuda_pci: Callable[[], list] | None = None, nvml_pci: Callable[[], list] | None = None,
+                     visible: str | None = None) -> dict[int, int]:
+    """{CUDA index: NVML index}.  CUDA numbers only the GPUs CUDA_VISIBLE_DEVICES leaves, in its own
+    order (fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID); NVML numbers every GPU in PCI order.
+    The two are matched by PCI address; where a probe fails, CUDA_VISIBLE_DEVICES as a list of
+    integers gives the map (``visible``, default the environment); else the map is empty (identity)."""
+    try:
+        cuda, nvml = (cuda_pci or _cuda_pci_ids)(), (nvml_pci or _nvml_pci_ids)()
+        where = {tuple(a): j for j, a in enumerate(nvml)}
+        found = {i: where[tuple(a)] for i, a in enumerate(cuda) if tuple(a) in where}
+        if found:
+            return found
+    except Exception:  # noqa: BLE001 - no CUDA, no NVML: fall back to the environment
+        pass
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if vis:
+        items = [x.strip() for x in vis.split(",")]
+        if all(x.isdigit() for x in items):
+            return {i: int(x) for i, x in enumerate(items)}
+    return {}
 
 
 class DeviceResolver:
@@ -140,12 +194,20 @@ class DeviceResolver:
     def __init__(self, gpus: int | None = None, torch_devices: dict[str, str] | None = None,
                  nvml_total: Callable[[int], int] | None = None,
                  torch_mem_get_info: Callable[[int], tuple[int, int]] | None = None,
-                 reserve: int = 1 << 30) -> None:
+                 reserve: int = 1 << 30, nvml_map: dict[int, int] | None = None) -> None:
         self._gpus = gpus
         self._torch_devices = dict(torch_devices or {})
         self._nvml_total = nvml_total
         self._torch_mem_get_info = torch_mem_get_info
         self.reserve = reserve
+        self._nvml_map = nvml_map  # {CUDA index: NVML index}; None: map_cuda_to_nvml() when first asked
+
+    def nvml_index(self, cuda_index: int) -> int:
+        """The NVML index (what the health monitor and NVML's memory probe use) of CUDA device
+        ``cuda_index``: they differ under CUDA_VISIBLE_DEVICES, or when CUDA orders by speed."""
+        if self._nvml_map is None:
+            self._nvml_map = map_cuda_to_nvml() if self.gpu_count() else {}
+        return self._nvml_map.get(cuda_index, cuda_index)
 
     def gpu_count(self) -> int:
         if self._gpus is not None:
@@ -178,8 +240,9 @@ class DeviceResolver:
         """``device``'s budget: ``explicit`` bytes, else the probes (cpu_budget / gpu_budget)."""
         if device == "cpu":
             return cpu_budget(explicit, reserve=self.reserve)
-        return gpu_budget(int(device.partition(":")[2]), explicit, reserve=self.reserve,
-                          nvml_total=self._nvml_total, torch_mem_get_info=self._torch_mem_get_info)
+        i = int(device.partition(":")[2])
+        return gpu_budget(i, explicit, reserve=self.reserve, nvml_total=self._nvml_total,
+                          torch_mem_get_info=self._torch_mem_get_info, nvml_index=self.nvml_index(i))
 
 
 resolver = DeviceResolver()

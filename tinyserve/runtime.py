@@ -773,6 +773,10 @@ class ModelInstance:
                 if target is None:  # no serving copy: the server fails the version
                     q.put(batch)
                     return
+                cell = self._tls.cell = [0, 0]  # counted for the copy that runs them
+                with self._workers_lock:
+                    self._taken_cells.append(cell)
+                    target.cells.append(cell)
             else:
                 n = self._workers
                 if n > 1 and len(batch) > 1:  # leave the others their share (one list would pin it all here)
