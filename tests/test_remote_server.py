@@ -143,18 +143,21 @@ def test_storage_going_away_leaves_loaded_models_serving(tmp_path):
         srv.stop()
 
 
+def _one_mlp_on_s3(weed, tmp_path, prefix: str) -> ServerConfig:
+    """mlp version 1 pushed under s3://<bucket>/<prefix>; a server config serving that repository."""
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    assert push(weed.storage(prefix), local.resolve("mlp", 1), "mlp") == 1
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    return ServerConfig(repo=f"s3://{weed.bucket}/{prefix}", cache_dir=str(tmp_path / "cache"), storage=opts,
+                        torch_threads=1)
+
+
 def test_a_cold_load_serves_before_the_cache_commit_then_moves_to_the_entry(weed, tmp_path):
     """The server starts a remotely loaded version from the staging view (docs/remote.md section 5)
     without waiting for the cache commit; once the commit is done the instance's path is the committed
     entry (what a reload after an eviction reads) and the view's descriptor is closed."""
-    local = Repository(tmp_path / "local", create=True)
-    pack(local, "mlp", "tinyserve.examples:mlp")
-    storage = weed.storage("view")
-    assert push(storage, local.resolve("mlp", 1), "mlp") == 1
-    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
-    cfg = ServerConfig(repo=f"s3://{weed.bucket}/view", cache_dir=str(tmp_path / "cache"), storage=opts,
-                       torch_threads=1)
-    s = ServerThread(cfg, "uvloop")
+    s = ServerThread(_one_mlp_on_s3(weed, tmp_path, "view"), "uvloop")
     gate, held = threading.Event(), threading.Event()
 
     def before_commit(staging):
@@ -196,13 +199,7 @@ def test_a_cache_commit_failing_under_a_load_from_the_view_fetches_the_version_a
     the program: the load is not failed for that; the server fetches the version again, once."""
     from tinyserve import runtime
 
-    local = Repository(tmp_path / "local", create=True)
-    pack(local, "mlp", "tinyserve.examples:mlp")
-    storage = weed.storage("refetch")
-    assert push(storage, local.resolve("mlp", 1), "mlp") == 1
-    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
-    cfg = ServerConfig(repo=f"s3://{weed.bucket}/refetch", cache_dir=str(tmp_path / "cache"), storage=opts,
-                       torch_threads=1)
+    cfg = _one_mlp_on_s3(weed, tmp_path, "refetch")
     staged, paths = [], []
     real = runtime.load_version
 
