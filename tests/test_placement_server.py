@@ -279,3 +279,52 @@ def test_out_of_memory_while_running_evicts_idle_models_and_retries_once(tmp_pat
             _ask(c, "a")  # the server goes on serving
     finally:
         s.stop()
+
+
+def test_a_load_blocked_on_busy_models_runs_once_one_of_them_is_idle(tmp_path, gate):
+    """a and b fill the budget and both have a request running: c's load is blocked (neither may be
+    evicted) and retried on a short timer; once b's request finishes, b is evicted and c loads, while
+    the still-busy a stays."""
+    repo = Repository(tmp_path / "repo", create=True)
+    py = tmp_path / "held.py"
+    py.write_text(HELD_MODEL)
+    for name in "abc":
+        n = SIZES[name] // 4
+        sd = tmp_path / f"{name}.pt"
+        torch.save({"w": torch.full((n,), VALUE[name])}, sd)
+        cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+        pack(repo, name, str(sd), program=str(py), config=cfg, compression="zstd")
+    s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, memory_budget=BUDGET), "uvloop")
+    x0, x42 = np.zeros((1, 4), np.float32), np.full((1, 4), 42.0, np.float32)
+    try:
+        with Client(s.port) as ca, Client(s.port) as cb, Client(s.port) as cc:
+            _ask(ca, "a")
+            _ask(cb, "b")
+            ha = ca.infer_send("a", {"x": x42})
+            gate.wait()
+            hb = cb.infer_send("b", {"x": x42})
+            gate.wait()  # both busy
+            cc.infer_send("c", {"x": x0})
+            deadline = time.monotonic() + 30
+            while not s.run(lambda: s.server._blocked):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert s.run(lambda: s.server._blocked_timer is not None)  # retried on a timer meanwhile
+            assert _resident(s) == ["a", "b"]
+            conn = gate.open.pop(1)  # let b's request finish (a's stays held)
+            conn.sendall(b"x")
+            conn.close()
+            h, out = cb.recv()
+            assert h["id"] == hb and h["ok"], h
+            h, out = cc.recv()  # c loaded in b's room
+            assert h["ok"], h
+            np.testing.assert_array_equal(outputs_of(h, out)["y"], x0 + VALUE["c"])
+            assert _resident(s) == ["a", "c"]
+            assert s.run(lambda: not s.server._blocked and s.server._blocked_timer is None)
+            gate.release()
+            h, out = ca.recv()
+            assert h["id"] == ha and h["ok"], h
+    finally:
+        gate.release()
+        s.stop()

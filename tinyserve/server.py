@@ -340,6 +340,7 @@ def _budgets(devices: list[str], given: int | dict | None) -> dict:
 
 
 _PARK = object()  # _instance_for: the request waits for an on-demand load
+BLOCKED_RETRY_S = 0.002  # a load blocked on busy models is retried this often (Server._arm_blocked_retry)
 
 
 class _Blocked(wire.Unavailable):
@@ -426,6 +427,7 @@ class Server:
                           if config.memory_budget is not None or any(d != "cpu" for d in self._devices) else None)
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
+        self._blocked_timer = None  # while loads are blocked: a retry every BLOCKED_RETRY_S
         self._batch_caps: dict[str, int] = {}  # placement key -> the batch size its memory plan allows
         self._elastic: dict[tuple[str, int], ElasticController] = {}
         self._limits = config.limits
@@ -629,6 +631,9 @@ class Server:
         self._ready = False
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
         if self._poll_task is not None:
             self._poll_task.cancel()
         if self._io_pool is not None:
@@ -843,9 +848,22 @@ class Server:
             fut = self._load(name, version)
         except _Blocked:
             self._blocked.add((name, version))
+            self._arm_blocked_retry()
             return _PARK
         fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())  # retrieved: parked requests report it
         return _PARK
+
+    def _arm_blocked_retry(self) -> None:
+        """Busy models finish their work in flight in worker threads, which tell the loop nothing: while
+        a load is blocked on them, retry it every BLOCKED_RETRY_S (a plan costs microseconds)."""
+        if self._blocked_timer is None and self._blocked and not self._stopping:
+            self._blocked_timer = self._loop.call_later(BLOCKED_RETRY_S, self._blocked_retry_due)
+
+    def _blocked_retry_due(self) -> None:
+        self._blocked_timer = None
+        if self._blocked and not self._stopping:
+            self._retry_blocked()
+        self._arm_blocked_retry()
 
     def _retry_blocked(self) -> None:
         """A load finished or an instance stopped: try the on-demand loads that were waiting for room."""
