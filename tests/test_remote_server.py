@@ -14,7 +14,7 @@ from tinyserve.remote import push
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import Client, ServerThread, error_of  # noqa: E402
+from test_server import Client, ServerThread, error_of, gate  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 MLP, _ = examples.mlp()
@@ -232,4 +232,52 @@ def test_a_cache_commit_failing_under_a_load_from_the_view_fetches_the_version_a
             with torch.inference_mode():
                 np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
     finally:
+        s.stop()
+
+
+def test_a_remote_on_demand_load_waits_while_busy_models_fill_the_budget(weed, tmp_path, gate):
+    """Memory placement over an S3 repository: a and b fill the budget and both have a request
+    running; a request for c waits (its load is blocked, not refused) and is answered once b is idle
+    and evicted for it."""
+    from test_placement_server import BUDGET, HELD_MODEL, SIZES, VALUE
+
+    local = Repository(tmp_path / "local", create=True)
+    py = tmp_path / "held.py"
+    py.write_text(HELD_MODEL)
+    storage = weed.storage("busy")
+    for name in "abc":
+        n = SIZES[name] // 4
+        torch.save({"w": torch.full((n,), VALUE[name])}, tmp_path / f"{name}.pt")
+        cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+        pack(local, name, str(tmp_path / f"{name}.pt"), program=str(py), config=cfg, compression="zstd")
+        assert push(storage, local.resolve(name, 1), name) == 1
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    s = ServerThread(ServerConfig(repo=f"s3://{weed.bucket}/busy", cache_dir=str(tmp_path / "cache"), storage=opts,
+                                  torch_threads=1, memory_budget=BUDGET), "uvloop")
+    x0, x42 = np.zeros((1, 4), np.float32), np.full((1, 4), 42.0, np.float32)
+    try:
+        with Client(s.port) as ca, Client(s.port) as cb, Client(s.port, timeout=60) as cc:
+            for c, name in ((ca, "a"), (cb, "b")):
+                h, out = c.infer(name, {"x": x0})
+                assert h["ok"], h
+            ha = ca.infer_send("a", {"x": x42})
+            gate.wait()
+            hb = cb.infer_send("b", {"x": x42})
+            gate.wait()  # both busy
+            hc = cc.infer_send("c", {"x": x0})
+            time.sleep(0.3)  # c's load is downloaded and blocked meanwhile (no reply yet)
+            resident = s.run(lambda: sorted(n for (n, _), i in s.server._instances.items() if i.state == "READY"))
+            assert resident == ["a", "b"]
+            conn = gate.open.pop(1)  # b's request finishes
+            conn.sendall(b"x")
+            conn.close()
+            assert cb.recv()[0]["id"] == hb
+            h = cc.recv()[0]
+            assert h["id"] == hc and h["ok"], h
+            gate.release()
+            h = ca.recv()[0]
+            assert h["id"] == ha and h["ok"], h
+    finally:
+        gate.release()
         s.stop()

@@ -739,7 +739,12 @@ class Server:
                     if self.placement is not None and not await self._io(self.repo.wait_written, name, version):
                         self.repo.release_view(name, version, path)  # it failed: no entry will exist; fetch again
                         path, weights, view = await self._io(self.repo.resolve, name, version), None, False
-                    started = self._start(name, version, path, weights=weights)  # (joins a load begun meanwhile)
+                    while True:
+                        try:
+                            started = self._start(name, version, path, weights=weights)  # (joins a load begun meanwhile)
+                            break
+                        except _Blocked:  # room frees once busy models finish their work in flight
+                            await asyncio.sleep(BLOCKED_RETRY_S)
                 except BaseException:
                     if view:
                         self.repo.release_view(name, version, path)
