@@ -1,6 +1,7 @@
 """The server on a remote repository (SeaweedFS on loopback) and in poll mode: a new version rolls out
 while clients keep sending, and no request fails or is lost (issue 7)."""
 
+import json
 import threading
 import time
 
@@ -280,4 +281,28 @@ def test_a_remote_on_demand_load_waits_while_busy_models_fill_the_budget(weed, t
             assert h["id"] == ha and h["ok"], h
     finally:
         gate.release()
+        s.stop()
+
+
+def test_static_models_of_a_remote_repository_load_at_start(weed, tmp_path):
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    pack(local, "pinned", "tinyserve.examples:mlp")
+    cfg_path = local.resolve("pinned", 1) / "model.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["placement"] = {"mode": "static", "devices": ["cpu"]}
+    cfg_path.write_text(json.dumps(cfg))
+    storage = weed.storage("static")
+    for name in ("mlp", "pinned"):
+        assert push(storage, local.resolve(name, 1), name) == 1
+    opts = {**weed.credentials(), "endpoint_url": weed.endpoint, "region": "us-east-1"}
+    s = ServerThread(ServerConfig(repo=f"s3://{weed.bucket}/static", cache_dir=str(tmp_path / "cache"),
+                                  storage=opts, torch_threads=1), "uvloop")
+    try:
+        loaded = s.run(lambda: {n: i.state for (n, _), i in s.server._instances.items()})
+        assert loaded == {"pinned": "READY"}  # before any request; mlp (dynamic) is not loaded
+        with Client(s.port) as c:
+            h, out = c.infer("pinned", {"x": np.ones((1, 64), np.float32)})
+            assert h["ok"], h
+    finally:
         s.stop()

@@ -482,7 +482,8 @@ class Server:
             self.monitor.start()
             if self._remote:
                 await self._refresh_listing()
-            futs = [self._load(name, version) for name, version in self._startup + self._static_models()]
+            static = await self._static_models_remote() if self._remote else self._static_models()
+            futs = [self._load(name, version) for name, version in self._startup + static]
             if futs:
                 results = await asyncio.gather(*futs, return_exceptions=True)
                 failed = [r for r in results if isinstance(r, BaseException)]
@@ -542,6 +543,24 @@ class Server:
             if cfg.placement is not None and cfg.placement.mode == "static":
                 out.append((name, int(path.name)))
         return tuple(out)
+
+    async def _static_models_remote(self) -> tuple:
+        """The same for a remote repository: each model's default version (its version policy, else
+        the latest) whose config says placement.mode static; the configs are read off the loop, in
+        parallel (one small GET each for a version not cached)."""
+        listed = {n for n, _ in self._startup}
+
+        async def one(name: str):
+            try:
+                version = self._default_version(name, await self._io(self.repo.versions, name))
+                cfg = await self._io(self.repo.read_config, name, version)
+            except (errors.TinyserveError, OSError):  # a broken model: reported when it is asked for
+                return None
+            return (name, version) if cfg.placement is not None and cfg.placement.mode == "static" else None
+
+        names = [n for n in await self._io(self.repo.models) if n not in listed]
+        found = await asyncio.gather(*(one(n) for n in names))
+        return tuple(f for f in found if f is not None)
 
     @property
     def port(self) -> int:
