@@ -212,3 +212,25 @@ def test_bad_model_version_and_timeout_are_clean_errors(tmp_path, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and ("NAME[:VERSION]" in err or "--timeout" in err), err
+
+
+def test_serve_resume_flags_reach_the_s3_backend_and_bad_values_are_clean_errors(tmp_path, capsys, monkeypatch):
+    from tinyserve.storage.s3 import S3Storage
+
+    seen = []
+    real = S3Storage.__init__
+
+    def spy(self, *a, **kw):
+        seen.append({k: kw.get(k) for k in ("part_attempts", "backoff")})
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(S3Storage, "__init__", spy)
+    argv = ["serve", "--repo", "s3://bucket-x/models", "--port", "0", "--endpoint-url", "http://127.0.0.1:9",
+            "--anonymous", "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv + ["--part-attempts", "0"]) == 2  # refused before anything is fetched
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "part_attempts" in err and "1..100" in err, err
+    assert seen[-1] == {"part_attempts": 0, "backoff": None}
+    assert main(argv + ["--part-attempts", "7", "--backoff", "0.5"]) == 2  # the storage is down: a clean error
+    assert seen[-1] == {"part_attempts": 7, "backoff": 0.5}
+    assert "Traceback" not in capsys.readouterr().err

@@ -306,3 +306,44 @@ def test_static_models_of_a_remote_repository_load_at_start(weed, tmp_path):
             assert h["ok"], h
     finally:
         s.stop()
+
+
+def test_a_broken_download_is_resumed_and_counted_in_stats_and_metrics(weed, tmp_path):
+    """The server loads from S3 through a proxy that cuts the first response body of the weights
+    file: the load resumes it (the model answers), and `stats` and /metrics count the resume."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_storage_resume import FaultProxy, cut_first
+
+    local = Repository(tmp_path / "local", create=True)
+    pack(local, "mlp", "tinyserve.examples:mlp")
+    assert push(weed.storage("resume"), local.resolve("mlp", 1), "mlp") == 1
+    proxy = FaultProxy(weed.endpoint, cut_first(1, "close", 1000, "/weights.tsw"))
+    opts = {**weed.credentials(), "endpoint_url": proxy.endpoint, "region": "us-east-1", "backoff": 0.01}
+    s = None
+    try:
+        s = ServerThread(ServerConfig(repo=f"s3://{weed.bucket}/resume", cache_dir=str(tmp_path / "cache"),
+                                      storage=opts, torch_threads=1, metrics_port=0), "uvloop")
+        with Client(s.port) as c:
+            x = np.full((1, 64), 0.5, np.float32)
+            assert c.call("load", model="mlp", version=1)["ok"]  # the download the proxy breaks
+            h, out = c.infer("mlp", {"x": x})
+            assert h["ok"], h
+            with torch.inference_mode():
+                np.testing.assert_array_equal(out["output0"], MLP(torch.from_numpy(x)).numpy())
+            cut = [r for r in proxy.gets("/weights.tsw") if r["action"] is not None]
+            assert len(cut) == 1
+            st = c.call("stats")["storage"]
+            assert st["resumed_parts"] == 1 and st["resume_requests"] == 1 and st["kept_bytes"] == 1000, st
+            assert st["failed_parts"] == 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10).read().decode()
+        got = {smp.name: smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+               if smp.name.startswith("tinyserve_storage_")}
+        assert got["tinyserve_storage_resumed_parts_total"] == 1
+        assert got["tinyserve_storage_kept_bytes_total"] == 1000
+        assert got["tinyserve_storage_failed_parts_total"] == 0
+    finally:
+        if s is not None:
+            s.stop()
+        proxy.stop()

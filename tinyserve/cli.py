@@ -288,7 +288,8 @@ def cmd_serve(args) -> int:
     port = args.port if args.port is not None else _default_port()
     from tinyserve.health import EjectionConfig, configure_logging
 
-    storage = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v is not None}
+    storage = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
+                                 ("part_attempts", args.part_attempts), ("backoff", args.backoff)) if v is not None}
     if args.anonymous:
         storage["anonymous"] = True
     ejection = EjectionConfig(consecutive_failures=args.eject_consecutive, error_rate=args.eject_error_rate,
@@ -702,6 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
     sv.add_argument("--region", default=None, help="S3 region (default: $AWS_REGION / AWS config)")
     sv.add_argument("--anonymous", action="store_true", help="S3 without credentials")
+    sv.add_argument("--part-attempts", type=int, default=None, metavar="N",
+                    help="requests per ranged read of a remote file, the first included: a broken body is "
+                         "re-requested from its first missing byte (1..100, default 4)")
+    sv.add_argument("--backoff", type=float, default=None, metavar="SECONDS",
+                    help="wait before the first re-request of a broken read, doubling after each (default 0.05)")
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")

@@ -505,7 +505,8 @@ class Server:
             if self.config.metrics_port is not None:
                 health = on_loop(loop, self.health_report, 2.0)
                 self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port,
-                                           registry=make_registry(self.metrics, self.monitor, self.policy, health),
+                                           registry=make_registry(self.metrics, self.monitor, self.policy, health,
+                                                                  storage=self._resume_counters()),
                                            health=health)
                 self._http.start()
         except BaseException:
@@ -543,6 +544,11 @@ class Server:
             if cfg.placement is not None and cfg.placement.mode == "static":
                 out.append((name, int(path.name)))
         return tuple(out)
+
+    def _resume_counters(self):
+        """The remote storage's resume counters' snapshot function (None for a local repository)."""
+        resumes = getattr(getattr(self.repo, "storage", None), "resumes", None) if self._remote else None
+        return resumes.snapshot if resumes is not None else None
 
     async def _static_models_remote(self) -> tuple:
         """The same for a remote repository: each model's default version (its version policy, else
@@ -1711,6 +1717,9 @@ class Server:
         if self.placement is not None:
             reply["placement"] = self.placement.to_dict()
         reply["in_flight"] = self._budget.count
+        counters = self._resume_counters()
+        if counters is not None:
+            reply["storage"] = counters()  # the remote repository's resumed reads
         reply["connections"] = len(self._conns)
         reply["uptime_s"] = round(time.time() - self.started_at, 3)
         self._ok(conn, rid, reply)

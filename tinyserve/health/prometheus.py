@@ -53,20 +53,41 @@ class TinyserveCollector:
     """A prometheus-client collector reading tinyserve's own statistics at scrape time.
 
     metrics: a metrics.Metrics; monitor: a DeviceMonitor (its latest readings); policy: an
-    EjectionPolicy; health: a callable returning a HealthReport (any of them may be None)."""
+    EjectionPolicy; health: a callable returning a HealthReport; storage: a callable returning a
+    remote repository's resume counters (storage.base.ResumeCounters.snapshot); any may be None."""
 
     def __init__(self, metrics: Metrics | None = None, monitor=None, policy=None,
-                 health: Callable | None = None) -> None:
+                 health: Callable | None = None, storage: Callable | None = None) -> None:
         self.metrics = metrics
         self.monitor = monitor
         self.policy = policy
         self.health = health
+        self.storage = storage
 
     def collect(self):
         yield from self._models()
         yield from self._policy()
         yield from self._health()
         yield from self._devices()
+        yield from self._storage()
+
+    STORAGE_COUNTERS = (
+        ("resumed_parts", "tinyserve_storage_resumed_parts_total",
+         "Ranged reads of the remote repository completed after a broken body was re-requested."),
+        ("resume_requests", "tinyserve_storage_resume_requests_total", "Re-requests of broken ranged reads."),
+        ("kept_bytes", "tinyserve_storage_kept_bytes_total", "Bytes received before a break and kept."),
+        ("resumed_bytes", "tinyserve_storage_resumed_bytes_total", "Bytes received through re-requests."),
+        ("failed_parts", "tinyserve_storage_failed_parts_total", "Ranged reads given up after the last attempt."),
+    )
+
+    def _storage(self):
+        if self.storage is None:
+            return
+        snap = self.storage()
+        for key, name, doc in self.STORAGE_COUNTERS:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], snap.get(key, 0))
+            yield c
 
     def _models(self):
         if self.metrics is None:
@@ -199,11 +220,11 @@ class TinyserveCollector:
         yield from (healthy, used, total, util, temp, power, ecc, throttle, load)
 
 
-def make_registry(metrics: Metrics | None = None, monitor=None, policy=None, health: Callable | None = None
-                  ) -> CollectorRegistry:
+def make_registry(metrics: Metrics | None = None, monitor=None, policy=None, health: Callable | None = None,
+                  storage: Callable | None = None) -> CollectorRegistry:
     """A private registry (not prometheus-client's global one) holding a TinyserveCollector."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(TinyserveCollector(metrics, monitor, policy, health))
+    reg.register(TinyserveCollector(metrics, monitor, policy, health, storage))
     return reg
 
 
