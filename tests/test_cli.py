@@ -233,4 +233,8 @@ def test_serve_resume_flags_reach_the_s3_backend_and_bad_values_are_clean_errors
     assert seen[-1] == {"part_attempts": 0, "backoff": None}
     assert main(argv + ["--part-attempts", "7", "--backoff", "0.5"]) == 2  # the storage is down: a clean error
     assert seen[-1] == {"part_attempts": 7, "backoff": 0.5}
+    capsys.readouterr()
+    assert main(argv + ["--backoff", "2"]) == 2  # a back-off above the 1 s cap is accepted (storage down)
+    err = capsys.readouterr().err
+    assert seen[-1]["backoff"] == 2.0 and "backoff" not in err.lower(), err
     assert "Traceback" not in capsys.readouterr().err

@@ -328,3 +328,37 @@ def test_a_load_blocked_on_busy_models_runs_once_one_of_them_is_idle(tmp_path, g
     finally:
         gate.release()
         s.stop()
+
+
+def test_an_explicit_unload_releases_the_room_even_if_the_last_plan_saw_the_model_busy(tmp_path, gate):
+    """A plan records a's work in flight; a's request then finishes and a is unloaded by the operator:
+    its room must be free for the next load (the recorded count is stale once a has stopped)."""
+    repo = Repository(tmp_path / "repo", create=True)
+    py = tmp_path / "held.py"
+    py.write_text(HELD_MODEL)
+    sizes = {"a": 48 * MB, "b": 60 * MB, "c": 4 * MB}
+    for name, nbytes in sizes.items():
+        n = nbytes // 4
+        torch.save({"w": torch.full((n,), VALUE[name])}, tmp_path / f"{name}.pt")
+        cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+        pack(repo, name, str(tmp_path / f"{name}.pt"), program=str(py), config=cfg, compression="zstd")
+    s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, memory_budget=BUDGET), "uvloop")
+    try:
+        with Client(s.port) as c1, Client(s.port, timeout=30) as c2:
+            _ask(c1, "a")
+            held = c1.infer_send("a", {"x": np.full((1, 4), 42.0, np.float32)})
+            gate.wait()  # a is busy
+            _ask(c2, "c")  # planned while a is busy (fits beside it)
+            gate.release()
+            assert c1.recv()[0]["id"] == held
+            assert c2.call("unload", model="a")["ok"]
+            deadline = time.monotonic() + 30
+            while s.run(lambda: s.server.placement.state("a:1")) == "resident":
+                assert time.monotonic() < deadline, "a's room was never released"
+                time.sleep(0.01)
+            _ask(c2, "b")  # 60 MiB: fits once a's 48 MiB are free (c's 4 MiB stay)
+            assert _resident(s) == ["b", "c"]
+    finally:
+        gate.release()
+        s.stop()

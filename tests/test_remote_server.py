@@ -267,7 +267,11 @@ def test_a_remote_on_demand_load_waits_while_busy_models_fill_the_budget(weed, t
             hb = cb.infer_send("b", {"x": x42})
             gate.wait()  # both busy
             hc = cc.infer_send("c", {"x": x0})
-            time.sleep(0.3)  # c's load is downloaded and blocked meanwhile (no reply yet)
+            deadline = time.monotonic() + 30  # c is downloaded and its plan blocked (registered, not loaded)
+            while not s.run(lambda: s.server.placement.registered("c:1")):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.05)  # (a few more blocked retries)
             resident = s.run(lambda: sorted(n for (n, _), i in s.server._instances.items() if i.state == "READY"))
             assert resident == ["a", "b"]
             conn = gate.open.pop(1)  # b's request finishes

@@ -290,6 +290,10 @@ def cmd_serve(args) -> int:
 
     storage = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region),
                                  ("part_attempts", args.part_attempts), ("backoff", args.backoff)) if v is not None}
+    if args.backoff is not None:  # the doubling is capped at 1 s, or at --backoff when that is longer
+        from tinyserve.storage.base import DEFAULT_BACKOFF_MAX_S
+
+        storage["backoff_max"] = max(DEFAULT_BACKOFF_MAX_S, args.backoff)
     if args.anonymous:
         storage["anonymous"] = True
     ejection = EjectionConfig(consecutive_failures=args.eject_consecutive, error_rate=args.eject_error_rate,
@@ -707,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests per ranged read of a remote file, the first included: a broken body is "
                          "re-requested from its first missing byte (1..100, default 4)")
     sv.add_argument("--backoff", type=float, default=None, metavar="SECONDS",
-                    help="wait before the first re-request of a broken read, doubling after each (default 0.05)")
+                    help="wait before the first re-request of a broken read, doubling after each up to "
+                         "1 s or SECONDS if longer (default 0.05)")
     sv.set_defaults(fn=cmd_serve)
 
     inf = sub.add_parser("infer", help="send one inference request; print (and save) the outputs")

@@ -428,6 +428,7 @@ class Server:
         self._parked: dict[tuple[str, int], list] = {}  # requests waiting for an on-demand load
         self._blocked: set[tuple[str, int]] = set()  # on-demand loads waiting for room (busy models)
         self._blocked_timer = None  # while loads are blocked: a retry every BLOCKED_RETRY_S
+        self._blocked_seen = None  # _finished_sum() at the last timed retry
         self._batch_caps: dict[str, int] = {}  # placement key -> the batch size its memory plan allows
         self._elastic: dict[tuple[str, int], ElasticController] = {}
         self._limits = config.limits
@@ -560,7 +561,9 @@ class Server:
             try:
                 version = self._default_version(name, await self._io(self.repo.versions, name))
                 cfg = await self._io(self.repo.read_config, name, version)
-            except (errors.TinyserveError, OSError):  # a broken model: reported when it is asked for
+            except (errors.TinyserveError, OSError) as exc:  # reported again when it is asked for
+                log.warning("tinyserve: reading the config of %s in %s failed (not placed at start if it is "
+                            "static): %s", name, self.config.repo, exc)
                 return None
             return (name, version) if cfg.placement is not None and cfg.placement.mode == "static" else None
 
@@ -627,6 +630,10 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping = self._draining = True
+        for name, version in sorted(self._blocked):  # loads waiting for room never start now
+            self._fail_parked(name, version, wire.ShuttingDown(
+                f"the server is stopping; model {name!r} version {version} was waiting for memory to load"))
+        self._blocked.clear()
         if self._poll_task is not None:
             self._poll_task.cancel()
         for task in list(self._bg_tasks):
@@ -763,13 +770,9 @@ class Server:
                     # _placement_plan reads the weights file's index: wait for the deferred write
                     if self.placement is not None and not await self._io(self.repo.wait_written, name, version):
                         self.repo.release_view(name, version, path)  # it failed: no entry will exist; fetch again
-                        path, weights, view = await self._io(self.repo.resolve, name, version), None, False
-                    while True:
-                        try:
-                            started = self._start(name, version, path, weights=weights)  # (joins a load begun meanwhile)
-                            break
-                        except _Blocked:  # room frees once busy models finish their work in flight
-                            await asyncio.sleep(BLOCKED_RETRY_S)
+                        view = False
+                        path, weights = await self._io(self.repo.resolve, name, version), None
+                    started = await self._start_when_room(name, version, path, weights)
                 except BaseException:
                     if view:
                         self.repo.release_view(name, version, path)
@@ -788,13 +791,35 @@ class Server:
                     log.warning("tinyserve: %s version %s: the cache commit failed during the load; fetching "
                                 "it again", name, version)
                     path = await self._io(self.repo.resolve, name, version)
-                    return await self._start(name, version, path)
+                    return await (await self._start_when_room(name, version, path, None))
             return await inst.start()
         finally:
             if self._remote and not self._stopping:
                 task = self._loop.create_task(self._refresh_quietly())
                 self._bg_tasks.add(task)
                 task.add_done_callback(self._bg_tasks.discard)
+
+    async def _start_when_room(self, name: str, version: int, path, weights) -> asyncio.Future:
+        """_start, waiting while the memory placement is blocked on busy models (they finish their
+        work in flight in worker threads: retried every BLOCKED_RETRY_S, once their finished counts
+        moved); SHUTTING_DOWN once the server stops."""
+        seen = None
+        while True:
+            if self._stopping:
+                raise wire.ShuttingDown(f"the server is stopping; model {name!r} version {version} was not loaded")
+            progress = self._finished_sum()
+            if progress != seen:
+                seen = progress
+                try:
+                    return self._start(name, version, path, weights=weights)  # (joins a load begun meanwhile)
+                except _Blocked:
+                    pass
+            await asyncio.sleep(BLOCKED_RETRY_S)
+
+    def _finished_sum(self) -> tuple:
+        """What a blocked plan depends on that changes without the loop hearing of it: the requests
+        each instance's workers finished (and which instances exist)."""
+        return tuple((k, i.finished, i.state) for k, i in self._instances.items())
 
     async def _adopt_commit(self, name: str, version: int, started: asyncio.Future, view) -> None:
         """Off the critical path of a remote load: once the version has loaded from the staging view,
@@ -862,9 +887,11 @@ class Server:
         changes = self._poller.poll()
         return changes, (self._list_repo() if self._remote else None)
 
-    def _load(self, name: str, version: int | None) -> asyncio.Future:
-        """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure)."""
-        self._repo_changed()  # a load looks at the repository afresh
+    def _load(self, name: str, version: int | None, fresh: bool = True) -> asyncio.Future:
+        """A future resolving to the READY instance (ModelError / NOT_FOUND / UNAVAILABLE on failure).
+        ``fresh``: look at the repository afresh (not for the retries of a blocked load)."""
+        if fresh:
+            self._repo_changed()
         if self._remote:
             return asyncio.ensure_future(self._load_remote(name, version))
         path = self.repo.resolve(name, version)  # NOT_FOUND, or BAD_REQUEST for an invalid name
@@ -892,28 +919,37 @@ class Server:
     def _blocked_retry_due(self) -> None:
         self._blocked_timer = None
         if self._blocked and not self._stopping:
-            self._retry_blocked()
+            progress = self._finished_sum()
+            if progress != self._blocked_seen:  # a busy model finished something: plan again
+                self._blocked_seen = progress
+                self._retry_blocked()
         self._arm_blocked_retry()
 
     def _retry_blocked(self) -> None:
         """A load finished or an instance stopped: try the on-demand loads that were waiting for room."""
+        if self._stopping:
+            return
         for name, version in sorted(self._blocked):
             self._blocked.discard((name, version))
             try:
-                fut = self._load(name, version)
+                fut = self._load(name, version, fresh=False)
             except _Blocked:
                 self._blocked.add((name, version))
                 continue
             except errors.TinyserveError as exc:
-                for key in ((name, version), (name, None)):
-                    for conn, rid, h, payload in self._parked.pop(key, ()):
-                        if conn.closed:
-                            conn.discard(rid)
-                        else:
-                            self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
-                self._flusher.flush()
+                self._fail_parked(name, version, exc)
                 continue
             fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
+    def _fail_parked(self, name: str, version: int, exc: errors.TinyserveError) -> None:
+        """Answer the requests parked for (name, version), and for name's default, with ``exc``."""
+        for key in ((name, version), (name, None)):
+            for conn, rid, h, payload in self._parked.pop(key, ()):
+                if conn.closed:
+                    conn.discard(rid)
+                else:
+                    self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
+        self._flusher.flush()
 
     def _unpark(self, inst: ModelInstance, fut: asyncio.Future) -> None:
         """A load finished: the requests parked for it run now (or get its error)."""
@@ -965,11 +1001,7 @@ class Server:
             pl.register(key, Footprint(weight_bytes=decoded, mapped={str(path): mapped} if mapped else {}),
                         cands, pinned=pinned, max_batch=max_batch, count=count)
         now = _monotonic()
-        self._submit_pending()  # the requests read this turn count as work in flight of their instance
-        for (n, v), i in self._instances.items():
-            k = f"{n}:{v}"
-            pl.touch(k, i.last_used)
-            pl.set_in_flight(k, i.submitted - i.finished)  # queued or running: never evicted
+        self._sync_in_flight()
         plan = pl.request(key, now)  # ResourceExhausted
         if plan.action == "blocked":
             raise _Blocked(plan.reason)
@@ -989,6 +1021,16 @@ class Server:
             self._update_route(inst.name)  # new requests for it wait for the eviction, then reload it
         self._batch_caps[key] = plan.max_batch
         return key, victims, plan.devices
+
+    def _sync_in_flight(self) -> None:
+        """Tell the placement each version's last use and work in flight (requests submitted and not
+        yet finished by its workers: queued, batched or running), which is never evicted."""
+        self._submit_pending()  # the requests read this turn count as work in flight of their instance
+        pl = self.placement
+        for (n, v), i in self._instances.items():
+            k = f"{n}:{v}"
+            pl.touch(k, i.last_used)
+            pl.set_in_flight(k, i.submitted - i.finished)
 
     def _start(self, name: str, version: int, path, weights: dict | None = None) -> asyncio.Future:
         key = (name, version)
@@ -1066,6 +1108,7 @@ class Server:
             log_event("evict", model=other.name, version=other.version,
                       reason=f"model {inst.name!r} version {inst.version} ran out of memory", bytes=other.decoded_bytes)
             other.evicted = True
+            self.placement.set_in_flight(other.placement_key, 0)  # idle (checked above with live counters)
             self.placement.unload(other.placement_key)
             other.unload()
             self._update_route(other.name)
@@ -1101,6 +1144,7 @@ class Server:
                 if self.placement.state(pkey) == "loading":
                     self.placement.loaded(pkey, _monotonic())
                 # the measured footprint may exceed the estimate the load was planned with
+                self._sync_in_flight()
                 for victim in [v for d in self.placement.devices_of(pkey) for v in self.placement.shed(d, keep=pkey)]:
                     n, _, v = victim.rpartition(":")
                     other = self._instances.get((n, int(v)))
@@ -1137,6 +1181,7 @@ class Server:
             inst.metrics.set_resident(0)
         pkey = inst.placement_key
         if pkey is not None and self.placement.state(pkey) == "resident":
+            self.placement.set_in_flight(pkey, 0)  # stopped: nothing in flight (the last plan's count is stale)
             self.placement.unload(pkey)  # an explicit unload (an eviction released it when planned)
         if self._blocked and not self._stopping:
             self._retry_blocked()
