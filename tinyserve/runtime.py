@@ -17,7 +17,8 @@ Requests are accepted only while READY; requests queued before `unload()` still 
 A model whose config has `batching` (and no preprocess / postprocess hooks) runs its requests in
 batches formed by a `tinyserve.batching.Batcher` per worker (`_serve_batched`, docs/scheduler.md);
 the others run each request alone (`run`).  An instance may have several worker threads sharing the
-queue (`workers`, `add_worker`, `remove_worker`); the last to end releases the model.  It may run on
+queue (`workers`, `add_worker`, `remove_worker`; a batching model's workers take from it one at a
+time, through a turnstile: `_serve_batched`); the last to end releases the model.  It may run on
 several devices (`devices`): one loaded copy per device, the workers assigned to the copies
 round-robin, all taking from the one queue; `stop_device` stops one copy after a device fault and
 `device_stats` reports per device (docs/scheduler.md section 5).
@@ -262,29 +263,43 @@ class _Replica:
         self.workers = 0  # worker threads assigned to it now
         self.cells: list[list[int]] = []  # its workers' taken counters (ended workers' too)
         self.down = ""  # why it stopped (a device fault); "" while it serves
+
+
+class _Turnstile:
+    """Which batching worker may take from a shared queue: one at a time (_serve_batched).  A
+    Condition over a flag rather than a bare Lock so that a device fault (stop_device) can wake the
+    faulted copy's workers waiting for it (a Lock's waiters only wake when it is released)."""
+
+    __slots__ = ("_cond", "_held")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held = False
+
+    def acquire(self, timeout: float | None, rep: _Replica) -> bool:
+        """True once the caller holds it; False after ``timeout`` seconds (None: no limit, 0: only if
+        free now) or, while it is held by another, once ``rep``'s device has faulted."""
+        with self._cond:
+            if self._held and not self._cond.wait_for(lambda: not self._held or rep.down, timeout):
+                return False
+            if self._held:  # woken by a fault of its device
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Every waiter looks again (a device fault)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
 to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
-
-
-POLL_S = 0.0002  # _get_within's sleep between looks at the queue
-
-
-def _get_within(q: queue.SimpleQueue, wait: float):
-    """The next item of ``q`` within ``wait`` seconds, else None, by polling.  CPython 3.11's
-    ``SimpleQueue.get(timeout=...)`` can block for good when several threads consume the queue: woken
-    by a put whose item another consumer took first, after its deadline, it recomputes a negative
-    timeout, which means "wait forever" (a batching worker then held a partial batch indefinitely:
-    tests/test_devices.py).  A blocking get() without a timeout is not affected."""
-    end = time.monotonic() + wait
-    while True:
-        try:
-            return q.get_nowait()
-        except queue.Empty:
-            pass
-        left = end - time.monotonic()
-        if left <= 0:
-            return None
-        time.sleep(min(left, POLL_S))
 
 
 def _release(model: LoadedModel) -> None:
@@ -369,9 +384,16 @@ class ModelInstance:
         # least one per device; elastic models add and remove them): the first loads, the others start
         # once it is ready; the last to end releases the model
         self._want_workers = max(len(names), int(workers), 1)
-        # set (for good) before a second worker starts: the queue then has several consumers, and a
-        # batching worker's timed wait polls (_get_within) instead of SimpleQueue.get(timeout=...)
+        # set (for good) before a second worker starts: the queue then has several consumers, and the
+        # workers of a batching model take from it one at a time (the turnstile, _serve_batched)
         self._shared_queue = self._want_workers > 1
+        self._turnstile = _Turnstile()  # held by the one batching worker that may take from the queue
+        # set once every batching worker takes through the turnstile: at once with several workers from
+        # the start; for an instance that started with one (elastic), by that worker at its next turn
+        # after add_worker, or when it ends.  A worker that add_worker starts waits for it.
+        self._sharing = threading.Event()
+        if self._shared_queue:
+            self._sharing.set()
         self._workers = 0
         self._workers_lock = threading.Lock()  # guards _workers and _stopping
         self._stopping = False
@@ -512,6 +534,7 @@ class ModelInstance:
             self.device = next(r.health for r in self._replicas if not r.down)
         for _ in range(n):  # wake its idle workers (another worker taking one ignores it)
             self._q.put(_WAKE)
+        self._turnstile.wake()  # and its batching workers waiting for the turnstile
         return True
 
     def device_stats(self) -> list[dict]:
@@ -796,80 +819,139 @@ class ModelInstance:
     def _serve_batched(self, done, flush, rec, rep: _Replica) -> None:
         """The worker loop of a batching model: requests go into a Batcher (docs/scheduler.md), which
         says when a batch is due; each batch is one model call, its outputs split back per request.
-        After unload() the requests already queued still run (their delay is not cut short)."""
+        After unload() the requests already queued still run (their delay is not cut short).
+
+        One worker (the queue's only consumer) waits for more requests with SimpleQueue.get(timeout=
+        the batch's remaining delay).  Several workers (a shared queue) take from it one at a time,
+        through the turnstile, because CPython 3.11's timed SimpleQueue.get is wrong with several
+        consumers (Modules/_queuemodule.c): a waiter woken by a put whose item another consumer took
+        first recomputes its timeout from its deadline; once that is past the value is negative,
+        which PyThread_acquire_lock_timed reads as "wait forever" (until the next put), so a partial
+        batch could be held indefinitely.  The worker holding the turnstile (_Turnstile) is the only
+        thread inside get / get_nowait, so its timed get is the correct single-consumer one.  A
+        worker acquires the turnstile before it takes: with an empty batcher without a limit, with a
+        partial batch for at most its remaining delay (a Condition's timed wait, correct with any
+        number of waiters), then waits in get for what is left; a device fault wakes the faulted
+        copy's waiters.  It keeps the turnstile while it collects, so arrivals join the batch being
+        formed, and lets go before it runs a batch (the next worker takes what arrives meanwhile),
+        when it stops taking (a marker, a fault) and when it ends (that hand-over wakes a waiting
+        worker: one thread wake per batch).  Nothing polls, no thread or queue is added, and the
+        loop's side (put) stays SimpleQueue's.  Not chosen: one batch-former thread feeding runner
+        threads (one more hand-off per batch, and it must know when a runner is free for batches to
+        keep growing while every runner is busy); queue.Queue for instances that may have several
+        workers (a Python-level Condition in every put on the loop, and elastic instances start with
+        one worker: the queue type would have to be known at construction).  An instance that starts with one worker and gains one (add_worker) switches
+        over safely: the new worker takes nothing until the first one has set _sharing, at its next
+        turn of this loop (before it takes anything more) or when it ends."""
         b = self.batcher = Batcher(self.batching, self._in_names, max_batch_size=self.max_batch_override,
                                    max_queue_delay_us=self.queue_delay_override_us)
         q = self._q
         cell = self._tls.cell
         monotonic = time.monotonic
         multi = self._multi
+        turnstile = self._turnstile
+        if threading.current_thread() is self._thread:  # the first worker: alone until a second one starts
+            shared = self._shared_queue
+            if shared:
+                self._sharing.set()
+        else:  # started at load (set already) or by add_worker: wait until the first uses the turnstile
+            self._sharing.wait()
+            shared = True
         # stopping: a stop or retire marker, or a fault of its device: take nothing more from the
         # queue (the markers behind are the other workers'), run what the batcher holds, end
-        stopping = faulted = False
+        stopping = faulted = held = False  # held: this worker holds the turnstile
         wait = None
-        while True:
-            if stopping:
-                items = None
-                if wait:
-                    time.sleep(wait)
-            elif wait is not None and wait > 0 and self._shared_queue:
-                items = _get_within(q, wait)
-            else:
-                try:
-                    items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
-                except queue.Empty:
-                    items = None
-            while items is not None:
-                if type(items) is _Marker:
-                    if items is _STOP or (items is _RETIRE and self._may_retire(rep)):
-                        stopping = True
-                    elif items is _WAKE and rep.down:
-                        stopping = faulted = True
-                else:
-                    if multi and rep.down:  # its device faulted: these run on a serving copy (below)
-                        stopping = faulted = True  # (never put back: they could land behind stop markers)
-                    now = monotonic()
-                    if rec is not None:
-                        rec.dequeued(len(items))
-                    for r in items:
-                        try:
-                            b.add(r, now)
-                        except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
-                            r.error = exc
-                            cell[0] += 1
-                            cell[1] += 1
-                            done(r)
-                if stopping:
-                    break
-                try:
-                    items = q.get_nowait()
-                except queue.Empty:
-                    items = None
-            if faulted and rep.down:  # what the batcher holds runs on a serving copy
-                live = self._live()
-                if live is not None:
-                    rep = live
-                    cell = [0, 0]  # what runs from now on counts for the serving copy
-                    with self._workers_lock:
-                        self._taken_cells.append(cell)
-                        rep.cells.append(cell)
+        try:
             while True:
-                batch, expired, wait = b.next(monotonic())
-                for r in expired:
-                    r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before its "
-                                                    "deadline (timeout_ms)")
-                    cell[0] += 1
-                    cell[1] += 1
-                    done(r)
-                if batch is None:
-                    break
-                cell[0] += len(batch.requests)
-                self._run_batch(batch, b, done, rec, rep)
-                cell[1] += len(batch.requests)
+                if not shared and self._shared_queue:  # add_worker: from now on through the turnstile
+                    shared = True
+                    self._sharing.set()
+                if stopping:
+                    items = None
+                    if wait:
+                        time.sleep(wait)
+                elif shared:
+                    if not held:
+                        if wait is None or wait <= 0:
+                            held = turnstile.acquire(None if wait is None else 0, rep)
+                        else:
+                            t = monotonic()
+                            held = turnstile.acquire(wait, rep)
+                            wait -= monotonic() - t
+                        if not held and multi and rep.down:  # its device faulted while it waited
+                            stopping = faulted = True
+                    items = None
+                    if held:
+                        try:
+                            items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
+                        except queue.Empty:
+                            pass
+                else:
+                    try:
+                        items = q.get(timeout=wait) if wait is None or wait > 0 else q.get_nowait()
+                    except queue.Empty:
+                        items = None
+                while items is not None:
+                    if type(items) is _Marker:
+                        if items is _STOP or (items is _RETIRE and self._may_retire(rep)):
+                            stopping = True
+                        elif items is _WAKE and rep.down:
+                            stopping = faulted = True
+                    else:
+                        if multi and rep.down:  # its device faulted: these run on a serving copy (below)
+                            stopping = faulted = True  # (never put back: they could land behind stop markers)
+                        now = monotonic()
+                        if rec is not None:
+                            rec.dequeued(len(items))
+                        for r in items:
+                            try:
+                                b.add(r, now)
+                            except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
+                                r.error = exc
+                                cell[0] += 1
+                                cell[1] += 1
+                                done(r)
+                    if stopping:
+                        break
+                    try:
+                        items = q.get_nowait()
+                    except queue.Empty:
+                        items = None
+                if stopping and held:  # it takes nothing more: the others may
+                    held = False
+                    turnstile.release()
+                if faulted and rep.down:  # what the batcher holds runs on a serving copy
+                    live = self._live()
+                    if live is not None:
+                        rep = live
+                        cell = [0, 0]  # what runs from now on counts for the serving copy
+                        with self._workers_lock:
+                            self._taken_cells.append(cell)
+                            rep.cells.append(cell)
+                while True:
+                    batch, expired, wait = b.next(monotonic())
+                    for r in expired:
+                        r.error = wire.DeadlineExceeded(f"request to model {self.name!r} could not start before "
+                                                        "its deadline (timeout_ms)")
+                        cell[0] += 1
+                        cell[1] += 1
+                        done(r)
+                    if batch is None:
+                        break
+                    if held:  # another worker takes (and batches) what arrives while this one runs
+                        held = False
+                        turnstile.release()
+                    cell[0] += len(batch.requests)
+                    self._run_batch(batch, b, done, rec, rep)
+                    cell[1] += len(batch.requests)
+                    flush()
                 flush()
-            flush()
-            if stopping and not len(b):
-                return
+                if stopping and not len(b):
+                    return
+        finally:
+            if held:
+                turnstile.release()
+            self._sharing.set()  # a worker add_worker started while this one was alone may take now
 
     def _run_batch(self, batch, b: Batcher, done, rec, rep: _Replica) -> None:
         reqs = batch.requests
