@@ -53,6 +53,7 @@ def repo(tmp_path_factory):
                  "batching": {"max_batch_size": 2, "max_queue_delay_us": 100000}})
     pack(r, "load", "tinyserve.examples:mlp", config={"batching": {"max_batch_size": 8, "max_queue_delay_us": 1000}})
     pack(r, "slow", "tinyserve.examples:mlp", config={"batching": {"max_batch_size": 32, "max_queue_delay_us": 300000}})
+    pack(r, "plain", "tinyserve.examples:mlp")  # no batching
     return r
 
 
@@ -278,5 +279,38 @@ def test_a_device_fault_ends_the_idle_workers_of_that_copy_without_traffic(repo,
         assert h.inst.workers == 1
         stats = {s["device"]: s for s in h.inst.device_stats()}
         assert stats[faulted]["state"] == "FAULTED"
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("name", ["load", "plain"])
+def test_two_retire_markers_taken_together_never_end_the_last_worker(repo, name, monkeypatch):
+    """Two scale-downs decided back to back (two retire markers) on an instance with two workers: one
+    worker ends, the other keeps serving (a retirement is reserved when granted, so the second worker
+    to take a marker sees the first one's).  A retiring worker is slowed on its way out, so the second
+    marker is taken while the first worker still counts."""
+    from tinyserve import runtime
+
+    real_done = runtime.ModelInstance._worker_done
+
+    def slow_done(self, rep):
+        time.sleep(0.2)
+        real_done(self, rep)
+
+    monkeypatch.setattr(runtime.ModelInstance, "_worker_done", slow_done)
+    h = Harness(repo, name, workers=2)
+    try:
+        assert h.inst.remove_worker()
+        h.inst._q.put(runtime._RETIRE)  # a second scale-down decided before the first marker was taken
+        deadline = time.monotonic() + 10
+        while h.inst.workers > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.4)
+        assert h.inst.workers == 1 and h.inst.state == READY
+        x = _rows(1, 99)
+        r = h.request(x, "after")
+        h.inst.submit(r)
+        done = h.run(h.futures["after"], timeout=10)
+        assert done.error is None
     finally:
         h.close()

@@ -395,7 +395,8 @@ class ModelInstance:
         if self._shared_queue:
             self._sharing.set()
         self._workers = 0
-        self._workers_lock = threading.Lock()  # guards _workers and _stopping
+        self._workers_lock = threading.Lock()  # guards _workers, _retiring and _stopping
+        self._retiring = 0  # workers that took a retire marker and have not ended yet (_may_retire)
         self._stopping = False
         self._tls = threading.local()  # each worker's statistics recorder
         self._threads = torch_threads
@@ -497,7 +498,7 @@ class ModelInstance:
     def remove_worker(self) -> bool:
         """One worker fewer, after the requests queued ahead (elastic scale-down; never the last)."""
         with self._workers_lock:
-            if self._stopping or self._serving_workers() <= 1:
+            if self._stopping or self._serving_workers() - self._retiring <= 1:
                 return False
         self._q.put(_RETIRE)
         return True
@@ -508,9 +509,15 @@ class ModelInstance:
 
     def _may_retire(self, rep: _Replica) -> bool:
         """A worker that took a retire marker ends only if another serving worker remains (a device
-        fault since the scale-down was decided may have left it the last)."""
+        fault since the scale-down was decided may have left it the last).  A yes is reserved at
+        once (``_retiring``, released in _worker_done), so two workers taking retire markers at the
+        same moment cannot both end when only one may."""
         with self._workers_lock:
-            return self._serving_workers() - (0 if rep.down else 1) > 0
+            if self._serving_workers() - self._retiring - (0 if rep.down else 1) > 0:
+                self._retiring += 1
+                self._tls.retiring = True
+                return True
+            return False
 
     def _spawn(self, rep: _Replica) -> None:
         threading.Thread(target=self._worker_main, args=(rep,), name=f"tinyserve-{self.name}-{self.version}+",
@@ -518,9 +525,9 @@ class ModelInstance:
 
     def stop_device(self, device: str, reason: str) -> bool:
         """A health fault on ``device`` (its "cuda:N" name or its health name "gpuN"): that copy's
-        workers stop taking requests and end (a request one of them took is put back on the queue
-        for the others; a batching worker finishes the requests already in its batcher on a serving
-        copy), and the last of them releases the copy.  The other copies keep serving.  False (and
+        workers stop taking requests and end (what one of them took runs on a serving copy, never
+        back on the queue; a batching worker finishes the requests already in its batcher on a
+        serving copy), and the last of them releases the copy.  The other copies keep serving.  False (and
         nothing changes) when no serving copy is on ``device``, or it is the last serving one: the
         caller then fails the whole version."""
         with self._workers_lock:
@@ -665,6 +672,9 @@ class ModelInstance:
         """A worker ends; the last one releases every copy of the model and reports the instance
         stopped; the last worker of a faulted device releases that device's copy."""
         with self._workers_lock:
+            if getattr(self._tls, "retiring", False):
+                self._retiring -= 1
+                self._tls.retiring = False
             self._workers = max(0, self._workers - 1)
             last = self._workers == 0
             if rep is not None:
