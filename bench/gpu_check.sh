@@ -34,7 +34,8 @@ export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}"
 # module to import -> wheel name prefix; unpacked only when the module is missing
 for pair in numpy:numpy zstandard:zstandard xxhash:xxhash msgpack:msgpack uvloop:uvloop \
             pluggy:pluggy iniconfig:iniconfig packaging:packaging pygments:pygments \
-            sortedcontainers:sortedcontainers _pytest:pytest pytest_timeout:pytest_timeout hypothesis:hypothesis; do
+            sortedcontainers:sortedcontainers _pytest:pytest pytest_timeout:pytest_timeout hypothesis:hypothesis \
+            prometheus_client:prometheus_client pynvml:nvidia_ml_py; do
     mod="${pair%%:*}"
     whl="${pair#*:}"
     if ! "$PY" -c "import $mod" >/dev/null 2>&1; then
@@ -66,6 +67,11 @@ tests_rc=0
 timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --timeout 150 \
     tests/test_kernels.py tests/test_gpu_load.py 2>&1 | tee "$RESULTS/gpu-tests.txt" | tail -25
 tests_rc=${PIPESTATUS[0]}
+# the server on cuda:0 (its own run: it imports the whole server, so a missing module there cannot
+# keep the kernel and load tests above from running)
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" --timeout 90 \
+    tests/test_devices.py 2>&1 | tee "$RESULTS/gpu-server-tests.txt" | tail -15
+server_rc=${PIPESTATUS[0]}
 
 day="$(date +%Y-%m-%d)"
 bench_rc=0
@@ -75,6 +81,7 @@ bench_rc=${PIPESTATUS[0]}
 echo
 echo "== gpu_check summary ($(( $(date +%s) - start )) s)"
 printf '  %-28s %s\n' "gpu tests" "$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$RESULTS/gpu-tests.txt" | tail -1) (rc $tests_rc)"
+printf '  %-28s %s\n' "gpu server test" "$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$RESULTS/gpu-server-tests.txt" | tail -1) (rc $server_rc)"
 if [ -f "$RESULTS/gpu-load-$day.json" ]; then
     "$PY" - "$RESULTS/gpu-load-$day.json" <<'EOF'
 import json, sys
@@ -92,4 +99,4 @@ EOF
 else
     echo "  benchmark                    did not finish (rc $bench_rc)"
 fi
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$server_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -79,7 +79,7 @@ fi
 "$PY312" -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --implementation cp -d "$out" \
-    numpy zstandard xxhash msgpack uvloop pytest pytest-timeout hypothesis
+    numpy zstandard xxhash msgpack uvloop pytest pytest-timeout hypothesis prometheus-client nvidia-ml-py
 
 # smoke test under Python 3.12 without torch: the core imports and round-trips a chunk
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-index --find-links "$out" numpy xxhash zstandard

@@ -521,3 +521,39 @@ def test_raw_weights_count_on_a_gpu_and_not_on_the_cpu_after_the_measured_footpr
                 assert (reserved >= 8 * MB) is counted, (device, reserved)
         finally:
             s.stop()
+
+
+# --- on a real GPU (bench/gpu_check.sh; skipped without CUDA) -------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_gpu_serves_under_a_probed_budget_with_its_nvml_name(tmp_path, gate):
+    """No simulation: the server on cuda:0 probes its budget (NVML, else torch), places the model
+    there, reserves at least its weight bytes, answers correctly, and names the GPU in health by its
+    NVML index (memory.map_cuda_to_nvml)."""
+    repo = Repository(tmp_path / "repo", create=True)
+    n = 16 * MB // 4
+    for name, compression in (("raw", "none"), ("packed", "zstd")):
+        torch.save({"w": torch.full((n,), 3.0)}, tmp_path / f"{name}.pt")
+        (tmp_path / "const.py").write_text(MODEL)
+        cfg = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"n": n, "port": gate.port}}
+        pack(repo, name, str(tmp_path / f"{name}.pt"), program=str(tmp_path / "const.py"), config=cfg,
+             compression=compression)
+    s = ServerThread(ServerConfig(repo=str(repo.root), torch_threads=1, device="cuda:0"), "uvloop")
+    try:
+        with Client(s.port) as c:
+            for name in ("raw", "packed"):
+                h, out = c.infer(name, {"x": np.ones((1, 4), np.float32)})  # loaded on demand (placement)
+                assert h["ok"], h
+                np.testing.assert_array_equal(out["y"], np.full((1, 4), 4.0, np.float32))
+            pl = s.run(lambda: s.server.placement.to_dict())
+            total = torch.cuda.mem_get_info(0)[1]
+            assert 0 < pl["devices"]["cuda:0"]["budget"] <= total
+            for name in ("raw", "packed"):
+                assert pl["models"][f"{name}:1"]["reserved_by_device"]["cuda:0"] >= 16 * MB, pl["models"]
+                assert _inst(s, name).devices == ["cuda:0"]
+            health = c.call("health")
+            gpu = memory.health_name("cuda:0")
+            assert health["models"]["raw"]["device"] == gpu, health
+    finally:
+        s.stop()
