@@ -39,6 +39,38 @@ def render_text(header: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def results_page(title: str, header: str, res: dict, rows: list[dict], method: str | None = None) -> list[str]:
+    """The lines of a `<name>-latest.md` page up to its table: the title, the run's header, wall time
+    and command, the phases (seconds, load average after), an optional method paragraph, and the
+    table of `rows` (section, figure, value, target, verdict)."""
+    lines = [f"# {title}", "", "```", header, "```", "",
+             f"Wall time: {res['wall_s']:.0f} s. Command: `{res['command']}`", "",
+             "Phases (seconds, load average after): " + "; ".join(
+                 f"{k} {v['s']:.0f} s ({' '.join(v['loadavg_after'])})" for k, v in res["phases"].items()) + ".", ""]
+    if method:
+        lines += [method, ""]
+    lines += ["| section | figure | value | target | result |", "|---|---|---|---|---|"]
+    lines += [f"| {r['section']} | {r['figure']} | {r['value']} | {r['target']} | {r['verdict']} |" for r in rows]
+    return lines
+
+
+def tally(rows: list[dict]) -> str:
+    """"N targets pass, M fail." over the rows' verdicts."""
+    passed = sum(r["verdict"] == "PASS" for r in rows)
+    failed = sum(r["verdict"] == "FAIL" for r in rows)
+    return f"{passed} targets pass, {failed} fail."
+
+
+def command_line(root: Path, script: str, argv: list[str] | None) -> str:
+    """How the run was started: the interpreter relative to `root` (absolute when outside it), the
+    script, and its arguments (`argv`, else this process's)."""
+    import sys
+
+    exe = os.path.relpath(sys.executable, root)
+    return " ".join([exe if not exe.startswith("..") else sys.executable, script,
+                     *(argv if argv is not None else sys.argv[1:])])
+
+
 def phase_timer(phases: dict, log):
     """A `phase(name)` callable that records the seconds since the previous call and the load
     average after it into `phases`, and logs them."""

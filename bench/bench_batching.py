@@ -52,7 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, phase_timer, render_text, verdict, write_atomic  # noqa: E402 (bench/ is sys.path[0])
+from _common import (_proc_field, command_line, loadavg, phase_timer, render_text, results_page, verdict,  # noqa: E402
+                     write_atomic)  # noqa: E402 (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -162,29 +163,28 @@ def model_timing(repo_dir: str, models: list[str]) -> int:
 # servers
 
 
+def _start_server(work: Path, core: int, name: str, argv: list[str], banner: str) -> tuple[bl.Proc, int]:
+    """Start `argv` on `core` and wait for its "<banner>: listening on host:port" line (stopped on failure)."""
+    p = bl.Proc(name, bl.taskset(core, argv), work / f"{name}.log")
+    try:
+        m = p.wait_for(banner + r": listening on [^:\s]+:(\d+)", bl.START_TIMEOUT_S)
+    except BaseException:
+        p.stop(5)
+        raise
+    return p, int(m.group(1))
+
+
 def start_tinyserve(work: Path, repo: Path, core: int, models: list[str], name: str) -> tuple[bl.Proc, int]:
     argv = [bl.py(), "-m", "tinyserve", "serve", "--repo", str(repo), "--port", "0", "--threads", "1",
             "--drain-timeout", "2"]
     for m in models:
         argv += ["--model", m]
-    p = bl.Proc(name, bl.taskset(core, argv), work / f"{name}.log")
-    try:
-        m = p.wait_for(r"tinyserve: listening on [^:\s]+:(\d+)", bl.START_TIMEOUT_S)
-    except BaseException:
-        p.stop(5)
-        raise
-    return p, int(m.group(1))
+    return _start_server(work, core, name, argv, "tinyserve")
 
 
 def start_floor(work: Path, repo: Path, core: int) -> tuple[bl.Proc, int]:
     argv = [bl.py(), str(Path(bl.__file__).resolve()), "--floor-server", "--repo", str(repo), "--models", "mlp"]
-    p = bl.Proc("floor", bl.taskset(core, argv), work / "floor.log")
-    try:
-        m = p.wait_for(r"floor: listening on [^:\s]+:(\d+)", bl.START_TIMEOUT_S)
-    except BaseException:
-        p.stop(5)
-        raise
-    return p, int(m.group(1))
+    return _start_server(work, core, "floor", argv, "floor")
 
 
 def server_model_stats(port: int, model: str) -> dict | None:
@@ -421,17 +421,10 @@ def header_text(env: dict) -> str:
 
 
 def render_md(env: dict, rows: list[dict], res: dict) -> str:
-    out = ["# Batching benchmark: latest results", "", "```", header_text(env), "```", "",
-           f"Wall time: {res['wall_s']:.0f} s. Command: `{res['command']}`", "",
-           "Phases (seconds, load average after): " + "; ".join(
-               f"{k} {v['s']:.0f} s ({' '.join(v['loadavg_after'])})" for k, v in res["phases"].items()) + ".", "",
-           "Method: see the docstring of bench/bench_batching.py. Open-loop latency counts from each request's "
-           "scheduled (Poisson) send time; saturation = closed-loop answered req/s with 64 in flight. A bracketed "
-           "note after an open-loop point is the load generator's warning (e.g. server behind, not stable).", "",
-           "| section | figure | value | target | result |", "|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['section']} | {r['figure']} | {r['value']} | {r['target']} | {r['verdict']} |")
-    return "\n".join(out) + "\n"
+    method = ("Method: see the docstring of bench/bench_batching.py. Open-loop latency counts from each request's "
+              "scheduled (Poisson) send time; saturation = closed-loop answered req/s with 64 in flight. A bracketed "
+              "note after an open-loop point is the load generator's warning (e.g. server behind, not stable).")
+    return "\n".join(results_page("Batching benchmark: latest results", header_text(env), res, rows, method)) + "\n"
 
 
 def environment(args, cores: dict) -> dict:
@@ -550,9 +543,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     env["machine"]["loadavg_end"] = loadavg()
     res["wall_s"] = time.perf_counter() - t_start
-    exe = os.path.relpath(sys.executable, ROOT)
-    res["command"] = " ".join([exe if not exe.startswith("..") else sys.executable, "bench/bench_batching.py",
-                               *(argv if argv is not None else sys.argv[1:])])
+    res["command"] = command_line(ROOT, "bench/bench_batching.py", argv)
     rows = build_rows(res)
     text = render_text(header_text(env), rows)
     print()

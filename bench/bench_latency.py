@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, phase_timer, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+from _common import _proc_field, command_line, loadavg, phase_timer, render_text, results_page, tally, verdict  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -1060,20 +1060,12 @@ def header_text(env: dict) -> str:
 
 
 def render_md(env: dict, rows: list[dict], res: dict, profile_name: str) -> str:
-    lines = ["# Latency benchmark: latest results", "", "```", header_text(env), "```", "",
-             f"Wall time: {res['wall_s']:.0f} s. Command: `{res['command']}`", "",
-             "Phases (seconds, load average after): " + "; ".join(
-                 f"{k} {v['s']:.0f} s ({' '.join(v['loadavg_after'])})" for k, v in res["phases"].items()) + ".", "",
-             "Latency is measured by the load generator (send of the request to read of its reply), so it "
-             "includes the generator's own cost, the same for both servers. Server CPU us/req: on-CPU time "
-             "of every thread of the server process (schedstat) over the measured requests. Driver busy: "
-             "the generator's CPU time / wall time (near 100%: the generator, not the server, set the pace).", "",
-             "| section | figure | value | target | result |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['section']} | {r['figure']} | {r['value']} | {r['target']} | {r['verdict']} |")
-    passed = sum(r["verdict"] == "PASS" for r in rows)
-    failed = sum(r["verdict"] == "FAIL" for r in rows)
-    lines += ["", f"{passed} targets pass, {failed} fail.", "",
+    method = ("Latency is measured by the load generator (send of the request to read of its reply), so it "
+              "includes the generator's own cost, the same for both servers. Server CPU us/req: on-CPU time "
+              "of every thread of the server process (schedstat) over the measured requests. Driver busy: "
+              "the generator's CPU time / wall time (near 100%: the generator, not the server, set the pace).")
+    lines = results_page("Latency benchmark: latest results", header_text(env), res, rows, method)
+    lines += ["", tally(rows), "",
               f"Profiles of both servers (cProfile; tinyserve: loop and worker threads): `{profile_name}`."]
     return "\n".join(lines) + "\n"
 
@@ -1394,9 +1386,7 @@ def main(argv=None) -> int:
     env["machine"]["loadavg_end"] = loadavg()
     res["summary"] = summarize(res["records"])
     res["wall_s"] = time.perf_counter() - t_start
-    exe = os.path.relpath(sys.executable, ROOT)
-    res["command"] = " ".join([exe if not exe.startswith("..") else sys.executable, "bench/bench_latency.py",
-                               *(argv if argv is not None else sys.argv[1:])])
+    res["command"] = command_line(ROOT, "bench/bench_latency.py", argv)
     report(env, res, Path(args.out), profile_text)
     return 0
 

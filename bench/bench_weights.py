@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import _proc_field, loadavg, phase_timer, render_text, verdict  # noqa: E402  (bench/ is sys.path[0])
+from _common import _proc_field, command_line, loadavg, phase_timer, render_text, results_page, tally, verdict  # noqa: E402  (bench/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -758,17 +758,8 @@ def header_text(env: dict) -> str:
 
 
 def render_md(env: dict, rows: list[dict], res: dict) -> str:
-    lines = ["# Weights benchmark: latest results", "", "```", header_text(env), "```", "",
-             f"Wall time: {res['wall_s']:.0f} s. Command: `{res['command']}`", "",
-             "Phases (seconds, load average after): " + "; ".join(
-                 f"{k} {v['s']:.0f} s ({' '.join(v['loadavg_after'])})" for k, v in res["phases"].items()) + ".", "",
-             "| section | figure | value | target | result |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['section']} | {r['figure']} | {r['value']} | {r['target']} | {r['verdict']} |")
-    passed = sum(r["verdict"] == "PASS" for r in rows)
-    failed = sum(r["verdict"] == "FAIL" for r in rows)
-    lines += ["", f"{passed} targets pass, {failed} fail."]
-    return "\n".join(lines) + "\n"
+    lines = results_page("Weights benchmark: latest results", header_text(env), res, rows)
+    return "\n".join(lines + ["", tally(rows)]) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -886,7 +877,7 @@ def main(argv=None) -> int:
 
     env["machine"]["loadavg_end"] = loadavg()
     res["wall_s"] = time.perf_counter() - t_start
-    res["command"] = " ".join([os.path.relpath(sys.executable, ROOT), "bench/bench_weights.py", *(argv or sys.argv[1:])])
+    res["command"] = command_line(ROOT, "bench/bench_weights.py", argv)
     rows = build_rows(res)
     text = render_text(header_text(env), rows)
     print()

@@ -600,13 +600,11 @@ class Server:
                           require_model=self.config.require_model)
 
     def _tick(self) -> None:
-        """Once a second: the throughput windows, elastic scaling, and loads blocked until busy models
-        finish their work in flight (nothing else says when that happens)."""
+        """Once a second: the throughput windows and elastic scaling (blocked loads have their own
+        timer, _arm_blocked_retry)."""
         self.metrics.tick()
         if self._elastic:
             self._scale(self.clock())
-        if self._blocked:
-            self._retry_blocked()
         if not self._stopping:
             self._tick_handle = self._loop.call_later(1.0, self._tick)
 
@@ -1014,9 +1012,7 @@ class Server:
                           bytes=inst.decoded_bytes)
                 inst.evicted = True
                 victims.append(inst)
-        if victims:
-            self._submit_pending()  # (as in _unload_targets)
-        for inst in victims:
+        for inst in victims:  # (the requests read this turn went to their instances in _sync_in_flight)
             inst.unload()
             self._update_route(inst.name)  # new requests for it wait for the eviction, then reload it
         self._batch_caps[key] = plan.max_batch
