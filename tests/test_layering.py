@@ -5,7 +5,7 @@ from pathlib import Path
 
 ORDER = ["errors", "spec", "config", "_native", "_fallback", "_backend", "weights", "storage", "repository",
          "program", "pack", "remote", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
-         "health", "server", "examples", "client", "bench", "cli", "__main__"]
+         "health", "core", "frontends", "server", "examples", "client", "bench", "cli", "__main__"]
 PKG = Path(__file__).resolve().parent.parent / "tinyserve"
 
 
@@ -52,3 +52,48 @@ def test_client_uses_only_the_wire_side():
     path = PKG / "client.py"
     if path.exists():
         assert set(imported_units(path)) <= allowed
+
+
+def _imports(path: Path):
+    """Every tinyserve module a file imports, as dotted names below tinyserve."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n.startswith("tinyserve."):
+                yield n[len("tinyserve."):]
+
+
+SHARED_FRONTEND = {"__init__", "oip"}  # what front ends may share (wire-library free)
+
+
+def test_front_ends_import_only_the_core_api_and_their_wire():
+    """A front end (tinyserve/frontends/*) imports the core's API, errors, the tensor helpers and
+    limits of wire/config, and the shared Open Inference Protocol tables; never another front end,
+    never the server or the core's internals."""
+    allowed = {"errors", "spec", "config", "wire", "core", "core.api", "frontends"}
+    bad = []
+    for path in (PKG / "frontends").rglob("*.py"):
+        me = path.stem
+        for dep in _imports(path):
+            parts = dep.split(".")
+            if parts[0] == "frontends":
+                if len(parts) > 1 and parts[1] not in SHARED_FRONTEND and parts[1] != me:
+                    bad.append(f"{path.name} imports tinyserve.{dep} (another front end)")
+            elif dep not in allowed and ".".join(parts[:2]) not in allowed and parts[0] not in (
+                    "errors", "spec", "config", "wire"):
+                bad.append(f"{path.name} imports tinyserve.{dep}")
+            elif parts[0] == "core" and len(parts) > 1 and parts[1] != "api":
+                bad.append(f"{path.name} imports tinyserve.{dep} (the core's internals)")
+    assert not bad, bad
+
+
+def test_core_imports_no_front_end():
+    bad = [f"{path.relative_to(PKG)} imports tinyserve.{dep}" for path in (PKG / "core").rglob("*.py")
+           for dep in _imports(path) if dep.split(".")[0] in ("frontends", "server", "cli")]
+    assert not bad, bad

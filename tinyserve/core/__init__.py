@@ -1,0 +1,1 @@
+"""The server core: model management and the request path, behind one wire-free API (`core.api`)."""

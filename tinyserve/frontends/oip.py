@@ -1,0 +1,61 @@
+"""What the Open Inference Protocol (KServe v2) front ends share: datatype names and the mapping of
+tinyserve's error codes to HTTP and gRPC statuses.  Wire-library free (no httptools, no grpc)."""
+
+from __future__ import annotations
+
+from tinyserve import errors
+
+__all__ = ["DATATYPE_OF", "DTYPE_OF", "GRPC_STATUS", "HTTP_STATUS", "UNSUPPORTED_DATATYPES",
+           "dtype_of", "http_status", "grpc_status"]
+
+# the protocol's datatype -> tinyserve's dtype (docs/protocol.md section 3)
+DTYPE_OF: dict[str, str] = {
+    "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BF16": "bfloat16", "BYTES": "bytes",
+}
+DATATYPE_OF: dict[str, str] = {v: k for k, v in DTYPE_OF.items()}
+# datatypes the protocol defines that tinyserve's tensors cannot hold (refused by name)
+UNSUPPORTED_DATATYPES = ("UINT16", "UINT32", "UINT64")
+
+
+def dtype_of(datatype: object, tensor: str) -> str:
+    """The tinyserve dtype of a request tensor's `datatype`, or InvalidInput naming the tensor."""
+    from tinyserve import wire
+
+    dt = DTYPE_OF.get(datatype) if type(datatype) is str else None
+    if dt is None:
+        what = "is not supported by tinyserve" if datatype in UNSUPPORTED_DATATYPES else "is not a datatype"
+        raise wire.InvalidInput(f"input {tensor!r}: datatype {wire.shown(datatype)} {what} "
+                                f"(supported: {', '.join(DTYPE_OF)})")
+    return dt
+
+
+# tinyserve's wire code -> HTTP status (the body is {"error": message}) and gRPC status code name
+HTTP_STATUS: dict[str, int] = {
+    "BAD_FRAME": 400, "BAD_REQUEST": 400, "INVALID_INPUT": 400, "DUPLICATE_ID": 400, "FRAME_TOO_LARGE": 413,
+    "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "UNAVAILABLE": 503, "SHUTTING_DOWN": 503,
+    "TOO_MANY_REQUESTS": 429, "QUEUE_FULL": 429, "RESOURCE_EXHAUSTED": 507, "DEADLINE_EXCEEDED": 504,
+    "MODEL_ERROR": 500, "INTERNAL": 500,
+}
+GRPC_STATUS: dict[str, str] = {
+    "BAD_FRAME": "INVALID_ARGUMENT", "BAD_REQUEST": "INVALID_ARGUMENT", "INVALID_INPUT": "INVALID_ARGUMENT",
+    "DUPLICATE_ID": "ALREADY_EXISTS", "FRAME_TOO_LARGE": "RESOURCE_EXHAUSTED", "UNAUTHENTICATED": "UNAUTHENTICATED",
+    "NOT_FOUND": "NOT_FOUND", "UNAVAILABLE": "UNAVAILABLE", "SHUTTING_DOWN": "UNAVAILABLE",
+    "TOO_MANY_REQUESTS": "RESOURCE_EXHAUSTED", "QUEUE_FULL": "RESOURCE_EXHAUSTED",
+    "RESOURCE_EXHAUSTED": "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED": "DEADLINE_EXCEEDED",
+    "MODEL_ERROR": "INTERNAL", "INTERNAL": "INTERNAL",
+}
+
+
+def _code(exc: BaseException) -> str:
+    from tinyserve import wire
+
+    return wire.wire_code(exc) if isinstance(exc, errors.TinyserveError) else "INTERNAL"
+
+
+def http_status(exc: BaseException) -> int:
+    return HTTP_STATUS.get(_code(exc), 500)
+
+
+def grpc_status(exc: BaseException) -> str:
+    return GRPC_STATUS.get(_code(exc), "INTERNAL")
