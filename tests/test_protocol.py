@@ -400,6 +400,26 @@ def test_fatal_frame_errors_reply_id_0_and_close(loop, data, code, match):
     arun(loop, go())
 
 
+@pytest.mark.parametrize("head, rid, match", [
+    (hdr({"id": 7, "op": "a", 1: 2}), 7, "map key is not a string"),
+    (hdr({"id": 7, "op": "a", "inputs": [{"name": "p", b"dtype": "uint8"}]}), 7, "map key b'dtype'"),  # nested
+    (hdr({"id": 7, "op": "a"}) + b"\x00", 7, "not valid msgpack"),  # extra bytes after the map
+    (hdr({"id": 7, "op": "a"})[:-1], 7, "not valid msgpack"),  # truncated after the id
+    (hdr({"op": "a", 1: 2}), 0, "map key"),  # no id to carry
+    (hdr({"id": 1, "op": "a", 1: 2}), 1, "map key"),  # the id of a request in flight: still the one it gave
+])
+def test_bad_frame_carries_the_id_the_header_yields_and_closes(loop, head, rid, match):
+    """docs/protocol.md section 1 (issue 12.2): BAD_FRAME carries the request id if it could be read."""
+    async def go():
+        conn, t, rec = make(loop, dispatch=Recorder(defer=True))
+        feed(conn, frame({"id": 1, "op": "a"}) + handmade(head) + frame({"id": 2, "op": "a"}))
+        [r] = t.replies()
+        assert r["id"] == rid and r["error"]["code"] == "BAD_FRAME" and match in r["error"]["message"], r
+        assert len(rec.frames) == 1  # nothing after the bad frame is read
+        await asyncio.wait_for(t.closed, 5)
+    arun(loop, go())
+
+
 def test_unauthenticated_connection_may_only_say_hello(loop):
     async def go():
         conn, t, rec = make(loop, authenticated=False)

@@ -14,7 +14,8 @@ from tinyserve import errors, wire
 pytestmark = pytest.mark.timeout(60)
 
 LIM = wire.Limits()
-NUMERIC = [d for d in wire.WIRE_DTYPES if d not in ("bytes", "bfloat16")]
+NUMERIC = [d for d in wire.WIRE_DTYPES if d != "bytes" and d not in wire.TORCH_ONLY_DTYPES]
+TORCH_ONLY = sorted(wire.TORCH_ONLY_DTYPES)
 
 
 def frames_of(data: bytes, limits=LIM):
@@ -53,12 +54,12 @@ shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
 def tensors(draw):
     out = {}
     for i in range(draw(st.integers(0, 5))):
-        kind = draw(st.sampled_from(NUMERIC + ["bytes", "bfloat16"]))
+        kind = draw(st.sampled_from(NUMERIC + ["bytes"] + TORCH_ONLY))
         if kind == "bytes":
             out[f"t{i}"] = draw(st.lists(st.binary(max_size=20), max_size=5))
-        elif kind == "bfloat16":
+        elif kind in TORCH_ONLY:
             shape = draw(shapes)
-            out[f"t{i}"] = torch.randn(shape).to(torch.bfloat16)
+            out[f"t{i}"] = torch.randn(shape).to(getattr(torch, kind))
         else:
             shape = draw(shapes)
             n = int(np.prod(shape)) if shape else 1
@@ -88,7 +89,8 @@ def test_frame_round_trip(header, named):
         if isinstance(value, list):
             assert arr == value
         elif isinstance(value, torch.Tensor):
-            assert arr.dtype == value.dtype and torch.equal(arr.view(torch.int16), value.view(torch.int16))
+            bits = torch.int16 if value.element_size() == 2 else torch.uint8
+            assert arr.dtype == value.dtype and torch.equal(arr.view(bits), value.view(bits))
         else:
             assert arr.dtype == value.dtype and arr.shape == value.shape
             assert arr.tobytes() == np.ascontiguousarray(value).tobytes()
@@ -131,8 +133,22 @@ def test_tensor_parts_accepts_numpy_torch_and_strings():
 def test_unsendable_dtypes():
     with pytest.raises(wire.InvalidInput, match="complex"):
         wire.tensor_parts({"z": np.zeros(2, np.complex64)})
-    with pytest.raises(wire.InvalidInput, match="float8"):
-        wire.tensor_parts({"z": torch.zeros(2, dtype=torch.float8_e4m3fn)})
+    with pytest.raises(wire.InvalidInput, match="complex"):
+        wire.tensor_parts({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_travels_as_its_raw_codes(dtype):
+    """Issue 12.6: float8 (allowed by the format and the config) is carried on the wire as the raw
+    1-byte codes; the receiver gets a torch tensor with the same bits."""
+    t = torch.tensor([[1.0, -2.0, 0.5], [448.0 if dtype.endswith("fn") else 57344.0, 0.0, -0.0]]).to(getattr(torch, dtype))
+    [d], [view] = wire.tensor_parts({"q": t})
+    assert d == {"name": "q", "dtype": dtype, "shape": [2, 3], "nbytes": 6}
+    assert bytes(view) == t.view(torch.uint8).numpy().tobytes()
+    [(h, payload)] = frames_of(wire.encode_bytes({"outputs": [d]}, [view]))
+    got = wire.to_array(*wire.split_tensors(h["outputs"], payload, LIM)["q"])
+    assert isinstance(got, torch.Tensor) and got.dtype == t.dtype
+    assert torch.equal(got.view(torch.uint8), t.view(torch.uint8))
 
 
 def test_frame_size_with_offset():
@@ -180,7 +196,7 @@ def test_limit_boundaries():
     (b"\x93\x01\x02\x03", "list, not a map"),
     (b"\x2a", "int, not a map"),
     (b"\xa3abc", "str, not a map"),
-    (msgpack.packb({1: 2}), "not valid msgpack"),  # non-string key
+    (msgpack.packb({1: 2}), "map key is not a string"),  # non-string key
     (msgpack.packb({"a": 1}) + b"\x00", "not valid msgpack"),  # trailing bytes inside header_len
     (b"", "not valid msgpack"),
 ])
@@ -209,7 +225,12 @@ def desc(name="x", dtype="float32", shape=(2,), nbytes=8):
     ([desc(name="")], bytes(8), wire.BadRequest, "name"),
     ([desc(), desc()], bytes(16), wire.BadRequest, "named twice"),
     ([desc(dtype="complex64")], bytes(8), wire.InvalidInput, "unknown dtype"),
-    ([desc(dtype="float8_e4m3fn", nbytes=2)], bytes(8), wire.InvalidInput, "unknown dtype"),
+    ([desc(dtype=None)], bytes(8), wire.BadRequest, "dtype must be a string"),
+    ([{"name": "x", "shape": [2], "nbytes": 8}], bytes(8), wire.BadRequest, "dtype must be a string"),
+    ([desc(dtype=b"float32")], bytes(8), wire.BadRequest, "dtype must be a string"),
+    ([desc(dtype="float8_e4m3fn", nbytes=3)], bytes(8), wire.InvalidInput, "nbytes is 3 but float8_e4m3fn"),
+    ([{"name": "x", "dtype": "float32", "nbytes": 8}], bytes(8), wire.BadRequest, "shape must be a list"),
+    ([{"name": "x", "dtype": "float32", "shape": [2]}], bytes(8), wire.BadRequest, "nbytes must be"),
     ([desc(nbytes=-8)], bytes(8), wire.BadRequest, "nbytes"),
     ([desc(nbytes=True)], bytes(8), wire.BadRequest, "nbytes"),
     ([desc(nbytes="8")], bytes(8), wire.BadRequest, "nbytes"),
@@ -219,7 +240,13 @@ def desc(name="x", dtype="float32", shape=(2,), nbytes=8):
     ([desc(shape=[True], nbytes=4)], bytes(8), wire.BadRequest, "outside"),
     ([desc(shape=[2**49], nbytes=4)], bytes(8), wire.BadRequest, "outside"),
     ([desc(shape=[2, 384], nbytes=3000)], bytes(3000), wire.InvalidInput, "nbytes is 3000 but float32 \\[2, 384\\] needs 3072"),
-    ([desc(shape=[2**40, 2**40], nbytes=0)], b"", wire.InvalidInput, "needs"),
+    ([desc(shape=[2**40, 2**40], nbytes=0)], b"", wire.BadRequest, "extent"),
+    ([desc(shape=[0, 2**31, 2**32], nbytes=0)], b"", wire.BadRequest, "extent .* over 2\\^48"),
+    ([desc(shape=[2**48 + 1], nbytes=4)], bytes(8), wire.BadRequest, "outside 0..2\\^48"),
+    ([desc(dtype="bytes", shape=[3], nbytes=8)], bytes(8), wire.InvalidInput, "tensor 'x': 3 bytes items need"),
+    ([desc(dtype="bytes", shape=[1], nbytes=8)], b"\x09\x00\x00\x00abcd", wire.InvalidInput, "tensor 'x': item 0 declares 9"),
+    ([desc(dtype="bytes", shape=[2], nbytes=8)], b"\x03\x00\x00\x00abcd", wire.InvalidInput, "tensor 'x': item 1: its u32"),
+    ([desc(dtype="bytes", shape=[1], nbytes=8)], b"\x02\x00\x00\x00abcd", wire.InvalidInput, "tensor 'x': 2 bytes left after its 1 items"),
     ([desc()], bytes(4), wire.InvalidInput, "payload holds 4"),
     ([desc()], bytes(16), wire.InvalidInput, "descriptors account for 8"),
     ([desc(dtype="bytes", shape=[1, 1], nbytes=4)], bytes(8), wire.InvalidInput, "1-D"),
@@ -227,6 +254,11 @@ def desc(name="x", dtype="float32", shape=(2,), nbytes=8):
 def test_bad_tensor_descriptors(descs, payload, error, match):
     with pytest.raises(error, match=match):
         wire.split_tensors(descs, memoryview(payload), LIM)
+
+
+def test_extent_bound_allows_empty_tensors_with_huge_dimensions():
+    [(dtype, shape, view)] = wire.split_tensors([desc(shape=[0, 2**48], nbytes=0)], memoryview(b""), LIM).values()
+    assert wire.to_array(dtype, shape, view, torch=True).shape == (0, 2**48)
 
 
 def test_bad_bytes_tensors():
@@ -292,15 +324,51 @@ def test_protocol_md_worked_examples_are_exact():
     assert [hexbytes(b) for b in blocks] == [ping, infer]
 
 
-def test_header_keys_must_be_strings():
-    for head, match in (({b"id": 1}, "header key b'id' is not a string"), ({"id": 1, b"op": "x"}, "b'op'"),
-                        ({1: 2, "id": 1}, "map key")):
-        body = msgpack.packb(head, use_bin_type=True)
-        hlen = len(body)
-        total = wire.align8(wire.PREFIX_SIZE + hlen)
-        frame = bytearray(struct.pack("<II", total - 4, hlen) + body + bytes(total - 8 - hlen))
-        with pytest.raises(wire.BadFrame, match=match):
-            wire.decode_header(memoryview(frame), hlen)
+def _frame_of(head) -> tuple[memoryview, int]:
+    body = head if isinstance(head, bytes) else msgpack.packb(head, use_bin_type=True)
+    hlen = len(body)
+    total = wire.align8(wire.PREFIX_SIZE + hlen)
+    return memoryview(bytearray(struct.pack("<II", total - 4, hlen) + body + bytes(total - 8 - hlen))), hlen
+
+
+X = {"name": "x", "dtype": "float32", "shape": [2], "nbytes": 8}
+
+
+@pytest.mark.parametrize("head, match, rid", [
+    ({b"id": 1}, "map key b'id' is not a string", 0),
+    ({"id": 1, b"op": "x"}, "b'op'", 1),
+    ({1: 2, "id": 1}, "map key", 1),
+    ({"id": 9, "op": "infer", "inputs": [{**X, b"name": "y"}]}, "map key b'name'", 9),  # nested, issue 12.3
+    ({"id": 9, "op": "infer", "inputs": [{**X, 7: 1}]}, "map key", 9),
+    ({"id": 9, "op": "infer", "extra": {"a": {None: 1}}}, "map key", 9),
+    ({"id": 9, "op": "infer", "extra": [[{1.5: 1}]]}, "map key", 9),
+    # the id after the bad key: still read (the bytes up to it are well-formed msgpack)
+    ({"op": "infer", "inputs": [{**X, b"name": "y"}], "id": 12}, "map key b'name'", 12),
+    ({"id": 0, 5: 5}, "map key", 0),  # not a valid id
+    ({"id": "3", 5: 5}, "map key", 0),
+    ({"id": 2**64 - 1, 5: 5}, "map key", 2**64 - 1),
+])
+def test_header_keys_must_be_strings_at_every_depth(head, match, rid):
+    frame, hlen = _frame_of(head)
+    with pytest.raises(wire.BadFrame, match=match) as info:
+        wire.decode_header(frame, hlen)
+    assert info.value.rid == rid
+
+
+@pytest.mark.parametrize("raw, rid", [
+    (msgpack.packb({"id": 5, "op": "ping"}) + b"\x01", 5),  # a valid map, then extra bytes
+    (msgpack.packb({"id": 5, "op": "ping"})[:-2], 5),  # truncated after the id
+    (msgpack.packb({"op": "ping", "id": 5})[:-1], 0),  # truncated inside the id
+    (msgpack.packb([5, "ping"]), 0),  # not a map
+    (b"\xc1\xc1", 0),
+    (msgpack.packb({"id": 5, "op": "ping"})[:1] + b"\xc1", 0),
+])
+def test_bad_frame_carries_the_id_when_the_header_yields_it(raw, rid):
+    """docs/protocol.md section 1: BAD_FRAME carries the request id if it could be read (issue 12.2)."""
+    frame, hlen = _frame_of(raw)
+    with pytest.raises(wire.BadFrame) as info:
+        wire.decode_header(frame, hlen)
+    assert info.value.rid == rid
 
 
 def test_header_decoding_errors_name_the_exception_when_its_message_is_empty(monkeypatch):

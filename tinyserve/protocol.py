@@ -49,7 +49,8 @@ Flow control (a client cannot grow the server's memory without bound)
     Held frames are handled first when the reason to hold them goes away; reading resumes only if
     that did not pause the connection again.
     Fatal wire errors (BAD_FRAME, FRAME_TOO_LARGE, UNAUTHENTICATED) are answered (id 0 when the id is
-    unknown) and the connection closes.  A connection that receives nothing and has nothing in
+    unknown: a BAD_FRAME from a header that fails to decode carries the id it yielded,
+    wire.header_id) and the connection closes.  A connection that receives nothing and has nothing in
     flight for `idle_timeout_s` is closed; a close that cannot finish (the peer does not read what is
     buffered) becomes an abort after CLOSE_GRACE_S.  `connection_lost` releases everything it holds,
     except the server-wide budget of requests still being worked on: each is released when the
@@ -559,8 +560,8 @@ class Connection(asyncio.BufferedProtocol):
         """One complete frame: decode, check the id, hand it to dispatch."""
         try:
             header = wire.decode_header(frame, hlen)
-        except wire.WireError as exc:
-            self._fatal(0, exc.code, str(exc))
+        except wire.WireError as exc:  # BAD_FRAME, with the id when the header yielded one
+            self._fatal(exc.rid, exc.code, str(exc))
             return
         rid = header.get("id")
         ok_id = type(rid) is int and 0 < rid <= _MAX_ID

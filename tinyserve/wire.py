@@ -26,8 +26,11 @@ PREFIX = struct.Struct("<II")  # body_len, header_len
 PREFIX_SIZE = PREFIX.size
 ALIGN = 8
 BYTES_DTYPE = "bytes"
-WIRE_DTYPES = tuple(n for n in DTYPES if not n.startswith("float8")) + (BYTES_DTYPE,)
+WIRE_DTYPES = tuple(DTYPES) + (BYTES_DTYPE,)  # float8: the raw 1-byte codes, as in docs/format.md
 _WIRE_DTYPE_SET = frozenset(WIRE_DTYPES)
+# numeric wire dtypes numpy has no type for: they arrive as torch tensors (the wire's names are torch's)
+TORCH_ONLY_DTYPES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+MAX_DIM = 1 << 48  # a dimension, and a tensor's extent (the product of its dimensions, 0 counted as 1)
 NUMPY_DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64, "int8": np.int8,
     "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_,
@@ -39,9 +42,12 @@ _TORCH_NAMES: dict = {}  # torch.dtype -> wire name (None: not sendable), filled
 
 # --- wire error codes (docs/protocol.md section 5) ------------------------------------------------
 class WireError(errors.TinyserveError):
-    """A protocol-level error with a wire code; `fatal` ones close the connection."""
+    """A protocol-level error with a wire code; `fatal` ones close the connection.  `rid`: the request
+    id the error reply carries when the request is not otherwise known (a BAD_FRAME whose header
+    yielded its id), else 0."""
 
     fatal = False
+    rid = 0
 
 
 def _wire_error(name: str, code: str, fatal: bool = False, base=WireError):
@@ -134,7 +140,7 @@ def _array_bytes(value) -> tuple[str, tuple, memoryview]:
             raise InvalidInput(f"dtype {tdt} cannot be sent (wire dtypes: {', '.join(WIRE_DTYPES)})")
         if not t.numel():
             return name, tuple(t.shape), memoryview(b"")
-        if name == "bfloat16":  # numpy has no bfloat16: view the bytes in torch first
+        if name in TORCH_ONLY_DTYPES:  # numpy has no bfloat16 / float8: view the bytes in torch first
             return name, tuple(t.shape), memoryview(t.reshape(-1).view(torch.uint8).numpy())
         return name, tuple(t.shape), memoryview(t.numpy()).cast("B")
     arr = np.asarray(value)
@@ -217,17 +223,60 @@ def frame_size(prefix: bytes | bytearray | memoryview, limits: Limits, offset: i
     return total, header_len
 
 
-def decode_header(frame: memoryview, header_len: int) -> dict:
-    try:
-        header = msgpack.unpackb(frame[PREFIX_SIZE:PREFIX_SIZE + header_len], raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for malformed input
-        raise BadFrame(f"header is not valid msgpack: {str(exc) or type(exc).__name__}") from None
-    if not isinstance(header, dict):
-        raise BadFrame(f"header is a msgpack {type(header).__name__}, not a map")
-    for key in header:
+class _KeyNotString(Exception):
+    pass
+
+
+def _string_keys(d: dict) -> dict:
+    """msgpack object_hook: every map of a header, at any depth, has string keys only."""
+    for key in d:
         if type(key) is not str:
-            raise BadFrame(f"header key {shown(key)} is not a string")
-    return header
+            raise _KeyNotString(key)
+    return d
+
+
+def decode_header(frame: memoryview, header_len: int) -> dict:
+    """The msgpack map of a frame's header; BadFrame (carrying the request id in `rid` when the
+    header yields one: `header_id`) when it is not valid msgpack, not a map, or a map anywhere in it
+    has a key that is not a string (docs/protocol.md section 1)."""
+    raw = frame[PREFIX_SIZE:PREFIX_SIZE + header_len]
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, object_hook=_string_keys)
+    except _KeyNotString as exc:
+        err = BadFrame(f"header: map key {shown(exc.args[0])} is not a string (map keys are strings, "
+                       f"at every depth)")
+    except ValueError as exc:  # msgpack refuses keys other than str / bytes itself (strict_map_key)
+        text = str(exc)
+        err = BadFrame(f"header: a map key is not a string ({text})" if "map key" in text else
+                       f"header is not valid msgpack: {text or type(exc).__name__}")
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        err = BadFrame(f"header is not valid msgpack: {str(exc) or type(exc).__name__}")
+    else:
+        if type(header) is dict:
+            return header
+        err = BadFrame(f"header is a msgpack {type(header).__name__}, not a map")
+    err.rid = header_id(raw)
+    raise err
+
+
+def header_id(raw) -> int:
+    """The request id of a header that failed to decode: the value of its top-level map's last `id`
+    entry read before the first fault, when that is an integer 1..2^64-1; else 0 (docs/protocol.md
+    section 1).  Values other than the id are skipped, not built."""
+    rid = 0
+    try:
+        u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(raw), 1))
+        u.feed(raw)
+        for _ in range(u.read_map_header()):
+            key = u.unpack()
+            if type(key) is str and key == "id":
+                value = u.unpack()
+                rid = value if type(value) is int and 0 < value <= MAX_REQUEST_ID else 0
+            else:
+                u.skip()
+    except Exception:  # noqa: BLE001 - the fault itself: what was read before it counts
+        pass
+    return rid
 
 
 def payload_view(frame: memoryview, header_len: int) -> memoryview:
@@ -237,35 +286,49 @@ def payload_view(frame: memoryview, header_len: int) -> memoryview:
 def _shape(desc: Mapping, limits: Limits, name: str) -> tuple[int, ...]:
     shape = desc.get("shape")
     if not isinstance(shape, (list, tuple)) or len(shape) > limits.max_ndim:
-        raise BadRequest(f"tensor {name!r}: shape must be a list of at most {limits.max_ndim} integers")
+        raise BadRequest(f"tensor {name!r}: shape must be a list of at most {limits.max_ndim} integers, "
+                         f"got {shown(shape)}")
+    extent = 1
     for d in shape:
-        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 1 << 48:
-            raise BadRequest(f"tensor {name!r}: shape {shape!r} has a dimension outside 0..2^48")
+        if type(d) is not int or not 0 <= d <= MAX_DIM:  # (bool is not int here)
+            raise BadRequest(f"tensor {name!r}: shape {shown(shape)} has a dimension outside 0..2^48")
+        if d:
+            extent *= d
+    if extent > MAX_DIM:
+        raise BadRequest(f"tensor {name!r}: shape {shape!r} has an extent (the product of its dimensions, "
+                         f"0 counted as 1) of {extent}, over 2^48")
     return tuple(shape)
 
 
 def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[str, tuple[str, tuple, memoryview]]:
-    """Validate descriptors against the payload; {name: (dtype, shape, byte view)} without copying."""
+    """Validate descriptors against the payload; {name: (dtype, shape, byte view)} without copying.
+
+    The codes of each case are docs/protocol.md section 3.1: a field missing or of the wrong type, or
+    a value out of range, is BAD_REQUEST; a descriptor that disagrees with the payload (or an unknown
+    dtype name) is INVALID_INPUT.  The items of a `bytes` tensor are checked here, naming the tensor
+    and the item."""
     if not isinstance(descs, (list, tuple)):
-        raise BadRequest("tensors must be a list of descriptors")
+        raise BadRequest(f"tensors must be a list of descriptors, got {shown(descs)}")
     if len(descs) > limits.max_tensors:
         raise BadRequest(f"{len(descs)} tensors exceed max_tensors {limits.max_tensors}")
     out: dict[str, tuple[str, tuple, memoryview]] = {}
     off = 0
     for i, d in enumerate(descs):
         if not isinstance(d, dict):
-            raise BadRequest(f"tensor #{i}: descriptor is not a map")
+            raise BadRequest(f"tensor #{i}: descriptor is not a map, got {shown(d)}")
         name, dtype, nbytes = d.get("name"), d.get("dtype"), d.get("nbytes")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tensor #{i}: name must be a non-empty string")
+        if type(name) is not str or not name:
+            raise BadRequest(f"tensor #{i}: name must be a non-empty string, got {shown(name)}")
         # (error messages say f"tensor {name!r}"; built only when there is an error)
         if name in out:
             raise BadRequest(f"tensor {name!r}: named twice")
-        if type(dtype) is not str or dtype not in _WIRE_DTYPE_SET:
+        if type(dtype) is not str:
+            raise BadRequest(f"tensor {name!r}: dtype must be a string, got {shown(dtype)}")
+        if dtype not in _WIRE_DTYPE_SET:
             raise InvalidInput(f"tensor {name!r}: unknown dtype {shown(dtype)} "
                                f"(wire dtypes: {', '.join(WIRE_DTYPES)})")
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise BadRequest(f"tensor {name!r}: nbytes must be a non-negative integer")
+        if type(nbytes) is not int or nbytes < 0:
+            raise BadRequest(f"tensor {name!r}: nbytes must be a non-negative integer, got {shown(nbytes)}")
         shape = _shape(d, limits, name)
         if dtype != BYTES_DTYPE:
             numel = 1
@@ -279,7 +342,10 @@ def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[st
         if off + nbytes > payload.nbytes:
             raise InvalidInput(f"tensor {name!r}: needs payload bytes [{off}, {off + nbytes}) but the payload "
                                f"holds {payload.nbytes}")
-        out[name] = (dtype, shape, payload[off:off + nbytes])
+        view = payload[off:off + nbytes]
+        if dtype == BYTES_DTYPE:
+            _check_items(view, shape[0], name)
+        out[name] = (dtype, shape, view)
         off = align8(off + nbytes)
     if off != payload.nbytes:
         raise InvalidInput(f"payload holds {payload.nbytes} bytes, the descriptors account for {off}")
@@ -287,11 +353,11 @@ def split_tensors(descs: object, payload: memoryview, limits: Limits) -> dict[st
 
 
 def to_array(dtype: str, shape: tuple, view: memoryview, *, torch: bool = False):
-    """A numpy array (zero-copy view) for numeric dtypes, a torch tensor for bfloat16 (for every
-    numeric dtype with torch=True), a list of bytes for the bytes dtype."""
+    """A numpy array (zero-copy view) for numeric dtypes, a torch tensor for bfloat16 and the float8
+    dtypes (for every numeric dtype with torch=True), a list of bytes for the bytes dtype."""
     if dtype == BYTES_DTYPE:
         return split_bytes(view, shape[0])
-    if torch or dtype == "bfloat16":
+    if torch or dtype in TORCH_ONLY_DTYPES:
         import torch as _torch
 
         tdt = getattr(_torch, dtype)  # the wire's dtype names are torch's
@@ -303,19 +369,43 @@ def to_array(dtype: str, shape: tuple, view: memoryview, *, torch: bool = False)
     return np.frombuffer(view, dtype=np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
 
 
-def split_bytes(view: memoryview, count: int) -> list[bytes]:
-    items, off, n = [], 0, view.nbytes
+_U32 = struct.Struct("<I")
+
+
+def _check_items(view: memoryview, count: int, name: str) -> None:
+    """The items of a bytes tensor fill its bytes exactly: each a u32 little-endian length, then that
+    many bytes (InvalidInput naming the tensor and the item otherwise)."""
+    off, n = 0, view.nbytes
+    if count * 4 > n:
+        raise InvalidInput(f"tensor {name!r}: {count} bytes items need at least {count * 4} bytes "
+                           f"(a u32 length each), nbytes is {n}")
+    unpack = _U32.unpack_from
     for k in range(count):
         if off + 4 > n:
-            raise InvalidInput(f"bytes tensor: item {k} length runs past the end ({n} bytes)")
-        (ln,) = struct.unpack_from("<I", view, off)
+            raise InvalidInput(f"tensor {name!r}: item {k}: its u32 length runs past the end ({n} bytes)")
+        (ln,) = unpack(view, off)
+        off += 4 + ln
+        if off > n:
+            raise InvalidInput(f"tensor {name!r}: item {k} declares {ln} bytes, only {n - off + ln} remain")
+    if off != n:
+        raise InvalidInput(f"tensor {name!r}: {n - off} bytes left after its {count} items")
+
+
+def split_bytes(view: memoryview, count: int, name: str = "bytes") -> list[bytes]:
+    """The items of a bytes tensor (checked as `split_tensors` checks them)."""
+    items, off, n = [], 0, view.nbytes
+    unpack = _U32.unpack_from
+    for k in range(count):
+        if off + 4 > n:
+            raise InvalidInput(f"tensor {name!r}: item {k}: its u32 length runs past the end ({n} bytes)")
+        (ln,) = unpack(view, off)
         off += 4
         if off + ln > n:
-            raise InvalidInput(f"bytes tensor: item {k} declares {ln} bytes, only {n - off} remain")
+            raise InvalidInput(f"tensor {name!r}: item {k} declares {ln} bytes, only {n - off} remain")
         items.append(bytes(view[off:off + ln]))
         off += ln
     if off != n:
-        raise InvalidInput(f"bytes tensor: {n - off} bytes left after {count} items")
+        raise InvalidInput(f"tensor {name!r}: {n - off} bytes left after its {count} items")
     return items
 
 
