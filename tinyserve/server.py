@@ -942,7 +942,7 @@ class Server:
     def _fail_parked(self, name: str, version: int, exc: errors.TinyserveError) -> None:
         """Answer the requests parked for (name, version), and for name's default, with ``exc``."""
         for key in ((name, version), (name, None)):
-            for conn, rid, h, payload in self._parked.pop(key, ()):
+            for conn, rid, h, _redo in self._parked.pop(key, ()):
                 if conn.closed:
                     conn.discard(rid)
                 else:
@@ -956,13 +956,13 @@ class Server:
             parked = self._parked.pop(key, None)
             if not parked:
                 continue
-            for conn, rid, h, payload in parked:
+            for conn, rid, h, redo in parked:
                 if conn.closed:
                     conn.discard(rid)
                 elif exc is not None and key[1] is not None:
                     self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
                 else:  # dispatch again: it routes to the READY version (or reports why not)
-                    self._dispatch(conn, rid, h, payload)
+                    redo()
         self._submit_pending()
         self._flusher.flush()
 
@@ -1387,24 +1387,11 @@ class Server:
 
     def _op_infer(self, conn, rid, h, payload) -> None:
         t0 = _perf_ns()
-        if self._draining:
-            raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
-        inst = self._instance_for(h.get("model"), h.get("version"))
+        inst = self._route_infer(h.get("model"), h.get("version"))
         if inst is _PARK:  # an on-demand load is under way: the request runs once it is done
-            self._parked.setdefault((h.get("model"), h.get("version")), []).append((conn, rid, h, payload))
+            self._parked.setdefault((h.get("model"), h.get("version")), []).append(
+                (conn, rid, h, lambda: self._dispatch(conn, rid, h, payload)))
             return
-        if self.placement is not None:
-            inst.last_used = _monotonic()  # (the least-recently-used order of evictions)
-        key = inst.key
-        if not self.policy.serving(key):  # ejected, probing or failed: the locked path decides
-            with self._policy_lock:
-                why = self.policy.admit(key, self.clock())
-            if why is not None:
-                raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
-        mq = inst.max_queue
-        if mq is not None and inst.submitted - inst.taken >= mq:
-            raise wire.QueueFull(f"model {inst.name!r} version {inst.version} has {inst.submitted - inst.taken} "
-                                 f"requests queued (batching.max_queue_size {mq})")
         inputs = h.get("inputs")
         if type(inputs) is not list:
             raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, "
@@ -1415,18 +1402,7 @@ class Server:
         if outputs is not None:
             if type(outputs) is not list or not outputs:
                 raise wire.BadRequest("field 'outputs' must be a non-empty list of output names")
-            for o in outputs:
-                if type(o) is not str:
-                    raise wire.BadRequest(f"field 'outputs' must list output names (strings), "
-                                          f"got {wire.shown(o)}")
-            if len(set(outputs)) != len(outputs):
-                dup = next(o for i, o in enumerate(outputs) if o in outputs[:i])
-                raise wire.BadRequest(f"field 'outputs' names {dup!r} more than once")
-            names = inst.output_names
-            for o in outputs:
-                if o not in names:
-                    raise wire.InvalidInput(f"output {wire.shown(o)} is not an output of model {inst.name!r} "
-                                            f"(outputs: {', '.join(sorted(names))})")
+            self._check_outputs(inst, outputs)
         deadline = None
         timeout_ms = h.get("timeout_ms")
         if timeout_ms is not None:
@@ -1439,10 +1415,97 @@ class Server:
         self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
         inst.submitted += 1
 
+    def _route_infer(self, name: object, version: object):
+        """Every front end's first step of an infer: the READY instance it goes to (or _PARK while an
+        on-demand load runs), past the drain, the ejection policy and the queue cap; else raises."""
+        if self._draining:
+            raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
+        inst = self._instance_for(name, version)
+        if inst is _PARK:
+            return inst
+        if self.placement is not None:
+            inst.last_used = _monotonic()  # (the least-recently-used order of evictions)
+        key = inst.key
+        if not self.policy.serving(key):  # ejected, probing or failed: the locked path decides
+            with self._policy_lock:
+                why = self.policy.admit(key, self.clock())
+            if why is not None:
+                raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
+        mq = inst.max_queue
+        if mq is not None and inst.submitted - inst.taken >= mq:
+            raise wire.QueueFull(f"model {inst.name!r} version {inst.version} has {inst.submitted - inst.taken} "
+                                 f"requests queued (batching.max_queue_size {mq})")
+        return inst
+
+    @staticmethod
+    def _check_outputs(inst: ModelInstance, outputs) -> None:
+        for o in outputs:
+            if type(o) is not str:
+                raise wire.BadRequest(f"field 'outputs' must list output names (strings), "
+                                      f"got {wire.shown(o)}")
+        if len(set(outputs)) != len(outputs):
+            dup = next(o for i, o in enumerate(outputs) if o in outputs[:i])
+            raise wire.BadRequest(f"field 'outputs' names {dup!r} more than once")
+        names = inst.output_names
+        for o in outputs:
+            if o not in names:
+                raise wire.InvalidInput(f"output {wire.shown(o)} is not an output of model {inst.name!r} "
+                                        f"(outputs: {', '.join(sorted(names))})")
+
+    def submit_infer(self, name: str, version: int | None, tensors: dict, *, outputs=None,
+                     timeout_s: float | None = None, priority: int = 0, responder, tag) -> None:
+        """The core API's infer (tinyserve.core.api): a front end's request, already decoded into
+        {name: (dtype, shape, view)} (checked against the limits by the front end).  Raises a
+        TinyserveError at once, or completes through `responder` (finish in the worker, then
+        reply_threadsafe / send_reply / discard)."""
+        t0 = _perf_ns()
+        inst = self._route_infer(name, version)
+        if inst is _PARK:
+            def redo():
+                try:
+                    self.submit_infer(name, version, tensors, outputs=outputs, timeout_s=timeout_s,
+                                      priority=priority, responder=responder, tag=tag)
+                except errors.TinyserveError as exc:
+                    self._fail(responder, tag, wire.wire_code(exc), str(exc), {"op": "infer", "model": name})
+            self._parked.setdefault((name, version), []).append((responder, tag, {"op": "infer"}, redo))
+            return
+        if len(tensors) > self._limits.max_tensors:
+            raise wire.InvalidInput(f"the request has {len(tensors)} inputs (max_tensors {self._limits.max_tensors})")
+        inst.check_inputs(tensors)
+        if outputs is not None:
+            outputs = list(outputs)
+            if not outputs:
+                raise wire.BadRequest("'outputs' must name at least one output when given")
+            self._check_outputs(inst, outputs)
+        if priority is None:
+            priority = 0
+        if type(priority) is not int or not 0 <= priority <= 15:
+            raise wire.BadRequest(f"priority must be an integer 0..15, got {wire.shown(priority)}")
+        deadline = None
+        if timeout_s is not None:
+            if not 0 < timeout_s <= 1 << 30:
+                raise wire.BadRequest(f"timeout must be > 0 seconds, got {timeout_s!r}")
+            deadline = _monotonic() + timeout_s
+        self._pending.append((inst, Request(tensors, outputs, deadline, priority, responder, tag, t0)))
+        inst.submitted += 1
+        self._read_done()  # handed to the worker at the end of this loop turn, with other reads
+
     def _finish(self, req: Request) -> None:
         """In the worker thread: encode the reply frame of a finished request (none for a request
         whose connection has closed: nobody would read it)."""
-        if req.owner.closed:
+        owner = req.owner
+        if owner.closed:
+            return
+        if owner.__class__ is not Connection:  # another front end's Responder encodes its own reply
+            if req.error is not None:
+                req.code = wire.wire_code(req.error)
+            try:
+                owner.finish(req)
+            except Exception as exc:  # noqa: BLE001 - a front end's bug is reported, never hidden
+                log.exception("tinyserve: a front end failed to encode a reply")
+                req.reply = None
+                req.error = errors.TinyserveError(f"encoding the reply failed: {type(exc).__name__}: {exc}")
+                req.code = "INTERNAL"
             return
         rid = req.tag
         if req.error is None:
@@ -1469,7 +1532,7 @@ class Server:
         if len(reqs) == 1:
             req = reqs[0]
             reply = req.reply
-            if reply is None:
+            if reply is None or req.owner.__class__ is not Connection:  # others answer on the loop
                 return reqs
             self._count(req, now, rec)
             if not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
@@ -1478,7 +1541,7 @@ class Server:
         left = []
         groups: dict = {}
         for req in reqs:
-            if req.reply is None:
+            if req.reply is None or req.owner.__class__ is not Connection:
                 left.append(req)
             else:
                 groups.setdefault(req.owner, []).append(req)
@@ -1585,6 +1648,12 @@ class Server:
                 owner.discard(req.tag)
                 continue
             reply = req.reply
+            if owner.__class__ is not Connection:  # another front end (tinyserve.core.api.Responder)
+                if reply is None and req.code == "OK":
+                    req.code = wire.wire_code(req.error) if req.error is not None else "INTERNAL"
+                self._count(req, now)
+                owner.send_reply(req)
+                continue
             if reply is None:  # finish failed
                 reply = wire.encode_error(req.tag, "INTERNAL", str(req.error))
                 req.code = "INTERNAL"

@@ -18,12 +18,14 @@ Requests
        `req.error` (a TinyserveError) into `req.reply` (anything; opaque to the core), so encoding
        costs the loop nothing.  Should `finish` raise, the core sets `req.reply = None` and
        `req.error` to an INTERNAL error.  `finish` is skipped when `responder.closed` is true.
+       `req.code` is the wire code of `req.error` ("OK" without one) when `finish` runs.
     2. the core counts the request in its statistics (before the client can see the reply), then
        either `responder.reply_threadsafe(tags, reply_parts, nbytes)` from the worker (an optional
        fast path: return False to decline, e.g. when replies must go out in request order), or, on
        the loop, `responder.send_reply(req)` with `req.reply` set (or None: then send an error
        built from `req.code` / `req.error`), or `responder.discard(req.tag)` when the responder
-       closed in between (its slot is released, nothing is sent).
+       closed in between (its slot is released, nothing is sent).  A request that waited for an
+       on-demand load that then failed is answered with `responder.send_error(tag, code, message)`.
 
     Tensors in: {name: (dtype, shape, view)} with tinyserve dtype names (docs/protocol.md section 3:
     `float32 float16 bfloat16 float64 int8 uint8 int16 int32 int64 bool bytes`), the shape as a tuple
@@ -92,6 +94,10 @@ class Responder(Protocol):
     def discard(self, tag: Any) -> None:
         """Loop thread: the request completed after the responder closed; release its slot."""
 
+    def send_error(self, tag: Any, code: str, message: str) -> None:
+        """Loop thread: a request the core refused after `infer` returned (e.g. it waited for an
+        on-demand load that failed): answer it with that wire code and message."""
+
 
 class CoreAPI(Protocol):
     limits: Any  # wire.Limits: caps on tensor counts, dimensions, sizes (every front end applies them)
@@ -131,8 +137,9 @@ class CoreAPI(Protocol):
         """Per model version, one dict: {"name", "version"} plus the fields of the `stats` op's version
         entry (docs/health.md section 2: "requests", "successes", "errors": {code: n}, "latency_us",
         "queue_us", "compute_us" percentiles, "batch_size", ...) plus the sums a cumulative-statistics
-        protocol needs: "success_count", "total_sum_us", "queue_sum_us", "compute_sum_us",
-        "batches" ({batch size: count}) and "last_inference_ms" (epoch milliseconds, 0: never).
+        protocol needs: "success_count", "total_sum_ns", "queue_sum_ns", "compute_sum_ns" (exact sums
+        over answered requests) and "batches" ({batch size: model calls}).  The time of the last
+        inference is not recorded (a front end that must report one reports 0).
         Unknown name: ModelNotFoundError."""
 
     # --- requests -------------------------------------------------------------------------------------
