@@ -186,11 +186,13 @@ def test_state_dict_file_and_python_program(repo, tmp_path):
     assert loaded.config.platform == "python"
     with torch.inference_mode():
         assert torch.equal(loaded(x), module(x))
-    # a model file whose module doesn't match the weights is refused by name
+    # a model file whose module doesn't match the weights is refused by name at pack time (issue 17
+    # item 6: it used to pack and fail at load)
     model_py.write_text("from tinyserve.examples import MLP\ndef build(params):\n    return MLP(hidden=128)\n")
-    version, _ = pack(repo, "mlp-py", str(sd_path), program=str(model_py), config=config)
-    with pytest.raises(errors.ModelError, match="do not match"):
-        load_version(repo.resolve("mlp-py", version))
+    with pytest.raises(errors.ModelError, match="do not fit model file model.py.*'fc1.weight' is float32 "
+                                                r"\[256, 64\] in the weights, the model has float32 \[128, 64\]"):
+        pack(repo, "mlp-py", str(sd_path), program=str(model_py), config=config)
+    assert repo.versions("mlp-py") == [version]
 
 
 class Evil:

@@ -506,7 +506,7 @@ class PlacementConfig:
 
 
 # --- model -----------------------------------------------------------------------------------------
-_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "placement")
+_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "metadata", "placement")
 _MODEL_REQUIRED = ("name", "platform", "inputs", "outputs")
 
 
@@ -524,6 +524,9 @@ class ModelConfig:
     # Free-form JSON-able parameters handed to python models (deep-copied; treat as read-only).
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
     placement: PlacementConfig | None = None  # None: the server's defaults (dynamic, --device)
+    # JSON values describing the version (what `pack` kept of a checkpoint: epoch, vocabulary...);
+    # never read by the server (docs/repository.md section 3)
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -594,6 +597,13 @@ class ModelConfig:
         if size > MAX_EXTRA_BYTES:
             raise ConfigError(f"extra is {size} bytes as JSON, limit {MAX_EXTRA_BYTES}")
         object.__setattr__(self, "extra", extra)
+        if not isinstance(self.metadata, Mapping):
+            raise ConfigError(f"metadata must be an object (mapping), got {_type_name(self.metadata)}")
+        metadata = _copy_json(self.metadata, "metadata")
+        size = len(json.dumps(metadata, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+        if size > MAX_EXTRA_BYTES:
+            raise ConfigError(f"metadata is {size} bytes as JSON, limit {MAX_EXTRA_BYTES}")
+        object.__setattr__(self, "metadata", metadata)
 
     def _check_buckets(self, b: BucketConfig) -> None:
         for side, names, what in (("inputs", b.inputs, "inputs"), ("outputs", b.trim_outputs, "trim_outputs")):
@@ -631,6 +641,9 @@ class ModelConfig:
         extra = d.get("extra", {})
         if not isinstance(extra, Mapping):
             raise ConfigError(f"model config: extra must be an object, got {_type_name(extra)}")
+        metadata = d.get("metadata", {})
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"model config: metadata must be an object, got {_type_name(metadata)}")
         placement = d.get("placement")
         if placement is not None:
             placement = PlacementConfig.from_dict(placement)
@@ -644,6 +657,7 @@ class ModelConfig:
             batching=batching,
             extra=extra,
             placement=placement,
+            metadata=metadata,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -661,6 +675,8 @@ class ModelConfig:
         }
         if self.placement is not None:
             out["placement"] = self.placement.to_dict()
+        if self.metadata:  # written only when there is some
+            out["metadata"] = copy.deepcopy(self.metadata)
         return out
 
     @property
