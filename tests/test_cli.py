@@ -238,3 +238,157 @@ def test_serve_resume_flags_reach_the_s3_backend_and_bad_values_are_clean_errors
     err = capsys.readouterr().err
     assert seen[-1]["backoff"] == 2.0 and "backoff" not in err.lower(), err
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --- issue 17: what a new user hits first ---------------------------------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+from test_client import model_repo, served  # noqa: E402,F401  (fixtures)
+from tinyserve import cli  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_client_commands_do_not_import_torch(tmp_path):
+    """Item 11: `import tinyserve`, the parser and the client commands (health, stats, models, load,
+    unload, infer's parsing) against a closed port never import torch (it took 1.4-2.4 s)."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+    port = free_port()
+    code = f"""
+import sys
+import tinyserve
+assert 'torch' not in sys.modules, 'import tinyserve'
+from tinyserve.cli import main, build_parser
+build_parser()
+assert 'torch' not in sys.modules, 'the parser'
+for argv in (["health"], ["stats"], ["stats", "--model", "m"], ["models"], ["load", "m:1"], ["unload", "m"],
+             ["infer", "m", "--input", "x={tmp_path / 'x.npy'}"]):
+    rc = main(argv + ["--port", "{port}", "--timeout", "1"])
+    assert rc == 2, (argv, rc)
+    assert 'torch' not in sys.modules, argv
+print("no torch")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "no torch" in r.stdout, r.stdout + r.stderr
+
+
+class _Canned:
+    def __init__(self, **docs):
+        self.docs = docs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def health(self, timeout=None):
+        return self.docs["health"]
+
+    def stats(self, model=None):
+        return self.docs["stats"]
+
+
+def test_health_text_says_why_not_ready(monkeypatch, capsys):
+    doc = {"live": True, "ready": False, "reasons": ["model 'minilm' has no serving version", "draining"],
+           "models": {"minilm": {"state": "FAILED", "reason": "load failed: boom"}}}
+    monkeypatch.setattr(cli, "_client", lambda args, attempts=3: _Canned(health=doc))
+    assert main(["health"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "NOT READY: model 'minilm' has no serving version; draining (live: True)"
+    assert "minilm: FAILED: load failed: boom" in out
+
+
+def test_stats_model_shows_the_models_own_in_flight(monkeypatch, capsys):
+    own = {"requests": 5, "errors": {}, "latency_us": {"p50": 10}, "queue_us": {"p50": 1, "p99": 2},
+           "compute_us": {"p50": 3, "p99": 4}, "in_flight": 2, "throughput_rps": 1.5}
+    # the server of issue 17 put its own in-flight count (40) at the top level of a one-model reply
+    doc = dict(own, in_flight=40, connections=3, models={"m": own})
+    monkeypatch.setattr(cli, "_client", lambda args, attempts=3: _Canned(stats=doc))
+    assert main(["stats", "--model", "m"]) == 0
+    out = capsys.readouterr().out
+    assert "in flight 2" in out and "40" not in out
+    doc = {"requests": 5, "errors": {}, "latency_us": {}, "in_flight": 40, "connections": 3, "models": {"m": own}}
+    monkeypatch.setattr(cli, "_client", lambda args, attempts=3: _Canned(stats=doc))
+    assert main(["stats"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("; in flight 40; connections 3") and "in flight 2" in lines[1]
+
+
+def test_bytes_outputs_print_as_text():
+    assert cli._summary([b"hello", "wörld".encode(), b"\xff\xfe"]) == \
+        'bytes [3]  ["hello", "wörld", ' + repr(b"\xff\xfe") + "]"
+
+
+def test_level_without_zstd_is_refused(tmp_path, capsys):
+    args = ["pack", "tinyserve.examples:mlp", "--repo", str(tmp_path / "r"), "--name", "m", "--quiet"]
+    assert main(args + ["--level", "19"]) == 2
+    assert "level 19 needs compression 'zstd'" in capsys.readouterr().err
+    assert main(args + ["--level", "19", "--compression", "planes"]) == 2
+    assert main(args + ["--level", "max", "--compression", "none"]) == 2
+    assert not (tmp_path / "r" / "m").exists()
+    assert main(args + ["--level", "19", "--compression", "zstd"]) == 0
+
+
+def test_pack_checkpoint_file_and_rm(tmp_path, capsys):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    torch.save({"epoch": 4, "vocab": ["a", "b"], "optimizer": {"state": {0: {"m": torch.ones(3)}}},
+                "model_state_dict": lin.state_dict()}, tmp_path / "ckpt.pt")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    repo = str(tmp_path / "repo")
+    args = ["pack", str(tmp_path / "ckpt.pt"), "--repo", repo, "--name", "lin", "--quiet"]
+    assert main(args + ["--file", str(tmp_path / "labels.txt"), "--file", f"copy.txt={tmp_path / 'labels.txt'}"]) == 0
+    out = capsys.readouterr().out
+    assert "state dict at key 'model_state_dict'" in out and "metadata kept in the config: epoch, vocab" in out
+    assert "left out (they hold tensors): optimizer" in out
+    vdir = Repository(repo).resolve("lin", 1)
+    assert (vdir / "labels.txt").read_text() == "a\nb\nc\n" and (vdir / "copy.txt").exists()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert Repository(repo).versions("lin") == [1, 2]
+    assert main(["rm", "lin", "--repo", repo]) == 2
+    assert "give the version to remove" in capsys.readouterr().err
+    assert main(["rm", "lin:1", "--repo", repo]) == 0
+    assert "removed lin version 1; versions left: 2" in capsys.readouterr().out
+    assert Repository(repo).versions("lin") == [2]
+    assert main(["rm", "lin:1", "--repo", repo]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["pack", str(tmp_path / "ckpt.pt"), "--repo", repo, "--name", "lin", "--file", "/no/such"]) == 2
+    assert "/no/such is not a file" in capsys.readouterr().err
+
+
+def test_inspect_lists_checkpoints_and_safetensors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    lin = torch.nn.Linear(4, 3)
+    torch.save({"epoch": 9, "model": {"state_dict": lin.state_dict()}}, tmp_path / "ckpt.pt")
+    assert main(["inspect", str(tmp_path / "ckpt.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "a torch.save file (zip format), state dict at key 'model.state_dict'" in out
+    assert "weight" in out and "4x3" not in out and "3x4" in out and "2 tensors" in out
+    assert 'metadata (kept by pack): {"epoch": 9}' in out
+    save_file({k: v.contiguous() for k, v in lin.state_dict().items()}, tmp_path / "w.safetensors")
+    assert main(["inspect", str(tmp_path / "w.safetensors"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "safetensors" and {t["name"] for t in doc["tensors"]} == {"weight", "bias"}
+    torch.save({"a": {"w": lin.state_dict()}, "b": {"w": lin.state_dict()}}, tmp_path / "two.pt")
+    assert main(["inspect", str(tmp_path / "two.pt")]) == 1
+    out = capsys.readouterr().out
+    assert "a.w: state dict of 2 tensors" in out and "choose one with --key" in out
+    assert main(["inspect", str(tmp_path / "two.pt"), "--key", "b.w"]) == 0
+    assert "state dict at key 'b.w'" in capsys.readouterr().out
+
+
+def test_bench_with_a_wrong_shape_says_why(served, tmp_path, capsys):  # noqa: F811
+    common = ["--port", str(served.port), "--window", "0.1", "--time-bound", "0.3", "--max-windows", "3",
+              "--warmup", "0", "--quiet"]
+    assert main(["bench", "mlp", "--shape", "x=1,63", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--shape x=1,63: dimension 1 is 63, the model's input 'x' has 64 there" in err
+    assert main(["bench", "mlp", "--shape", "x=1,64,1", *common]) == 2
+    assert "3 dimensions, the model's input 'x' has 2" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,17 +48,40 @@ def _level(value: str):
         raise argparse.ArgumentTypeError(f"level must be 1..22 or 'max', not {value!r}") from None
 
 
+def _file_arg(value: str) -> tuple[str, str]:
+    """--file [NAME=]PATH: a file copied into the version as NAME (default: PATH's file name)."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        name, path = Path(value).name, value
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected [NAME=]PATH, got {value!r}")
+    return name, path
+
+
+def _read_json_file(path: str, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise errors.ConfigError(f"{what} {path}: not valid JSON ({exc})") from None
+
+
 def cmd_pack(args) -> int:
     from tinyserve.pack import pack
     from tinyserve.repository import Repository
 
+    files: dict[str, str] = {}
+    for name, path in args.file:
+        if name in files:
+            raise errors.ConfigError(f"--file: two files are named {name!r} in the version")
+        files[name] = path
+    config = _read_json_file(args.config, "--config") if args.config else None
     repo = Repository(args.repo, create=True)
-    config = json.loads(Path(args.config).read_text()) if args.config else None
     update, close = _progress_bar(not args.quiet)
     try:
         version, summary = pack(repo, args.name, args.source, version=args.version, program=args.program,
                                 config=config, compression=args.compression, level=args.level,
-                                threads=args.threads, progress=update)
+                                threads=args.threads, progress=update, files=files or None, key=args.key,
+                                metadata=not args.no_metadata)
     finally:
         close()
     mbps = summary.raw_bytes / summary.seconds / 1e6 if summary.seconds else 0.0
@@ -67,6 +89,31 @@ def cmd_pack(args) -> int:
           f"{_fmt_bytes(summary.raw_bytes)} -> {_fmt_bytes(summary.file_bytes)} "
           f"(ratio {summary.ratio:.3f}) in {summary.seconds:.2f} s ({mbps:.0f} MB/s)")
     print(f"  {summary.path}")
+    src = getattr(summary, "source", None)
+    if src is not None:
+        print(f"  source: {src.description}" + (f", state dict at key {src.key!r}" if src.key else ""))
+        if src.metadata:
+            print(f"  metadata kept in the config: {', '.join(src.metadata)}")
+        if src.stringified:
+            print(f"  kept as text (not JSON values): {', '.join(src.stringified)}")
+        if src.left_out:
+            print(f"  left out (they hold tensors): {', '.join(src.left_out)}")
+    for name in files:
+        print(f"  file: {name}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from tinyserve.repository import Repository
+
+    name, version = _model_arg(args.model)
+    if version is None:
+        raise errors.ConfigError(f"rm {args.model}: give the version to remove (NAME:VERSION); versions of "
+                                 f"{name}: {Repository(args.repo).versions(name) or 'none'}")
+    repo = Repository(args.repo)
+    repo.remove(name, version)
+    left = repo.versions(name)
+    print(f"removed {name} version {version}; versions left: {', '.join(map(str, left)) or 'none'}")
     return 0
 
 
@@ -86,11 +133,71 @@ def _weights_path(target: str, repo: str | None) -> Path:
     return p
 
 
+def _inspect_source(path: Path, args) -> int:
+    """inspect of a model source (a safetensors file, a torch.save state dict or checkpoint): what it
+    is, where its state dict is, its tensors and what pack would keep as metadata."""
+    from tinyserve.pack import describe, identify, read_source
+
+    kind, what = identify(path)
+    try:
+        src = read_source(path, args.key)
+    except errors.TinyserveError as exc:
+        doc = {"file": str(path), "kind": kind, "description": what, "error": str(exc)}
+        if kind in ("torch_zip", "torch_legacy") and isinstance(exc, errors.FormatError) and "weights_only" not in str(exc):
+            from tinyserve.pack import _torch_load
+
+            try:
+                doc["keys"] = describe(_torch_load(str(path), kind), depth=3)
+            except errors.TinyserveError:
+                pass
+        if args.json:
+            _print_json(doc)
+        else:
+            print(f"{path}: {what}")
+            for line in doc.get("keys", []):
+                print(f"  {line}")
+            print(f"cannot pack it as it is: {exc}")
+        return 1
+    from tinyserve.weights import TORCH_DTYPES
+
+    rows = [{"name": k, "dtype": TORCH_DTYPES.get(t.dtype, str(t.dtype)), "shape": list(t.shape),
+             "raw_bytes": t.numel() * t.element_size()} for k, t in src.tensors.items()]
+    raw = sum(r["raw_bytes"] for r in rows)
+    if args.json:
+        _print_json({"file": str(path), "kind": kind, "description": what, "key": src.key, "tensors": rows,
+                     "raw_bytes": raw, "metadata": src.metadata, "left_out": src.left_out,
+                     "stringified": src.stringified})
+        return 0
+    print(f"{path}: {what}" + (f", state dict at key {src.key!r}" if src.key else ""))
+    width = min(60, max([len(r["name"]) for r in rows] + [4]))
+    print(f"{'name':<{width}} {'dtype':<9} {'shape':<18} {'raw':>10}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        print(f"{r['name'][:width]:<{width}} {r['dtype']:<9} {shape:<18} {_fmt_bytes(r['raw_bytes']):>10}")
+    print(f"{len(rows)} tensors, {_fmt_bytes(raw)}")
+    if src.metadata:
+        text = json.dumps(src.metadata, sort_keys=True, default=str)
+        print(f"metadata (kept by pack): {text[:300]}{' ...' if len(text) > 300 else ''}")
+    if src.left_out:
+        print(f"left out by pack (they hold tensors): {', '.join(src.left_out)}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
-    from tinyserve.spec import CODECS
+    from tinyserve.spec import CODECS, MAGIC
     from tinyserve.weights import WeightsFile
 
     path = _weights_path(args.path, args.repo)
+    if path.is_file() and args.repo is None:
+        from tinyserve.pack import identify
+
+        with open(path, "rb") as f:
+            magic = f.read(len(MAGIC))
+        # a model source (or a format pack names): listed as such; anything else is read as weights
+        if magic != MAGIC and identify(path)[0] not in ("unknown", "empty"):
+            return _inspect_source(path, args)
+    if args.key is not None:
+        raise errors.ConfigError("--key applies to checkpoint files, not to tinyserve weights")
     with WeightsFile(path) as wf:
         rows = []
         for t in wf.tensors.values():
@@ -204,8 +311,8 @@ def _print_json(doc) -> None:
 
 def _summary(value) -> str:
     """One line about an output: dtype, shape, a few values, range."""
-    if isinstance(value, list):  # the bytes dtype
-        shown = ", ".join(repr(v[:40]) for v in value[:3])
+    if isinstance(value, list):  # the bytes dtype: UTF-8 items print as text
+        shown = ", ".join(_text_item(v) for v in value[:3])
         return f"bytes [{len(value)}]  [{shown}{', ...' if len(value) > 3 else ''}]"
     import numpy as np
 
@@ -223,6 +330,16 @@ def _summary(value) -> str:
     if flat.size and value.dtype != np.bool_:
         stats = f"  min {flat.min():.4g} max {flat.max():.4g} mean {flat.astype(np.float64).mean():.4g}"
     return f"{dtype} [{shape}]  {head}{stats}"
+
+
+def _text_item(item) -> str:
+    """One item of a bytes output: quoted text when it is UTF-8, else its bytes' repr."""
+    raw = bytes(item)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(raw[:40]) + ("..." if len(raw) > 40 else "")
+    return json.dumps(text[:80] + ("..." if len(text) > 80 else ""), ensure_ascii=False)
 
 
 def _save_output(directory: Path, name: str, value) -> Path:
@@ -401,7 +518,9 @@ def cmd_health(args) -> int:
     if args.json:
         _print_json(health)
     else:
-        print(f"{'ready' if ready else 'NOT READY'} (live: {health.get('live')})")
+        reasons = health.get("reasons") or []
+        why = f": {'; '.join(map(str, reasons))}" if reasons and not ready else ""
+        print(f"{'ready' if ready else 'NOT READY'}{why} (live: {health.get('live')})")
         for name, st in sorted((health.get("models") or {}).items()):
             st = st if isinstance(st, dict) else {}
             reason = f": {st.get('reason')}" if st.get("reason") else ""
@@ -433,10 +552,15 @@ def cmd_stats(args) -> int:
                 out += f"; last error {le.get('code')}: {str(le.get('message'))[:80]}"
         return out
 
-    print(line("server" if args.model is None else args.model, stats))
-    if args.model is None:
-        for name, st in sorted((stats.get("models") or {}).items()):
-            print("  " + line(name, st if isinstance(st, dict) else {}))
+    if args.model is not None:  # that model's own entry: the top level may carry server-wide fields
+        own = (stats.get("models") or {}).get(args.model)
+        print(line(args.model, own if isinstance(own, dict) else stats))
+        return 0
+    extra = "".join(f"; {label} {stats[k]}" for k, label in (("in_flight", "in flight"), ("connections", "connections"))
+                    if k in stats)
+    print(line("server", stats) + extra)
+    for name, st in sorted((stats.get("models") or {}).items()):
+        print("  " + line(name, st if isinstance(st, dict) else {}))
     return 0
 
 
@@ -505,6 +629,8 @@ def cmd_demo(args) -> int:
     from tinyserve.runtime import load_version
 
     t_start = time.perf_counter()
+    import tempfile
+
     root = Path(args.repo) if args.repo else Path(tempfile.mkdtemp(prefix="tinyserve-demo-"))
     repo = Repository(root, create=True)
     print(f"tinyserve demo: repository {root} (codec backend: {_backend.NAME})\n")
@@ -516,7 +642,7 @@ def cmd_demo(args) -> int:
         version, summary = pack(repo, name, f"tinyserve.examples:{factory.__name__}", threads=args.threads)
         print(f"[pack]    {name} v{version}: {len(summary.tensors)} tensors, {_fmt_bytes(summary.raw_bytes)} -> "
               f"{_fmt_bytes(summary.file_bytes)} (ratio {summary.ratio:.3f}) in {summary.seconds * 1e3:.1f} ms")
-        inspect_args = argparse.Namespace(path=f"{name}:{version}", repo=str(root), verify=True, json=False,
+        inspect_args = argparse.Namespace(path=f"{name}:{version}", repo=str(root), verify=True, json=False, key=None,
                                           threads=args.threads)
         print(f"[inspect] tinyserve inspect --repo {root} {name}:{version} --verify")
         cmd_inspect(inspect_args)
@@ -625,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pk = sub.add_parser("pack", help="pack a model into a repository version")
-    pk.add_argument("source", help="module:factory, a .safetensors file or a torch state-dict file")
+    pk.add_argument("source", help="module:factory or file.py:factory, a safetensors file, or a torch.save "
+                                   "state dict or training checkpoint (README: bring your model)")
     pk.add_argument("--repo", required=True, help="repository root directory")
     pk.add_argument("--name", required=True, help="model name")
     pk.add_argument("--version", type=int, default=None, help="version number (default: the next)")
@@ -635,10 +762,25 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--level", type=_level, default=None, help="zstd level 1..22, or 'max' for the strongest setting")
     pk.add_argument("--threads", type=int, default=None)
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
+    pk.add_argument("--key", default=None,
+                    help="where the state dict is inside a checkpoint, e.g. model or model.state_dict "
+                         "(default: found under common keys)")
+    pk.add_argument("--no-metadata", action="store_true",
+                    help="do not keep a checkpoint's other values (epoch, vocabulary...) in the config")
+    pk.add_argument("--file", type=_file_arg, action="append", default=[], metavar="[NAME=]PATH",
+                    help="copy this file into the version (a tokenizer the model file reads; repeatable)")
     pk.set_defaults(fn=cmd_pack)
 
-    ins = sub.add_parser("inspect", help="list the tensors of a weights file or model version")
-    ins.add_argument("path", help="a weights file, a version directory, or NAME[:VERSION] with --repo")
+    rm = sub.add_parser("rm", help="remove a version from a repository (a server that has it loaded keeps it)")
+    rm.add_argument("model", metavar="NAME:VERSION", type=_model_text)
+    rm.add_argument("--repo", required=True, help="repository root directory")
+    rm.set_defaults(fn=cmd_rm)
+
+    ins = sub.add_parser("inspect", help="list the tensors of a weights file, a model version, a checkpoint "
+                                         "or a safetensors file")
+    ins.add_argument("path", help="a weights file, a version directory, NAME[:VERSION] with --repo, or a "
+                                  "model source (safetensors, torch.save state dict or checkpoint)")
+    ins.add_argument("--key", default=None, help="a checkpoint's state dict key (as pack --key)")
     ins.add_argument("--repo", default=None)
     ins.add_argument("--verify", action="store_true", help="check every checksum; exit 1 on damage")
     ins.add_argument("--json", action="store_true")

@@ -22,6 +22,7 @@ from tinyserve import errors
 
 ENV_HOST, ENV_PORT, ENV_TOKEN = "TINYSERVE_HOST", "TINYSERVE_PORT", "TINYSERVE_TOKEN"
 MAX_POINTS = 64
+PROBE_FATAL = ("INVALID_INPUT", "BAD_REQUEST")  # a first request refused with these stops the bench
 
 
 def _list(kind):
@@ -87,6 +88,42 @@ def _shape_arg(value: str) -> tuple[str, list[int]]:
     if any(d < 0 for d in shape):
         raise argparse.ArgumentTypeError(f"dimensions must be >= 0, got {value!r}")
     return name, shape
+
+
+def check_shapes(specs, dims) -> None:
+    """--shape against the model's metadata: the same number of dimensions, and each fixed dimension
+    (not -1) the model's size; a ConfigError names the input, the dimension and both sizes."""
+    by_name = {s.get("name"): s for s in specs}
+    for name, shape in dims.items():
+        spec = by_name.get(name)
+        if spec is None:
+            continue  # random_inputs names unknown inputs
+        want = list(spec.get("shape") or [])
+        if len(shape) != len(want):
+            raise errors.ConfigError(f"--shape {name}={','.join(map(str, shape))}: {len(shape)} dimensions, the "
+                                     f"model's input {name!r} has {len(want)} (shape {want})")
+        for i, (got, need) in enumerate(zip(shape, want)):
+            if need != -1 and got != need:
+                raise errors.ConfigError(f"--shape {name}={','.join(map(str, shape))}: dimension {i} is {got}, the "
+                                         f"model's input {name!r} has {need} there (shape {want}; -1 is free)")
+
+
+def probe(host, port, model, version, inputs, *, token, ssl, timeout) -> None:
+    """Send one request before the load: when the server refuses its content (INVALID_INPUT,
+    BAD_REQUEST: a wrong --shape, dtype or input the model's hooks reject), stop with the server's
+    message instead of a table of errors.  Other failures (UNAVAILABLE, overload) are what a load test
+    measures: they are counted by the run."""
+    from tinyserve.client import Client
+
+    with Client(host, port, token=token, ssl=ssl, timeout=timeout, connect_attempts=2) as client:
+        try:
+            client.infer(model, inputs, version=version, timeout=timeout)
+        except errors.TinyserveError as exc:
+            code = getattr(exc, "code", "ERROR")
+            if code not in PROBE_FATAL:
+                return
+            raise errors.ConfigError(f"the first request to {model} was refused, so no load was run: [{code}] {exc} "
+                                     "(check --input / --shape / --batch against `tinyserve` metadata)") from None
 
 
 def add_parsers(sub, client_options) -> None:
@@ -180,7 +217,9 @@ def cmd_bench(args) -> int:
     if args.input:
         pool = inp.npy_inputs(dict(args.input), specs)
     else:
+        check_shapes(specs, dict(args.shape))
         pool = inp.random_inputs(specs, batch=args.batch, count=args.pool, seed=args.seed, dims=dict(args.shape))
+    probe(host, port, model, version, pool[0], token=token, ssl=ssl, timeout=args.timeout)
     target = loadgen.TinyserveTarget(host, port, model, pool, version=version, token=token, ssl=ssl,
                                      timeout=args.timeout)
     progress = report.Progress(not args.quiet)

@@ -5,12 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tinyserve.remote.manifest import Manifest, build_manifest
-from tinyserve.remote.policy import VersionPolicy
-from tinyserve.remote.poller import Changes, Poller
-from tinyserve.remote.repository import RemoteRepository, pull, push
-from tinyserve.repository import Repository
-from tinyserve.storage import Cache
+# the submodules are imported on first use (PEP 562), so `tinyserve.remote.cli` (the push / pull
+# argument parsers every `tinyserve` command builds) does not import torch through remote.repository
+_LAZY = {"Manifest": "tinyserve.remote.manifest", "build_manifest": "tinyserve.remote.manifest",
+         "VersionPolicy": "tinyserve.remote.policy", "Changes": "tinyserve.remote.poller",
+         "Poller": "tinyserve.remote.poller", "RemoteRepository": "tinyserve.remote.repository",
+         "pull": "tinyserve.remote.repository", "push": "tinyserve.remote.repository",
+         "Repository": "tinyserve.repository", "Cache": "tinyserve.storage"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tinyserve.remote' has no attribute {name!r}")
 
 __all__ = ["Cache", "Changes", "Manifest", "Poller", "RemoteRepository", "VersionPolicy", "build_manifest",
            "default_cache_dir", "open_repository", "pull", "push"]
@@ -38,7 +49,11 @@ def open_repository(spec: str | os.PathLike, *, cache_dir: str | os.PathLike | N
     if not text.startswith("s3://"):
         if s3_options:
             raise ValueError(f"S3 options {sorted(s3_options)} given for the local repository {text!r}")
+        from tinyserve.repository import Repository
+
         return Repository(text)
+    from tinyserve.remote.repository import RemoteRepository
+    from tinyserve.storage import Cache
     from tinyserve.storage.s3 import S3Storage
 
     storage = S3Storage.from_url(text, **s3_options)
