@@ -76,7 +76,8 @@ def repo(tmp_path_factory):
     pack(r, "mlp", "tinyserve.examples:mlp")
     pack_python(r, tmp, "probe", PROBE_MODEL)
     pack_python(r, tmp, "hooks", PROBE_MODEL + HOOKS)
-    pack_python(r, tmp, "broken", PROBE_MODEL.replace("return Probe()", "raise RuntimeError('cannot build')"))
+    pack_python(r, tmp, "broken", PROBE_MODEL.replace(  # (pack builds it on the meta device: that works)
+        "return Probe()", "if not torch.empty(0).is_meta:\n        raise RuntimeError('cannot build')\n    return Probe()"))
     pack_python(r, tmp, "coldfail", PROBE_MODEL.replace("def forward(self, x):",
                                                          "def forward(self, x):\n        raise KeyError('no warm-up')"))
     return r

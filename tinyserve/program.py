@@ -17,8 +17,10 @@ Two kinds (docs/repository.md):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import threading
@@ -33,7 +35,59 @@ from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES
 
 PROGRAM_FILE = "program.pt2"
 MODEL_FILE = "model.py"
-_EXPORT_LOAD_LOCK = threading.Lock()
+
+log = logging.getLogger("tinyserve.program")
+
+# Every step of a load that may run a module's FIRST import (torch.export.load pulls in torch._dynamo,
+# torch._inductor and ~1300 more modules; a python model file imports what it likes, and
+# `torch.compiler.disable` or `torch.compile` in it import torch._dynamo too; a warm-up run may import
+# lazily) runs under this one process-wide lock.  Python's per-module import locks are not enough:
+# two threads importing into the same package cycle (torch._dynamo <-> its submodules) at once break
+# its circular-import order, and both imports fail ("partially initialized module 'torch._dynamo'",
+# KeyError('torch._dynamo')).  Reentrant: a model's build may load another program.
+_IMPORT_LOCK = threading.RLock()
+
+
+def _drop_orphans(before: set) -> list[str]:
+    """After a failed import: remove from sys.modules the modules that step added whose parent
+    package is no longer there (the import machinery removed the package that failed, not the
+    submodules it had already imported).  Left behind, an orphan poisons every later import of the
+    package: the re-run package ``__init__`` finds the child in sys.modules, never sets it as an
+    attribute, and fails with "module 'torch._dynamo' has no attribute 'utils'" for the life of
+    the process.  Only orphans go: a completely imported module (a native extension such as
+    triton's, which cannot be initialised twice) is left as it is."""
+    modules = sys.modules
+    added = set(modules.copy()) - before
+
+    def orphaned(name: str) -> bool:
+        parent = name.rpartition(".")[0]
+        while parent:
+            if parent not in modules:
+                return True
+            parent = parent.rpartition(".")[0]
+        return False
+
+    gone = sorted(n for n in added if orphaned(n))
+    for name in gone:
+        modules.pop(name, None)
+    return gone
+
+
+@contextlib.contextmanager
+def import_guard(what: str = "a model"):
+    """Run a step that may import modules for the first time: alone (one process-wide lock), and,
+    when it fails, without leaving half-imported packages behind for later loads (_drop_orphans)."""
+    with _IMPORT_LOCK:
+        before = set(sys.modules.copy())
+        try:
+            yield
+        except BaseException:
+            gone = _drop_orphans(before)
+            if gone:
+                log.warning("tinyserve: %s failed during an import; removed %d half-imported modules (%s%s) "
+                            "so that a later load imports them afresh", what, len(gone), ", ".join(gone[:5]),
+                            ", ..." if len(gone) > 5 else "")
+            raise
 
 
 def bindings_file(program: str) -> str:
@@ -53,7 +107,8 @@ def export_module(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         dynamic_shapes = tuple({0: batch} if x.dim() > 0 else None for x in example_inputs)
     with torch.no_grad():
         try:
-            ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            with import_guard(f"exporting {type(module).__name__}"):
+                ep = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch raises many kinds here; name the model and the cause
             raise errors.ModelError(f"torch.export failed for {type(module).__name__}: {exc}") from exc
         outputs = module(*example_inputs)
@@ -105,7 +160,9 @@ def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, to
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise errors.ModelError(f"{manifest}: unreadable bindings: {exc!r}") from None
     try:
-        with _EXPORT_LOAD_LOCK:  # torch.export.load keeps global deserializer state: one at a time
+        # one at a time: its first call imports torch._dynamo and more (import_guard), and it keeps
+        # global deserializer state
+        with import_guard(f"loading {version_dir / program}"):
             ep = torch.export.load(version_dir / program)
     except Exception as exc:  # torch raises many kinds for a damaged archive
         raise errors.ModelError(f"{version_dir / program}: cannot load the exported program: {exc!r}") from None
@@ -149,18 +206,20 @@ def load_python_model(version_dir: str | os.PathLike, weights: Mapping[str, torc
     if spec is None or spec.loader is None:
         raise errors.ModelError(f"{path}: cannot import")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
     try:
-        spec.loader.exec_module(mod)
-        if not callable(getattr(mod, "build", None)):
-            raise errors.ModelError(f"{path}: defines no build(config) function")
-        module = mod.build(dict(params or {}))
+        with import_guard(f"importing {path}"):  # the file's imports, and build's, run alone
+            sys.modules[name] = mod
+            try:
+                spec.loader.exec_module(mod)
+                if not callable(getattr(mod, "build", None)):
+                    raise errors.ModelError(f"{path}: defines no build(config) function")
+                module = mod.build(dict(params or {}))
+            finally:
+                sys.modules.pop(name, None)
     except errors.TinyserveError:
         raise
     except Exception as exc:
         raise errors.ModelError(f"{path}: building the model failed: {exc!r}") from exc
-    finally:
-        sys.modules.pop(name, None)
     try:
         module.load_state_dict(dict(weights), strict=True, assign=True)
     except (RuntimeError, KeyError) as exc:

@@ -62,7 +62,7 @@ from tinyserve.batching import Batcher, assemble, split
 from tinyserve.config import ModelConfig
 from tinyserve import memory
 from tinyserve.memory import health_name, rss_anon
-from tinyserve.program import load_export_program, load_python_model
+from tinyserve.program import import_guard, load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
 from tinyserve.weights import DTYPE_TO_TORCH, LoadStats, WeightsFile
 
@@ -129,7 +129,8 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
         with WeightsFile(version_dir / config.weights) as wf:
             t1 = time.perf_counter()
             if device_loader:
-                from tinyserve.kernels import load_to_device
+                with import_guard("importing the device loader"):  # triton, first imported here
+                    from tinyserve.kernels import load_to_device
 
                 weights = load_to_device(wf, device, verify=verify, threads=threads)
                 stats = LoadStats(decoded_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
@@ -738,13 +739,17 @@ class ModelInstance:
         # the workspace the run needs: on the host the growth of RssAnon, on a GPU the peak of the
         # caching allocator above what the copy held before
         probe = rss_anon if rep.on_host else (lambda: torch.cuda.max_memory_allocated(rep.torch_device))
-        if not rep.on_host:
-            torch.cuda.reset_peak_memory_stats(rep.torch_device)
-            base = torch.cuda.memory_allocated(rep.torch_device)
-        before = rss_anon() if rep.on_host else base
         try:
-            self._outputs_of(rep.module(*args))
-            after = probe()
+            # the first run of a model may import modules (torch.compile, lazy imports): alone, as
+            # every import-sensitive step of a load (program.import_guard); one warm-up at a time
+            # also keeps another's workspace out of this one's RssAnon delta
+            with import_guard(f"warming up {self.name}:{self.version}"):
+                if not rep.on_host:
+                    torch.cuda.reset_peak_memory_stats(rep.torch_device)
+                    base = torch.cuda.memory_allocated(rep.torch_device)
+                before = rss_anon() if rep.on_host else base
+                self._outputs_of(rep.module(*args))
+                after = probe()
             if before is not None and after is not None:  # one footprint for every copy: the largest
                 self.workspace_bytes = max(self.workspace_bytes if rep.index else 0, after - before)
         except Exception as exc:

@@ -1,0 +1,171 @@
+"""Model lifecycle under concurrency and odd modules (issue 12 item 1, issue 17 items 1, 5, 7, 8):
+concurrent first loads of several platforms in a fresh process, releases of modules that hold
+TorchScript submodules, configurable warm-up, default versions under the version policy, batching
+between per-request hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyserve.pack import pack
+from tinyserve.repository import Repository
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a python model whose file uses torch.compiler.disable at import time: that imports torch._dynamo,
+# which torch.export.load imports too (the first import of each happens in a loader thread)
+COMPILER_MODEL = '''
+import torch
+
+@torch.compiler.disable
+def clamp(x):
+    return x.clamp(-1e6, 1e6)
+
+class Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return clamp(self.lin(x))
+
+def build(params):
+    return Lin()
+'''
+LIN_CONFIG = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+              "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 2]}]}
+
+
+def pack_source(repo: Repository, tmp: Path, name: str, source: str, module: torch.nn.Module,
+                config: dict = LIN_CONFIG) -> int:
+    """Pack `source` as a python model whose weights are `module`'s state dict."""
+    sd = tmp / f"{name}.pt"
+    torch.save(module.state_dict(), sd)
+    py = tmp / f"{name}.py"
+    py.write_text(source)
+    version, _ = pack(repo, name, str(sd), program=str(py), config=config)
+    return version
+
+
+def build_from(source: str) -> torch.nn.Module:
+    ns: dict = {}
+    exec(compile(source, "<model>", "exec"), ns)
+    return ns["build"]({})
+
+
+@pytest.fixture(scope="module")
+def mixed_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    repo = Repository(tmp / "repo", create=True)
+    pack(repo, "mlp", "tinyserve.examples:mlp")
+    pack(repo, "enc", "tinyserve.examples:encoder")
+    pack_source(repo, tmp, "compiled", COMPILER_MODEL, build_from(COMPILER_MODEL))
+    return repo
+
+
+def run_fresh(script: str, *args: str, timeout: float = 100) -> dict:
+    """Run `script` in a fresh interpreter (imports happen once per process) and parse the JSON
+    line it prints last."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CONCURRENT_LOADS = r'''
+import asyncio, json, sys
+import numpy as np
+from tinyserve.client import AsyncClient
+from tinyserve.server import Server, ServerConfig
+
+INPUTS = {"mlp": {"x": np.ones((1, 64), np.float32)}, "enc": {"ids": np.ones((1, 16), np.int64)},
+          "compiled": {"x": np.ones((1, 4), np.float32)}}
+
+async def main():
+    srv = Server(ServerConfig(repo=sys.argv[1], port=0))
+    await srv.start()
+    out = {}
+    try:
+        async with await AsyncClient.connect("127.0.0.1", srv.port) as c:
+            names = list(INPUTS)
+            for rnd in ("first", "again"):
+                got = await asyncio.gather(*(c.load(n) for n in names), return_exceptions=True)
+                out[rnd] = [g["state"] if isinstance(g, dict) else repr(g) for g in got]
+                ran = await asyncio.gather(*(c.infer(n, INPUTS[n]) for n in names), return_exceptions=True)
+                out[rnd + "_infer"] = [sorted(r) if isinstance(r, dict) else repr(r) for r in ran]
+                for n in names:
+                    await c.unload(n)
+    finally:
+        await srv.stop(2)
+    print(json.dumps(out))
+
+asyncio.run(main())
+'''
+
+
+def test_concurrent_first_loads_of_every_platform_in_a_fresh_process(mixed_repo):
+    """Three load ops at once on a fresh server: two torch.export programs and a python model
+    whose file imports torch._dynamo (torch.compiler.disable).  Before the import guard, all three
+    failed (partially initialized torch._dynamo, KeyError('torch._dynamo')) and the export models
+    could not be loaded again in that process."""
+    out = run_fresh(CONCURRENT_LOADS, str(mixed_repo.root))
+    assert out["first"] == ["READY"] * 3, out
+    assert out["first_infer"] == [["output0"], ["output0"], ["y"]], out
+    assert out["again"] == ["READY"] * 3, out
+    assert out["again_infer"] == out["first_infer"], out
+
+
+INJECTED_IMPORT_FAILURE = r'''
+import asyncio, importlib.abc, json, sys
+from tinyserve.server import Server, ServerConfig
+
+class FailOnce(importlib.abc.MetaPathFinder):
+    """The first import of a module deep inside torch._dynamo's import fails (as a racing import did)."""
+    armed = True
+    def find_spec(self, name, path, target=None):
+        if name == sys.argv[2] and self.armed:
+            self.armed = False
+            raise ImportError("injected failure importing " + name)
+
+sys.meta_path.insert(0, FailOnce())
+
+async def main():
+    srv = Server(ServerConfig(repo=sys.argv[1], port=0))
+    await srv.start()
+    out = {}
+    try:
+        for rnd in ("first", "second"):
+            try:
+                inst = await srv.load("mlp")
+                out[rnd] = inst.state
+            except Exception as exc:
+                out[rnd] = type(exc).__name__ + ": " + str(exc)
+            await srv.unload("mlp")
+    finally:
+        await srv.stop(2)
+    print(json.dumps(out))
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.parametrize("module", ["torch._inductor.config", "torch._inductor.runtime.hints"])
+def test_a_failed_first_import_does_not_poison_later_loads(mixed_repo, module):
+    """A load whose first import of torch._dynamo fails half-way leaves the submodules imported
+    so far in sys.modules; left there, every later import of torch._dynamo failed ("partially
+    initialized module 'torch._dynamo' has no attribute 'utils'") until a restart."""
+    out = run_fresh(INJECTED_IMPORT_FAILURE, str(mixed_repo.root), module)
+    assert out["first"].startswith("ModelError") and "injected failure" in out["first"], out
+    assert out["second"] == "READY", out
