@@ -348,7 +348,7 @@ _MAX_DIM = 1 << 48
 
 def _outputs(descs, payload: memoryview, limits: wire.Limits) -> dict:
     """{name: array} of an infer reply: the checks of wire.split_tensors in one flat loop for numeric
-    tensors; anything else (bfloat16, bytes, a descriptor that fails a check) goes through
+    tensors; anything else (bfloat16, float8, bytes, a descriptor that fails a check) goes through
     wire.split_tensors / wire.to_array, which raise the precise error."""
     if type(descs) is not list or len(descs) > limits.max_tensors:
         return _outputs_slow(descs, payload, limits)
@@ -984,7 +984,7 @@ class Client:
     thread one of them (round robin on a thread's first call); threads may share a connection safely.
 
     - ``infer(model, {name: array}, version=None, outputs=None, timeout=None, priority=None)``
-      returns ``{name: array}`` (numpy arrays; bfloat16 as torch tensors; the bytes dtype as
+      returns ``{name: array}`` (numpy arrays; bfloat16 and the float8 dtypes as torch tensors; the bytes dtype as
       ``list[bytes]``).  Inputs may be numpy arrays, torch tensors or lists of str / bytes.
     - ``infer_many(model, [inputs, ...], depth=32)`` pipelines up to ``depth`` requests on one
       connection and returns the outputs in order; ``submit(...)`` returns a

@@ -20,6 +20,7 @@ from tinyserve.errors import ConfigError
 from tinyserve.spec import DTYPES, MAX_DIM, MAX_NAME_LEN, MAX_NDIM
 
 __all__ = [
+    "RequestSpec",
     "BatchingConfig",
     "BucketConfig",
     "PLACEMENT_MODES",
@@ -505,8 +506,53 @@ class PlacementConfig:
                 "scale_down_idle_ms": self.scale_down_idle_ms, "cooldown_ms": self.cooldown_ms}
 
 
+# --- request-side tensors of python models with hooks ---------------------------------------------------
+@dataclass(frozen=True)
+class RequestSpec(TensorSpec):
+    """A tensor that a request to a python model with hooks sends (``request_inputs``: what its
+    ``preprocess`` takes) or that its reply holds (``request_outputs``: what ``postprocess`` returns);
+    docs/repository.md section 3.  A TensorSpec whose dtype may also be ``bytes`` (1-D: a list of
+    byte strings)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "bytes":
+            if isinstance(self.dtype, str) and self.dtype not in DTYPES and isinstance(self.name, str):
+                raise ConfigError(f"tensor {_show(self.name)}: dtype {_show(self.dtype)} is not one of "
+                                  f"{', '.join(DTYPES)}, bytes")
+            super().__post_init__()
+            return
+        object.__setattr__(self, "dtype", "uint8")  # every other rule is TensorSpec's
+        try:
+            super().__post_init__()
+        finally:
+            object.__setattr__(self, "dtype", "bytes")
+        if len(self.shape) != 1:
+            raise ConfigError(f"tensor {_show(self.name)}: a bytes tensor is 1-D, got shape {list(self.shape)}")
+
+
+def _request_specs(cfg, side: str) -> tuple:
+    specs = getattr(cfg, side)
+    if isinstance(specs, list):
+        specs = tuple(specs)
+    if not isinstance(specs, tuple):
+        raise ConfigError(f"{side} must be a list of tensor specs, got {_type_name(specs)}")
+    if specs and cfg.platform != "python":
+        raise ConfigError(f"{side} describes what a python model's hooks take or give; platform is {cfg.platform!r}")
+    if len(specs) > MAX_IO_TENSORS:
+        raise ConfigError(f"{side} has {len(specs)} tensors, limit {MAX_IO_TENSORS}")
+    names: set[str] = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, TensorSpec):
+            raise ConfigError(f"{side}[{i}] must be a RequestSpec, got {_type_name(spec)}")
+        if spec.name in names:
+            raise ConfigError(f"{side}[{i}]: tensor name {_show(spec.name)} is used twice in {side}")
+        names.add(spec.name)
+    return specs
+
+
 # --- model -----------------------------------------------------------------------------------------
-_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "metadata", "placement")
+_MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "metadata", "placement",
+               "request_inputs", "request_outputs")  # (request_*: python models with hooks)
 _MODEL_REQUIRED = ("name", "platform", "inputs", "outputs")
 
 
@@ -524,6 +570,10 @@ class ModelConfig:
     # Free-form JSON-able parameters handed to python models (deep-copied; treat as read-only).
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
     placement: PlacementConfig | None = None  # None: the server's defaults (dynamic, --device)
+    # python models with hooks: what a request sends / its reply holds, when they differ from the
+    # module's inputs / outputs (RequestSpec: `bytes` allowed); () = the same as inputs / outputs
+    request_inputs: tuple = ()
+    request_outputs: tuple = ()
     # JSON values describing the version (what `pack` kept of a checkpoint: epoch, vocabulary...);
     # never read by the server (docs/repository.md section 3)
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -589,6 +639,8 @@ class ModelConfig:
             self._check_buckets(self.batching.buckets)
         if self.placement is not None and not isinstance(self.placement, PlacementConfig):
             raise ConfigError(f"placement must be a PlacementConfig or None, got {_type_name(self.placement)}")
+        for side in ("request_inputs", "request_outputs"):
+            object.__setattr__(self, side, _request_specs(self, side))
 
         if not isinstance(self.extra, Mapping):
             raise ConfigError(f"extra must be an object (mapping), got {_type_name(self.extra)}")
@@ -647,6 +699,9 @@ class ModelConfig:
         placement = d.get("placement")
         if placement is not None:
             placement = PlacementConfig.from_dict(placement)
+        for side in ("request_inputs", "request_outputs"):
+            items = _as_tuple(d.get(side, ()), side)
+            sides[side] = tuple(RequestSpec.from_dict(item, f"{side}[{i}]") for i, item in enumerate(items))
         return cls(
             name=d["name"],
             platform=d["platform"],
@@ -657,6 +712,8 @@ class ModelConfig:
             batching=batching,
             extra=extra,
             placement=placement,
+            request_inputs=sides["request_inputs"],
+            request_outputs=sides["request_outputs"],
             metadata=metadata,
         )
 
@@ -675,6 +732,9 @@ class ModelConfig:
         }
         if self.placement is not None:
             out["placement"] = self.placement.to_dict()
+        for side in ("request_inputs", "request_outputs"):  # written only when declared
+            if getattr(self, side):
+                out[side] = [s.to_dict() for s in getattr(self, side)]
         if self.metadata:  # written only when there is some
             out["metadata"] = copy.deepcopy(self.metadata)
         return out

@@ -37,7 +37,8 @@ Replying
 Flow control (a client cannot grow the server's memory without bound)
     * `max_in_flight` requests in flight on this connection: the connection stops parsing and pauses
       reading until a reply goes out (backpressure, no error);
-    * the server-wide `InFlight` budget full: TOO_MANY_REQUESTS;
+    * the server-wide `InFlight` budget full: TOO_MANY_REQUESTS, except for the `monitoring_ops`
+      (MONITORING_OPS), which are admitted and counted over it (the server answers them inline);
     * the transport's write buffer above its high-water mark (`pause_writing`): reading pauses until
       `resume_writing`, and frames already received are held, not handled (replies queued within
       one read are flushed early once they pass the mark).  So a client that never reads its
@@ -89,6 +90,10 @@ _PAUSE_IN_FLIGHT = 2  # max_in_flight requests in flight on this connection
 _PAUSE_MEMORY = 4  # the server-wide FrameMemory budget cannot hold this connection's next large frame
 _PAUSE_HOLD = _PAUSE_WRITE | _PAUSE_IN_FLIGHT | _PAUSE_MEMORY  # complete frames may be held meanwhile
 _MAX_ID = wire.MAX_REQUEST_ID
+# ops that pass the server-wide in-flight cap (docs/protocol.md section 2.1): they never queue work,
+# the server answers them inline, so an overloaded server can still be observed (and a monitor can
+# still authenticate); the per-connection cap still applies to them
+MONITORING_OPS = frozenset({"hello", "ping", "health", "stats", "models", "metadata"})
 _ALIGN = wire.ALIGN
 
 
@@ -209,6 +214,8 @@ class Connection(asyncio.BufferedProtocol):
     on_error(code): for every error reply the connection makes by itself (for statistics).
     on_read_done(): after the frames of one read were dispatched, before the replies are written (the
     server hands the requests of a read to the model workers there, in one go).
+    monitoring_ops: ops admitted when the server-wide budget is full (counted in it all the same, so
+    `budget.count > budget.limit` tells the dispatcher a request came in over the cap).
     """
 
     def __init__(self, dispatch: Callable[[Connection, int, dict, memoryview], None], *,
@@ -218,8 +225,10 @@ class Connection(asyncio.BufferedProtocol):
                  on_close: Callable | None = None, on_error: Callable[[str], None] | None = None,
                  on_read_done: Callable[[], None] | None = None, write_high_water: int = WRITE_HIGH_WATER,
                  write_low_water: int | None = None, frame_memory: FrameMemory | None = None,
-                 close_grace_s: float | None = None, direct_replies: bool = True) -> None:
+                 close_grace_s: float | None = None, direct_replies: bool = True,
+                 monitoring_ops: frozenset = MONITORING_OPS) -> None:
         self._dispatch = dispatch
+        self._monitoring = monitoring_ops
         self._limits = limits or wire.Limits()
         self._max_in_flight = max_in_flight
         self._budget = budget
@@ -577,7 +586,8 @@ class Connection(asyncio.BufferedProtocol):
         with self._lock:
             if rid in inflight:
                 refused = "DUPLICATE_ID"
-            elif budget is not None and budget.count >= budget.limit:
+            elif (budget is not None and budget.count >= budget.limit
+                  and header.get("op") not in self._monitoring):
                 refused, count = "TOO_MANY_REQUESTS", budget.count
             else:
                 refused = None

@@ -1337,6 +1337,9 @@ class Server:
             if handler is None:
                 raise wire.BadRequest(f"unknown op {wire.shown(op)} "
                                       f"(ops: {', '.join(self._ops)})")
+            if payload.nbytes and op != "infer":  # only infer frames carry tensors (docs/protocol.md 4)
+                raise wire.BadRequest(f"{op}: this op takes no payload, the frame carries {payload.nbytes} "
+                                      "payload bytes")
             handler(conn, rid, header, payload)
         except wire.WireError as exc:
             self._fail(conn, rid, exc.code, str(exc), header, exc.fatal)
@@ -1767,6 +1770,12 @@ class Server:
             path = self._resolve(name, version)
             version = int(path.name)
             if self._remote:  # the config of a version not loaded is read from storage, off the loop
+                budget = self._budget
+                if budget.count > budget.limit:  # admitted over the cap as a monitoring op: it queues no I/O
+                    raise wire.TooManyRequests(
+                        f"metadata: the server has {budget.count - 1} requests in flight (max_in_flight "
+                        f"{budget.limit}); the config of {name!r} version {version} is not loaded and would be "
+                        "read from remote storage")
                 fut = self._io(self.repo.read_config, name, version)
 
                 def done(f, conn=conn, rid=rid, name=name, version=version):
@@ -1783,13 +1792,36 @@ class Server:
         self._metadata_reply(conn, rid, name, version, cfg)
 
     def _metadata_reply(self, conn, rid, name, version, cfg) -> None:
+        """What a request sends and its reply holds: a python model's declared request_inputs /
+        request_outputs (its hooks' side, docs/repository.md section 3) where it has them, else the
+        module's inputs / outputs."""
+        inputs = getattr(cfg, "request_inputs", ()) or cfg.inputs
+        outputs = getattr(cfg, "request_outputs", ()) or cfg.outputs
         self._ok(conn, rid, {"model": name, "version": version, "platform": cfg.platform,
-                             "inputs": [s.to_dict() for s in cfg.inputs],
-                             "outputs": [s.to_dict() for s in cfg.outputs],
+                             "inputs": [s.to_dict() for s in inputs],
+                             "outputs": [s.to_dict() for s in outputs],
                              "batching": None if cfg.batching is None else cfg.batching.to_dict()})
 
     def _op_health(self, conn, rid, h, payload) -> None:
-        self._ok(conn, rid, self.health_report().to_dict())
+        """The health report, whose `models` also lists the repository's models that have no loaded
+        or failed version (state UNLOADED, `version` the newest in the repository listing)."""
+        report = self.health_report().to_dict()
+        models = report["models"]
+        try:
+            names = self._cached(("models",), self._index.models)
+        except errors.TinyserveError:  # an unreachable repository: the loaded models are still reported
+            names = ()
+        for name in names:
+            if name not in models:
+                try:
+                    versions = self._cached(("versions", name), self._index.versions, name)
+                except errors.TinyserveError:
+                    versions = []
+                models[name] = {"state": UNLOADED, "reason": "not loaded", "version": max(versions, default=None),
+                                "device": None, "serving": False, "versions": []}
+        if len(models) > 1:
+            report["models"] = dict(sorted(models.items()))
+        self._ok(conn, rid, report)
 
     def _op_stats(self, conn, rid, h, payload) -> None:
         """Server-wide figures at the top level (every model plus what no model counts: other ops,
@@ -1807,6 +1839,8 @@ class Server:
             reply = dict(one)
             reply["models"] = {name: one}
             self._add_devices(reply["models"])
+            self._ok(conn, rid, reply)  # that model's fields only: no server-wide ones
+            return
         else:
             models = self.metrics.to_dict()["models"]
             self._add_devices(models)

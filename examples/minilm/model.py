@@ -20,8 +20,9 @@ and so what this file does:
   `tokenizer.json` shipped in the version directory (lower-casing WordPiece, [CLS] ... [SEP]),
   truncated to `max_seq_length` tokens, padded with [PAD] (id 0) to the longest sentence of the
   request; returns `input_ids` and `attention_mask`, int64 [n, L].  A request with anything else, a
-  sentence that is not UTF-8, or more than `max_sentences` sentences is refused (ValueError/TypeError,
-  which the server answers as MODEL_ERROR naming the model and the reason).
+  sentence that is not UTF-8, or more than `max_sentences` sentences is refused with
+  `tinyserve.wire.InvalidInput`, which the server answers as INVALID_INPUT naming the input and the
+  reason (the client's mistake: it does not count towards ejecting the model, docs/protocol.md 4).
 * the module: encoder, then the mean of the token vectors over the attention mask, then division by
   the L2 norm (clamped at 1e-12, as torch.nn.functional.normalize does).  Returns `embedding` [n, 384].
 * `postprocess`: `embedding` as contiguous float32.
@@ -214,7 +215,11 @@ def _arch(params: dict) -> dict:
 
 
 def _load_tokenizer(params: dict):
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise ImportError(f"the minilm example tokenizes with the tokenizers package ({exc}): "
+                          "pip install 'tinyserve[minilm]'") from None
 
     here = Path(__file__).resolve().parent
     name = params.get("tokenizer", "tokenizer.json")
