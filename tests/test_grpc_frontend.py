@@ -576,3 +576,42 @@ def test_stream_infer(srv):
     assert errs == ["model 'fail' version 1 raised RuntimeError: this model always fails",
                     "model 'nope' is not in the repository"]
     assert srv.lt.call(lambda: srv.fe.in_flight) == 0
+
+
+def test_a_message_that_does_not_parse(srv):
+    ch = grpc.insecure_channel(srv.url)
+    try:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as ei:
+            call(b"\x0a\xff\xff\xff\xff\x0f", timeout=TIMEOUT)  # field 1 declaring 4 GiB of string
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("the request is not a valid inference.ModelInferRequest message (6 bytes)")
+    finally:
+        ch.close()
+    assert srv.client.is_server_live()
+    assert refused(srv.stub().ModelConfig, tpb.ModelConfigRequest(name="addone"))[0] == "UNIMPLEMENTED"
+
+
+def test_stream_window_holds_back_a_client_that_sends_without_reading(srv, monkeypatch):
+    import tinyserve.frontends.grpc as g
+
+    monkeypatch.setattr(g, "STREAM_WINDOW", 2)
+    sent: list = []
+
+    def requests():
+        for i in range(6):
+            sent.append(i)
+            r = tpb.ModelInferRequest(model_name="gate", id=str(i))
+            r.inputs.add(name="x", datatype="FP32", shape=[1])
+            r.raw_input_contents.append(np.float32(i).tobytes())
+            yield r
+
+    responses = srv.stub().ModelStreamInfer(requests(), timeout=TIMEOUT)
+    _wait_for(srv.core.infer_calls)
+    for _ in range(50):  # the server reads no further than its window while the first two are held
+        threading.Event().wait(0.01)
+    assert len(srv.core.infer_calls) == 2
+    srv.core.gate.set()
+    ids = sorted(r.infer_response.id for r in responses)
+    assert ids == [str(i) for i in range(6)] and len(srv.core.infer_calls) == 6

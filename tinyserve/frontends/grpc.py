@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from tinyserve import errors, wire
 from tinyserve.frontends import _kserve_v2_pb2 as pb
@@ -48,6 +49,7 @@ _TYPED = {
 }
 _REFUSED_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 _FINAL = "triton_enable_empty_final_response"
+STREAM_WINDOW = 256  # a stream's requests read and not yet answered
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
@@ -377,12 +379,16 @@ class GrpcFrontEnd:
             async def handler(request, context):
                 try:
                     self._check_auth(context)
+                    if type(request) is _Unparsed:
+                        raise request.error
                     return await fn(request, context)
                 except errors.TinyserveError as exc:
                     await context.abort(_status(exc), str(exc))
+                except (ValueError, TypeError, OverflowError, KeyError) as exc:  # a bug, not the client's fault
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
             return grpc.unary_unary_rpc_method_handler(
-                handler, request_deserializer=req_cls.FromString,
+                handler, request_deserializer=_parser(req_cls),
                 response_serializer=_identity if raw_reply else _serialize)
 
         methods = {
@@ -397,7 +403,7 @@ class GrpcFrontEnd:
             "RepositoryModelLoad": unary(self._repository_load, pb.RepositoryModelLoadRequest),
             "RepositoryModelUnload": unary(self._repository_unload, pb.RepositoryModelUnloadRequest),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                self._model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
+                self._model_stream_infer, request_deserializer=_parser(pb.ModelInferRequest),
                 response_serializer=_identity),
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
@@ -537,17 +543,26 @@ class GrpcFrontEnd:
         responder = _Stream(self)
         queue = responder.queue
         done = object()
+        # requests read but whose responses are not yielded yet: past this window the stream stops
+        # reading, so a client that does not read its responses is held back by HTTP/2 flow control
+        window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await window.acquire()
                     try:
+                        if type(request) is _Unparsed:
+                            queue.put_nowait(_stream_error(_Tag("", "", "", False), request.error))
+                            continue
                         self._submit(request, None, responder)
                     except errors.TinyserveError as exc:
                         tag = _Tag(request.model_name, request.model_version, request.id, False)
                         queue.put_nowait(_stream_error(tag, exc))
                         continue
                     responder.pending += 1
+            except (grpc.RpcError, asyncio.InvalidStateError):  # the client went away mid-stream
+                pass
             finally:
                 queue.put_nowait(done)
 
@@ -559,12 +574,34 @@ class GrpcFrontEnd:
                 if item is done:
                     reading = False
                     continue
+                window.release()
                 if item is None:
                     continue
                 yield item
         finally:
             responder.closed = True  # replies still to come are discarded by the core
             reader.cancel()
+
+
+class _Unparsed:
+    """What a request message that does not parse becomes (gRPC would otherwise answer UNKNOWN)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: errors.TinyserveError) -> None:
+        self.error = error
+
+
+def _parser(cls):
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return _Unparsed(wire.BadRequest(f"the request is not a valid {name} message ({len(data)} bytes): {exc}"))
+
+    return parse
 
 
 def _identity(b: bytes) -> bytes:
