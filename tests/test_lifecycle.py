@@ -5,18 +5,26 @@ between per-request hooks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from tinyserve import runtime
 from tinyserve.pack import pack
 from tinyserve.repository import Repository
+from tinyserve.server import ServerConfig
+
+from test_server import Client, ServerThread  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,10 +65,14 @@ def pack_source(repo: Repository, tmp: Path, name: str, source: str, module: tor
     return version
 
 
-def build_from(source: str) -> torch.nn.Module:
-    ns: dict = {}
-    exec(compile(source, "<model>", "exec"), ns)
-    return ns["build"]({})
+def build_from(source: str, tmp: Path, name: str) -> torch.nn.Module:
+    """build({}) of a model file (imported from a real file: torch.jit.script reads the source)."""
+    path = tmp / f"{name}_src.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"lifecycle_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build({})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,7 @@ def mixed_repo(tmp_path_factory):
     repo = Repository(tmp / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp")
     pack(repo, "enc", "tinyserve.examples:encoder")
-    pack_source(repo, tmp, "compiled", COMPILER_MODEL, build_from(COMPILER_MODEL))
+    pack_source(repo, tmp, "compiled", COMPILER_MODEL, build_from(COMPILER_MODEL, tmp, "compiled"))
     return repo
 
 
@@ -169,3 +181,117 @@ def test_a_failed_first_import_does_not_poison_later_loads(mixed_repo, module):
     out = run_fresh(INJECTED_IMPORT_FAILURE, str(mixed_repo.root), module)
     assert out["first"].startswith("ModelError") and "injected failure" in out["first"], out
     assert out["second"] == "READY", out
+
+
+# --- 17.1: releasing a model never fails, whatever modules it holds --------------------------------
+# a python model holding a torch.jit.script submodule (its parameters sit behind TorchScript's
+# read-only wrappers: no clear(), no deletion)
+SCRIPTED_MODEL = '''
+import torch
+
+class Inner(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+        self.pad = torch.nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) + self.pad[:2]
+
+class Outer(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.inner = torch.jit.script(Inner(n))
+        self.scale = torch.nn.Parameter(torch.full((2,), 2.0))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+def build(params):
+    return Outer(int(params.get("n", 1)))
+'''
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def scripted_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scripted")
+    repo = Repository(tmp / "repo", create=True)
+    for name, n in (("jit", 1), ("jit_a", 6 * MB // 4), ("jit_b", 6 * MB // 4)):
+        torch.manual_seed(len(name))
+        module = build_from(SCRIPTED_MODEL.replace('params.get("n", 1)', str(n)), tmp, name)
+        sd = tmp / f"{name}.pt"
+        torch.save(module.state_dict(), sd)
+        py = tmp / f"{name}.py"
+        py.write_text(SCRIPTED_MODEL)
+        pack(repo, name, str(sd), program=str(py), config={**LIN_CONFIG, "extra": {"n": n}},
+             compression="zstd")  # decoded into anonymous memory: what the placement budget counts
+    return str(repo.root)
+
+
+X = np.array([[1.0, -2.0, 3.0, 0.5]], np.float32)
+
+
+def _infer(c, name):
+    h, out = c.infer(name, {"x": X})
+    assert h["ok"], h
+    return out["y"]
+
+
+def test_unloading_a_model_with_a_torchscript_submodule_ends_unloaded_and_it_loads_again(scripted_repo):
+    """The release step crashed on TorchScript's parameter wrapper ('OrderedDictWrapper' object has
+    no attribute 'clear'): the unload never replied, the version stayed UNLOADING for good and could
+    not be loaded again, and stop waited the whole drain timeout."""
+    s = ServerThread(ServerConfig(repo=scripted_repo, torch_threads=1), "asyncio")
+    try:
+        with Client(s.port, timeout=20) as c:
+            assert c.call("load", model="jit")["state"] == "READY"
+            first = _infer(c, "jit")
+            inst = s.run(lambda: s.server._instances[("jit", 1)])
+            assert c.call("unload", model="jit")["versions"] == [1]  # replies (it timed out before)
+            assert inst.state == "UNLOADED" and inst.release_problem == ""
+            assert s.run(lambda: ("jit", 1) in s.server._instances) is False
+            assert c.call("load", model="jit")["state"] == "READY"  # loads again
+            np.testing.assert_array_equal(_infer(c, "jit"), first)
+    finally:
+        t0 = time.monotonic()
+        s.stop()
+    assert time.monotonic() - t0 < 5  # the drain does not wait for a wedged worker
+
+
+def test_eviction_of_a_model_with_a_torchscript_submodule(scripted_repo):
+    """Eviction (memory placement) goes through the same release: a, then b evicts a, then a
+    evicts b and loads again."""
+    s = ServerThread(ServerConfig(repo=scripted_repo, torch_threads=1, memory_budget=10 * MB), "asyncio")
+    try:
+        with Client(s.port, timeout=20) as c:
+            a = _infer(c, "jit_a")
+            _infer(c, "jit_b")  # 6 + 6 MiB > 10 MiB: a is evicted
+            np.testing.assert_array_equal(_infer(c, "jit_a"), a)  # and loads again
+            models = {m["name"]: m for m in c.call("models")["models"]}
+            assert [e["state"] for e in models["jit_a"]["loaded"]] == ["READY"]
+            assert models["jit_a"]["loaded"][0]["evictions"] == 1
+            assert models["jit_b"]["loaded"] == []
+    finally:
+        s.stop()
+
+
+def test_a_release_that_raises_still_ends_unloaded_and_is_logged(scripted_repo, monkeypatch, caplog):
+    """Whatever the release step meets, the unload ends: UNLOADED, the reason in the log."""
+    def broken(model):
+        raise RuntimeError("a module that refuses to let go")
+
+    monkeypatch.setattr(runtime, "_release", broken)
+    s = ServerThread(ServerConfig(repo=scripted_repo, torch_threads=1), "asyncio")
+    try:
+        with Client(s.port, timeout=20) as c, caplog.at_level(logging.WARNING, "tinyserve.runtime"):
+            c.call("load", model="jit")
+            inst = s.run(lambda: s.server._instances[("jit", 1)])
+            assert c.call("unload", model="jit")["versions"] == [1]
+            assert inst.state == "UNLOADED"
+            assert "a module that refuses to let go" in inst.release_problem
+            assert any("releasing model 'jit' version 1" in r.getMessage() and "refuses to let go" in r.getMessage()
+                       for r in caplog.records)
+            assert c.call("load", model="jit")["state"] == "READY"
+    finally:
+        s.stop()

@@ -31,7 +31,7 @@ Python model files (docs/repository.md section 4.2) may define, besides `build(p
   tensors viewing the request frame, dtype `bytes` as a list of `bytes`), returns the module's inputs by
   the names of the config's `inputs`.  When a model defines it, the config's `inputs` describe what
   `preprocess` returns (the module's inputs, used for the warm-up), and requests are not checked
-  against them: `preprocess` validates (raise `tinyserve.wire.InvalidInput` to refuse: INVALID_INPUT).
+  against them: `preprocess` validates (raise to refuse; the reply is MODEL_ERROR).
 * `postprocess(outputs: dict) -> dict`: receives the module's outputs by the names of the config's
   `outputs` and returns the reply's tensors by name (torch tensors, numpy arrays, or lists of
   bytes/str for the `bytes` dtype).
@@ -303,20 +303,45 @@ to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
 
 
-def _release(model: LoadedModel) -> None:
+def _release(model: LoadedModel) -> str:
     """Drop every reference the model holds to its weights, now.  A torch.export module is full of
     reference cycles (graph <-> nodes) that only a full garbage collection (about 0.2 s here, holding
     the GIL, so a stall of the event loop) would free; without this the weights and their mapping of
-    the file would stay until some later collection."""
+    the file would stay until some later collection.
+
+    Never raises, whatever the module holds: a TorchScript module (torch.jit.script / trace, also
+    as a submodule of a python model) keeps its parameters in the C++ module behind read-only
+    wrappers (no ``clear``, no deletion); it is left whole and goes with the last reference to it
+    (no Python cycles inside).  Returns what could not be dropped ("" when everything was), for the
+    caller to log; the instance ends UNLOADED either way."""
+    problems: list[str] = []
     module = model.module
     if module is not None:
-        for sub in module.modules():
-            sub._parameters.clear()
-            sub._buffers.clear()
-            for key, value in list(vars(sub).items()):
-                if isinstance(value, torch.Tensor):  # lifted constants live as plain attributes
-                    del sub.__dict__[key]
-    model.weights.clear()
+        try:
+            subs = list(module.modules())
+        except Exception as exc:  # noqa: BLE001 - a module class may override modules()
+            subs = [module]
+            problems.append(f"listing the submodules: {type(exc).__name__}: {exc}")
+        for sub in subs:
+            if isinstance(sub, torch.jit.ScriptModule):
+                continue
+            for table in ("_parameters", "_buffers", "_modules"):
+                try:
+                    getattr(sub, table).clear()
+                except Exception as exc:  # noqa: BLE001
+                    problems.append(f"{type(sub).__name__}.{table}: {type(exc).__name__}: {exc}")
+            try:
+                for key, value in list(vars(sub).items()):
+                    if isinstance(value, torch.Tensor):  # lifted constants live as plain attributes
+                        del sub.__dict__[key]
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{type(sub).__name__} attributes: {type(exc).__name__}: {exc}")
+        model.module = None
+    try:
+        model.weights.clear()
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"weights: {type(exc).__name__}: {exc}")
+    return "; ".join(problems)
 
 
 class ModelInstance:
@@ -362,6 +387,7 @@ class ModelInstance:
         self.last_used = 0.0  # monotonic time of the last request (the loop writes it)
         self.placement_key: str | None = None  # the server's memory placement entry (None: no placement)
         self.evicted = False  # unloaded to make room for another model
+        self.release_problem = ""  # what the release after unload could not drop (logged; still UNLOADED)
         self.on_oom: Callable | None = None  # server hook (worker thread): free memory, True if it did
         self.recording = True  # worker-side statistics (queue, batch sizes); the server may turn them off
         self.key = (name, version)
@@ -686,19 +712,33 @@ class ModelInstance:
                 if self.model is model:
                     self.model = next((r.model for r in self._replicas if r.model is not None), None)
         if drop:
-            _release(model)
+            self._release(model, rep.device)
             del model
         if not last:
             return
-        models = [r.model for r in self._replicas if r.model is not None]
-        self.model = None
-        for r in self._replicas:
-            r.model = r.module = None
-        self._pre = self._post = None
-        for model in models:
-            _release(model)
-        del models
-        self._call_loop(self._set_stopped)
+        try:
+            models = [r.model for r in self._replicas if r.model is not None]
+            self.model = None
+            for r in self._replicas:
+                r.model = r.module = None
+            self._pre = self._post = None
+            for model in models:
+                self._release(model)
+            del models
+        finally:  # whatever the release met, the instance ends (UNLOADED, or FAILED after a failed load)
+            self._call_loop(self._set_stopped)
+
+    def _release(self, model: LoadedModel, device: str | None = None) -> None:
+        """_release(model), logging what it could not drop (never raises: an unload always ends)."""
+        try:
+            problem = _release(model)
+        except BaseException as exc:  # noqa: BLE001 - _release catches its own; this is the last guard
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            where = f" on {device}" if device else ""
+            log.warning("tinyserve: releasing model %r version %s%s left references behind (freed when "
+                        "collected): %s", self.name, self.version, where, problem)
+            self.release_problem = problem
 
     def _load(self) -> None:
         # the server checks every request against the config: skip torch.export's own per-call check
