@@ -31,7 +31,7 @@ Python model files (docs/repository.md section 4.2) may define, besides `build(p
   tensors viewing the request frame, dtype `bytes` as a list of `bytes`), returns the module's inputs by
   the names of the config's `inputs`.  When a model defines it, the config's `inputs` describe what
   `preprocess` returns (the module's inputs, used for the warm-up), and requests are not checked
-  against them: `preprocess` validates (raise to refuse; the reply is MODEL_ERROR).
+  against them: `preprocess` validates (raise `tinyserve.wire.InvalidInput` to refuse: INVALID_INPUT).
 * `postprocess(outputs: dict) -> dict`: receives the module's outputs by the names of the config's
   `outputs` and returns the reply's tensors by name (torch tensors, numpy arrays, or lists of
   bytes/str for the `bytes` dtype).
