@@ -19,6 +19,21 @@ def pkg_config(flag: str, lib: str, fallback: list[str]) -> list[str]:
         return fallback
 
 
+# One known libzstd: the extension is built against the system library found by pkg-config (Debian
+# bookworm: 1.5.4) and refuses to build against one older than ZSTD_MIN; the pure-Python backend uses
+# python-zstandard's bundled copy (it exports no library to link, and zstd sources are not vendored).
+# tests/test_weights.py records both versions and checks that the library loaded at run time is the one
+# whose header the extension was compiled with; the decoded checksums of format 1.1 make both backends
+# agree on damaged frames whatever the two libraries do (docs/format.md section 8).
+ZSTD_MIN = "1.5.0"
+try:
+    _zv = subprocess.run(["pkg-config", "--modversion", "libzstd"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+except (OSError, subprocess.CalledProcessError):
+    _zv = None
+if _zv is not None and tuple(int(x) for x in _zv.split(".")[:3]) < tuple(int(x) for x in ZSTD_MIN.split(".")):
+    raise SystemExit(f"tinyserve needs libzstd >= {ZSTD_MIN} to build its native core; pkg-config finds {_zv}")
+
 CSRC = ["csrc/ts_status.c", "csrc/ts_huff.c", "csrc/ts_rans.c", "csrc/ts_planes.c", "csrc/ts_codec.c", "csrc/ts_weights.c"]
 cflags = ["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"] + pkg_config("--cflags", "libzstd", [])
 if os.environ.get("TINYSERVE_NATIVE_DEBUG"):

@@ -19,7 +19,8 @@ const char *ts_strstatus(ts_status s)
     case TS_E_NOMEM: return "out of memory";
     case TS_E_ARG: return "invalid argument";
     case TS_E_NAME: return "bad tensor name";
-    case TS_E_FIELD: return "non-zero reserved field";
+    case TS_E_FIELD: return "non-zero reserved field or unknown feature";
+    case TS_E_DECODED_CHECKSUM: return "decoded checksum mismatch";
     }
     return "unknown status";
 }

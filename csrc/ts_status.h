@@ -19,7 +19,8 @@ typedef enum ts_status {
     TS_E_NOMEM = 13,      /* allocation failed */
     TS_E_ARG = 14,        /* invalid argument from the caller */
     TS_E_NAME = 15,       /* tensor name empty, too long, not UTF-8, has NUL, duplicate */
-    TS_E_FIELD = 16       /* a reserved/flags field is non-zero */
+    TS_E_FIELD = 16,      /* a reserved/flags field is non-zero, or a feature bit is unknown */
+    TS_E_DECODED_CHECKSUM = 17 /* decoded bytes do not match the chunk's decoded checksum */
 } ts_status;
 
 const char *ts_strstatus(ts_status s);

@@ -47,7 +47,9 @@ ts_status ts_parse_header(const uint8_t *b, size_t len, ts_header *h, ts_parse_e
     if (h->major != 1) return fail(e, TS_E_VERSION, NONE, NONE, "major", h->major, 1);
     if (ts_xxh3(b, 48) != h->header_checksum)
         return fail(e, TS_E_CHECKSUM, NONE, NONE, "header_checksum", h->header_checksum, 0);
-    if (rd64(b + 56)) return fail(e, TS_E_FIELD, NONE, NONE, "reserved", rd64(b + 56), 0);
+    h->features = rd64(b + 56);
+    if (h->features & ~TS_KNOWN_FEATURES)
+        return fail(e, TS_E_FIELD, NONE, NONE, "features", h->features & ~TS_KNOWN_FEATURES, TS_KNOWN_FEATURES);
     if (h->tensor_count > TS_MAX_TENSORS)
         return fail(e, TS_E_LIMIT, NONE, NONE, "tensor_count", h->tensor_count, TS_MAX_TENSORS);
     if (h->index_size > TS_MAX_INDEX_SIZE)
@@ -126,7 +128,8 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
         uint64_t want_chunks = (t->numel + t->chunk_elems - 1) / t->chunk_elems;
         if (t->chunk_count != want_chunks)
             return fail(e, TS_E_LAYOUT, i, NONE, "chunk_count", t->chunk_count, want_chunks);
-        t->chunk_rec_size = t->encoding == TS_ENC_RAW ? 8u : 8u + 5u * t->itemsize;
+        t->decoded_sums = t->encoding == TS_ENC_PLANES && (h->features & TS_FEAT_DECODED_CHECKSUMS);
+        t->chunk_rec_size = t->encoding == TS_ENC_RAW ? 8u : 8u + 5u * t->itemsize + (t->decoded_sums ? 8u : 0u);
         NEED((uint64_t)t->chunk_count * t->chunk_rec_size, "chunks");
         t->chunks_off = pos;
         if (t->encoding == TS_ENC_RAW) {
@@ -162,6 +165,19 @@ ts_status ts_parse_index(const ts_header *h, const uint8_t *ix, size_t len, ts_t
                         h->file_size > t->data_offset ? h->file_size - t->data_offset : 0);
         end_prev = end;
     }
+    if (h->features & TS_FEAT_EXTENSIONS) {
+        uint32_t prev_tag = 0, i = NONE;
+        while (pos < len) {
+            NEED(TS_EXT_RECORD_HEADER, "extension record");
+            uint32_t tag = rd16(ix + pos), rlen = rd32(ix + pos + 2);
+            if (tag == 0) return fail(e, TS_E_LAYOUT, NONE, NONE, "extension tag", 0, 1);
+            if (tag <= prev_tag) return fail(e, TS_E_LAYOUT, NONE, NONE, "extension tag", tag, prev_tag + 1);
+            pos += TS_EXT_RECORD_HEADER;
+            NEED(rlen, "extension length");
+            pos += rlen;
+            prev_tag = tag;
+        }
+    }
 #undef NEED
     if (pos != len) return fail(e, TS_E_LAYOUT, NONE, NONE, "index_size", len, pos);
     if (h->file_size != end_prev) return fail(e, TS_E_LAYOUT, NONE, NONE, "file_size", h->file_size, end_prev);
@@ -186,4 +202,8 @@ void ts_get_chunk(const uint8_t *ix, const ts_tensor *t, uint32_t k, uint64_t of
         c->size += c->plane_sizes[p];
     }
     c->checksum = rd64(r + 5u * t->itemsize);
+    if (t->decoded_sums) {
+        c->decoded_checksum = rd64(r + 5u * t->itemsize + 8u);
+        c->has_decoded = 1;
+    }
 }

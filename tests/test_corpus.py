@@ -33,7 +33,7 @@ FILES = CORPUS / "files"
 EXPECTED: dict = json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))
 BACKENDS = available()
 MAX_FILE = 64 << 10
-MAX_TOTAL = 1 << 20
+MAX_TOTAL = 2 << 20
 
 
 def run_file(path: Path, core) -> tuple[BaseException | None, str, dict]:
@@ -162,11 +162,16 @@ def test_raw_damage_needs_verify_all():
             wf.verify()
 
 
-def test_padding_damage_only_verify_sees():
+def test_padding_damage_fails_every_open():
+    """Issue 12 item 10: padding MUST be zero; it was checked by verify() only, now by every open, so no
+    load setting can accept it."""
+    from tinyserve.weights import load_file, verify_file
+
     for backend, core in sorted(BACKENDS.items()):
         for name in ("padding_after_index_nonzero.tsw", "padding_between_tensors_nonzero.tsw"):
-            wf = WeightsFile(FILES / name, core=core)
-            wf.load(verify="all")
+            for verify in ("none", "compressed", "all"):
+                with pytest.raises(errors.LayoutError, match="padding"):
+                    load_file(FILES / name, verify=verify, core=core)
             with pytest.raises(errors.LayoutError, match="padding"):
-                wf.verify()
+                verify_file(FILES / name, core=core)
 

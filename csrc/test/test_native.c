@@ -792,13 +792,13 @@ static void test_planes_bad_dtype(void)
 
 static void test_strstatus(void)
 {
-    for (int s = 0; s <= 16; s++) {
+    for (int s = 0; s <= 17; s++) {
         const char *m = ts_strstatus((ts_status)s);
         CHECK(m && strcmp(m, "unknown status") != 0);
         for (int t = 0; t < s; t++) CHECK(strcmp(m, ts_strstatus((ts_status)t)) != 0);
     }
     CHECK_STR(ts_strstatus(TS_OK), "ok");
-    CHECK_STR(ts_strstatus((ts_status)17), "unknown status");
+    CHECK_STR(ts_strstatus((ts_status)18), "unknown status");
     CHECK_STR(ts_strstatus((ts_status)-1), "unknown status");
 }
 

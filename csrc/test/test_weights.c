@@ -314,14 +314,32 @@ static void test_header_hostile(void)
     m.buf[10] = 1; /* minor */
     EXPECT(&m, TS_E_CHECKSUM, 1, NONE, NONE, "header_checksum");
     tb_free(&m);
-    /* reserved: every byte */
+    /* features (the 1.0 reserved field): an unknown bit in every byte is refused ... */
     for (int b = 56; b < 64; b++) {
         tb_copy(&f, &m);
         m.buf[b] = 0x80;
         tb_seal(&m);
-        EXPECT(&m, TS_E_FIELD, 1, NONE, NONE, "reserved");
+        EXPECT(&m, TS_E_FIELD, 1, NONE, NONE, "features");
         tb_free(&m);
     }
+    for (int bit = 3; bit < 64; bit++) {
+        tb_copy(&f, &m);
+        tb_put64(m.buf + 56, 1ull << bit);
+        tb_seal(&m);
+        EXPECT(&m, TS_E_FIELD, 1, NONE, NONE, "features");
+        tb_free(&m);
+    }
+    /* ... the known ones are read (bit 2 alone changes nothing in the index) */
+    tb_copy(&f, &m);
+    tb_put64(m.buf + 56, TS_FEAT_FLOAT16_PLANES);
+    tb_seal(&m);
+    {
+        parsed p = parse_buf(m.buf, m.size);
+        CHECK_ST(p.st, TS_OK);
+        CHECK_U64(p.h.features, TS_FEAT_FLOAT16_PLANES);
+        parsed_free(&p);
+    }
+    tb_free(&m);
     /* tensor_count */
     uint32_t tcs[] = {65537, 0x80000000u, 0xFFFFFFFFu};
     for (size_t i = 0; i < 3; i++) {
@@ -802,6 +820,71 @@ static void test_get_chunk(void)
     sample_free(&s);
 }
 
+/* Format 1.1, feature bit 1: extension records after the last tensor record, inside the index.
+ * Built from a raw-only file (its records do not change with bit 0) by appending records to the
+ * index, in the zero padding before data_offset. */
+static void with_ext(const tb_file *f, uint64_t features, const uint8_t *ext, size_t n, tb_file *m)
+{
+    tb_copy(f, m);
+    memcpy(m->buf + 64 + f->index_size, ext, n);
+    tb_put64(m->buf + 16, f->index_size + n);
+    tb_put64(m->buf + 56, features);
+    tb_seal(m);
+}
+
+static void test_extension_records(void)
+{
+    sample s;
+    tb_file f, m;
+    memset(&s, 0, sizeof s);
+    add(&s, "r", TS_DT_INT16, 0, 1, (uint64_t[]){5}, 2, 0, 0);
+    add(&s, "q", TS_DT_UINT8, 0, 1, (uint64_t[]){9}, 4, 0, 0);
+    CHECK(tb_build(s.t, s.n, &f) == 0);
+    const uint64_t X = TS_FEAT_EXTENSIONS | TS_FEAT_DECODED_CHECKSUMS;
+    /* two records, unknown tags, one empty: valid, and the tensors read as before */
+    const uint8_t two[] = {7, 0, 3, 0, 0, 0, 'a', 'b', 'c', 0x2C, 0x01, 0, 0, 0, 0};
+    with_ext(&f, X, two, sizeof two, &m);
+    {
+        parsed p = parse_buf(m.buf, m.size);
+        CHECK_ST(p.st, TS_OK);
+        if (p.st == TS_OK) CHECK(p.ts[1].numel == 9 && p.ts[0].chunk_count == 3 && p.h.features == X);
+        parsed_free(&p);
+    }
+    tb_free(&m);
+    /* the same bytes without bit 1 are left over in the index */
+    with_ext(&f, TS_FEAT_DECODED_CHECKSUMS, two, sizeof two, &m);
+    EXPECT(&m, TS_E_LAYOUT, 2, NONE, NONE, "index_size");
+    tb_free(&m);
+    /* tag 0; tags not strictly ascending */
+    const uint8_t tag0[] = {0, 0, 1, 0, 0, 0, 'x'};
+    with_ext(&f, X, tag0, sizeof tag0, &m);
+    EXPECT(&m, TS_E_LAYOUT, 2, NONE, NONE, "extension tag");
+    tb_free(&m);
+    const uint8_t same[] = {9, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0};
+    with_ext(&f, X, same, sizeof same, &m);
+    EXPECT(&m, TS_E_LAYOUT, 2, NONE, NONE, "extension tag");
+    tb_free(&m);
+    const uint8_t down[] = {9, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0};
+    with_ext(&f, X, down, sizeof down, &m);
+    EXPECT(&m, TS_E_LAYOUT, 2, NONE, NONE, "extension tag");
+    tb_free(&m);
+    /* a length past the index (also near 2^32), a record header cut short */
+    const uint8_t longer[] = {5, 0, 4, 0, 0, 0, 'a', 'b', 'c'};
+    with_ext(&f, X, longer, sizeof longer, &m);
+    EXPECT(&m, TS_E_TRUNCATED, 2, NONE, NONE, "extension length");
+    tb_free(&m);
+    const uint8_t huge[] = {5, 0, 0xFF, 0xFF, 0xFF, 0xFF, 'a'};
+    with_ext(&f, X, huge, sizeof huge, &m);
+    EXPECT(&m, TS_E_TRUNCATED, 2, NONE, NONE, "extension length");
+    tb_free(&m);
+    const uint8_t cut[] = {5, 0, 0, 0, 0, 0, 6, 0, 1};
+    with_ext(&f, X, cut, sizeof cut, &m);
+    EXPECT(&m, TS_E_TRUNCATED, 2, NONE, NONE, "extension record");
+    tb_free(&m);
+    tb_free(&f);
+    sample_free(&s);
+}
+
 void suite_weights(void)
 {
     RUN(test_valid_file);
@@ -812,4 +895,5 @@ void suite_weights(void)
     RUN(test_placement);
     RUN(test_dims);
     RUN(test_get_chunk);
+    RUN(test_extension_records);
 }

@@ -51,7 +51,7 @@ from tinyserve.weights import write_weights  # noqa: E402
 
 U64 = (1 << 64) - 1
 MAX_FILE_BYTES = 64 << 10  # per file (see OVERSIZE for the two that cannot fit)
-MAX_CORPUS_BYTES = 1 << 20
+MAX_CORPUS_BYTES = 2 << 20  # every file is at least one 4096-byte page (data_offset); was 1 MiB before format 1.1
 # A raw tensor is page-aligned only from 65536 bytes of data on, so a file holding one is > 64 KiB.
 OVERSIZE = {"raw_big_tensor_misaligned.tsw"}
 
@@ -85,6 +85,7 @@ class WTensor:
     extra: bytes = b""             # stray bytes stored after the tensor's chunks (counted in data_size)
     keep_records: int | None = None  # emit only the first keep_records chunk records
     logical: bytes | None = None   # the decoded element bytes (for ok files)
+    dsums: list | None = None      # format 1.1: per-chunk decoded checksum overrides (None: from logical)
 
     @property
     def itemsize(self) -> int:
@@ -102,7 +103,14 @@ class WTensor:
             return bytes(self.data) + self.extra
         return b"".join(bytes(b) for ch in self.chunks for _, b in ch) + self.extra
 
-    def chunk_records(self) -> list[bytes]:
+    def decoded_sum(self, k: int) -> int:
+        """XXH3_64 of chunk k's decoded element bytes (format 1.1, feature bit 0)."""
+        if self.dsums is not None and k < len(self.dsums) and self.dsums[k] is not None:
+            return self.dsums[k]
+        step = self.chunk_elems * self.itemsize
+        return xxh3((self.logical or b"")[k * step:(k + 1) * step])
+
+    def chunk_records(self, decoded: bool = False) -> list[bytes]:
         recs = []
         if self.chunks is None:
             step = self.chunk_elems * self.itemsize
@@ -122,6 +130,8 @@ class WTensor:
             if self.sums is not None and k < len(self.sums) and self.sums[k] is not None:
                 cs = self.sums[k]
             parts.append(struct.pack("<Q", cs))
+            if decoded:
+                parts.append(struct.pack("<Q", self.decoded_sum(k)))
             recs.append(b"".join(parts))
         return recs
 
@@ -129,8 +139,8 @@ class WTensor:
         """Pin the current (correct) chunk checksums, so later data edits break them."""
         self.sums = [struct.unpack_from("<Q", r, len(r) - 8)[0] for r in self.chunk_records()]
 
-    def record(self, data_offset: int, data_size: int) -> bytes:
-        recs = self.chunk_records()
+    def record(self, data_offset: int, data_size: int, decoded: bool = False) -> bytes:
+        recs = self.chunk_records(decoded)
         if self.keep_records is not None:
             recs = recs[:self.keep_records]
         out = struct.pack("<H", len(self.name) if self.name_len is None else self.name_len) + self.name
@@ -147,8 +157,8 @@ class WFile:
     tensors: list
     magic: bytes = spec.MAGIC
     major: int = spec.MAJOR
-    minor: int = spec.MINOR
-    reserved: int = 0
+    minor: int = 0
+    reserved: int = 0              # bytes 56..63: the 1.0 reserved field, the 1.1 features bitmask
     tensor_count: int | None = None
     index_size: int | None = None
     data_offset: int | None = None
@@ -176,10 +186,11 @@ class WFile:
             return offsets
 
         # the record sizes do not depend on the offsets: lay out once with zeros to learn the index size
-        dummy = b"".join(t.record(0, 0) for t in self.tensors) + self.index_tail
+        dec = bool(self.reserved & spec.FEAT_DECODED_CHECKSUMS)
+        dummy = b"".join(t.record(0, 0, dec) for t in self.tensors) + self.index_tail
         offsets = placement(len(dummy))
         self.offsets = offsets
-        index = b"".join(t.record(off, len(t.payload()) if t.data_size is None else t.data_size)
+        index = b"".join(t.record(off, len(t.payload()) if t.data_size is None else t.data_size, dec)
                          for t, off in zip(self.tensors, offsets)) + self.index_tail
         assert len(index) == len(dummy)
         data_offset = spec.align_up(spec.HEADER_SIZE + len(index), spec.PAGE)
@@ -238,6 +249,7 @@ def parse(data: bytes) -> WFile:
     """The model of a valid file (only what the writer produces; no validation beyond asserts)."""
     magic, major, minor, count, isz, doff, fsize, _ic, _hc, reserved = struct.unpack_from("<8sHHIQQQQQQ", data)
     f = WFile([], magic=magic, major=major, minor=minor, reserved=reserved)
+    dec = bool(reserved & spec.FEAT_DECODED_CHECKSUMS)
     pos = spec.HEADER_SIZE
     for _ in range(count):
         (nlen,) = struct.unpack_from("<H", data, pos)
@@ -263,9 +275,12 @@ def parse(data: bytes) -> WFile:
                     codec, psize = struct.unpack_from("<BI", data, pos + 5 * p)
                     planes.append([codec, data[at:at + psize]])
                     at += psize
-                pos += 5 * isz_ + 8
+                pos += 5 * isz_ + 8 + (8 if dec else 0)
                 t.chunks.append(planes)
         f.tensors.append(t)
+    if reserved & spec.FEAT_EXTENSIONS:
+        f.index_tail = data[pos:spec.HEADER_SIZE + isz]
+        pos = spec.HEADER_SIZE + isz
     assert pos == spec.HEADER_SIZE + isz and fsize == len(data)
     return f
 
@@ -406,6 +421,9 @@ def rans_stream(symbols: bytes, freq: dict, *, table: bytes | None = None, state
 
 
 def _written(tensors: dict, **kw) -> WFile:
+    """The writer's file as a model: format 1.0 unless kw says format='1.1' (the 1.0 corpus is what
+    repositories already hold, and MUST keep loading)."""
+    kw.setdefault("format", "1.0")
     tmp = tempfile.mkdtemp(prefix="tsw-corpus-")
     try:
         path = os.path.join(tmp, "w.tsw")
@@ -415,9 +433,9 @@ def _written(tensors: dict, **kw) -> WFile:
     finally:
         shutil.rmtree(tmp)
     f = parse(data)
-    assert f.serialize() == data, "the model does not reproduce the writer's bytes"
     for t, src in zip(f.tensors, tensors.values()):
         t.logical = src.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert f.serialize() == data, "the model does not reproduce the writer's bytes"
     return f
 
 
@@ -643,8 +661,9 @@ def _():
     return f
 
 
-@ok("ok_bool_byte_2.tsw", note="bool bytes other than 0/1: the dtype table says 'each byte 0 or 1' but no rule "
-                               "makes it a MUST; both readers load it (torch then holds a non-canonical bool)")
+@case("bool_byte_2.tsw", "CorruptDataError", ["'mask'", "bool element 2", "0x02"], "load",
+      note="issue 12 item 13: a bool element MUST be the byte 0 or 1 (was ok_bool_byte_2.tsw: loaded as a "
+           "non-canonical torch bool)")
 def _():
     f = base_basic()
     m = f.t("mask")
@@ -835,12 +854,13 @@ def _():
     return patch(_small_bytes(), H["major"], "H", 0xFFFF, fix_header=False)
 
 
-@case("reserved_nonzero.tsw", "UnsupportedError", "reserved", "open")
+@case("reserved_nonzero.tsw", "UnsupportedError", ["features", "reserved", "[3]"], "open",
+      note="format 1.1: the 1.0 reserved field is the features bitmask; bit 3 is not assigned")
 def _():
-    return patch(_small_bytes(), H["reserved"], "Q", 1)
+    return patch(_small_bytes(), H["reserved"], "Q", 1 << 3)
 
 
-@case("reserved_high_bit.tsw", "UnsupportedError", "reserved", "open")
+@case("reserved_high_bit.tsw", "UnsupportedError", ["features", "reserved", "[63]"], "open")
 def _():
     return patch(_small_bytes(), H["reserved"], "Q", 1 << 63)
 
@@ -2008,15 +2028,15 @@ def _():
     return f
 
 
-# --- padding (only verify() reads it) --------------------------------------------------------------
+# --- padding (checked at every open: issue 12 item 10) ----------------------------------------------
 
-@case("padding_after_index_nonzero.tsw", "LayoutError", "padding", "verify",
+@case("padding_after_index_nonzero.tsw", "LayoutError", "padding", "open",
       note="one non-zero byte between the end of the index and data_offset")
 def _():
     return flip(_small_bytes(), 4095, 0)
 
 
-@case("padding_between_tensors_nonzero.tsw", "LayoutError", "padding", "verify",
+@case("padding_between_tensors_nonzero.tsw", "LayoutError", "padding", "open",
       note="one non-zero byte in the alignment padding before 'mask'")
 def _():
     f = base_basic()
@@ -2025,6 +2045,129 @@ def _():
     i = f.tensors.index(f.t("mask"))
     b[offs[i] - 1] = 0x5A
     return bytes(b)
+
+
+# --- format 1.1: features, decoded checksums, extension records, bool bytes (issue 12 items 10, 11, 13) ---
+
+
+def _v11(f: WFile, features: int = spec.FEAT_DECODED_CHECKSUMS) -> WFile:
+    """The same model as a format 1.1 file: 'planes' chunk records carry decoded checksums (from logical)."""
+    f.minor = 1
+    f.reserved = features
+    return f
+
+
+def _small() -> WFile:
+    """One 15-byte raw tensor (the model of _small_bytes())."""
+    return _written({"ids": torch.arange(-7, 8, dtype=torch.int8)}, compression="none")
+
+
+def _ext(*records) -> bytes:
+    return b"".join(struct.pack("<HI", tag, len(body)) + body for tag, body in records)
+
+
+def format_11_cases() -> None:
+    @ok("ok_v11_basic.tsw", note="format 1.1 as the writer writes it: planes chunks carry decoded checksums")
+    def _():
+        return _merge(_written({"emb.weight": _emb(), "norm.bias": _bias()}, compression="planes",
+                               chunk_bytes=1024, format="1.1"),
+                      _written({"ids": torch.arange(-7, 8, dtype=torch.int8)}, compression="none", format="1.1"))
+
+    @ok("ok_v11_unknown_extension_tags.tsw",
+        note="feature bit 1: extension records after the tensor records; a reader skips tags it does not know")
+    def _():
+        f = _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | spec.FEAT_EXTENSIONS)
+        f.index_tail = _ext((7, b"a later minor's optional data"), (300, b""), (0xFFFF, bytes(range(40))))
+        return f
+
+    @case("v11_feature_bit_3.tsw", "UnsupportedError", ["features", "[3]"], "open",
+          note="an unknown REQUIRED feature bit: a reader refuses the file instead of misreading it")
+    def _():
+        return _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | 1 << 3)
+
+    @case("v11_decoded_checksum_flipped.tsw", "ChecksumError", ["'u' chunk 0", "decoded checksum mismatch"],
+          "load")
+    def _():
+        f = _v11(base_u8())
+        f.t("u").dsums = [f.t("u").decoded_sum(0) ^ 1]
+        return f
+
+    @case("v11_huffman_resealed_other_values.tsw", "ChecksumError", ["'u' chunk 0", "decoded checksum mismatch"],
+          "load", note="issue 12 item 11: a valid Huffman stream of other values with a resealed stored checksum; "
+                       "the decoded checksum pins the values")
+    def _():
+        f = _v11(base_u8())
+        u = f.t("u")
+        stream = u.chunks[0][0][1]
+        lens = {s: (stream[s >> 1] >> (4 * (s & 1))) & 15 for s in range(256)}
+        other = bytes(reversed(_u8_symbols(400)))
+        assert other != u.logical
+        u.chunks[0][0][1] = huff_stream(other, {s: ln for s, ln in lens.items() if ln})
+        return f
+
+    @case("v11_zstd_resealed_other_content.tsw", "ChecksumError", ["'z' chunk 0", "decoded checksum mismatch"],
+          "load", note="issue 12 item 11: a valid zstd frame of other content (resealed stored checksum): whatever "
+                       "a zstd library makes of a damaged frame, the decoded checksum decides, in both backends")
+    def _():
+        f = _v11(base_zstd())
+        z = f.t("z")
+        other = bytes([9]) * 250 + Z_CONTENT[250:]
+        z.chunks[0][0][1] = zstd_frame([("rle", 9, 250), ("raw", other[250:])], fcs=Z_N)
+        return f
+
+    @case("v11_bool_planes_byte_2.tsw", "CorruptDataError", ["'flags'", "bool element 5", "0x02"], "load",
+          note="issue 12 item 13: bool elements MUST be 0 or 1, in 'planes' tensors too")
+    def _():
+        data = bytes([0, 1] * 200)
+        data = data[:5] + b"\x02" + data[6:]
+        f = _v11(_written({"flags": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, compression="planes",
+                          format="1.1"))
+        t = f.t("flags")
+        t.name, t.dtype = b"flags", spec.DTYPES["bool"][0]
+        return f
+
+    @case("v11_extension_tag_0.tsw", "LayoutError", "extension tag", "open")
+    def _():
+        f = _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | spec.FEAT_EXTENSIONS)
+        f.index_tail = _ext((0, b"x"))
+        return f
+
+    @case("v11_extension_tags_not_ascending.tsw", "LayoutError", "extension tag", "open")
+    def _():
+        f = _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | spec.FEAT_EXTENSIONS)
+        f.index_tail = _ext((9, b"x"), (9, b"y"))
+        return f
+
+    @case("v11_extension_length_past_index.tsw", "TruncatedError", "extension length", "open")
+    def _():
+        f = _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | spec.FEAT_EXTENSIONS)
+        f.index_tail = struct.pack("<HI", 5, 11) + b"0123456789"
+        return f
+
+    @case("v11_extension_record_truncated.tsw", "TruncatedError", "extension record", "open")
+    def _():
+        f = _v11(_small(), spec.FEAT_DECODED_CHECKSUMS | spec.FEAT_EXTENSIONS)
+        f.index_tail = _ext((5, b"ok")) + b"\x06\x00\x01"
+        return f
+
+    @case("v11_extension_bytes_without_bit.tsw", "LayoutError", "index", "open",
+          note="extension records in a file whose features lack bit 1 are bytes left over in the index")
+    def _():
+        f = _v11(_small())
+        f.index_tail = _ext((5, b"ok"))
+        return f
+
+    @case("v11_decoded_bit_on_1_0_records.tsw", "UnsupportedError", "dtype", "open",
+          note="a 1.0 index (no decoded checksums) under feature bit 0: the second record is read 8 bytes early "
+               "and fails (no reader can mistake one layout for the other and go on)")
+    def _():
+        data = bytearray(base_u8().serialize())
+        struct.pack_into("<H", data, 10, 1)
+        struct.pack_into("<Q", data, 56, spec.FEAT_DECODED_CHECKSUMS)
+        return fix_checksums(data, index=False)
+
+
+format_11_cases()
 
 
 # --- reproducers of reported findings (tests/corpus/findings/, see README.md there) ------------------

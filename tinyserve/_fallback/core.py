@@ -128,7 +128,7 @@ def parse_header(buf) -> Header:
         raise TruncatedError(f"header: need {spec.HEADER_SIZE} bytes, the buffer holds {u8.size}")
     raw = u8[: spec.HEADER_SIZE].tobytes()
     (magic, major, minor, tensor_count, index_size, data_offset, file_size, index_checksum, header_checksum,
-     reserved) = _HEADER.unpack(raw)
+     features) = _HEADER.unpack(raw)
     if magic != spec.MAGIC:
         raise FormatError(f"header field magic: {magic!r} is not {spec.MAGIC!r} (not a tinyserve weights file)")
     if major != spec.MAJOR:
@@ -141,10 +141,11 @@ def parse_header(buf) -> Header:
             f"header field header_checksum: stored {header_checksum:#018x}, XXH3 of header bytes 0..47 "
             f"is {actual:#018x}"
         )
-    if reserved != 0:
-        raise UnsupportedError(f"header field reserved: must be zero, got {reserved:#x}")
+    problem = spec.features_problem(features)
+    if problem:
+        raise UnsupportedError(problem)
     _check_header_fields(major, tensor_count, index_size, data_offset, file_size)
-    return Header(major, minor, tensor_count, index_size, data_offset, file_size, index_checksum)
+    return Header(major, minor, tensor_count, index_size, data_offset, file_size, index_checksum, features)
 
 
 _REC_FIXED = struct.Struct("<BBBB")
@@ -152,27 +153,26 @@ _REC_TAIL = struct.Struct("<QQII")
 _PLANE_REC = {}
 
 
-def _plane_record(nplanes: int) -> struct.Struct:
-    st = _PLANE_REC.get(nplanes)
+def _plane_record(nplanes: int, decoded_sum: bool = False) -> struct.Struct:
+    """A planes chunk record: (codec, size) per plane, the stored checksum and, with feature bit 0
+    (decoded checksums), the decoded checksum."""
+    st = _PLANE_REC.get((nplanes, decoded_sum))
     if st is None:
-        st = _PLANE_REC[nplanes] = struct.Struct("<" + "BI" * nplanes + "Q")
+        st = _PLANE_REC[nplanes, decoded_sum] = struct.Struct("<" + "BI" * nplanes + ("QQ" if decoded_sum else "Q"))
     return st
 
 
 def _numel(shape, where: str) -> int:
     """Product of the dimensions.  Every dimension <= 2^48, and the product with zero dimensions
-    counted as 1 <= 2^48 too, so an empty tensor cannot declare strides that overflow."""
-    extent = 1
-    for d, dim in enumerate(shape):
-        if dim > spec.MAX_DIM:
-            raise LimitError(f"{where}: shape[{d}] = {dim} exceeds the limit 2^48")
-        extent *= dim or 1
-        if extent > spec.MAX_NUMEL:
-            raise LimitError(
-                f"{where}: numel: the product of the non-zero dimensions of shape {tuple(shape)} "
-                f"exceeds the limit 2^48"
-            )
-    return 0 if 0 in shape else extent
+    counted as 1 <= 2^48 too, so an empty tensor cannot declare strides that overflow.  The rule and
+    its message are spec.shape_problem / spec.limit_message, which the writer uses too."""
+    problem = spec.shape_problem(shape)
+    if problem:
+        raise LimitError(spec.limit_message(where, *problem))
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def _chunk_lengths(numel: int, chunk_elems: int, count: int):
@@ -205,6 +205,10 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
 
         def need(nbytes: int, field: str) -> None:
             if pos + nbytes > isz:
+    decoded_sums = bool(header.features & spec.FEAT_DECODED_CHECKSUMS)
+    problem = spec.features_problem(header.features)
+    if problem:
+        raise UnsupportedError(problem)
                 raise TruncatedError(
                     f"{where}: field {field} ({nbytes} bytes at index offset {pos}) runs past the end of the "
                     f"index (index_size {isz})"
@@ -241,7 +245,7 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
             raise UnsupportedError(f"{where}: encoding code {enc_code} is not 0 (raw) or 1 (planes)")
         encoding = spec.ENCODINGS[enc_code]
         if ndim > spec.MAX_NDIM:
-            raise LimitError(f"{where}: ndim {ndim} exceeds the limit {spec.MAX_NDIM}")
+            raise LimitError(spec.limit_message(where, "ndim", ndim, spec.MAX_NDIM))
         if flags != 0:
             raise UnsupportedError(f"{where}: flags {flags:#x} must be 0")
 
@@ -299,7 +303,7 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
                 off += size
         else:
             nplanes = itemsize
-            st = _plane_record(nplanes)
+            st = _plane_record(nplanes, decoded_sums)
             need(st.size * chunk_count, "chunks")
             off = data_offset
             total = 0
@@ -316,6 +320,9 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
                         raise UnsupportedError(f"{cwhere}: codec {codec} is not a known codec (0..4)")
                     if size > n_k:
                         raise LimitError(f"{cwhere}: stored size {size} exceeds the plane's {n_k} decoded bytes")
+                dsum = None
+                if decoded_sums:
+                    dsum, rec = rec[-1], rec[:-1]
                     if codec == spec.CODEC_STORED and size != n_k:
                         raise LayoutError(f"{cwhere}: codec stored needs size == {n_k}, got size {size}")
                     if codec == spec.CODEC_FILL and size != 1:
@@ -323,7 +330,7 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
                     if size == 0:
                         raise LayoutError(f"{cwhere}: stored size 0 (every plane holds at least 1 byte)")
                 csize = sum(sizes)
-                chunks.append(ChunkInfo(off, csize, rec[-1], tuple(codecs), tuple(sizes)))
+                chunks.append(ChunkInfo(off, csize, rec[-1], tuple(codecs), tuple(sizes), dsum))
                 off += csize
                 total += csize
             if total != data_size:
@@ -342,6 +349,9 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
     return tensors
 
 
+    if header.features & spec.FEAT_EXTENSIONS:
+        extension_records(data, pos)
+        pos = isz
 # --------------------------------------------------------------------------------------------------
 # plane regrouping (section 5)
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +361,32 @@ def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
     if itemsize == 1:
         return u8.reshape(1, numel)
     if dtype == "bfloat16":
+def extension_records(index: bytes, pos: int) -> list[tuple[int, bytes]]:
+    """The (tag, payload) extension records from index offset ``pos`` (right after the last tensor record)
+    to the end of the index (docs/format.md section 3.1); raises on a malformed area."""
+    out = []
+    prev = 0
+    isz = len(index)
+    while pos < isz:
+        if isz - pos < spec.EXT_RECORD_HEADER:
+            raise TruncatedError(f"index: extension record at index offset {pos} needs {spec.EXT_RECORD_HEADER} "
+                                 f"header bytes, {isz - pos} are left (index_size {isz})")
+        tag, length = struct.unpack_from("<HI", index, pos)
+        if tag == 0:
+            raise LayoutError(f"index: extension record at index offset {pos}: extension tag 0 is not allowed")
+        if tag <= prev:
+            raise LayoutError(f"index: extension record at index offset {pos}: extension tag {tag} must be greater "
+                              f"than the previous tag {prev} (tags strictly ascending)")
+        pos += spec.EXT_RECORD_HEADER
+        if length > isz - pos:
+            raise TruncatedError(f"index: extension record {tag}: extension length {length} runs past the end of "
+                                 f"the index ({isz - pos} bytes left)")
+        out.append((tag, bytes(index[pos:pos + length])))
+        pos += length
+        prev = tag
+    return out
+
+
         x = u8.view("<u2")
         out = np.empty((2, numel), np.uint8)
         out[0] = ((x >> 7) & 0xFF).astype(np.uint8)

@@ -20,6 +20,7 @@ cdef extern from "ts_status.h":
         TS_E_ARG
         TS_E_NAME
         TS_E_FIELD
+        TS_E_DECODED_CHECKSUM
     const char *ts_strstatus(ts_status s)
 
 cdef extern from "ts_planes.h":
@@ -76,6 +77,10 @@ cdef extern from "ts_weights.h":
         const char *field
         uint64_t value, limit
     ts_status ts_parse_header(const uint8_t *buf, size_t len, ts_header *h, ts_parse_error *err) nogil
+        uint64_t features
     ts_status ts_parse_index(const ts_header *h, const uint8_t *index, size_t len, ts_tensor *tensors,
                              ts_parse_error *err) nogil
     void ts_get_chunk(const uint8_t *index, const ts_tensor *t, uint32_t k, uint64_t offset, ts_chunk *c) nogil
+        uint8_t decoded_sums
+        uint64_t decoded_checksum
+        uint8_t has_decoded

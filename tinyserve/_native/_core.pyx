@@ -11,7 +11,7 @@ from libc.string cimport memset
 
 from tinyserve import errors
 from tinyserve.spec import (DTYPES, DTYPE_BY_CODE, ENCODINGS, Header, ChunkInfo, TensorInfo,
-                            MAX_CHUNK_BYTES)
+                            MAX_CHUNK_BYTES, KNOWN_FEATURES, features_problem)
 
 _MODES = {"huffman": 0, "zstd": 1, "max": 2, "rans": 3}
 _ENC_CODES = {v: k for k, v in ENCODINGS.items()}
@@ -32,7 +32,8 @@ _CLASSES = {
     TS_E_NOMEM: MemoryError,
     TS_E_ARG: ValueError,
     TS_E_NAME: errors.FormatError,
-    TS_E_FIELD: errors.UnsupportedError,  # non-zero flags/reserved: meaning from a later version
+    TS_E_FIELD: errors.UnsupportedError,  # non-zero flags / unknown feature bit: meaning from a later version
+    TS_E_DECODED_CHECKSUM: errors.ChecksumError,
 }
 
 
@@ -96,13 +97,17 @@ def parse_header(buf):
             raise errors.FormatError("not a tinyserve weights file (bad magic)")
         _raise(st, "header: " + _describe(&e, []))
     return Header(h.major, h.minor, h.tensor_count, h.index_size, h.data_offset, h.file_size,
-                  h.index_checksum)
+                  h.index_checksum, h.features)
 
 
 def parse_index(header, index_buf):
     cdef const uint8_t[::1] v = _bytes_view(index_buf)
     cdef ts_header h
-    h.major, h.minor, h.tensor_count, h.index_size, h.data_offset, h.file_size, h.index_checksum = header
+    h.major, h.minor, h.tensor_count = header.major, header.minor, header.tensor_count
+    h.index_size, h.data_offset, h.file_size = header.index_size, header.data_offset, header.file_size
+    h.index_checksum, h.features = header.index_checksum, header.features
+    if h.features & ~KNOWN_FEATURES:
+        raise errors.UnsupportedError(features_problem(h.features))
     cdef size_t count = h.tensor_count
     cdef ts_tensor *ts = <ts_tensor *>malloc((count if count else 1) * sizeof(ts_tensor))
     cdef ts_parse_error e
@@ -113,6 +118,17 @@ def parse_index(header, index_buf):
     cdef uint32_t k
     if ts == NULL:
         raise MemoryError()
+cdef extern from "zstd.h":
+    enum: ZSTD_VERSION_NUMBER
+
+
+def zstd_build_version():
+    """The libzstd version whose header this extension was compiled with, as (major, minor, patch);
+    zstd_version() is the one it runs on (a test checks they are the same library)."""
+    cdef unsigned v = ZSTD_VERSION_NUMBER
+    return (v // 10000, v // 100 % 100, v % 100)
+
+
     try:
         with nogil:
             st = ts_parse_index(&h, ix, v.shape[0], ts, &e)
@@ -133,6 +149,8 @@ def parse_index(header, index_buf):
                 raise errors.FormatError(f"index: tensor #{i}: name is not valid UTF-8: {raw[:64]!r}")
             if name in seen:
                 raise errors.FormatError(f"index: tensor #{i}: duplicate tensor name {name!r}")
+        if st == TS_E_FIELD and e.field == b"features":
+            raise errors.UnsupportedError(features_problem(h.features))
             seen.add(name)
             isz = ts[i].itemsize
             chunks = []
@@ -144,7 +162,8 @@ def parse_index(header, index_buf):
                 else:
                     chunks.append(ChunkInfo(c.offset, c.size, c.checksum,
                                             tuple(c.codecs[p] for p in range(isz)),
-                                            tuple(c.plane_sizes[p] for p in range(isz))))
+                                            tuple(c.plane_sizes[p] for p in range(isz)),
+                                            c.decoded_checksum if c.has_decoded else None))
                 off += c.size
             out.append(TensorInfo(name, DTYPE_BY_CODE[ts[i].dtype][0], ENCODINGS[ts[i].encoding],
                                   tuple(ts[i].shape[d] for d in range(ts[i].ndim)),
