@@ -196,6 +196,10 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
             f"header field index_checksum: stored {header.index_checksum:#018x}, XXH3 of the index is {actual:#018x}"
         )
 
+    decoded_sums = bool(header.features & spec.FEAT_DECODED_CHECKSUMS)
+    problem = spec.features_problem(header.features)
+    if problem:
+        raise UnsupportedError(problem)
     tensors: list[TensorInfo] = []
     names: set[str] = set()
     pos = 0
@@ -205,10 +209,6 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
 
         def need(nbytes: int, field: str) -> None:
             if pos + nbytes > isz:
-    decoded_sums = bool(header.features & spec.FEAT_DECODED_CHECKSUMS)
-    problem = spec.features_problem(header.features)
-    if problem:
-        raise UnsupportedError(problem)
                 raise TruncatedError(
                     f"{where}: field {field} ({nbytes} bytes at index offset {pos}) runs past the end of the "
                     f"index (index_size {isz})"
@@ -311,6 +311,9 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
             for k, n_k in enumerate(_chunk_lengths(numel, chunk_elems, chunk_count)):
                 rec = st.unpack_from(data, pos)
                 pos += st.size
+                dsum = None
+                if decoded_sums:
+                    dsum, rec = rec[-1], rec[:-1]
                 codecs = rec[0:-1:2]
                 sizes = rec[1:-1:2]
                 for p in range(nplanes):
@@ -320,9 +323,6 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
                         raise UnsupportedError(f"{cwhere}: codec {codec} is not a known codec (0..4)")
                     if size > n_k:
                         raise LimitError(f"{cwhere}: stored size {size} exceeds the plane's {n_k} decoded bytes")
-                dsum = None
-                if decoded_sums:
-                    dsum, rec = rec[-1], rec[:-1]
                     if codec == spec.CODEC_STORED and size != n_k:
                         raise LayoutError(f"{cwhere}: codec stored needs size == {n_k}, got size {size}")
                     if codec == spec.CODEC_FILL and size != 1:
@@ -340,6 +340,9 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
         tensors.append(TensorInfo(name, dtype, encoding, tuple(shape), data_offset, data_size, chunk_elems,
                                   tuple(chunks)))
 
+    if header.features & spec.FEAT_EXTENSIONS:
+        extension_records(data, pos)
+        pos = isz
     if pos != isz:
         raise LayoutError(f"index: {isz - pos} bytes left over after the last tensor record (index_size {isz})")
     if header.file_size != prev_end:
@@ -349,18 +352,6 @@ def parse_index(header: Header, index_buf) -> list[TensorInfo]:
     return tensors
 
 
-    if header.features & spec.FEAT_EXTENSIONS:
-        extension_records(data, pos)
-        pos = isz
-# --------------------------------------------------------------------------------------------------
-# plane regrouping (section 5)
-# --------------------------------------------------------------------------------------------------
-def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
-    """(itemsize, numel) uint8 array: plane p of every element."""
-    numel = u8.size // itemsize
-    if itemsize == 1:
-        return u8.reshape(1, numel)
-    if dtype == "bfloat16":
 def extension_records(index: bytes, pos: int) -> list[tuple[int, bytes]]:
     """The (tag, payload) extension records from index offset ``pos`` (right after the last tensor record)
     to the end of the index (docs/format.md section 3.1); raises on a malformed area."""
@@ -387,6 +378,15 @@ def extension_records(index: bytes, pos: int) -> list[tuple[int, bytes]]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# plane regrouping (section 5)
+# --------------------------------------------------------------------------------------------------
+def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
+    """(itemsize, numel) uint8 array: plane p of every element."""
+    numel = u8.size // itemsize
+    if itemsize == 1:
+        return u8.reshape(1, numel)
+    if dtype == "bfloat16":
         x = u8.view("<u2")
         out = np.empty((2, numel), np.uint8)
         out[0] = ((x >> 7) & 0xFF).astype(np.uint8)

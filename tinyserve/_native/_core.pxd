@@ -58,6 +58,7 @@ cdef extern from "ts_weights.h":
         uint16_t major, minor
         uint32_t tensor_count
         uint64_t index_size, data_offset, file_size, index_checksum, header_checksum
+        uint64_t features
     ctypedef struct ts_tensor:
         uint64_t name_off
         uint32_t name_len
@@ -68,19 +69,18 @@ cdef extern from "ts_weights.h":
         uint32_t chunk_elems, chunk_count
         uint64_t chunks_off
         uint32_t chunk_rec_size
+        uint8_t decoded_sums
     ctypedef struct ts_chunk:
         uint64_t offset, size, checksum, n_elems
         uint8_t codecs[8]
         uint32_t plane_sizes[8]
+        uint64_t decoded_checksum
+        uint8_t has_decoded
     ctypedef struct ts_parse_error:
         uint32_t tensor, chunk
         const char *field
         uint64_t value, limit
     ts_status ts_parse_header(const uint8_t *buf, size_t len, ts_header *h, ts_parse_error *err) nogil
-        uint64_t features
     ts_status ts_parse_index(const ts_header *h, const uint8_t *index, size_t len, ts_tensor *tensors,
                              ts_parse_error *err) nogil
     void ts_get_chunk(const uint8_t *index, const ts_tensor *t, uint32_t k, uint64_t offset, ts_chunk *c) nogil
-        uint8_t decoded_sums
-        uint64_t decoded_checksum
-        uint8_t has_decoded

@@ -75,6 +75,17 @@ def xxh3_64(data):
     return h
 
 
+cdef extern from "zstd.h":
+    enum: ZSTD_VERSION_NUMBER
+
+
+def zstd_build_version():
+    """The libzstd version whose header this extension was compiled with, as (major, minor, patch);
+    zstd_version() is the one it runs on (a test checks they are the same library)."""
+    cdef unsigned v = ZSTD_VERSION_NUMBER
+    return (v // 10000, v // 100 % 100, v % 100)
+
+
 cdef str _describe(ts_parse_error *e, list names):
     where = ""
     if e.tensor != 0xFFFFFFFF:
@@ -95,6 +106,8 @@ def parse_header(buf):
     if st != TS_OK:
         if st == TS_E_MAGIC:
             raise errors.FormatError("not a tinyserve weights file (bad magic)")
+        if st == TS_E_FIELD and e.field == b"features":
+            raise errors.UnsupportedError(features_problem(h.features))
         _raise(st, "header: " + _describe(&e, []))
     return Header(h.major, h.minor, h.tensor_count, h.index_size, h.data_offset, h.file_size,
                   h.index_checksum, h.features)
@@ -118,17 +131,6 @@ def parse_index(header, index_buf):
     cdef uint32_t k
     if ts == NULL:
         raise MemoryError()
-cdef extern from "zstd.h":
-    enum: ZSTD_VERSION_NUMBER
-
-
-def zstd_build_version():
-    """The libzstd version whose header this extension was compiled with, as (major, minor, patch);
-    zstd_version() is the one it runs on (a test checks they are the same library)."""
-    cdef unsigned v = ZSTD_VERSION_NUMBER
-    return (v // 10000, v // 100 % 100, v % 100)
-
-
     try:
         with nogil:
             st = ts_parse_index(&h, ix, v.shape[0], ts, &e)
@@ -149,8 +151,6 @@ def zstd_build_version():
                 raise errors.FormatError(f"index: tensor #{i}: name is not valid UTF-8: {raw[:64]!r}")
             if name in seen:
                 raise errors.FormatError(f"index: tensor #{i}: duplicate tensor name {name!r}")
-        if st == TS_E_FIELD and e.field == b"features":
-            raise errors.UnsupportedError(features_problem(h.features))
             seen.add(name)
             isz = ts[i].itemsize
             chunks = []
