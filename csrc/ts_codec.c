@@ -19,6 +19,8 @@
 
 uint64_t ts_xxh3(const void *p, size_t n) { return XXH3_64bits(p, n); }
 
+unsigned ts_zstd_version(void) { return ZSTD_versionNumber(); }
+
 /* ---------------------------------------------------------------- a tiny fork/join pool */
 typedef struct {
     atomic_size_t next;
@@ -87,7 +89,7 @@ typedef struct {
 } enc_worker;
 
 typedef struct {
-    unsigned dtype, isz;
+    unsigned dtype, isz, flags;
     const uint8_t *src;
     uint64_t numel, chunk_elems;
     int mode, level;
@@ -141,7 +143,7 @@ static void enc_chunk(void *c, size_t k, void *w)
     size_t n = (size_t)(ec->numel - first < ec->chunk_elems ? ec->numel - first : ec->chunk_elems);
     uint8_t *planes[TS_MAX_PLANES];
     for (unsigned p = 0; p < ec->isz; p++) planes[p] = ew->planes + (size_t)p * n;
-    ts_planes_split(ec->dtype, ec->src + first * ec->isz, n, planes);
+    ts_planes_split_ex(ec->dtype, ec->flags, ec->src + first * ec->isz, n, planes);
     uint8_t *out = ec->dst + first * ec->isz, *o = out;
     ts_chunk_out *co = &ec->chunks[k];
     memset(co, 0, sizeof *co);
@@ -198,12 +200,19 @@ ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, u
                            int mode, int level, int threads, uint8_t *dst, uint64_t *out_size,
                            ts_chunk_out *chunks)
 {
+    return ts_encode_planes_ex(dtype, 0, src, numel, chunk_elems, mode, level, threads, dst, out_size, chunks);
+}
+
+ts_status ts_encode_planes_ex(unsigned dtype, unsigned flags, const uint8_t *src, uint64_t numel,
+                              uint64_t chunk_elems, int mode, int level, int threads, uint8_t *dst,
+                              uint64_t *out_size, ts_chunk_out *chunks)
+{
     unsigned isz = ts_dtype_size(dtype);
     if (!isz) return TS_E_DTYPE;
     if (!chunk_elems || chunk_elems > (16u << 20) / isz || mode < 0 || mode > 3) return TS_E_ARG;
     *out_size = 0;
     if (!numel) return TS_OK;
-    enc_ctx ec = {.dtype = dtype, .isz = isz, .src = src, .numel = numel, .chunk_elems = chunk_elems,
+    enc_ctx ec = {.dtype = dtype, .isz = isz, .flags = flags & TS_PLANES_F16_EXP, .src = src, .numel = numel, .chunk_elems = chunk_elems,
                   .mode = mode, .level = level, .dst = dst, .chunks = chunks};
     size_t nchunks = (size_t)((numel + chunk_elems - 1) / chunk_elems);
     pool p = {.n = nchunks, .ctx = &ec, .fn = enc_chunk, .worker_init = enc_init, .worker_fini = enc_fini};
@@ -250,118 +259,200 @@ ts_status ts_checksum_chunks(const uint8_t *src, uint64_t n, uint64_t chunk_byte
 }
 
 /* ---------------------------------------------------------------- decoding */
-/* Decode one plane stream of `sz` bytes into d (n bytes). */
-static ts_status decode_plane(uint8_t codec, const uint8_t *s, uint64_t sz, uint8_t *d, size_t n, void *dctx)
+static uint64_t le(const uint8_t *p, unsigned k)
+{
+    uint64_t v = 0;
+    for (unsigned i = 0; i < k; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+ts_status ts_zstd_check_frame(const uint8_t *s, uint64_t sz, uint64_t n, ts_codec_error *err)
+{
+    if (sz < 4) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_SHORT, sz, 0, 0);
+    uint64_t magic = le(s, 4);
+    if (magic != 0xFD2FB528u) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_MAGIC, magic, 0, 0);
+    if (sz < 5) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_HEADER, 5, sz, 0);
+    unsigned fhd = s[4], fcs_flag = fhd >> 6, single = (fhd >> 5) & 1, csum = (fhd >> 2) & 1;
+    static const unsigned did_len[4] = {0, 1, 2, 4}, fcs_len[4] = {0, 2, 4, 8};
+    unsigned dl = did_len[fhd & 3], fl = fcs_flag ? fcs_len[fcs_flag] : single;
+    uint64_t hsize = 5 + !single + dl + fl;
+    if (fhd & 0x08) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_RESERVED, fhd, 0, 0);
+    if (sz < hsize) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_HEADER, hsize, sz, 0);
+    const uint8_t *q = s + 5;
+    uint64_t window = 0;
+    if (!single) {
+        unsigned wd = *q++, wlog = 10 + (wd >> 3);
+        window = ((uint64_t)1 << wlog) + (((uint64_t)1 << wlog) >> 3) * (wd & 7);
+    }
+    uint64_t did = le(q, dl);
+    q += dl;
+    if (did) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_DICT, did, 0, 0);
+    if (!fl) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_NO_SIZE, 0, n, 0);
+    uint64_t fcs = le(q, fl) + (fl == 2 ? 256 : 0);
+    if (fcs != n) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_SIZE, fcs, n, 0);
+    if (single) window = fcs;
+    uint64_t bmax = window < (128u << 10) ? window : (128u << 10);
+    uint64_t pos = hsize, k = 0;
+    for (;;) {
+        if (sz - pos < 3) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_TRUNCATED, k, sz, 0);
+        uint64_t bh = le(s + pos, 3), type = (bh >> 1) & 3, bsize = bh >> 3;
+        if (type == 3) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_BLOCK_TYPE, k, 0, 0);
+        if (bsize > bmax) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_BLOCK_SIZE, k, bsize, bmax);
+        uint64_t body = type == 1 ? 1 : bsize;
+        if (sz - pos - 3 < body) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_TRUNCATED, k, sz, 0);
+        pos += 3 + body;
+        k++;
+        if (bh & 1) break;
+    }
+    if (csum) {
+        if (sz - pos < 4) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_TRUNCATED, k, sz, 0);
+        pos += 4;
+    }
+    if (pos != sz) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_TRAILING, pos, sz - pos, 0);
+    return TS_OK;
+}
+
+/* Decode one non-stored plane stream of `sz` bytes into d (n bytes). */
+static ts_status decode_plane(uint8_t codec, const uint8_t *s, uint64_t sz, uint8_t *d, size_t n, void *dctx,
+                              ts_codec_error *err)
 {
     switch (codec) {
     case TS_CODEC_STORED:
-        if (sz != n) return TS_E_LAYOUT;
-        if (n) memcpy(d, s, n);
+        memcpy(d, s, n);
         return TS_OK;
     case TS_CODEC_FILL:
-        if (sz != 1) return TS_E_LAYOUT;
         memset(d, s[0], n);
         return TS_OK;
     case TS_CODEC_ZSTD: {
-        unsigned long long cs = ZSTD_getFrameContentSize(s, (size_t)sz);
-        if (cs == ZSTD_CONTENTSIZE_ERROR) return TS_E_CORRUPT;
-        if (cs != (unsigned long long)n) return TS_E_CORRUPT; /* unknown or wrong declared size */
-        size_t fsz = ZSTD_findFrameCompressedSize(s, (size_t)sz);
-        if (ZSTD_isError(fsz) || fsz != sz) return TS_E_CORRUPT;
+        ts_status st = ts_zstd_check_frame(s, sz, n, err);
+        if (st) return st;
         size_t r = ZSTD_decompressDCtx((ZSTD_DCtx *)dctx, d, n, s, (size_t)sz);
-        if (ZSTD_isError(r) || r != n) return TS_E_CORRUPT;
+        if (ZSTD_isError(r)) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_DECODE, 0, 0, 0);
+        if (r != n) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_ZSTD_LENGTH, r, n, 0);
         return TS_OK;
     }
     case TS_CODEC_HUFFMAN:
-        return ts_huf_decode(s, (size_t)sz, d, n);
+        return ts_huf_decode_ex(s, (size_t)sz, d, n, err);
     case TS_CODEC_RANS:
-        return ts_rans_decode(s, (size_t)sz, d, n);
+        return ts_rans_decode_ex(s, (size_t)sz, d, n, err);
     default:
-        return TS_E_CODEC;
+        return ts_rule_fail(err, TS_E_CODEC, TS_RULE_PLANE_CODEC, codec, 0, 0);
     }
 }
 
-/* A 'planes' job with plane_stride != 0: every plane decoded straight to dst + p * plane_stride. */
-static ts_status run_job_unmerged(const ts_chunk_job *job, unsigned isz, size_t n, void *dctx)
+ts_status ts_decode_stream(uint8_t codec, const uint8_t *s, uint64_t sz, uint8_t *d, size_t n, ts_codec_error *err)
 {
-    if (job->plane_stride < (uint64_t)n) return TS_E_ARG;
-    uint64_t off = 0;
+    if (codec == TS_CODEC_STORED && sz != n) return ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_STORED_SIZE, sz, n, 0);
+    if (codec == TS_CODEC_FILL && sz != 1) return ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_FILL_SIZE, sz, 0, 0);
+    ZSTD_DCtx *dctx = NULL;
+    if (codec == TS_CODEC_ZSTD && !(dctx = ZSTD_createDCtx())) return TS_E_NOMEM;
+    ts_status st = decode_plane(codec, s, sz, d, n, dctx, err);
+    ZSTD_freeDCtx(dctx);
+    return st;
+}
+
+/* The structure rules of a chunk (index rules the decoder re-checks, in the reader's order). */
+static ts_status check_structure(const ts_chunk_job *job, unsigned isz, uint64_t n, ts_codec_error *err)
+{
+    if (job->encoding == TS_ENC_RAW) {
+        if (job->src_size != n * isz) return ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_RAW_SIZE, job->src_size, n, isz);
+        return TS_OK;
+    }
+    uint64_t total = 0;
     for (unsigned p = 0; p < isz; p++) {
         uint64_t sz = job->plane_sizes[p];
-        if (sz > job->src_size - off) return TS_E_TRUNCATED;
-        ts_status st = decode_plane(job->codecs[p], job->src + off, sz, job->dst + (size_t)p * job->plane_stride,
-                                    n, dctx);
+        uint8_t c = job->codecs[p];
+        ts_status st = TS_OK;
+        if (err) err->plane = p;
+        if (c > TS_CODEC_RANS) st = ts_rule_fail(err, TS_E_CODEC, TS_RULE_PLANE_CODEC, c, 0, 0);
+        else if (sz > n) st = ts_rule_fail(err, TS_E_LIMIT, TS_RULE_PLANE_SIZE_MAX, sz, n, 0);
+        else if (c == TS_CODEC_STORED && sz != n) st = ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_STORED_SIZE, sz, n, 0);
+        else if (c == TS_CODEC_FILL && sz != 1) st = ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_FILL_SIZE, sz, 0, 0);
+        else if (sz == 0) st = ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_PLANE_SIZE_ZERO, 0, 0, 0);
         if (st) return st;
-        off += sz;
+        total += sz;
     }
-    if (off != job->src_size) return TS_E_LAYOUT;
+    if (err) err->plane = TS_NO_PLANE;
+    if (total != job->src_size) return ts_rule_fail(err, TS_E_LAYOUT, TS_RULE_PLANES_SUM, total, job->src_size, 0);
+    return TS_OK;
+}
+
+static ts_status check_decoded(const ts_chunk_job *job, const uint8_t *bytes, size_t len, ts_codec_error *err)
+{
+    uint64_t h = XXH3_64bits(bytes, len);
+    if (h != job->decoded_checksum)
+        return ts_rule_fail(err, TS_E_DECODED_CHECKSUM, TS_RULE_DECODED_CHECKSUM, job->decoded_checksum, h, 0);
     return TS_OK;
 }
 
 ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_size, void *dctx)
 {
+    ts_codec_error *err = job->err;
+    if (err) {
+        memset(err, 0, sizeof *err);
+        err->plane = TS_NO_PLANE;
+    }
     unsigned isz = ts_dtype_size(job->dtype);
     if (!isz) return TS_E_DTYPE;
+    if (job->encoding != TS_ENC_RAW && job->encoding != TS_ENC_PLANES) return TS_E_ENCODING;
+    if (job->encoding == TS_ENC_RAW && job->plane_stride) return TS_E_ARG;
     size_t n = (size_t)job->n_elems;
-    if (job->verify && XXH3_64bits(job->src, (size_t)job->src_size) != job->checksum)
-        return TS_E_CHECKSUM;
+    ts_status st = check_structure(job, isz, n, err);
+    if (st) return st;
+    if (job->verify) {
+        uint64_t h = XXH3_64bits(job->src, (size_t)job->src_size);
+        if (h != job->checksum) return ts_rule_fail(err, TS_E_CHECKSUM, TS_RULE_CHECKSUM, job->checksum, h, 0);
+    }
     if (job->encoding == TS_ENC_RAW) {
-        if (job->plane_stride) return TS_E_ARG;
-        if (job->src_size != (uint64_t)n * isz) return TS_E_LAYOUT;
+        /* the decoded bytes are the stored bytes */
+        if (job->verify && job->has_decoded) {
+            st = check_decoded(job, job->src, (size_t)job->src_size, err);
+            if (st) return st;
+        }
         if (job->dst) memcpy(job->dst, job->src, (size_t)job->src_size);
         return TS_OK;
     }
-    if (job->encoding != TS_ENC_PLANES) return TS_E_ENCODING;
-    if (!job->dst) return TS_OK;
-    if (job->plane_stride) return run_job_unmerged(job, isz, n, dctx);
+    int validate = !job->dst && (job->flags & TS_JOB_VALIDATE);
+    if (!job->dst && !validate) return TS_OK;
+    if (job->plane_stride && job->plane_stride < (uint64_t)n) return TS_E_ARG;
     const uint8_t *planes[TS_MAX_PLANES];
     uint64_t off = 0;
     size_t used = 0;
     for (unsigned p = 0; p < isz; p++) {
         uint64_t sz = job->plane_sizes[p];
-        if (sz > job->src_size - off) return TS_E_TRUNCATED;
         const uint8_t *s = job->src + off;
         off += sz;
-        if (job->codecs[p] == TS_CODEC_STORED) {
-            if (sz != n) return TS_E_LAYOUT;
+        uint8_t *d;
+        if (job->plane_stride) {
+            d = job->dst + (size_t)p * job->plane_stride;
+        } else if (job->codecs[p] == TS_CODEC_STORED) {
             planes[p] = s;
             continue;
+        } else {
+            if (used + n > scratch_size) return TS_E_ARG;
+            d = scratch + used;
+            used += n;
         }
-        if (used + n > scratch_size) return TS_E_ARG;
-        uint8_t *d = scratch + used;
-        used += n;
+        if (err) err->plane = p;
+        st = decode_plane(job->codecs[p], s, sz, d, n, dctx, err);
+        if (st) return st;
+        if (err) err->plane = TS_NO_PLANE;
         planes[p] = d;
-        switch (job->codecs[p]) {
-        case TS_CODEC_FILL:
-            if (sz != 1) return TS_E_LAYOUT;
-            memset(d, s[0], n);
-            break;
-        case TS_CODEC_ZSTD: {
-            unsigned long long cs = ZSTD_getFrameContentSize(s, (size_t)sz);
-            if (cs == ZSTD_CONTENTSIZE_ERROR) return TS_E_CORRUPT;
-            if (cs != (unsigned long long)n) return TS_E_CORRUPT; /* unknown or wrong declared size */
-            size_t fsz = ZSTD_findFrameCompressedSize(s, (size_t)sz);
-            if (ZSTD_isError(fsz) || fsz != sz) return TS_E_CORRUPT;
-            size_t r = ZSTD_decompressDCtx((ZSTD_DCtx *)dctx, d, n, s, (size_t)sz);
-            if (ZSTD_isError(r) || r != n) return TS_E_CORRUPT;
-            break;
-        }
-        case TS_CODEC_HUFFMAN: {
-            ts_status st = ts_huf_decode(s, (size_t)sz, d, n);
-            if (st) return st;
-            break;
-        }
-        case TS_CODEC_RANS: {
-            ts_status st = ts_rans_decode(s, (size_t)sz, d, n);
-            if (st) return st;
-            break;
-        }
-        default:
-            return TS_E_CODEC;
-        }
     }
-    if (off != job->src_size) return TS_E_LAYOUT;
-    return ts_planes_merge(job->dtype, planes, n, job->dst);
+    unsigned order = job->flags & TS_JOB_F16_EXP;
+    int check = job->verify && job->has_decoded;
+    if (!job->plane_stride && job->dst) {
+        st = ts_planes_merge_ex(job->dtype, order, planes, n, job->dst);
+        if (st || !check) return st;
+        return check_decoded(job, job->dst, (size_t)n * isz, err);
+    }
+    if (!check) return TS_OK; /* unmerged, or validate without a decoded checksum: decoding was the check */
+    /* regroup into scratch to hash the element bytes */
+    if (used + (size_t)n * isz > scratch_size) return TS_E_ARG;
+    uint8_t *m = scratch + used;
+    st = ts_planes_merge_ex(job->dtype, order, planes, n, m);
+    if (st) return st;
+    return check_decoded(job, m, (size_t)n * isz, err);
 }
 
 typedef struct {
@@ -424,12 +515,16 @@ ts_status ts_run_jobs(const ts_chunk_job *jobs, size_t njobs, int threads, size_
     size_t scratch = 0;
     for (size_t i = 0; i < njobs; i++) {
         unsigned isz = ts_dtype_size(jobs[i].dtype); /* 0 for an unknown dtype: ts_run_job reports it */
-        if (jobs[i].encoding == TS_ENC_PLANES && jobs[i].dst && !jobs[i].plane_stride) {
-            size_t need = 0;
+        if (jobs[i].encoding != TS_ENC_PLANES) continue;
+        int validate = !jobs[i].dst && (jobs[i].flags & TS_JOB_VALIDATE);
+        if (!jobs[i].dst && !validate) continue;
+        size_t need = 0, n = (size_t)jobs[i].n_elems;
+        if (!jobs[i].plane_stride)
             for (unsigned p = 0; p < isz; p++)
-                if (jobs[i].codecs[p] != TS_CODEC_STORED) need += (size_t)jobs[i].n_elems;
-            if (need > scratch) scratch = need;
-        }
+                if (jobs[i].codecs[p] != TS_CODEC_STORED) need += n;
+        /* the regrouped copy that is hashed (unmerged and validate jobs) */
+        if (jobs[i].verify && jobs[i].has_decoded && (validate || jobs[i].plane_stride)) need += n * isz;
+        if (need > scratch) scratch = need;
     }
     dec_ctx dc = {.jobs = jobs, .statuses = statuses, .scratch_size = scratch};
     atomic_init(&dc.first_fail, (size_t)-1);

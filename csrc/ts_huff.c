@@ -254,7 +254,12 @@ static inline uint64_t peek_safe(const bitstream *b)
 
 ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
 {
-    if (size < TS_HUF_HEADER) return TS_E_CORRUPT;
+    return ts_huf_decode_ex(src, size, dst, n, NULL);
+}
+
+ts_status ts_huf_decode_ex(const uint8_t *src, size_t size, uint8_t *dst, size_t n, ts_codec_error *err)
+{
+    if (size < TS_HUF_HEADER) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_SHORT, size, 0, 0);
     uint8_t lens[256];
     int present = 0;
     uint32_t kraft = 0;
@@ -264,11 +269,12 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
     }
     for (int s = 0; s < 256; s++) {
         if (!lens[s]) continue;
-        if (lens[s] > MB) return TS_E_CORRUPT;
+        if (lens[s] > MB) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_LEN, lens[s], (uint64_t)s, 0);
         present++;
         kraft += 1u << (MB - lens[s]);
     }
-    if (present < 2 || kraft != KRAFT_ONE) return TS_E_CORRUPT;
+    if (present < 2) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_FEW, (uint64_t)present, 0, 0);
+    if (kraft != KRAFT_ONE) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_KRAFT, kraft, 0, 0);
     uint16_t rev[256], table[KRAFT_ONE];
     canonical_rev(lens, rev);
     for (int s = 0; s < 256; s++) {
@@ -278,11 +284,10 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
             table[rev[s] | (f << l)] = (uint16_t)((s << 4) | l);
     }
     uint64_t sz[4], avail = size - TS_HUF_HEADER, off = TS_HUF_HEADER;
-    for (int j = 0; j < 3; j++) {
-        sz[j] = load32(src + 128 + 4 * j);
-        if (sz[j] > avail) return TS_E_CORRUPT;
-        avail -= sz[j];
-    }
+    for (int j = 0; j < 3; j++) sz[j] = load32(src + 128 + 4 * j);
+    if (sz[0] + sz[1] + sz[2] > avail) /* u32 sizes: the sum cannot overflow 64 bits */
+        return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_SIZES, sz[0] + sz[1] + sz[2], avail, 0);
+    avail -= sz[0] + sz[1] + sz[2];
     sz[3] = avail;
     bitstream bs[4];
     for (int j = 0; j < 4; j++) {
@@ -340,10 +345,13 @@ ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
             uint64_t bits = peek_safe(&bs[j]);
             uint16_t e = table[bits & (KRAFT_ONE - 1)];
             bs[j].pos += e & 15;
-            if (bs[j].pos > bs[j].size * 8) return TS_E_CORRUPT; /* sub-stream ends early */
+            if (bs[j].pos > bs[j].size * 8) /* sub-stream ends early */
+                return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_EARLY, (uint64_t)j, st[j + 1] - st[j], bs[j].size);
             dst[at[j]++] = (uint8_t)(e >> 4);
         }
-        if ((bs[j].pos + 7) / 8 != bs[j].size) return TS_E_CORRUPT; /* trailing bytes */
+        uint64_t used = (bs[j].pos + 7) / 8;
+        if (used != bs[j].size) /* trailing bytes */
+            return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_HUF_LEFTOVER, (uint64_t)j, bs[j].size - used, used);
     }
     return TS_OK;
 }

@@ -3,6 +3,7 @@
 #define TS_HUFF_H
 #include <stddef.h>
 #include <stdint.h>
+#include "ts_rules.h"
 #include "ts_status.h"
 
 #define TS_HUF_MAX_BITS 11
@@ -28,5 +29,7 @@ ts_status ts_huf_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_c
 /* Decode a stream of `size` bytes into exactly n bytes at dst. Never reads outside src[0..size)
  * nor writes outside dst[0..n). */
 ts_status ts_huf_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n);
+/* The same, naming the broken rule in *err (err may be NULL). */
+ts_status ts_huf_decode_ex(const uint8_t *src, size_t size, uint8_t *dst, size_t n, ts_codec_error *err);
 
 #endif

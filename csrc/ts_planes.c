@@ -14,9 +14,26 @@ unsigned ts_dtype_size(unsigned dtype)
 
 ts_status ts_planes_split(unsigned dtype, const uint8_t *src, size_t n, uint8_t *const planes[])
 {
+    return ts_planes_split_ex(dtype, 0, src, n, planes);
+}
+
+ts_status ts_planes_merge(unsigned dtype, const uint8_t *const planes[], size_t n, uint8_t *dst)
+{
+    return ts_planes_merge_ex(dtype, 0, planes, n, dst);
+}
+
+/* bfloat16, and float16 in the exponent-planes order, share one formula: plane 0 = bits 14..7,
+ * plane 1 = bit 15 (as bit 7) and bits 6..0 */
+static int split16(unsigned dtype, unsigned flags)
+{
+    return dtype == TS_DT_BFLOAT16 || (dtype == TS_DT_FLOAT16 && (flags & TS_PLANES_F16_EXP));
+}
+
+ts_status ts_planes_split_ex(unsigned dtype, unsigned flags, const uint8_t *src, size_t n, uint8_t *const planes[])
+{
     unsigned size = ts_dtype_size(dtype);
     if (!size) return TS_E_DTYPE;
-    if (dtype == TS_DT_BFLOAT16) {
+    if (split16(dtype, flags)) {
         uint8_t *e = planes[0], *m = planes[1];
         for (size_t i = 0; i < n; i++) {
             uint16_t x = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
@@ -43,11 +60,11 @@ ts_status ts_planes_split(unsigned dtype, const uint8_t *src, size_t n, uint8_t 
     return TS_OK;
 }
 
-ts_status ts_planes_merge(unsigned dtype, const uint8_t *const planes[], size_t n, uint8_t *dst)
+ts_status ts_planes_merge_ex(unsigned dtype, unsigned flags, const uint8_t *const planes[], size_t n, uint8_t *dst)
 {
     unsigned size = ts_dtype_size(dtype);
     if (!size) return TS_E_DTYPE;
-    if (dtype == TS_DT_BFLOAT16) {
+    if (split16(dtype, flags)) {
         const uint8_t *e = planes[0], *m = planes[1];
         for (size_t i = 0; i < n; i++) {
             uint16_t x = (uint16_t)(((uint16_t)e[i] << 7) | (m[i] & 0x7F) | ((uint16_t)(m[i] & 0x80) << 8));

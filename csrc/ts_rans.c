@@ -113,38 +113,43 @@ ts_status ts_rans_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_
 
 ts_status ts_rans_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n)
 {
+    return ts_rans_decode_ex(src, size, dst, n, NULL);
+}
+
+ts_status ts_rans_decode_ex(const uint8_t *src, size_t size, uint8_t *dst, size_t n, ts_codec_error *err)
+{
     uint32_t freq[256];
     size_t pos = 0;
     uint32_t total = 0;
     for (int s = 0; s < 256; s++) {
-        if (pos >= size) return TS_E_CORRUPT;
+        if (pos >= size) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_TABLE, (uint64_t)s, size, 0);
         uint32_t v = src[pos++];
         if (v & 0x80) {
-            if (pos >= size) return TS_E_CORRUPT;
+            if (pos >= size) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_TABLE, (uint64_t)s, size, 0);
             uint32_t hi = src[pos++];
-            if (hi == 0 || hi > (M >> 7)) return TS_E_CORRUPT; /* non-minimal or > 4096 */
+            if (hi == 0) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_VARINT, (uint64_t)s, 0, 0);
             v = (v & 0x7F) | (hi << 7);
         }
-        if (v > M) return TS_E_CORRUPT;
+        if (v > M) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_FREQ, (uint64_t)s, v, 0);
         freq[s] = v;
         total += v;
     }
-    if (total != M) return TS_E_CORRUPT;
+    if (total != M) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_SUM, total, 0, 0);
     uint32_t tab[M];
     uint32_t c = 0;
     for (int s = 0; s < 256; s++) {
         for (uint32_t k = 0; k < freq[s]; k++) tab[c + k] = (uint32_t)s | ((freq[s] - 1) << 8) | (c << 20);
         c += freq[s];
     }
-    if (size - pos < 4u * NS) return TS_E_CORRUPT;
+    if (size - pos < 4u * NS) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_STATES, size - pos, 0, 0);
     uint32_t x[NS];
     for (int j = 0; j < NS; j++) {
         const uint8_t *p = src + pos + 4 * j;
         x[j] = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-        if (x[j] < L) return TS_E_CORRUPT;
+        if (x[j] < L) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_STATE_LOW, (uint64_t)j, x[j], 0);
     }
     pos += 4u * NS;
-    if ((size - pos) & 1) return TS_E_CORRUPT;
+    if ((size - pos) & 1) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_ODD, size - pos, 0, 0);
     const uint8_t *wp = src + pos, *wend = src + size;
     size_t i = 0;
     /* fast path: 8 symbols need at most 8 words */
@@ -167,14 +172,14 @@ ts_status ts_rans_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n
         dst[i] = (uint8_t)e;
         uint32_t y = (((e >> 8) & (M - 1)) + 1) * (x[j] >> PB) + (x[j] & (M - 1)) - (e >> 20);
         if (y < L) {
-            if (wend - wp < 2) return TS_E_CORRUPT;
+            if (wend - wp < 2) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_WORDS_OUT, n, 0, 0);
             y = (y << 16) | (uint32_t)wp[0] | ((uint32_t)wp[1] << 8);
             wp += 2;
         }
         x[j] = y;
     }
-    if (wp != wend) return TS_E_CORRUPT;
+    if (wp != wend) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_WORDS_LEFT, (uint64_t)(wend - wp) / 2, n, 0);
     for (int j = 0; j < NS; j++)
-        if (x[j] != L) return TS_E_CORRUPT;
+        if (x[j] != L) return ts_rule_fail(err, TS_E_CORRUPT, TS_RULE_RANS_FINAL, (uint64_t)j, x[j], 0);
     return TS_OK;
 }

@@ -5,6 +5,7 @@
 #define TS_RANS_H
 #include <stddef.h>
 #include <stdint.h>
+#include "ts_rules.h"
 #include "ts_status.h"
 
 #define TS_RANS_PROB_BITS 12
@@ -21,5 +22,7 @@ ts_status ts_rans_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_
 
 /* Decode a stream of `size` bytes into exactly n bytes; never reads or writes out of bounds. */
 ts_status ts_rans_decode(const uint8_t *src, size_t size, uint8_t *dst, size_t n);
+/* The same, naming the broken rule in *err (err may be NULL). */
+ts_status ts_rans_decode_ex(const uint8_t *src, size_t size, uint8_t *dst, size_t n, ts_codec_error *err);
 
 #endif

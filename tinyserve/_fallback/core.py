@@ -28,6 +28,7 @@ import xxhash
 import zstandard
 
 from tinyserve import spec
+from tinyserve._native import codec_rules as R
 from tinyserve.spec import ChunkInfo, Header, TensorInfo
 from tinyserve.errors import (
     ChecksumError,
@@ -47,11 +48,14 @@ __all__ = [
     "TensorInfo",
     "checksum_chunks",
     "decode_into",
+    "decode_stream",
     "encode_planes",
     "parse_header",
     "parse_index",
+    "validate_chunks",
     "verify_chunks",
     "xxh3_64",
+    "zstd_version",
 ]
 
 _U64 = 1 << 64
@@ -85,6 +89,11 @@ def _u8(buf, what: str) -> np.ndarray:
     if not mv.c_contiguous:
         mv = memoryview(mv.tobytes())
     return np.frombuffer(mv, dtype=np.uint8)
+
+
+def zstd_version() -> tuple[int, int, int]:
+    """The libzstd version python-zstandard runs on (its bundled copy), as (major, minor, patch)."""
+    return tuple(zstandard.ZSTD_VERSION)
 
 
 def xxh3_64(data) -> int:
@@ -381,12 +390,13 @@ def extension_records(index: bytes, pos: int) -> list[tuple[int, bytes]]:
 # --------------------------------------------------------------------------------------------------
 # plane regrouping (section 5)
 # --------------------------------------------------------------------------------------------------
-def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
-    """(itemsize, numel) uint8 array: plane p of every element."""
+def _split_planes(u8: np.ndarray, dtype: str, itemsize: int, f16_planes: bool = False) -> np.ndarray:
+    """(itemsize, numel) uint8 array: plane p of every element.  f16_planes: float16 uses the
+    exponent-planes order (feature "float16 exponent planes"), the bfloat16 formula."""
     numel = u8.size // itemsize
     if itemsize == 1:
         return u8.reshape(1, numel)
-    if dtype == "bfloat16":
+    if dtype == "bfloat16" or (f16_planes and dtype == "float16"):
         x = u8.view("<u2")
         out = np.empty((2, numel), np.uint8)
         out[0] = ((x >> 7) & 0xFF).astype(np.uint8)
@@ -403,12 +413,12 @@ def _split_planes(u8: np.ndarray, dtype: str, itemsize: int) -> np.ndarray:
     return np.ascontiguousarray(u8.reshape(numel, itemsize)[:, ::-1].T)
 
 
-def _merge_planes(planes: np.ndarray, dtype: str, itemsize: int, dst: np.ndarray) -> None:
+def _merge_planes(planes: np.ndarray, dtype: str, itemsize: int, dst: np.ndarray, f16_planes: bool = False) -> None:
     """Inverse of _split_planes: write the elements of (itemsize, n) planes into the uint8 array dst."""
     if itemsize == 1:
         dst[:] = planes[0]
         return
-    if dtype == "bfloat16":
+    if dtype == "bfloat16" or (f16_planes and dtype == "float16"):
         p0 = planes[0].astype(np.uint16)
         p1 = planes[1].astype(np.uint16)
         dst.view("<u2")[:] = ((p1 & 0x80) << 8) | (p0 << 7) | (p1 & 0x7F)
@@ -532,10 +542,11 @@ def _huffman_encode(plane: np.ndarray, lens: list[int]) -> bytes:
     return b"".join([bytes(table), struct.pack("<III", *(len(s) for s in streams[:3]))] + streams)
 
 
-def _huffman_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
+def _huffman_decode(stream: np.ndarray, n: int) -> np.ndarray:
+    """Decode a Huffman stream (section 6) into n bytes; a broken rule raises R.RuleError."""
     size = stream.size
     if size < _HUFF_HEADER:
-        raise CorruptDataError(f"{where}: huffman stream of {size} bytes is shorter than its 140-byte header")
+        raise R.RuleError(R.HUF_SHORT, size)
     table = stream[:128]
     lens = np.empty(256, np.uint8)
     lens[0::2] = table & 0x0F
@@ -543,24 +554,17 @@ def _huffman_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
     bad = np.flatnonzero(lens > _HUFF_BITS)
     if bad.size:
         s = int(bad[0])
-        raise CorruptDataError(f"{where}: huffman code length {int(lens[s])} of symbol {s} exceeds 11")
+        raise R.RuleError(R.HUF_LEN, int(lens[s]), s)
     present = np.flatnonzero(lens)
     if present.size < 2:
-        raise CorruptDataError(
-            f"{where}: huffman code lengths table has {present.size} symbol(s), at least 2 are required"
-        )
+        raise R.RuleError(R.HUF_FEW, int(present.size))
     kraft = int(np.sum(np.left_shift(1, _HUFF_BITS - lens[present].astype(np.int64))))
     if kraft != _HUFF_TABLE:
-        raise CorruptDataError(
-            f"{where}: huffman code lengths do not form a complete prefix code (Kraft sum {kraft}, must be 2048)"
-        )
+        raise R.RuleError(R.HUF_KRAFT, kraft)
     s0, s1, s2 = struct.unpack("<III", stream[128:140].tobytes())
     s3 = size - _HUFF_HEADER - s0 - s1 - s2
     if s3 < 0:
-        raise CorruptDataError(
-            f"{where}: huffman sub-stream sizes {s0} + {s1} + {s2} exceed the {size - _HUFF_HEADER} bytes "
-            f"after the stream header"
-        )
+        raise R.RuleError(R.HUF_SIZES, s0 + s1 + s2, size - _HUFF_HEADER)
     lens_list = lens.tolist()
     codes = _canonical_codes(lens_list)
     lut_sym = np.zeros(_HUFF_TABLE, np.uint8)
@@ -575,29 +579,27 @@ def _huffman_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
     out = np.empty(n, np.uint8)
     off = _HUFF_HEADER
     for j, ((lo, hi), sz) in enumerate(zip(_substream_bounds(n), (s0, s1, s2, s3))):
-        out[lo:hi] = _huffman_substream(stream[off:off + sz], hi - lo, lut_sym, lut_len, f"{where} sub-stream {j}")
+        out[lo:hi] = _huffman_substream(stream[off:off + sz], hi - lo, lut_sym, lut_len, j)
         off += sz
     return out
 
 
-def _huffman_substream(buf: np.ndarray, count: int, lut_sym, lut_len, where: str) -> np.ndarray:
+def _huffman_substream(buf: np.ndarray, count: int, lut_sym, lut_len, j: int) -> np.ndarray:
     nbytes = buf.size
     nbits = 8 * nbytes
     if count == 0:
         if nbytes:
-            raise CorruptDataError(f"{where}: codes no symbol but has {nbytes} bytes left over")
+            raise R.RuleError(R.HUF_LEFTOVER, j, nbytes, 0)
         return np.zeros(0, np.uint8)
     if count > nbits:  # every code is at least one bit long
-        raise CorruptDataError(
-            f"{where}: ends before its {count} symbols are decoded ({nbytes} bytes hold at most {nbits} codes)"
-        )
+        raise R.RuleError(R.HUF_EARLY, j, count, nbytes)
     # the 11-bit window starting at every bit position (bits past the end read as zero)
     bits = np.zeros(nbits + _HUFF_BITS, np.uint8)
     bits[:nbits] = np.unpackbits(buf, bitorder="little")
     win = np.zeros(nbits, np.uint16)
-    for j in range(_HUFF_BITS):
+    for b in range(_HUFF_BITS):
         win <<= 1
-        win |= bits[j:j + nbits]
+        win |= bits[b:b + nbits]
     # step[b]: the length of the code starting at bit b; 0 past the end, where the chase stops moving
     step = lut_len[win].tolist()
     step.extend([0] * _HUFF_BITS)
@@ -608,14 +610,10 @@ def _huffman_substream(buf: np.ndarray, count: int, lut_sym, lut_len, where: str
         pos += step[pos]
     last = starts[-1]
     if last >= nbits or pos > nbits:
-        raise CorruptDataError(
-            f"{where}: ends before its {count} symbols are decoded (runs past its {nbytes} bytes)"
-        )
+        raise R.RuleError(R.HUF_EARLY, j, count, nbytes)
     used = (pos + 7) >> 3
     if used != nbytes:
-        raise CorruptDataError(
-            f"{where}: {nbytes - used} bytes left over after its {count} symbols ({pos} bits need {used} bytes)"
-        )
+        raise R.RuleError(R.HUF_LEFTOVER, j, nbytes - used, used)
     return lut_sym[win[np.asarray(starts, dtype=np.int64)]]
 
 
@@ -706,43 +704,40 @@ def _rans_encode(plane: np.ndarray, counts: list[int], limit: int) -> bytes | No
     return b"".join((table, struct.pack(f"<{_RANS_STATES}I", *states), stream.tobytes()))
 
 
-def _rans_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
+def _rans_decode(stream: np.ndarray, n: int) -> np.ndarray:
+    """Decode a rANS stream (section 7) into n bytes; a broken rule raises R.RuleError."""
     raw = stream.tobytes()
     size = len(raw)
     freq: list[int] = []
     pos = 0
     for s in range(256):
         if pos >= size:
-            raise CorruptDataError(f"{where}: rans frequency table runs past the end of the {size}-byte stream "
-                                   f"(at symbol {s})")
+            raise R.RuleError(R.RANS_TABLE, s, size)
         v = raw[pos]
         pos += 1
         if v & 0x80:
             if pos >= size:
-                raise CorruptDataError(f"{where}: rans frequency table runs past the end of the {size}-byte "
-                                       f"stream (inside the varint of symbol {s})")
+                raise R.RuleError(R.RANS_TABLE, s, size)
             hi = raw[pos]
             pos += 1
             if hi == 0:
-                raise CorruptDataError(f"{where}: rans frequency of symbol {s} is a non-minimal varint "
-                                       f"({v:#04x} 0x00)")
+                raise R.RuleError(R.RANS_VARINT, s)
             v = (v & 0x7F) | (hi << 7)
         if v > _RANS_M:
-            raise CorruptDataError(f"{where}: rans frequency {v} of symbol {s} exceeds 4096")
+            raise R.RuleError(R.RANS_FREQ, s, v)
         freq.append(v)
     total = sum(freq)
     if total != _RANS_M:
-        raise CorruptDataError(f"{where}: rans frequencies sum to {total}, must be 4096")
+        raise R.RuleError(R.RANS_SUM, total)
     if size - pos < 4 * _RANS_STATES:
-        raise CorruptDataError(f"{where}: rans stream ends inside its {_RANS_STATES} initial states "
-                               f"({size - pos} of {4 * _RANS_STATES} bytes)")
+        raise R.RuleError(R.RANS_STATES, size - pos)
     xs = list(struct.unpack_from(f"<{_RANS_STATES}I", raw, pos))
     pos += 4 * _RANS_STATES
     for j, x in enumerate(xs):
         if x < _RANS_L:
-            raise CorruptDataError(f"{where}: rans initial state {j} is {x}, below 2^16")
+            raise R.RuleError(R.RANS_STATE_LOW, j, x)
     if (size - pos) & 1:
-        raise CorruptDataError(f"{where}: rans words take {size - pos} bytes, an odd number")
+        raise R.RuleError(R.RANS_ODD, size - pos)
 
     # per slot (x mod 4096): (its symbol, the symbol's frequency, slot - cum[symbol])
     f_arr = np.asarray(freq, np.int64)
@@ -765,13 +760,13 @@ def _rans_decode(stream: np.ndarray, n: int, where: str) -> np.ndarray:
             xs[j] = x
             j = (j + 1) & (_RANS_STATES - 1)
     except StopIteration:
-        raise CorruptDataError(f"{where}: rans stream runs out of words before its {n} symbols are decoded") from None
+        raise R.RuleError(R.RANS_WORDS_OUT, n) from None
     left = sum(1 for _ in words)
     if left:
-        raise CorruptDataError(f"{where}: rans stream has {left} unread word(s) left over after its {n} symbols")
+        raise R.RuleError(R.RANS_WORDS_LEFT, left, n)
     for j, x in enumerate(xs):
         if x != _RANS_L:
-            raise CorruptDataError(f"{where}: rans state {j} ends at {x}, not 2^16 (the stream is corrupt)")
+            raise R.RuleError(R.RANS_FINAL, j, x)
     return np.frombuffer(out, np.uint8)
 
 
@@ -825,7 +820,8 @@ def _dtype_info(dtype: str) -> tuple[int, int]:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(spec.DTYPES)}") from None
 
 
-def encode_planes(src, dtype: str, chunk_elems: int, mode: str, level: int, threads: int):
+def encode_planes(src, dtype: str, chunk_elems: int, mode: str, level: int, threads: int,
+                  f16_planes: bool = False):
     """Encode a tensor's raw little-endian bytes with the 'planes' encoding.
 
     Returns (stored bytes of all chunks back to back, [(codecs, plane_sizes, checksum) per chunk]).
@@ -848,7 +844,7 @@ def encode_planes(src, dtype: str, chunk_elems: int, mode: str, level: int, thre
     cctx = None
     if mode in ("zstd", "max"):
         cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    planes = _split_planes(u8, dtype, itemsize)
+    planes = _split_planes(u8, dtype, itemsize, f16_planes)
     out: list[bytes] = []
     meta: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
     for start in range(0, numel, chunk_elems):
@@ -877,7 +873,8 @@ def checksum_chunks(src, chunk_bytes: int, threads: int) -> list[int]:
 # decoder
 # --------------------------------------------------------------------------------------------------
 def _tensor_geometry(t: TensorInfo) -> tuple[int, int, int]:
-    """(itemsize, numel, nbytes) of a TensorInfo, after checking that its chunks are self-consistent."""
+    """(itemsize, numel, nbytes) of a TensorInfo, after checking its tensor-level fields (the chunks'
+    own rules are checked chunk by chunk, in the native order: _check_chunk)."""
     where = f"tensor {t.name!r}"
     if t.dtype not in spec.DTYPES:
         raise UnsupportedError(f"{where}: dtype {t.dtype!r} is not a known dtype")
@@ -891,35 +888,192 @@ def _tensor_geometry(t: TensorInfo) -> tuple[int, int, int]:
     if len(t.chunks) != expected:
         raise LayoutError(f"{where}: {len(t.chunks)} chunks, ceil(numel {numel} / chunk_elems {t.chunk_elems}) "
                           f"= {expected} expected (chunk_count)")
-    for k, (c, n_k) in enumerate(zip(t.chunks, _chunk_lengths(numel, t.chunk_elems, expected))):
-        cwhere = f"{where} chunk {k}"
-        if t.encoding == "raw":
-            if c.size != n_k * itemsize:
-                raise LayoutError(f"{cwhere}: raw chunk size {c.size} must equal {n_k} x {itemsize}")
-            continue
-        if len(c.codecs) != itemsize or len(c.plane_sizes) != itemsize:
-            raise LayoutError(f"{cwhere}: {len(c.codecs)} codecs / {len(c.plane_sizes)} plane sizes, "
+    for k, c in enumerate(t.chunks):
+        if t.encoding == "planes" and (len(c.codecs) != itemsize or len(c.plane_sizes) != itemsize):
+            raise LayoutError(f"{where} chunk {k}: {len(c.codecs)} codecs / {len(c.plane_sizes)} plane sizes, "
                               f"{itemsize} planes expected")
-        if sum(c.plane_sizes) != c.size:
-            raise LayoutError(f"{cwhere}: plane sizes {c.plane_sizes} do not add up to the chunk size {c.size}")
-        for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
-            if codec not in _CODECS:
-                raise UnsupportedError(f"{cwhere} plane {p}: codec {codec} is not a known codec (0..4)")
-            if size > n_k:
-                raise LimitError(f"{cwhere} plane {p}: stored size {size} exceeds the plane's {n_k} decoded bytes")
     return itemsize, numel, numel * itemsize
 
 
-def _chunk_bytes(fb: np.ndarray, base: int, c: ChunkInfo, where: str) -> np.ndarray:
+def _chunk_bytes(fb: np.ndarray, base: int, c: ChunkInfo, t: TensorInfo, k: int) -> np.ndarray:
     rel = c.offset - base
-    if rel < 0:
-        raise LayoutError(f"{where}: offset {c.offset} lies before the buffer's base offset {base}")
-    if rel + c.size > fb.size:
+    if c.offset < base or rel > fb.size or c.size > fb.size - rel:
         raise TruncatedError(
-            f"{where}: bytes [{c.offset}, {c.offset + c.size}) run past the end of the buffer "
-            f"(which ends at file offset {base + fb.size})"
-        )
+            f"tensor {t.name!r} chunk {k}: bytes [{c.offset}, {c.offset + c.size}) are not in the buffer, which "
+            f"holds [{base}, {base + fb.size})")
     return fb[rel:rel + c.size]
+
+
+def _check_chunk(t: TensorInfo, k: int, c: ChunkInfo, n_k: int, itemsize: int) -> None:
+    """The structure rules of one chunk that the decoders re-check (sections 3 and 5), in csrc's order."""
+    if t.encoding == "raw":
+        if c.size != n_k * itemsize:
+            raise R.error(R.RAW_SIZE, R.where(t.name, k), c.size, n_k, itemsize)
+        return
+    total = 0
+    for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
+        rule = None
+        if codec not in _CODECS:
+            rule = R.PLANE_CODEC
+        elif size > n_k:
+            rule = R.PLANE_SIZE_MAX
+        elif codec == spec.CODEC_STORED and size != n_k:
+            rule = R.STORED_SIZE
+        elif codec == spec.CODEC_FILL and size != 1:
+            rule = R.FILL_SIZE
+        elif size == 0:
+            rule = R.PLANE_SIZE_ZERO
+        if rule is not None:
+            a = codec if rule == R.PLANE_CODEC else size
+            raise R.error(rule, R.where(t.name, k, p), a, n_k)
+        total += size
+    if total != c.size:
+        raise R.error(R.PLANES_SUM, R.where(t.name, k), total, c.size)
+
+
+def _check_stored(stored: np.ndarray, c: ChunkInfo, t: TensorInfo, k: int) -> None:
+    actual = xxhash.xxh3_64_intdigest(stored)
+    if actual != c.checksum:
+        raise R.error(R.CHECKSUM, R.where(t.name, k), c.checksum, actual)
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_ZSTD_BLOCK_MAX = 128 << 10
+
+
+def _zstd_check_frame(frame: bytes, n: int) -> None:
+    """The frame rules of codec 2 (section 5), checked on the frame's headers before libzstd decodes it:
+    exactly one Zstandard frame, no reserved bit, no dictionary, content size n declared, every block
+    within Block_Maximum_Size and the stream, nothing after the frame (csrc: ts_zstd_check_frame)."""
+    sz = len(frame)
+    if sz < 4:
+        raise R.RuleError(R.ZSTD_SHORT, sz)
+    magic = int.from_bytes(frame[:4], "little")
+    if magic != _ZSTD_MAGIC:
+        raise R.RuleError(R.ZSTD_MAGIC, magic)
+    if sz < 5:
+        raise R.RuleError(R.ZSTD_HEADER, 5, sz)
+    fhd = frame[4]
+    fcs_flag, single, csum = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1
+    dl = (0, 1, 2, 4)[fhd & 3]
+    fl = (single, 2, 4, 8)[fcs_flag]
+    hsize = 5 + (1 - single) + dl + fl
+    if fhd & 0x08:
+        raise R.RuleError(R.ZSTD_RESERVED, fhd)
+    if sz < hsize:
+        raise R.RuleError(R.ZSTD_HEADER, hsize, sz)
+    q = 5
+    window = 0
+    if not single:
+        wd = frame[q]
+        q += 1
+        wlog = 10 + (wd >> 3)
+        window = (1 << wlog) + ((1 << wlog) >> 3) * (wd & 7)
+    did = int.from_bytes(frame[q:q + dl], "little")
+    q += dl
+    if did:
+        raise R.RuleError(R.ZSTD_DICT, did)
+    if not fl:
+        raise R.RuleError(R.ZSTD_NO_SIZE, 0, n)
+    fcs = int.from_bytes(frame[q:q + fl], "little") + (256 if fl == 2 else 0)
+    if fcs != n:
+        raise R.RuleError(R.ZSTD_SIZE, fcs, n)
+    if single:
+        window = fcs
+    bmax = min(window, _ZSTD_BLOCK_MAX)
+    pos, k = hsize, 0
+    while True:
+        if sz - pos < 3:
+            raise R.RuleError(R.ZSTD_TRUNCATED, k, sz)
+        bh = int.from_bytes(frame[pos:pos + 3], "little")
+        btype, bsize = (bh >> 1) & 3, bh >> 3
+        if btype == 3:
+            raise R.RuleError(R.ZSTD_BLOCK_TYPE, k)
+        if bsize > bmax:
+            raise R.RuleError(R.ZSTD_BLOCK_SIZE, k, bsize, bmax)
+        body = 1 if btype == 1 else bsize
+        if sz - pos - 3 < body:
+            raise R.RuleError(R.ZSTD_TRUNCATED, k, sz)
+        pos += 3 + body
+        k += 1
+        if bh & 1:
+            break
+    if csum:
+        if sz - pos < 4:
+            raise R.RuleError(R.ZSTD_TRUNCATED, k, sz)
+        pos += 4
+    if pos != sz:
+        raise R.RuleError(R.ZSTD_TRAILING, pos, sz - pos)
+
+
+def _decode_plane(blob: np.ndarray, codec: int, n: int) -> np.ndarray:
+    """Decode one plane stream (its structure already checked); a broken rule raises R.RuleError."""
+    if codec == spec.CODEC_STORED:
+        return blob
+    if codec == spec.CODEC_FILL:
+        return np.full(n, blob[0], np.uint8)
+    if codec == spec.CODEC_ZSTD:
+        frame = blob.tobytes()
+        _zstd_check_frame(frame, n)
+        try:
+            out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=n)
+        except zstandard.ZstdError:
+            raise R.RuleError(R.ZSTD_DECODE) from None
+        if len(out) != n:
+            raise R.RuleError(R.ZSTD_LENGTH, len(out), n)
+        return np.frombuffer(out, np.uint8)
+    if codec == spec.CODEC_HUFFMAN:
+        return _huffman_decode(blob, n)
+    if codec == _CODEC_RANS:
+        return _rans_decode(blob, n)
+    raise R.RuleError(R.PLANE_CODEC, codec)
+
+
+def decode_stream(codec: int, stream, n: int, where: str = "stream") -> bytes:
+    """Decode one plane stream with `codec` into n bytes (tests and the differential test): the stream
+    rules of sections 5-7, without the chunk record's 1 <= size <= n rule (csrc: ts_decode_stream)."""
+    blob = _u8(stream, "stream")
+    if blob.size == 0 and codec != spec.CODEC_STORED:
+        raise LayoutError(f"{where}: an empty stream (every plane holds at least 1 byte)")
+    try:
+        if codec == spec.CODEC_STORED and blob.size != n:
+            raise R.RuleError(R.STORED_SIZE, blob.size, n)
+        if codec == spec.CODEC_FILL and blob.size != 1:
+            raise R.RuleError(R.FILL_SIZE, blob.size)
+        return _decode_plane(blob, codec, n).tobytes()
+    except R.RuleError as e:
+        raise e.at(where) from None
+
+
+def _decode_chunk(fb: np.ndarray, base: int, t: TensorInfo, k: int, n_k: int, itemsize: int,
+                  verify: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored bytes, (itemsize, n_k) decoded planes or None for raw) of chunk k, every rule checked in
+    csrc's order: structure, stored checksum, then each plane."""
+    c = t.chunks[k]
+    stored = _chunk_bytes(fb, base, c, t, k)
+    _check_chunk(t, k, c, n_k, itemsize)
+    if verify:
+        _check_stored(stored, c, t, k)
+    if t.encoding == "raw":
+        return stored, None
+    planes = np.empty((itemsize, n_k), np.uint8)
+    off = 0
+    for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
+        try:
+            planes[p] = _decode_plane(stored[off:off + size], codec, n_k)
+        except R.RuleError as e:
+            raise e.at(R.where(t.name, k, p)) from None
+        off += size
+    return stored, planes
+
+
+def _check_decoded(decoded: np.ndarray, c: ChunkInfo, t: TensorInfo, k: int) -> None:
+    """The decoded checksum (format 1.1, feature bit 0) of a chunk's decoded element bytes."""
+    if c.decoded_checksum is None:
+        return
+    actual = xxhash.xxh3_64_intdigest(decoded)
+    if actual != c.decoded_checksum:
+        raise R.error(R.DECODED_CHECKSUM, R.where(t.name, k), c.decoded_checksum, actual)
 
 
 def _dest_view(dst, nbytes: int, name: str) -> np.ndarray:
@@ -942,78 +1096,66 @@ def _dest_view(dst, nbytes: int, name: str) -> np.ndarray:
     return arr
 
 
-def _decode_plane(blob: np.ndarray, codec: int, n: int, where: str) -> np.ndarray:
-    if codec == spec.CODEC_STORED:
-        if blob.size != n:
-            raise CorruptDataError(f"{where}: stored plane of {blob.size} bytes, {n} expected")
-        return blob
-    if codec == spec.CODEC_FILL:
-        if blob.size != 1:
-            raise CorruptDataError(f"{where}: fill plane of {blob.size} bytes, 1 expected")
-        return np.full(n, blob[0], np.uint8)
-    if codec == spec.CODEC_ZSTD:
-        frame = blob.tobytes()
-        try:
-            declared = zstandard.get_frame_parameters(frame).content_size
-        except zstandard.ZstdError as e:
-            raise CorruptDataError(f"{where}: zstd frame header is invalid ({e})") from None
-        if declared == zstandard.CONTENTSIZE_UNKNOWN:
-            raise CorruptDataError(f"{where}: zstd frame does not declare its content size ({n} expected)")
-        if declared != n:
-            raise CorruptDataError(f"{where}: zstd frame declares content size {declared}, the plane holds {n}")
-        try:
-            out = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
-        except zstandard.ZstdError as e:
-            raise CorruptDataError(f"{where}: zstd frame is malformed ({e})") from None
-        if len(out) != n:
-            raise CorruptDataError(f"{where}: zstd frame decoded to {len(out)} bytes, {n} expected")
-        return np.frombuffer(out, np.uint8)
-    if codec == spec.CODEC_HUFFMAN:
-        return _huffman_decode(blob, n, where)
-    if codec == _CODEC_RANS:
-        return _rans_decode(blob, n, where)
-    raise UnsupportedError(f"{where}: codec {codec} is not a known codec (0..4)")
-
-
-def decode_into(file_buf, jobs, verify: bool, threads: int, base: int = 0) -> None:
-    """Decode each (TensorInfo, dst) job from ``file_buf`` (the file's bytes from offset ``base``)."""
+def decode_into(file_buf, jobs, verify: bool, threads: int, base: int = 0, f16_planes: bool = False) -> None:
+    """Decode each (TensorInfo, dst) job from ``file_buf`` (the file's bytes from offset ``base``).
+    f16_planes: the file has the "float16 exponent planes" feature."""
     fb = _u8(file_buf, "file_buf")
     prepared = []
     for t, dst in jobs:
         itemsize, numel, nbytes = _tensor_geometry(t)
         prepared.append((t, itemsize, numel, _dest_view(dst, nbytes, t.name)))
     for t, itemsize, numel, out in prepared:
-        where = f"tensor {t.name!r}"
         for k, c in enumerate(t.chunks):
-            cwhere = f"{where} chunk {k}"
-            stored = _chunk_bytes(fb, base, c, cwhere)
-            if verify:
-                actual = xxhash.xxh3_64_intdigest(stored)
-                if actual != c.checksum:
-                    raise ChecksumError(
-                        f"{cwhere}: checksum mismatch (stored {c.checksum:#018x}, computed {actual:#018x})"
-                    )
+            _chunk_bytes(fb, base, c, t, k)
+    for t, itemsize, numel, out in prepared:
+        for k, c in enumerate(t.chunks):
             start = k * t.chunk_elems
             n_k = min(t.chunk_elems, numel - start)
             target = out[start * itemsize:(start + n_k) * itemsize]
-            if t.encoding == "raw":
+            stored, planes = _decode_chunk(fb, base, t, k, n_k, itemsize, verify)
+            if planes is None:
+                if verify:
+                    _check_decoded(stored, c, t, k)
                 target[:] = stored
                 continue
-            planes = np.empty((itemsize, n_k), np.uint8)
-            off = 0
-            for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
-                planes[p] = _decode_plane(stored[off:off + size], codec, n_k, f"{cwhere} plane {p}")
-                off += size
-            _merge_planes(planes, t.dtype, itemsize, target)
+            _merge_planes(planes, t.dtype, itemsize, target, f16_planes)
+            if verify:
+                _check_decoded(target, c, t, k)
+
+
+def validate_chunks(file_buf, tensors, threads: int, base: int = 0, f16_planes: bool = False) -> None:
+    """Check every codec rule of every chunk (sections 3, 5-7): structure, the stored checksum, a full
+    decode into scratch memory and the decoded checksum where the chunk has one.  Raises the error of
+    the first broken chunk, as decode_into would."""
+    fb = _u8(file_buf, "file_buf")
+    prepared = [(t, *_tensor_geometry(t)[:2]) for t in tensors]
+    for t, itemsize, numel in prepared:
+        for k, c in enumerate(t.chunks):
+            _chunk_bytes(fb, base, c, t, k)
+    for t, itemsize, numel in prepared:
+        for k, c in enumerate(t.chunks):
+            n_k = min(t.chunk_elems, numel - k * t.chunk_elems)
+            stored, planes = _decode_chunk(fb, base, t, k, n_k, itemsize, True)
+            if planes is None:
+                _check_decoded(stored, c, t, k)
+            elif c.decoded_checksum is not None:
+                merged = np.empty(n_k * itemsize, np.uint8)
+                _merge_planes(planes, t.dtype, itemsize, merged, f16_planes)
+                _check_decoded(merged, c, t, k)
 
 
 def verify_chunks(file_buf, tensors, threads: int, base: int = 0) -> list[tuple[str, int]]:
     """(tensor name, chunk index) of every chunk whose XXH3_64 does not match its checksum."""
     fb = _u8(file_buf, "file_buf")
-    bad = []
     for t in tensors:
         for k, c in enumerate(t.chunks):
-            stored = _chunk_bytes(fb, base, c, f"tensor {t.name!r} chunk {k}")
+            _chunk_bytes(fb, base, c, t, k)
+    bad = []
+    for t in tensors:
+        itemsize, numel, _ = _tensor_geometry(t)
+        for k, c in enumerate(t.chunks):
+            stored = _chunk_bytes(fb, base, c, t, k)
+            _check_chunk(t, k, c, min(t.chunk_elems, numel - k * t.chunk_elems), itemsize)
             if xxhash.xxh3_64_intdigest(stored) != c.checksum:
                 bad.append((t.name, k))
     return bad
@@ -1046,9 +1188,11 @@ def _planes_range(t: TensorInfo, first: int, count: int) -> tuple[int, int, int]
     return isz, e0, max(0, e1 - e0)
 
 
-def decode_planes_into(file_buf, jobs, verify: bool, threads: int, base: int = 0) -> None:
+def decode_planes_into(file_buf, jobs, verify: bool, threads: int, base: int = 0,
+                       f16_planes: bool = False) -> None:
     """Decode chunks of 'planes' tensors without regrouping: job = (TensorInfo, first_chunk, chunk_count,
-    dst); dst (n x itemsize bytes, n = the elements of those chunks) receives plane p at [p*n, (p+1)*n)."""
+    dst); dst (n x itemsize bytes, n = the elements of those chunks) receives plane p at [p*n, (p+1)*n).
+    f16_planes only matters for the decoded checksum (taken over the regrouped element bytes)."""
     fb = _u8(file_buf, "file_buf")
     prepared = []
     for t, first, count, dst in jobs:
@@ -1057,23 +1201,16 @@ def decode_planes_into(file_buf, jobs, verify: bool, threads: int, base: int = 0
         prepared.append((t, first, count, isz, n, out))
     for t, first, count, isz, n, out in prepared:
         for k in range(first, first + count):
+            _chunk_bytes(fb, base, t.chunks[k], t, k)
+    for t, first, count, isz, n, out in prepared:
+        for k in range(first, first + count):
             c = t.chunks[k]
-            cwhere = f"tensor {t.name!r} chunk {k}"
-            stored = _chunk_bytes(fb, base, c, cwhere)
-            if verify:
-                actual = xxhash.xxh3_64_intdigest(stored)
-                if actual != c.checksum:
-                    raise ChecksumError(
-                        f"{cwhere}: checksum mismatch (stored {c.checksum:#018x}, computed {actual:#018x})")
             el = (k - first) * t.chunk_elems
             n_k = min(t.chunk_elems, n - el)
-            off = 0
-            for p, (codec, size) in enumerate(zip(c.codecs, c.plane_sizes)):
-                if size > c.size - off:
-                    raise TruncatedError(f"{cwhere} plane {p}: stored size {size} runs past the chunk's "
-                                         f"{c.size} bytes")
-                out[p * n + el:p * n + el + n_k] = _decode_plane(stored[off:off + size], codec, n_k,
-                                                                 f"{cwhere} plane {p}")
-                off += size
-            if off != c.size:
-                raise LayoutError(f"{cwhere}: plane sizes {c.plane_sizes} do not add up to the chunk size {c.size}")
+            _, planes = _decode_chunk(fb, base, t, k, n_k, isz, verify)
+            for p in range(isz):
+                out[p * n + el:p * n + el + n_k] = planes[p]
+            if verify and c.decoded_checksum is not None:
+                merged = np.empty(n_k * isz, np.uint8)
+                _merge_planes(planes, t.dtype, isz, merged, f16_planes)
+                _check_decoded(merged, c, t, k)

@@ -26,7 +26,16 @@ cdef extern from "ts_status.h":
 cdef extern from "ts_planes.h":
     unsigned ts_dtype_size(unsigned dtype)
 
+cdef extern from "ts_rules.h":
+    ctypedef struct ts_codec_error:
+        uint32_t rule
+        uint32_t plane
+        uint64_t a, b, c
+
 cdef extern from "ts_codec.h":
+    enum:
+        TS_JOB_F16_EXP
+        TS_JOB_VALIDATE
     ctypedef struct ts_chunk_out:
         uint64_t size
         uint64_t checksum
@@ -44,10 +53,20 @@ cdef extern from "ts_codec.h":
         uint8_t codecs[8]
         uint32_t plane_sizes[8]
         uint64_t plane_stride
+        uint64_t decoded_checksum
+        uint8_t has_decoded
+        uint8_t flags
+        ts_codec_error *err
     uint64_t ts_xxh3(const void *p, size_t n) nogil
     ts_status ts_encode_planes(unsigned dtype, const uint8_t *src, uint64_t numel, uint64_t chunk_elems,
                                int mode, int level, int threads, uint8_t *dst, uint64_t *out_size,
                                ts_chunk_out *chunks) nogil
+    ts_status ts_encode_planes_ex(unsigned dtype, unsigned flags, const uint8_t *src, uint64_t numel,
+                                  uint64_t chunk_elems, int mode, int level, int threads, uint8_t *dst,
+                                  uint64_t *out_size, ts_chunk_out *chunks) nogil
+    unsigned ts_zstd_version()
+    ts_status ts_decode_stream(uint8_t codec, const uint8_t *s, uint64_t sz, uint8_t *d, size_t n,
+                               ts_codec_error *err) nogil
     ts_status ts_checksum_chunks(const uint8_t *src, uint64_t n, uint64_t chunk_bytes, int threads,
                                  uint64_t *out) nogil
     ts_status ts_run_jobs(const ts_chunk_job *jobs, size_t njobs, int threads, size_t *failed,

@@ -10,6 +10,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 from tinyserve import errors
+from tinyserve._native import codec_rules
 from tinyserve.spec import (DTYPES, DTYPE_BY_CODE, ENCODINGS, Header, ChunkInfo, TensorInfo,
                             MAX_CHUNK_BYTES, KNOWN_FEATURES, features_problem)
 
@@ -40,6 +41,44 @@ _CLASSES = {
 cdef _raise(ts_status st, str where):
     cls = _CLASSES.get(st, errors.TinyserveError)
     raise cls(f"{where}: {ts_strstatus(st).decode()}")
+
+
+cdef _raise_job(ts_status st, ts_codec_error *e, str name, long k):
+    """A failed chunk job: the broken codec rule's message (tinyserve/_native/codec_rules.py), the same
+    text the pure-Python twin raises; a status without a rule falls back to _raise."""
+    if e != NULL and e.rule:
+        raise codec_rules.error(e.rule, codec_rules.where(name, k, e.plane), e.a, e.b, e.c)
+    _raise(st, f"tensor {name!r} chunk {k}")
+
+
+def decode_stream(int codec, stream, size_t n, str where="stream"):
+    """Decode one plane stream with `codec` into n bytes (tests and the differential test): the stream
+    rules of docs/format.md sections 5-7, without the chunk record's 1 <= size <= n rule. A broken rule
+    raises the codec_rules error at `where`."""
+    cdef const uint8_t[::1] v = _bytes_view(stream)
+    cdef size_t sz = v.shape[0]
+    out = bytearray(n)
+    cdef uint8_t[::1] o = out
+    cdef ts_codec_error e
+    cdef ts_status st
+    memset(&e, 0, sizeof(e))
+    if codec < 0 or codec > 255:
+        raise codec_rules.error(codec_rules.PLANE_CODEC, where, codec)
+    if sz == 0 and codec != 0:
+        raise errors.LayoutError(f"{where}: an empty stream (every plane holds at least 1 byte)")
+    with nogil:
+        st = ts_decode_stream(<uint8_t>codec, &v[0] if sz else NULL, sz, &o[0] if n else NULL, n, &e)
+    if st != TS_OK:
+        if e.rule:
+            raise codec_rules.error(e.rule, where, e.a, e.b, e.c)
+        _raise(st, where)
+    return bytes(out)
+
+
+def zstd_version():
+    """The libzstd version this extension runs on, as (major, minor, patch)."""
+    cdef unsigned v = ts_zstd_version()
+    return (v // 10000, v // 100 % 100, v % 100)
 
 
 cdef const uint8_t[::1] _bytes_view(obj):
@@ -173,7 +212,7 @@ def parse_index(header, index_buf):
         free(ts)
 
 
-def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int threads):
+def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int threads, bint f16_planes=False):
     # argument errors are the caller's configuration (ConfigError), as in the fallback
     if dtype not in DTYPES:
         raise errors.ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -195,12 +234,13 @@ def encode_planes(src, str dtype, uint64_t chunk_elems, str mode, int level, int
     cdef ts_status st
     cdef int c_mode = _MODES[mode]
     cdef unsigned c_dtype = code
+    cdef unsigned c_flags = TS_JOB_F16_EXP if f16_planes else 0
     if chunks == NULL:
         raise MemoryError()
     try:
         with nogil:
-            st = ts_encode_planes(c_dtype, &s[0] if nbytes else NULL, numel, chunk_elems, c_mode, level,
-                                  threads, &o[0] if nbytes else NULL, &out_size, chunks)
+            st = ts_encode_planes_ex(c_dtype, c_flags, &s[0] if nbytes else NULL, numel, chunk_elems, c_mode,
+                                     level, threads, &o[0] if nbytes else NULL, &out_size, chunks)
         if st != TS_OK:
             _raise(st, f"encode {dtype}")
         recs = []
@@ -235,7 +275,8 @@ def checksum_chunks(src, uint64_t chunk_bytes, int threads):
         free(out)
 
 
-cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t base, bint verify_only):
+cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t base, bint verify_only,
+          bint validate=False, uint8_t flags=0):
     """Build one job per chunk and run them all; returns (status, failed job, job owners)."""
     cdef const uint8_t[::1] f = _bytes_view(file_buf)
     cdef uint64_t flen = f.shape[0]
@@ -244,7 +285,10 @@ cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t 
         njobs += len(t.chunks)
     cdef ts_status *statuses = NULL
     cdef ts_chunk_job *jobs = <ts_chunk_job *>malloc((njobs if njobs else 1) * sizeof(ts_chunk_job))
-    if jobs == NULL:
+    cdef ts_codec_error *errs = <ts_codec_error *>malloc((njobs if njobs else 1) * sizeof(ts_codec_error))
+    if jobs == NULL or errs == NULL:
+        free(jobs)
+        free(errs)
         raise MemoryError()
     cdef size_t j = 0
     cdef size_t failed = 0
@@ -258,7 +302,7 @@ cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t 
             t = tensors[ti]
             code, isz = DTYPES[t.dtype]
             enc = _ENC_CODES[t.encoding]
-            if not verify_only:
+            if not verify_only and not validate:
                 d = _writable_view(dsts[ti], t.numel * isz, f"tensor {t.name!r}")
                 views.append(d)
             for k, c in enumerate(t.chunks):
@@ -272,11 +316,16 @@ cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t 
                 jobs[j].src = &f[0] + rel if flen else NULL
                 jobs[j].src_size = c.size
                 jobs[j].n_elems = min(t.chunk_elems, t.numel - first)
-                jobs[j].dst = NULL if verify_only else &d[0] + first * isz
+                jobs[j].dst = NULL if verify_only or validate else &d[0] + first * isz
+                jobs[j].flags = flags | (TS_JOB_VALIDATE if validate else 0)
+                jobs[j].err = &errs[j]
                 jobs[j].checksum = c.checksum
                 jobs[j].dtype = code
                 jobs[j].encoding = enc
                 jobs[j].verify = verify
+                if c.decoded_checksum is not None:
+                    jobs[j].decoded_checksum = c.decoded_checksum
+                    jobs[j].has_decoded = 1
                 for p in range(len(c.codecs)):
                     jobs[j].codecs[p] = c.codecs[p]
                     jobs[j].plane_sizes[p] = c.plane_sizes[p]
@@ -295,24 +344,33 @@ cdef _run(file_buf, list tensors, list dsts, bint verify, int threads, uint64_t 
                     if statuses[j] == TS_E_CHECKSUM:
                         bad.append(owners[j])
                     elif statuses[j] != TS_OK:
-                        _raise(statuses[j], f"tensor {owners[j][0]!r} chunk {owners[j][1]}")
+                        _raise_job(statuses[j], &errs[j], owners[j][0], owners[j][1])
                 return bad
             finally:
                 free(statuses)
         with nogil:
             st = ts_run_jobs(jobs, njobs, threads, &failed, NULL)
         if st != TS_OK:
-            name, k = owners[failed] if failed < njobs else ("?", -1)
-            _raise(st, f"tensor {name!r} chunk {k}")
+            if failed < njobs:
+                _raise_job(st, &errs[failed], owners[failed][0], owners[failed][1])
+            _raise(st, "tensor '?' chunk -1")
         return None
     finally:
         free(jobs)
+        free(errs)
 
 
-def decode_into(file_buf, jobs, bint verify, int threads, uint64_t base=0):
+def decode_into(file_buf, jobs, bint verify, int threads, uint64_t base=0, bint f16_planes=False):
     tensors = [t for t, _ in jobs]
     dsts = [dst for _, dst in jobs]
-    _run(file_buf, tensors, dsts, verify, threads, base, False)
+    _run(file_buf, tensors, dsts, verify, threads, base, False, False, TS_JOB_F16_EXP if f16_planes else 0)
+
+
+def validate_chunks(file_buf, tensors, int threads, uint64_t base=0, bint f16_planes=False):
+    """Check every codec rule of every chunk (docs/format.md sections 3, 5-7): structure, checksum of
+    the stored bytes, a full decode into scratch memory (and the decoded checksum where the chunk has
+    one). Raises the error of the first broken chunk (lowest tensor / chunk), as decode_into would."""
+    _run(file_buf, list(tensors), [], True, threads, base, False, True, TS_JOB_F16_EXP if f16_planes else 0)
 
 
 def verify_chunks(file_buf, tensors, int threads, uint64_t base=0):
@@ -347,7 +405,7 @@ def _planes_range(t, first, count):
     return isz, e0, max(0, e1 - e0)
 
 
-def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0):
+def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0, bint f16_planes=False):
     """Decode chunks of 'planes' tensors WITHOUT regrouping (docs/native-api.md): job = (TensorInfo,
     first_chunk, chunk_count, dst); dst holds n x itemsize bytes for the n elements those chunks cover and
     receives plane p of them at dst[p*n:(p+1)*n]."""
@@ -361,7 +419,11 @@ def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0
         plan.append((t, first, count, dst, isz, e0, n))
         njobs += count
     cdef ts_chunk_job *cj = <ts_chunk_job *>malloc((njobs if njobs else 1) * sizeof(ts_chunk_job))
-    if cj == NULL:
+    cdef ts_codec_error *errs = <ts_codec_error *>malloc((njobs if njobs else 1) * sizeof(ts_codec_error))
+    cdef uint8_t flags = TS_JOB_F16_EXP if f16_planes else 0
+    if cj == NULL or errs == NULL:
+        free(cj)
+        free(errs)
         raise MemoryError()
     cdef size_t j = 0
     cdef size_t failed = 0
@@ -393,6 +455,11 @@ def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0
                 cj[j].encoding = 1
                 cj[j].verify = verify
                 cj[j].plane_stride = n
+                cj[j].flags = flags
+                cj[j].err = &errs[j]
+                if c.decoded_checksum is not None:
+                    cj[j].decoded_checksum = c.decoded_checksum
+                    cj[j].has_decoded = 1
                 for p in range(isz):
                     cj[j].codecs[p] = c.codecs[p]
                     cj[j].plane_sizes[p] = c.plane_sizes[p]
@@ -401,7 +468,9 @@ def decode_planes_into(file_buf, jobs, bint verify, int threads, uint64_t base=0
         with nogil:
             st = ts_run_jobs(cj, njobs, threads, &failed, NULL)
         if st != TS_OK:
-            name, k = owners[failed] if failed < njobs else ("?", -1)
-            _raise(st, f"tensor {name!r} chunk {k}")
+            if failed < njobs:
+                _raise_job(st, &errs[failed], owners[failed][0], owners[failed][1])
+            _raise(st, "tensor '?' chunk -1")
     finally:
         free(cj)
+        free(errs)
