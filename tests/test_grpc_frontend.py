@@ -615,3 +615,50 @@ def test_stream_window_holds_back_a_client_that_sends_without_reading(srv, monke
     srv.core.gate.set()
     ids = sorted(r.infer_response.id for r in responses)
     assert ids == [str(i) for i in range(6)] and len(srv.core.infer_calls) == 6
+
+
+class _HeldCore(FakeCore):
+    """Runs requests in the worker but holds their deliveries until `release()` sends them all in one
+    loop tick (as the real core's batched completions do)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.held: list = []
+        self.ran = threading.Semaphore(0)
+
+    def _run(self, m, req, loop) -> None:
+        class _Loop:  # catches the fake's call_soon_threadsafe(self._deliver, req)
+            def call_soon_threadsafe(_, fn, arg):
+                self.held.append(arg)
+                self.ran.release()
+
+        super()._run(m, req, _Loop())
+
+    def release(self) -> None:
+        for req in self.held:
+            self._deliver(req)
+        self.held.clear()
+
+
+def test_stream_replies_completing_in_one_tick_are_all_sent():
+    s = Served()
+    try:
+        s.core.close()
+        s.core = core = _HeldCore()
+        s.fe.core = core
+        n = 4
+
+        def requests():
+            for i in range(n):
+                r = tpb.ModelInferRequest(model_name="addone", id=str(i))
+                r.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+                r.raw_input_contents.append(np.zeros(3, np.float32).tobytes())
+                yield r
+
+        responses = s.stub().ModelStreamInfer(requests(), timeout=TIMEOUT)
+        for _ in range(n):
+            assert core.ran.acquire(timeout=TIMEOUT)
+        s.lt.call(core.release)  # every reply is queued before the stream's loop looks again
+        assert sorted(r.infer_response.id for r in responses) == [str(i) for i in range(n)]
+    finally:
+        s.close()

@@ -569,7 +569,7 @@ class GrpcFrontEnd:
         reader = asyncio.ensure_future(read())
         reading = True
         try:
-            while reading or responder.pending > 0:
+            while reading or responder.pending > 0 or not queue.empty():  # replies may be queued already
                 item = await queue.get()
                 if item is done:
                     reading = False
