@@ -448,6 +448,9 @@ def _fp32(shape, data=None, **params):
 
 MALFORMED = {
     "bad json": (infer_req("addone", b'{"inputs": [}'), 400, "not valid JSON"),
+    "json nested too deep to parse": (infer_req("addone", b"[" * 30000 + b"]" * 30000), 400, "not valid JSON"),
+    "data nested too deep": (infer_req("addone", {"inputs": [_fp32([1, 3], [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]])]}), 400,
+                             "nested more than 16 deep"),
     "json not an object": (infer_req("addone", b"[1, 2]"), 400, "must be a JSON object"),
     "inputs missing": (infer_req("addone", {"outputs": []}), 400, "'inputs' must be a JSON array"),
     "unsupported datatype": (infer_req("addone", {"inputs": [{"name": "x", "datatype": "UINT16", "shape": [1],
@@ -789,3 +792,4 @@ def test_upgrade_request_is_answered_as_http11_then_closed(srv):
     r = raw.one()
     assert r["status"] == 200 and r["headers"]["connection"] == "close"
     assert raw.closed_by_server() and not raw.done
+
