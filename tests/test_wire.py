@@ -393,10 +393,14 @@ def test_wire_code_is_the_one_mapping():
 def test_to_array_as_torch_views_the_bytes(dtype):
     t = torch.ones((2, 3), dtype=getattr(torch, dtype))
     [desc], [view] = wire.tensor_parts({"t": t})
-    buf = bytearray(view)
-    out = wire.to_array(dtype, (2, 3), memoryview(buf), torch=True)
+    raw = bytearray(view.nbytes + wire.TENSOR_ALIGN)
+    base = np.frombuffer(raw, np.uint8).ctypes.data
+    start = -base % wire.TENSOR_ALIGN  # an aligned start: to_array views the bytes
+    buf = memoryview(raw)[start:start + view.nbytes]
+    buf[:] = view
+    out = wire.to_array(dtype, (2, 3), buf, torch=True)
     assert isinstance(out, torch.Tensor) and out.dtype == t.dtype and torch.equal(out, t)
-    assert out.data_ptr() == np.frombuffer(buf, np.uint8).ctypes.data  # no copy
+    assert out.data_ptr() == base + start  # no copy
     empty = wire.to_array(dtype, (0, 3), memoryview(b""), torch=True)
     assert empty.shape == (0, 3) and empty.dtype == t.dtype
 
@@ -413,3 +417,24 @@ def test_tensor_parts_torch_round_trip(dtype, shape):
     assert torch.equal(out, t)
     with pytest.raises(wire.InvalidInput, match="cannot be sent"):
         wire.tensor_parts({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_to_array_hands_models_aligned_inputs():
+    """CPU kernels round differently by the data's alignment (a float32 matmul differed by an ulp
+    between 8- and 64-aligned inputs), so misaligned request bytes are copied to aligned memory and
+    the same input always gives the same answer, whichever front end or frame offset it came from."""
+    import torch
+
+    x = np.arange(3 * 64, dtype=np.float32).reshape(3, 64)
+    buf = bytearray(x.nbytes + 128)
+    base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    start = (64 - base % 64) % 64 + 8  # 8 bytes past a 64-byte boundary
+    buf[start:start + x.nbytes] = x.tobytes()
+    t = wire.to_array("float32", (3, 64), memoryview(buf)[start:start + x.nbytes], torch=True)
+    assert t.data_ptr() % wire.TENSOR_ALIGN == 0
+    assert torch.equal(t, torch.from_numpy(x))
+    start = (64 - base % 64) % 64  # aligned: a zero-copy view
+    buf[start:start + x.nbytes] = x.tobytes()
+    view = memoryview(buf)[start:start + x.nbytes]
+    t = wire.to_array("float32", (3, 64), view, torch=True)
+    assert t.data_ptr() == base + start

@@ -44,6 +44,7 @@ from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, Met
                               log_event, make_registry, on_loop)
 from tinyserve import memory
 from tinyserve.config import parse_devices
+from tinyserve.core.service import Core
 from tinyserve.memory import ElasticController, Footprint, Placement
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
@@ -120,6 +121,9 @@ class ServerConfig:
     direct_replies: bool = True  # workers write replies to plain-TCP sockets themselves (no loop wakeup)
     metrics_port: int | None = None  # HTTP /metrics, /healthz, /readyz (None: no listener; 0: any free port)
     metrics_host: str = "127.0.0.1"
+    # the Open Inference Protocol (KServe v2) front ends on `host` (docs/http-grpc.md); None: off, 0: any free port
+    http_port: int | None = None
+    grpc_port: int | None = None
     device_poll_s: float = 5.0  # device monitor interval (NVML, or the host where there is none)
     ejection: EjectionConfig = field(default_factory=EjectionConfig)  # docs/health.md section 3
     pinned: tuple = ()  # models ejected but never unloaded by the ejection policy: "name", "name:3"
@@ -174,6 +178,10 @@ class ServerConfig:
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port <= 65535):
             raise errors.ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
+        for name in ("http_port", "grpc_port"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535):
+                raise errors.ConfigError(f"{name} must be 0..65535 or None, got {v!r}")
         v = self.device_poll_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= v <= 3600:
             raise errors.ConfigError(f"device_poll_s must be a number in [0.01, 3600], got {v!r}")
@@ -461,6 +469,10 @@ class Server:
         self._policy_lock = threading.Lock()
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
+        self._frontends: list = []  # the Open Inference Protocol front ends (HTTP, gRPC) over self.core
+        self.core = Core(self)  # the wire-free API every front end but TCP goes through
+        self.http_port: int | None = None  # the bound ports of the front ends, once started
+        self.grpc_port: int | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ops = {
             "hello": self._op_hello, "ping": self._op_ping, "infer": self._op_infer, "load": self._op_load,
@@ -503,6 +515,7 @@ class Server:
                                            ssl=ctx, backlog=min(4096, self.config.max_connections),
                                            reuse_address=True)
             self._servers.append(srv)
+            await self._start_front_ends()
             if self.config.metrics_port is not None:
                 health = on_loop(loop, self.health_report, 2.0)
                 self._http = MetricsServer(self.config.metrics_host, self.config.metrics_port,
@@ -513,6 +526,8 @@ class Server:
         except BaseException:
             for srv in self._servers:
                 srv.close()
+            for fe in self._frontends:
+                await fe.stop(0)
             self.monitor.stop()
             await self._stop_models(5.0)
             raise
@@ -526,6 +541,33 @@ class Server:
         gc.freeze()
         self.started_at = time.time()
         self._ready = True
+
+    async def _start_front_ends(self) -> None:
+        """The Open Inference Protocol front ends the config asks for, on the same loop, host, token
+        and TLS certificate as the TCP front end."""
+        cfg = self.config
+        tls = (cfg.tls_certfile, cfg.tls_keyfile) if cfg.tls_certfile is not None else None
+        if cfg.http_port is not None:
+            from tinyserve.frontends.http import HttpFrontEnd
+
+            ctx = None
+            if tls is not None:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                ctx.load_cert_chain(*tls)
+            fe = HttpFrontEnd(self.core, host=cfg.host, port=cfg.http_port, ssl=ctx,
+                              max_in_flight=cfg.max_in_flight, max_connections=cfg.max_connections,
+                              max_in_flight_per_connection=cfg.max_in_flight_per_connection)
+            await fe.start()
+            self._frontends.append(fe)
+            self.http_port = fe.port
+        if cfg.grpc_port is not None:
+            from tinyserve.frontends.grpc import GrpcFrontEnd
+
+            fe = GrpcFrontEnd(self.core, host=cfg.host, port=cfg.grpc_port, ssl=tls, max_in_flight=cfg.max_in_flight)
+            await fe.start()
+            self._frontends.append(fe)
+            self.grpc_port = fe.port
 
     def _static_models(self) -> tuple:
         """(name, version) of the local repository's models whose latest version's placement.mode is
@@ -640,10 +682,18 @@ class Server:
         for srv in self._servers:
             srv.close()
         deadline = loop.time() + drain_timeout
+        # the other front ends stop listening and finish what they owe while the TCP one drains
+        fe_stops = [asyncio.ensure_future(fe.stop(drain_timeout)) for fe in self._frontends]
         try:
             await asyncio.wait_for(self._budget.wait_idle(loop), max(drain_timeout, 0))
         except (asyncio.TimeoutError, TimeoutError):
             pass
+        if fe_stops:
+            try:
+                await asyncio.wait_for(asyncio.gather(*fe_stops, return_exceptions=True),
+                                       max(1.0, deadline - loop.time()))
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
         self._flusher.flush()
         for conn in list(self._conns):
             conn.close()

@@ -25,6 +25,7 @@ MAX_REQUEST_ID = (1 << 64) - 1  # ids are 1..2^64-1; 0 is reserved for connectio
 PREFIX = struct.Struct("<II")  # body_len, header_len
 PREFIX_SIZE = PREFIX.size
 ALIGN = 8
+TENSOR_ALIGN = 64  # to_array(torch=True) hands the model inputs aligned to this (see there)
 BYTES_DTYPE = "bytes"
 WIRE_DTYPES = tuple(DTYPES) + (BYTES_DTYPE,)  # float8: the raw 1-byte codes, as in docs/format.md
 _WIRE_DTYPE_SET = frozenset(WIRE_DTYPES)
@@ -365,7 +366,14 @@ def to_array(dtype: str, shape: tuple, view: memoryview, *, torch: bool = False)
             return _torch.empty(shape, dtype=tdt)
         if view.readonly:  # torch has no read-only tensors: copy rather than alias immutable bytes
             view = memoryview(bytearray(view))
-        return _torch.frombuffer(view, dtype=tdt).view(shape)
+        t = _torch.frombuffer(view, dtype=tdt).view(shape)
+        if t.data_ptr() % TENSOR_ALIGN:
+            # CPU kernels pick their code path by the data's alignment, and the paths round
+            # differently (float32 matmuls differ by an ulp between 8- and 64-aligned inputs): an
+            # input lands at whatever offset its frame or body put it, so a misaligned one is copied
+            # (torch allocates 64-aligned) and the same input always gives the same answer
+            t = t.clone()
+        return t
     return np.frombuffer(view, dtype=np.dtype(NUMPY_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
 
 
