@@ -147,8 +147,8 @@ class LaggingEngine(L.Engine):
     def copy(self, dst, src):
         self.queue.append(lambda: dst.copy_(src))
 
-    def merge(self, planes, dtype, out, backend):
-        self.queue.append(lambda: merge_planes(planes, dtype, out, backend))
+    def merge(self, planes, dtype, out, backend, f16_planes=False):
+        self.queue.append(lambda: merge_planes(planes, dtype, out, backend, f16_planes))
 
     def record(self):
         token = len(self.queue)

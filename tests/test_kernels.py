@@ -40,9 +40,9 @@ def random_bytes(dtype: str, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(raw))
 
 
-def spec_planes(raw: torch.Tensor, dtype: str) -> torch.Tensor:
+def spec_planes(raw: torch.Tensor, dtype: str, f16_planes: bool = False) -> torch.Tensor:
     isz = DTYPES[dtype][1]
-    return torch.from_numpy(_split_planes(raw.numpy(), dtype, isz).reshape(-1).copy())
+    return torch.from_numpy(_split_planes(raw.numpy(), dtype, isz, f16_planes).reshape(-1).copy())
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -153,14 +153,14 @@ def test_decode_planes_into_chunk_ranges(packed, backend):
                 e0 = first * info.chunk_elems
                 n = min((first + count) * info.chunk_elems, info.numel) - e0 if count else 0
                 dst = np.full(n * isz, 0xEE, np.uint8)
-                core.decode_planes_into(wf.mapping, [(info, first, count, dst)], True, 2)
-                want = spec_planes(raw[e0 * isz:(e0 + n) * isz], info.dtype).numpy()
+                core.decode_planes_into(wf.mapping, [(info, first, count, dst)], True, 2, f16_planes=wf.f16_planes)
+                want = spec_planes(raw[e0 * isz:(e0 + n) * isz], info.dtype, wf.f16_planes).numpy()
                 assert np.array_equal(dst, want), (name, first, count)
 
 
 def _errors(core, wf, job):
     try:
-        core.decode_planes_into(wf.mapping, [job], True, 1)
+        core.decode_planes_into(wf.mapping, [job], True, 1, f16_planes=wf.f16_planes)
     except errors.TinyserveError as exc:
         return type(exc), str(exc)
     return None, ""
@@ -215,3 +215,64 @@ def test_triton_kernel_on_cuda_equals_reference(dtype):
     P.merge_planes_triton(planes, dtype, got)
     torch.cuda.synchronize()
     assert torch.equal(got, ref) and torch.equal(got, raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# float16 exponent planes (feature bit 2, docs/format.md section 5)
+
+def test_f16_exponent_planes_every_pattern():
+    """All 65536 float16 bit patterns: the exponent-planes order puts bits 14..7 in plane 0 and the sign
+    with bits 6..0 in plane 1 (the spec's formula), and the torch reference, the Triton kernel and the
+    fallback codec invert it exactly; the generic order stays the 1.0 one (high byte first)."""
+    x = np.arange(65536, dtype=np.uint32)
+    raw = torch.from_numpy(x.astype(np.uint16).view(np.uint8).copy())
+    planes = torch.from_numpy(_split_planes(raw.numpy(), "float16", 2, True).reshape(-1).copy())
+    want = np.concatenate([(x >> 7) & 0xFF, ((x >> 8) & 0x80) | (x & 0x7F)]).astype(np.uint8)
+    assert np.array_equal(planes.numpy(), want)
+    assert torch.equal(P.split_planes_torch(raw, "float16", f16_planes=True), planes)
+    generic = _split_planes(raw.numpy(), "float16", 2).reshape(-1)
+    assert np.array_equal(generic, np.concatenate([x >> 8, x & 0xFF]).astype(np.uint8))
+    for backend in (["torch", "triton"] if P.triton_usable("cpu") else ["torch"]):
+        out = torch.zeros_like(raw)
+        P.merge_planes(planes, "float16", out, backend=backend, f16_planes=True)
+        assert torch.equal(out, raw), backend
+        out.zero_()
+        P.merge_planes(torch.from_numpy(generic.copy()), "float16", out, backend=backend)
+        assert torch.equal(out, raw), backend
+    fb = np.zeros(raw.numel(), np.uint8)
+    _merge_planes(planes.numpy().reshape(2, -1), "float16", 2, fb, True)
+    assert np.array_equal(fb, raw.numpy())
+
+
+@pytest.mark.parametrize("mode", ["huffman", "rans", "max", "zstd"])
+def test_f16_planes_codec_backends_identical(mode):
+    """Both backends encode float16 with f16_planes to the same bytes, decode them back exactly, and the
+    flag matters: the same stream read in the generic order gives other values."""
+    rng = np.random.default_rng(5)
+    raw = (rng.standard_normal(40000) * 0.03).astype(np.float16).tobytes()
+    encs = {name: be.encode_planes(raw, "float16", 16384, mode, 3, 1, f16_planes=True)
+            for name, be in BACKENDS.items()}
+    first = next(iter(encs.values()))
+    for name, enc in encs.items():
+        assert enc == first, name
+    enc, meta = first
+    generic = BACKENDS["fallback"].encode_planes(raw, "float16", 16384, mode, 3, 1)
+    assert generic[0] != enc
+    from tinyserve.spec import ChunkInfo, TensorInfo
+    chunks, off = [], 0
+    for codecs, sizes, cs in meta:
+        chunks.append(ChunkInfo(off, sum(sizes), cs, codecs, sizes))
+        off += sum(sizes)
+    t = TensorInfo("h", "float16", "planes", (40000,), 0, len(enc), 16384, tuple(chunks))
+    for name, be in BACKENDS.items():
+        dst = bytearray(len(raw))
+        be.decode_into(enc, [(t, dst)], True, 2, f16_planes=True)
+        assert bytes(dst) == raw, name
+        be.decode_into(enc, [(t, dst)], True, 2)  # a 1.0 reader's order
+        assert bytes(dst) != raw, name
+        be.validate_chunks(enc, [t], 2, f16_planes=True)
+        planes = bytearray(len(raw))
+        be.decode_planes_into(enc, [(t, 0, len(t.chunks), planes)], True, 1, f16_planes=True)
+        out = torch.zeros(len(raw), dtype=torch.uint8)
+        P.merge_planes(torch.frombuffer(planes, dtype=torch.uint8), "float16", out, f16_planes=True)
+        assert out.numpy().tobytes() == raw, name

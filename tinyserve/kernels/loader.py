@@ -170,8 +170,8 @@ class Engine:
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
-    def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str) -> None:
-        merge_planes(planes, dtype, out, backend)
+    def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str, f16_planes: bool = False) -> None:
+        merge_planes(planes, dtype, out, backend, f16_planes)
 
     def begin(self) -> None:
         """Called once before a load's first device operation."""
@@ -210,9 +210,9 @@ class CudaEngine(Engine):
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
 
-    def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str) -> None:
+    def merge(self, planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str, f16_planes: bool = False) -> None:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):  # Triton launches on it
-            merge_planes(planes, dtype, out, backend)
+            merge_planes(planes, dtype, out, backend, f16_planes)
 
     def begin(self) -> None:
         # destinations were allocated on (and their memory may have last been used by) the caller's
@@ -471,6 +471,7 @@ def _load(wf: WeightsFile, device, names, verify, threads, raw, merge, pool, int
         st.batches, st.buffer_bytes, st.buffers = len(batches), pool.buffer_bytes, pool.buffers
         pool.loads += 1
         mapping = wf.mapping
+        f16 = bool(getattr(wf, "f16_planes", False))  # the file's "float16 exponent planes" feature
         try:
             for b, batch in enumerate(batches):
                 slot = b % pool.buffers
@@ -487,7 +488,7 @@ def _load(wf: WeightsFile, device, names, verify, threads, raw, merge, pool, int
                         jobs.append((info, s.first, s.count, host[s.offset:s.offset + s.nbytes].numpy()))
                         st.file_bytes_read += sum(c.size for c in info.chunks[s.first:s.first + s.count])
                 if jobs:
-                    core.decode_planes_into(mapping, jobs, verify != "none", threads)
+                    core.decode_planes_into(mapping, jobs, verify != "none", threads, **({"f16_planes": True} if f16 else {}))
                 t2 = time.perf_counter()
                 st.decode_s += t2 - t1
                 for s in batch.segments:
@@ -505,7 +506,7 @@ def _load(wf: WeightsFile, device, names, verify, threads, raw, merge, pool, int
                 for s in batch.segments:
                     target = dst[s.name][s.dst_offset:s.dst_offset + s.nbytes]
                     if s.kind == "planes":
-                        eng.merge(planes_src[s.offset:s.offset + s.nbytes], by_name[s.name].dtype, target, backend)
+                        eng.merge(planes_src[s.offset:s.offset + s.nbytes], by_name[s.name].dtype, target, backend, f16)
                     else:
                         eng.copy(target, host[s.offset:s.offset + s.nbytes])
                 pool.tokens[slot] = eng.record()

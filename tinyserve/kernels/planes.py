@@ -11,6 +11,10 @@ tensor's bytes).  Two implementations with identical results:
   bfloat16 arithmetic; integers are exact everywhere).
 * `merge_planes_torch`: the torch reference, integer ops on any device.
 
+`f16_planes=True` (files with the "float16 exponent planes" feature, docs/format.md section 2.1): float16
+planes are in the exponent-planes order, whose formula is bfloat16's, so they go through the bfloat16
+kernel; without it float16 uses the generic order (1.0 files).
+
 `merge_planes(..., backend="auto")` uses Triton where it can run (a CUDA tensor with Triton installed,
 or any tensor when TRITON_INTERPRET=1 was set before this module was imported) and torch otherwise.
 """
@@ -45,6 +49,13 @@ def itemsize(dtype: str) -> int:
         raise errors.UnsupportedError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
 
 
+def plane_order(dtype: str, f16_planes: bool = False) -> str:
+    """Which regrouping formula a dtype's planes use: 'bfloat16', 'float32' or 'generic'."""
+    if dtype == "bfloat16" or (f16_planes and dtype == "float16"):
+        return "bfloat16"
+    return "float32" if dtype == "float32" else "generic"
+
+
 def _check(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> tuple[int, int]:
     isz = itemsize(dtype)
     for what, t in (("planes", planes), ("out", out)):
@@ -66,20 +77,21 @@ def _check(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> tuple[int, in
 # torch reference
 
 
-def merge_planes_torch(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> torch.Tensor:
+def merge_planes_torch(planes: torch.Tensor, dtype: str, out: torch.Tensor, f16_planes: bool = False) -> torch.Tensor:
     """Reference: the inverse of the section-5 regrouping with torch integer ops (any device)."""
     isz, n = _check(planes, dtype, out)
     if n == 0:
         return out
     pl = planes.view(isz, n)
-    if dtype == "bfloat16":
+    order = plane_order(dtype, f16_planes)
+    if order == "bfloat16":
         e = pl[0].to(torch.int32)
         m = pl[1].to(torch.int32)
         x = (e << 7) | (m & 0x7F) | ((m & 0x80) << 8)     # the 16 bits, 0..65535
         x -= (x >> 15) << 16                               # the same bits as a signed 16-bit value
         out.view(torch.int16).copy_(x.to(torch.int16))     # in range: an exact conversion
         return out
-    if dtype == "float32":
+    if order == "float32":
         p0, p1 = pl[0].to(torch.int64), pl[1].to(torch.int64)
         x = ((p1 & 0x80) << 24) | (p0 << 23) | ((p1 & 0x7F) << 16) | (pl[2].to(torch.int64) << 8) | pl[3]
         x -= (x >> 31) << 32                               # as a signed 32-bit value
@@ -143,7 +155,7 @@ def triton_usable(device: torch.device | str) -> bool:
     return dev.type == "cuda"
 
 
-def merge_planes_triton(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> torch.Tensor:
+def merge_planes_triton(planes: torch.Tensor, dtype: str, out: torch.Tensor, f16_planes: bool = False) -> torch.Tensor:
     """The Triton kernels (on a CUDA device, or on the CPU under TRITON_INTERPRET=1).  Launched on the
     current CUDA stream of the tensors' device."""
     isz, n = _check(planes, dtype, out)
@@ -152,9 +164,10 @@ def merge_planes_triton(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> 
                                       f"({'not installed' if triton is None else 'set TRITON_INTERPRET=1 for CPU'})")
     if n == 0:
         return out
-    if dtype == "bfloat16":
+    order = plane_order(dtype, f16_planes)
+    if order == "bfloat16":
         _merge_bf16[(triton.cdiv(n, BLOCK),)](planes, out.view(torch.int16), n, BLOCK=BLOCK)
-    elif dtype == "float32":
+    elif order == "float32":
         _merge_f32[(triton.cdiv(n, BLOCK),)](planes, out.view(torch.int32), n, BLOCK=BLOCK)
     elif isz == 1:
         out.copy_(planes)
@@ -163,16 +176,17 @@ def merge_planes_triton(planes: torch.Tensor, dtype: str, out: torch.Tensor) -> 
     return out
 
 
-def merge_planes(planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def merge_planes(planes: torch.Tensor, dtype: str, out: torch.Tensor, backend: str = "auto",
+                 f16_planes: bool = False) -> torch.Tensor:
     """Write the n elements whose plane-major planes are `planes` into `out` (uint8, n x itemsize)."""
     if backend not in BACKENDS:
         raise errors.ConfigError(f"merge backend {backend!r} is not one of {BACKENDS}")
     if backend == "triton" or (backend == "auto" and triton_usable(out.device)):
-        return merge_planes_triton(planes, dtype, out)
-    return merge_planes_torch(planes, dtype, out)
+        return merge_planes_triton(planes, dtype, out, f16_planes)
+    return merge_planes_torch(planes, dtype, out, f16_planes)
 
 
-def split_planes_torch(data: torch.Tensor, dtype: str) -> torch.Tensor:
+def split_planes_torch(data: torch.Tensor, dtype: str, f16_planes: bool = False) -> torch.Tensor:
     """The forward regrouping (test helper and bench input): raw little-endian bytes of n elements ->
     plane-major planes (isz x n bytes, flattened)."""
     isz = itemsize(dtype)
@@ -180,7 +194,7 @@ def split_planes_torch(data: torch.Tensor, dtype: str) -> torch.Tensor:
         raise errors.DestinationError(f"split_planes: want 1-d uint8 bytes, a multiple of {isz}")
     n = data.numel() // isz
     b = data.view(n, isz).to(torch.int32)
-    if dtype == "bfloat16":
+    if plane_order(dtype, f16_planes) == "bfloat16":
         x = b[:, 0] | (b[:, 1] << 8)
         return torch.stack([(x >> 7) & 0xFF, ((x >> 8) & 0x80) | (x & 0x7F)]).to(torch.uint8).reshape(-1)
     if dtype == "float32":
