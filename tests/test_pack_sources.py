@@ -99,6 +99,7 @@ def _training_checkpoint(net):
         "vocab": {"<pad>": 0, "<unk>": 1, "hello": 2},
         "labels": ["cat", "dog"],
         "hparams": {"lr": 1e-3, "betas": (0.9, 0.999), "dtype": torch.float32, "eps": float("inf")},
+        "class_names": {0: "cat", 1: "dog"},
         "best_acc": torch.tensor(0.875),
         "model": {"state_dict": net.state_dict(), "arch": "Net"},
         "optimizer": opt.state_dict(),
@@ -113,13 +114,13 @@ def test_training_checkpoint_nested_state_dict_and_metadata(repo, tmp_path, net)
     src = summary.source
     assert src.key == "model.state_dict"
     assert src.left_out == ["optimizer"]  # holds tensors: named, not silently dropped
-    assert sorted(src.stringified) == ["hparams.dtype", "hparams.eps"]
+    assert sorted(src.stringified) == ["class_names (keys)", "hparams.dtype", "hparams.eps"]
     _same_weights(repo, "net", net.state_dict())
     meta = repo.read_config("net", version).metadata
     assert meta == {"epoch": 12, "global_step": 3400, "vocab": {"<pad>": 0, "<unk>": 1, "hello": 2},
                     "labels": ["cat", "dog"],
                     "hparams": {"lr": 1e-3, "betas": [0.9, 0.999], "dtype": "torch.float32", "eps": "inf"},
-                    "best_acc": 0.875, "model": {"arch": "Net"}}
+                    "class_names": {"0": "cat", "1": "dog"}, "best_acc": 0.875, "model": {"arch": "Net"}}
     on_disk = json.loads((repo.resolve("net", version) / "model.json").read_text())
     assert on_disk["metadata"]["vocab"]["hello"] == 2
 

@@ -348,8 +348,10 @@ def _json_value(value, name: str, stringified: list):
         return [_json_value(v, f"{name}[{i}]", stringified) for i, v in enumerate(value)]
     elif isinstance(value, torch.Size):
         return list(value)
-    elif isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {k: _json_value(v, f"{name}.{k}", stringified) for k, v in value.items()}
+    elif isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            stringified.append(f"{name} (keys)")
+        return {str(k): _json_value(v, f"{name}.{k}", stringified) for k, v in value.items()}
     text = str(value)
     if len(text) > MAX_STRINGIFIED:
         raise errors.ConfigError(
