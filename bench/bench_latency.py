@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Serving latency benchmark: tinyserve against a bare uvloop + msgpack server (the floor), same
-model, same framing, same load generator, same run.
+"""Serving latency benchmark: tinyserve against two floors, the same MLP weights, the same load
+generator (bench/loadgen.c), the same run.
 
-    .venv/bin/python bench/bench_latency.py --quick          # 5 rounds, fewer requests (< 2 min)
+    .venv/bin/python bench/bench_latency.py --quick          # 5 rounds, fewer requests (< 2 min on a quiet box)
     .venv/bin/python bench/bench_latency.py                  # 7 rounds, full request counts
+    .venv/bin/python bench/bench_latency.py --diagnose       # where tinyserve's extra time per request goes
 
-Method (see bench/README.md): the script packs two models into a temporary repository (the float32
-MLP 64->256->256->10 of `tinyserve.examples:mlp`, and an identity `python` model), starts the floor
-server (this file, `--floor-server`: asyncio + uvloop, frames encoded and decoded with
-`tinyserve.wire`, each model loaded as tinyserve's worker loads it and run directly on the event
-loop under `torch.inference_mode`, `torch.set_num_threads(1)`) and a tinyserve server
-(`python -m tinyserve serve --threads 1`), both pinned with `taskset` to one core, and one
-load-generator process (`--driver`, raw sockets + `tinyserve.wire`) pinned to another core.  For
-each model and scenario (1 connection x 1 request in flight; 1 connection x 32 pipelined; 32
-connections x 1 in flight each), each round runs the floor and then tinyserve back to back, each a
-fixed request count after a warm-up on the same connections; a pair disturbed by other processes
-is run again (at most 3 tries).  Figures are medians over rounds; comparisons are medians of the
-per-round (per-pair) ratios.  Then both servers run again with a garbage-collection log, and under
-cProfile, for where a request's time goes.
+Method (see bench/README.md): the script packs three models into a temporary repository (the float32
+MLP 64->256->256->10 of `tinyserve.examples:mlp`; the same MLP with batching on (`mlp_b`, max 32,
+2 ms); an identity `python` model) and starts three servers, all pinned with `taskset` to one core:
+- the eager floor (`--eager-floor-server`): what a user writes in an afternoon: asyncio + uvloop +
+  msgpack, its own framing code, the eager `tinyserve.examples.MLP` (same weights, seed 0) called on
+  the loop, one torch thread.  It speaks tinyserve's frame layout (docs/protocol.md 1-3), so one
+  load generator drives all three with the same bytes;
+- the export floor (`--floor-server`): the same loop, but frames handled with `tinyserve.wire` and
+  the model loaded as tinyserve's worker loads it (the torch.export program): tinyserve's parts
+  without its server;
+- tinyserve (`python -m tinyserve serve --threads 1`).
+The load generator (bench/loadgen.c, built with `cc -O2` at run time) runs on another core: closed
+loop, N connections x K in flight.  Scenarios: 1 connection x 1; 1 x 32 pipelined; 32 connections x 1;
+32 connections x 1 with tinyserve batching (floors unbatched).  Each round runs the three servers back
+to back per scenario; a group disturbed by other processes is run again (at most 3 tries).  Figures
+are medians over rounds; comparisons are medians of the per-round ratios.  Server CPU per request:
+every thread of each server's process tree (/proc/<pid>/task/*/schedstat) over the measured phase.
+Then the export floor and tinyserve run again with a garbage-collection log, and under cProfile.
 
 Results: a table on stdout, JSON in <out>/latency-<date>[-quick].json, markdown in
 <out>/latency-latest.md, the profile summary in <out>/latency-profile[-quick].txt.
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -50,27 +55,43 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TARGETS = {
-    "mlp_c1_p50_ratio_max": 1.3,  # tinyserve p50 / floor p50, 1 connection, 1 request at a time
-    "mlp_pipe32_throughput_ratio_min": 0.8,  # tinyserve req/s / floor req/s, 1 connection, 32 pipelined
+TARGETS = {  # against the eager floor (issue 14: what a user writes in an afternoon)
+    "mlp_c1_p50_ratio_max": 1.3,  # tinyserve p50 / eager floor p50, 1 connection, 1 request at a time
+    "mlp_pipe32_throughput_ratio_min": 0.8,  # tinyserve req/s / eager floor req/s, 1 connection, 32 pipelined
 }
 MODELS = ("mlp", "identity")
 SCENARIOS = {  # name -> (connections, requests in flight per connection)
     "c1": (1, 1),
     "pipe32": (1, 32),
     "conn32": (32, 1),
+    "conn32b": (32, 1),
 }
 SCENARIO_TEXT = {
     "c1": "1 connection, 1 request at a time",
     "pipe32": "1 connection, 32 pipelined",
     "conn32": "32 connections, 1 request in flight each",
+    "conn32b": "32 connections, 1 in flight each, tinyserve batching (max 32, 2 ms; floors unbatched)",
 }
-SERVERS = ("floor", "tinyserve")
+SCENARIO_MODELS = {"conn32b": ("mlp",)}  # scenarios that run some models only
+BATCHING = {"max_batch_size": 32, "max_queue_delay_us": 2000}  # model mlp_b: the MLP with batching on
+SERVERS = ("eager", "floor", "tinyserve")
+FLOORS = ("eager", "floor")
+SERVER_TEXT = {"eager": "eager floor", "floor": "export floor", "tinyserve": "tinyserve"}
+PROFILED = ("floor", "tinyserve")  # the gc and cProfile phases (the export floor: tinyserve's module)
 # (warm-up, measured) requests per run
 COUNTS = {
-    "full": {"c1": (500, 5000), "pipe32": (2000, 20000), "conn32": (2000, 20000)},
-    "quick": {"c1": (200, 1000), "pipe32": (500, 3000), "conn32": (500, 3000)},
+    "full": {"c1": (500, 5000), "pipe32": (2000, 20000), "conn32": (2000, 20000), "conn32b": (2000, 20000)},
+    "quick": {"c1": (200, 1000), "pipe32": (500, 3000), "conn32": (500, 3000), "conn32b": (500, 3000)},
 }
+
+
+def served_model(server: str, model: str, scenario: str) -> str:
+    """The model a server is sent: tinyserve's batched scenario goes to mlp_b (same weights, batching on)."""
+    return "mlp_b" if scenario == "conn32b" and server == "tinyserve" else model
+
+
+def scenario_models(scenario: str) -> tuple[str, ...]:
+    return SCENARIO_MODELS.get(scenario, MODELS)
 GC_PROBE = [("identity", 200000), ("mlp", 60000)]  # (model, requests), 1 connection x 32 pipelined
 PROFILE_RUNS = {  # (model, scenario, requests)
     "full": [("mlp", "c1", 4000), ("mlp", "pipe32", 8000), ("identity", "c1", 4000)],
@@ -83,11 +104,16 @@ IN_SHAPE = (1, 64)  # batch 1, both models take float32 [-1, 64]
 ID_PROBE = 0xFEEDFACECAFEBEEF  # a uint64 id (msgpack 0xcf + 8 bytes) located in the template and patched
 
 IDENTITY_PY = '''\
-"""Identity model for bench/bench_latency.py: returns its input (no weights)."""
+"""Identity model for bench/bench_latency.py: returns its input (one unused weight: a weights file
+holds at least one tensor)."""
 import torch
 
 
 class Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
     def forward(self, x):
         return x
 
@@ -310,6 +336,89 @@ def floor_server(repo_dir: str, models: list[str], host: str, gc_log: str | None
 
 
 # ------------------------------------------------------------------------------------------------
+# the eager floor (runs in its own process: --eager-floor-server): what a user writes in an afternoon
+
+
+def eager_floor_server(host: str) -> int:
+    """A bare asyncio + uvloop + msgpack server with the eager `tinyserve.examples.MLP` (the weights
+    `tinyserve.examples.mlp()` builds, seed 0: the ones `pack` packed) run on the loop, one torch
+    thread.  Its own code end to end: nothing of tinyserve's wire, protocol, runtime or loader.  It
+    speaks tinyserve's frame layout (docs/protocol.md 1-3: `<II` body_len, header_len, msgpack header,
+    8-aligned payload) because that is what a length-prefixed msgpack protocol looks like anyway, and
+    one load generator then drives all three servers with the same bytes; it checks nothing the
+    decoding does not need.  `identity` returns its input; `mlp_b` is the same MLP (unbatched)."""
+    import asyncio
+
+    import msgpack
+    import torch
+    import uvloop
+
+    from tinyserve.examples import mlp
+
+    torch.set_num_threads(1)
+    net = mlp()[0]
+    models = {"mlp": net, "mlp_b": net, "identity": lambda x: x}
+    with torch.inference_mode():
+        net(torch.zeros(1, 64))
+    prefix = struct.Struct("<II")
+    packb = msgpack.packb
+
+    def answer(h, payload):
+        d = h["inputs"][0]
+        x = torch.frombuffer(payload, dtype=torch.float32, count=d["nbytes"] // 4).view(d["shape"])
+        y = models[h["model"]](x).numpy().tobytes()
+        head = packb({"id": h["id"], "ok": True, "model": h["model"], "version": 1, "outputs": [
+            {"name": "y", "dtype": "float32", "shape": list(x.shape[:1]) + [len(y) // 4 // x.shape[0]],
+             "nbytes": len(y)}]})
+        poff = (8 + len(head) + 7) & ~7
+        pad = b"\0" * (poff - 8 - len(head))
+        tail = b"\0" * (-len(y) % 8)
+        return prefix.pack(poff - 4 + len(y) + len(tail), len(head)) + head + pad + y + tail
+
+    class Floor(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.tr = transport
+            self.buf = bytearray()
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data):
+            buf = self.buf
+            buf += data
+            out, pos, n = [], 0, len(buf)
+            while n - pos >= 8:
+                body, hlen = prefix.unpack_from(buf, pos)
+                if n - pos < 4 + body:
+                    break
+                h = msgpack.unpackb(buf[pos + 8:pos + 8 + hlen])
+                poff = pos + ((8 + hlen + 7) & ~7)
+                try:
+                    out.append(answer(h, bytearray(buf[poff:pos + 4 + body])))
+                except Exception as exc:  # noqa: BLE001 - a bench server answers every request
+                    head = packb({"id": h.get("id", 0), "ok": False,
+                                  "error": {"code": "INTERNAL", "message": repr(exc)}})
+                    out.append(prefix.pack(4 + len(head) + (-(8 + len(head)) % 8), len(head)) + head
+                               + b"\0" * (-(8 + len(head)) % 8))
+                pos += 4 + body
+            del buf[:pos]
+            if out:
+                self.tr.write(b"".join(out))
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        srv = await loop.create_server(Floor, host, 0)
+        print(f"eager floor: listening on {host}:{srv.sockets[0].getsockname()[1]} [uvloop]", flush=True)
+        await stop.wait()
+        srv.close()
+
+    with torch.inference_mode():
+        uvloop.run(serve())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # the models' own time, in process (runs in its own process on the servers' core: --model-timing)
 
 
@@ -451,291 +560,6 @@ def instrumented_server(repo_dir: str, models: list[str], host: str, prefix: str
 
 
 # ------------------------------------------------------------------------------------------------
-# the load generator (runs in its own process: --driver; JSON commands on stdin, results on stdout)
-
-
-def _sched(pid: int) -> dict | None:
-    """{tid: (on-CPU ns, ns waiting on a run queue, times scheduled in)} for every thread of `pid`
-    (/proc/<pid>/task/<tid>/schedstat), None if unreadable."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                run, wait, slices = (int(v) for v in f.read().split()[:3])
-        except (OSError, ValueError):
-            continue
-        out[int(tid)] = (run, wait, slices)
-    return out
-
-
-def _cpu_ticks(core: int | None) -> tuple[int, int] | None:
-    """(busy, steal) clock ticks of one CPU from /proc/stat (busy: user+nice+system+irq+softirq)."""
-    if core is None:
-        return None
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith(f"cpu{core} "):
-                    v = [int(x) for x in line.split()[1:9]]
-                    return v[0] + v[1] + v[2] + v[5] + v[6], v[7]
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def _sched_delta(pid: int, a: dict | None, b: dict | None, n: int) -> dict:
-    """Per-request server figures between two _sched snapshots: CPU of the main (event-loop) thread
-    and of the other threads, run-queue wait, times scheduled in."""
-    if a is None or b is None:
-        return {"server_cpu_us_per_req": None}
-    d = {tid: tuple(x - y for x, y in zip(v, a.get(tid, (0, 0, 0)))) for tid, v in b.items()}
-    main = d.get(pid, (0, 0, 0))
-    total = [sum(v[i] for v in d.values()) for i in range(3)]
-    return {
-        "server_cpu_us_per_req": total[0] / 1e3 / n,
-        "server_main_cpu_us_per_req": main[0] / 1e3 / n,
-        "server_other_cpu_us_per_req": (total[0] - main[0]) / 1e3 / n,
-        "server_runq_wait_us_per_req": total[1] / 1e3 / n,
-        "server_switches_per_req": total[2] / n,
-    }
-
-
-class _DriverConn:
-    __slots__ = ("sock", "buf", "mv", "start", "end")
-
-    def __init__(self, host: str, port: int, timeout_s: float):
-        sock = socket.create_connection((host, port), timeout=10.0)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # truly blocking: no poll() before each recv ...
-        tv = struct.pack("ll", int(timeout_s), int((timeout_s % 1) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)  # ... yet bounded by the kernel
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self.sock = sock
-        self.buf = bytearray(1 << 20)
-        self.mv = memoryview(self.buf)
-        self.start = self.end = 0
-
-
-class Driver:
-    """Closed-loop load: `conns` connections, each keeping `window` requests in flight (a reply is
-    answered by the next request on the same connection).  Every request is the same infer frame
-    (float32 [1, 64], fixed values) with its own id patched in; replies are matched by id.  Latency =
-    time the reply's bytes were read - time its request was written (perf_counter_ns)."""
-
-    def __init__(self) -> None:
-        import msgpack
-        import numpy as np
-
-        from tinyserve import wire
-
-        self.wire = wire
-        self.np = np
-        self.msgpack = msgpack
-        self.limits = wire.Limits()
-        x = np.random.default_rng(0).standard_normal(IN_SHAPE).astype(np.float32)
-        self.templates = {}
-        for model in MODELS:
-            descs, views = wire.tensor_parts({"x": x})
-            parts = wire.encode_frame({"id": ID_PROBE, "op": "infer", "model": model, "inputs": descs}, views)
-            tpl = b"".join(bytes(p) for p in parts)
-            probe = b"\xcf" + ID_PROBE.to_bytes(8, "big")
-            off = tpl.index(probe) + 1
-            if off != wire.PREFIX_SIZE + 5 or tpl.count(probe) != 1:  # fixmap, "id", 0xcf
-                raise RuntimeError("unexpected request template layout")
-            self.templates[model] = (tpl[:off], tpl[off + 8:])
-        self.next_id = 1
-
-    def frames(self, model: str, k: int, pending: dict, now: int) -> bytes:
-        head, tail = self.templates[model]
-        out = []
-        rid = self.next_id
-        for _ in range(k):
-            out.append(head)
-            out.append(rid.to_bytes(8, "big"))
-            out.append(tail)
-            pending[rid] = now
-            rid += 1
-        self.next_id = rid
-        return b"".join(out)
-
-    def parse(self, c: _DriverConn, n: int, sink: list) -> None:
-        """Complete reply frames now in c's buffer -> sink as (id, ok, header, payload bytes or None)."""
-        wire = self.wire
-        c.end += n
-        buf = c.mv
-        while c.end - c.start >= 8:
-            total, hlen = wire.frame_size(buf, self.limits, c.start)
-            if c.end - c.start < total:
-                break
-            frame = buf[c.start:c.start + total]
-            h = wire.decode_header(frame, hlen)
-            sink.append((h.get("id"), h.get("ok") is True, h, frame, hlen))
-            c.start += total
-        if c.start == c.end:
-            c.start = c.end = 0
-
-    @staticmethod
-    def room(c: _DriverConn) -> memoryview:
-        """Where the next bytes go (the frames handed out before stay valid until this is called)."""
-        if len(c.buf) - c.end < (64 << 10):
-            rest = c.end - c.start
-            c.buf[:rest] = c.buf[c.start:c.end]
-            c.start, c.end = 0, rest
-        return c.mv[c.end:]
-
-    def _receive(self, c, replies: list, model: str, pending: dict, lat: list, digest, keep_digest: bool,
-                 unsent: int):
-        """Read what one connection has, account its replies and send as many new requests (at most
-        `unsent`); returns (replies received, digest)."""
-        n = c.sock.recv_into(self.room(c))
-        now = time.perf_counter_ns()
-        if not n:
-            raise ConnectionError("server closed a connection")
-        self.parse(c, n, replies)
-        got = len(replies)
-        if got:
-            digest = self._account(replies, pending, lat, now, digest, keep_digest)
-            replies.clear()
-            k = min(got, unsent)
-            if k > 0:
-                c.sock.sendall(self.frames(model, k, pending, time.perf_counter_ns()))
-        return got, digest
-
-    def phase(self, conns: list, model: str, window: int, count: int, deadline: float, keep_digest: bool):
-        """Send `count` requests keeping `window` in flight per connection; returns
-        (latencies ns, elapsed ns, digest of the first reply's payload)."""
-        pending: dict[int, int] = {}
-        lat: list[int] = []
-        digest = None
-        perf = time.perf_counter_ns
-        sent = 0
-        t0 = perf()
-        for c in conns:
-            k = min(window, count - sent)
-            if k <= 0:
-                break
-            c.sock.sendall(self.frames(model, k, pending, perf()))
-            sent += k
-        done = 0
-        replies: list = []
-        if len(conns) == 1:
-            c = conns[0]
-            while done < count:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"run exceeded its time limit with {done}/{count} replies")
-                got, digest = self._receive(c, replies, model, pending, lat, digest, keep_digest, count - sent)
-                done += got
-                sent += min(got, count - sent)
-        else:
-            ep = select.epoll()
-            byfd = {}
-            try:
-                for c in conns:
-                    ep.register(c.sock.fileno(), select.EPOLLIN)
-                    byfd[c.sock.fileno()] = c
-                while done < count:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"run exceeded its time limit with {done}/{count} replies")
-                    events = ep.poll(min(left, 5.0))
-                    for fd, _ev in events:
-                        got, digest = self._receive(byfd[fd], replies, model, pending, lat, digest,
-                                                    keep_digest, count - sent)
-                        done += got
-                        sent += min(got, count - sent)
-            finally:
-                ep.close()
-        elapsed = perf() - t0
-        if pending:
-            raise RuntimeError(f"{len(pending)} requests without a reply")
-        return lat, elapsed, digest
-
-    def _account(self, replies, pending, lat, now, digest, keep_digest):
-        for rid, ok, h, frame, hlen in replies:
-            if not ok:
-                raise RuntimeError(f"error reply: {h.get('error')!r}")
-            t = pending.pop(rid, None)
-            if t is None:
-                raise RuntimeError(f"reply with unknown id {rid!r}")
-            lat.append(now - t)
-            if keep_digest and digest is None:
-                digest = hashlib.sha256(bytes(self.wire.payload_view(frame, hlen))).hexdigest()[:16]
-        return digest
-
-    def run(self, cmd: dict) -> dict:
-        np = self.np
-        conns_n, window = cmd["conns"], cmd["window"]
-        deadline = time.monotonic() + cmd.get("timeout_s", RUN_TIMEOUT_S)
-        conns = [_DriverConn(cmd["host"], cmd["port"], min(30.0, cmd.get("timeout_s", RUN_TIMEOUT_S)))
-                 for _ in range(conns_n)]
-        try:
-            if cmd["warmup"]:
-                self.phase(conns, cmd["model"], window, cmd["warmup"], deadline, False)
-            pid = cmd.get("server_pid")
-            s0 = _sched(pid) if pid else None
-            k0 = _cpu_ticks(cmd.get("server_core"))
-            d0 = _sched(os.getpid())
-            c0, w0 = time.process_time_ns(), time.perf_counter_ns()
-            lat, elapsed, digest = self.phase(conns, cmd["model"], window, cmd["count"], deadline, True)
-            c1, w1 = time.process_time_ns(), time.perf_counter_ns()
-            k1 = _cpu_ticks(cmd.get("server_core"))
-            d1 = _sched(os.getpid())
-            s1 = _sched(pid) if pid else None
-        finally:
-            for c in conns:
-                c.sock.close()
-        a = np.asarray(lat, dtype=np.float64) / 1e3
-        p = np.percentile(a, [50, 90, 99, 99.9])
-        n = len(lat)
-        sd = _sched_delta(pid, s0, s1, n)
-        wall_ns = max(1, w1 - w0)
-        drv_wait = (sum(v[1] for v in d1.values()) - sum(v[1] for v in d0.values())) / wall_ns if d0 and d1 else None
-        srv_wait = None
-        if sd.get("server_cpu_us_per_req") is not None:
-            srv_wait = sd["server_runq_wait_us_per_req"] * n * 1e3 / wall_ns
-        foreign = steal = None
-        if k0 is not None and k1 is not None and sd.get("server_cpu_us_per_req") is not None:
-            wall = (w1 - w0) / 1e9
-            busy_s = (k1[0] - k0[0]) * _TICK_S
-            foreign = max(0.0, busy_s - sd["server_cpu_us_per_req"] * n / 1e6) / wall
-            steal = (k1[1] - k0[1]) * _TICK_S / wall
-        return {
-            "n": n, "elapsed_s": elapsed / 1e9, "throughput_rps": n / (elapsed / 1e9),
-            "p50_us": float(p[0]), "p90_us": float(p[1]), "p99_us": float(p[2]), "p999_us": float(p[3]),
-            "max_us": float(a.max()), "mean_us": float(a.mean()), "min_us": float(a.min()),
-            **sd,
-            "core_foreign_busy": foreign,  # the servers' core busy outside the server / wall (tick-sampled)
-            "core_steal": steal,  # hypervisor steal on that core / wall
-            "driver_busy": (c1 - c0) / wall_ns,
-            "driver_runq_wait": drv_wait,  # the driver waiting for its core / wall
-            "server_runq_wait": srv_wait,  # server threads waiting for their core / wall (summed over threads)
-            "digest": digest,
-        }
-
-
-def driver_main() -> int:
-    drv = Driver()
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:  # bounded by the parent: it sends a finite list of commands, then quit
-        cmd = json.loads(line)
-        if cmd.get("op") == "quit":
-            break
-        try:
-            out = {"ok": True, "result": drv.run(cmd)}
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops the run
-            out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(out), flush=True)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------
 # process management (parent)
 
 
@@ -824,11 +648,12 @@ def setup_repo(work: Path) -> Path:
 
     repo = Repository(work / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp")
+    pack(repo, "mlp_b", "tinyserve.examples:mlp", config={"batching": BATCHING})
     src = work / "identity-src"
     src.mkdir()
     (src / "model.py").write_text(IDENTITY_PY)
-    torch.save({}, src / "empty.pt")
-    pack(repo, "identity", str(src / "empty.pt"), program=str(src / "model.py"), config=IDENTITY_CONFIG)
+    torch.save({"unused": torch.zeros(1)}, src / "weights.pt")
+    pack(repo, "identity", str(src / "weights.pt"), program=str(src / "model.py"), config=IDENTITY_CONFIG)
     return work / "repo"
 
 
@@ -839,14 +664,15 @@ class Bench:
         self.work = work
         self.log = log
         self.procs: list[Proc] = []
-        self.driver: Proc | None = None
+        self.loadgen: Path | None = None
 
     def start_driver(self) -> None:
-        d = Proc("driver", taskset(self.cores["driver"], [py(), str(Path(__file__).resolve()), "--driver"]),
-                 self.work / "driver.log", pipe=True)
-        self.procs.append(d)
-        self.driver = d
-        json.loads(d.readline(START_TIMEOUT_S))
+        """Build the C load generator (bench/loadgen.c) with `cc -O2` into the work folder."""
+        exe = self.work / "loadgen"
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, "-O2", "-std=c99", "-o", str(exe), str(ROOT / "bench" / "loadgen.c")], check=True,
+                       timeout=120)
+        self.loadgen = exe
 
     def start_server(self, kind: str, repo: Path, name: str | None = None, *, profile: bool = False,
                      gc_log: bool = False) -> tuple[Proc, int]:
@@ -855,19 +681,22 @@ class Bench:
         me = str(Path(__file__).resolve())
         models = ",".join(MODELS)
         name = name or kind
-        if kind == "floor":
+        if kind == "eager":
+            argv = [py(), me, "--eager-floor-server"]
+            pat = r"eager floor: listening on [^:\s]+:(\d+)"
+        elif kind == "floor":
             argv = [py(), me, "--floor-server", "--repo", str(repo), "--models", models]
             if profile:
                 argv += ["--prof-prefix", str(self.work / name)]
             pat = r"floor: listening on [^:\s]+:(\d+)"
         elif profile or gc_log:
-            argv = [py(), me, "--instrumented-server", "--repo", str(repo), "--models", models]
+            argv = [py(), me, "--instrumented-server", "--repo", str(repo), "--models", models + ",mlp_b"]
             if profile:
                 argv += ["--prof-prefix", str(self.work / name)]
             pat = r"tinyserve-instrumented: listening on [^:\s]+:(\d+)"
         else:
             argv = [py(), "-m", "tinyserve", "serve", "--repo", str(repo), "--threads", "1", "--port", "0"]
-            for m in MODELS:
+            for m in (*MODELS, "mlp_b"):
                 argv += ["--model", m]
             pat = r"tinyserve: listening on [^:\s]+:(\d+)"
         if gc_log:
@@ -878,26 +707,28 @@ class Bench:
         return p, int(m.group(1))
 
     def drive(self, port: int, pid: int, model: str, scenario: str, warmup: int, count: int) -> dict:
+        """One run of the C load generator (pinned to the driver's core): `warmup` then `count`
+        requests on the scenario's connections; every request must be answered with success."""
         conns, window = SCENARIOS[scenario]
-        cmd = {"op": "run", "host": "127.0.0.1", "port": port, "server_pid": pid, "model": model,
-               "server_core": self.cores["server"] if self.cores["apart"] else None,
-               "conns": conns, "window": window, "warmup": warmup, "count": count, "timeout_s": RUN_TIMEOUT_S}
-        self.driver.p.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.driver.p.stdin.flush()
-        out = json.loads(self.driver.readline(RUN_TIMEOUT_S + 30))
-        if not out["ok"]:
-            raise RuntimeError(f"driver: {model} {scenario} on port {port}: {out['error']}")
-        return out["result"]
+        argv = [str(self.loadgen), "--host", "127.0.0.1", "--port", str(port), "--model", model,
+                "--conns", str(conns), "--inflight", str(window), "--warmup", str(warmup), "--count", str(count),
+                "--timeout", str(RUN_TIMEOUT_S), "--server-pid", str(pid)]
+        p = subprocess.run(taskset(self.cores["driver"], argv), capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT_S + 30)
+        try:
+            r = json.loads(p.stdout)
+        except ValueError:
+            raise RuntimeError(f"loadgen: {model} {scenario} on port {port}: exit {p.returncode}: "
+                               f"{p.stderr[-2000:]}") from None
+        if p.returncode != 0 or r["ok"] != count:
+            raise RuntimeError(f"loadgen: {model} {scenario} on port {port}: exit {p.returncode}, {r}")
+        r["server_runq_wait"] = r["server_runq_wait_us_per_req"] * r["ok"] / 1e6 / max(r["elapsed_s"], 1e-9)
+        r["core_foreign_busy"] = None  # not sampled by the C generator
+        r["n"] = r["ok"]
+        return r
 
     def stop_all(self) -> dict:
         codes = {}
-        if self.driver is not None and self.driver.p.poll() is None:
-            try:
-                self.driver.p.stdin.write(b'{"op": "quit"}\n')
-                self.driver.p.stdin.flush()
-                self.driver.p.wait(5)
-            except (OSError, subprocess.TimeoutExpired, ValueError):
-                pass
         for p in self.procs:
             codes[p.name] = p.stop()
         self.procs = []
@@ -924,7 +755,7 @@ def disturbance(r: dict) -> float:
     xs = [r.get("driver_runq_wait") or 0.0]
     if r.get("core_foreign_busy") is not None and r["elapsed_s"] >= 0.3:
         xs.append(r["core_foreign_busy"])
-    if r["server"] == "floor" and r.get("server_runq_wait") is not None:
+    if r["server"] in FLOORS and r.get("server_runq_wait") is not None:
         xs.append(r["server_runq_wait"])
     return max(xs)
 
@@ -934,16 +765,20 @@ SERVER_FIELDS = ("server_cpu_us_per_req", "server_main_cpu_us_per_req", "server_
 
 
 def summarize(records: list[dict]) -> dict:
+    """Per model and scenario: each server's medians over rounds, and tinyserve against each floor
+    (medians of the per-round ratios and differences)."""
     out: dict = {}
+    servers = [srv for srv in SERVERS if any(r["server"] == srv for r in records)]
+    floors = [f for f in FLOORS if f in servers]
     for model in MODELS:
         for scen in SCENARIOS:
             recs = [r for r in records if r["model"] == model and r["scenario"] == scen]
             if not recs:
                 continue
-            by = {s: {r["round"]: r for r in recs if r["server"] == s} for s in SERVERS}
-            rounds = sorted(set(by["floor"]) & set(by["tinyserve"]))
-            s: dict = {"rounds": len(rounds)}
-            for srv in SERVERS:
+            by = {srv: {r["round"]: r for r in recs if r["server"] == srv} for srv in servers}
+            rounds = sorted(set.intersection(*(set(by[srv]) for srv in servers)))
+            s: dict = {"rounds": len(rounds), "ratio": {}, "added_us": {}, "outputs_identical": {}}
+            for srv in servers:
                 rs = [by[srv][k] for k in rounds]
                 s[srv] = {f: med_span([r[f] for r in rs]) for f in
                           ("p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us", "throughput_rps",
@@ -952,21 +787,23 @@ def summarize(records: list[dict]) -> dict:
                     xs = [r[f] for r in rs if r.get(f) is not None]
                     if xs:
                         s[srv][f] = med_span(xs)
-            pairs = [(by["floor"][k], by["tinyserve"][k]) for k in rounds]
-            s["ratio"] = {
-                "p50": med_span([t["p50_us"] / f["p50_us"] for f, t in pairs]),
-                "p99": med_span([t["p99_us"] / f["p99_us"] for f, t in pairs]),
-                "throughput": med_span([t["throughput_rps"] / f["throughput_rps"] for f, t in pairs]),
-            }
-            s["added_us"] = {
-                "p50": med_span([t["p50_us"] - f["p50_us"] for f, t in pairs]),
-                "p99": med_span([t["p99_us"] - f["p99_us"] for f, t in pairs]),
-            }
-            cpu_pairs = [(f["server_cpu_us_per_req"], t["server_cpu_us_per_req"]) for f, t in pairs
-                         if f["server_cpu_us_per_req"] and t["server_cpu_us_per_req"]]
-            if cpu_pairs:
-                s["added_us"]["server_cpu"] = med_span([t - f for f, t in cpu_pairs])
-            s["outputs_identical"] = all(f["digest"] == t["digest"] for f, t in pairs)
+            for fl in floors:
+                pairs = [(by[fl][k], by["tinyserve"][k]) for k in rounds]
+                s["ratio"][fl] = {
+                    "p50": med_span([t["p50_us"] / f["p50_us"] for f, t in pairs]),
+                    "p99": med_span([t["p99_us"] / f["p99_us"] for f, t in pairs]),
+                    "throughput": med_span([t["throughput_rps"] / f["throughput_rps"] for f, t in pairs]),
+                }
+                a = s["added_us"][fl] = {
+                    "p50": med_span([t["p50_us"] - f["p50_us"] for f, t in pairs]),
+                    "p99": med_span([t["p99_us"] - f["p99_us"] for f, t in pairs]),
+                }
+                cpu = [(f["server_cpu_us_per_req"], t["server_cpu_us_per_req"]) for f, t in pairs
+                       if f.get("server_cpu_us_per_req") and t.get("server_cpu_us_per_req")]
+                if cpu:
+                    a["server_cpu"] = med_span([t - f for f, t in cpu])
+                    s["ratio"][fl]["server_cpu"] = med_span([t / f for f, t in cpu])
+                s["outputs_identical"][fl] = all(f["digest"] == t["digest"] for f, t in pairs)
             out.setdefault(model, {})[scen] = s
     return out
 
@@ -994,16 +831,15 @@ def build_rows(summary: dict, timing: dict, records: list[dict], rejected: int =
         add("model call in process (servers' core, 1 thread, batch 1)", k,
             f"{m['median']:.1f} us [{m['min']:.1f}..{m['max']:.1f}]")
     if records:
-        pairs = {(r["round"], r["model"], r["scenario"]): r for r in records if r["server"] == "floor"}
-        first = sum(1 for r in pairs.values() if r["attempt"] == 1 and not r["disturbed"])
-        retried = sum(1 for r in pairs.values() if r["attempt"] > 1 and not r["disturbed"])
-        still = [r for r in records if r["disturbed"]]
-        add("disturbance (shared machine)", "floor/tinyserve pairs",
-            f"{len(pairs)} kept: {first} undisturbed at the first try, {retried} after a rerun, "
-            f"{len({(r['round'], r['model'], r['scenario']) for r in still})} still disturbed after {MAX_ATTEMPTS} "
-            f"tries; {rejected} disturbed pairs rejected and rerun (a run is disturbed when more than "
-            f"{DISTURBED:.0%} of its wall time went to other processes: driver or floor waiting for their core, "
-            f"or the servers' core busy outside the server)")
+        groups = {(r["round"], r["model"], r["scenario"]): r for r in records if r["server"] == "tinyserve"}
+        first = sum(1 for r in groups.values() if r["attempt"] == 1 and not r["disturbed"])
+        retried = sum(1 for r in groups.values() if r["attempt"] > 1 and not r["disturbed"])
+        still = {(r["round"], r["model"], r["scenario"]) for r in records if r["disturbed"]}
+        add("disturbance (shared machine)", "server groups (eager floor, export floor, tinyserve)",
+            f"{len(groups)} kept: {first} undisturbed at the first try, {retried} after a rerun, "
+            f"{len(still)} still disturbed after {MAX_ATTEMPTS} tries; {rejected} disturbed groups rejected and "
+            f"rerun (a run is disturbed when more than {DISTURBED:.0%} of its wall time went to other processes: "
+            f"the load generator or a floor waiting for its core)")
 
     for model in MODELS:
         for scen in SCENARIOS:
@@ -1012,34 +848,44 @@ def build_rows(summary: dict, timing: dict, records: list[dict], rejected: int =
                 continue
             sec = f"{model}: {SCENARIO_TEXT[scen]}"
             for srv in SERVERS:
+                if srv not in s:
+                    continue
                 m = s[srv]
-                add(sec, srv, f"p50 {_us(m['p50_us'])} us, p99 {_us(m['p99_us'])} us, "
+                add(sec, SERVER_TEXT[srv], f"p50 {_us(m['p50_us'])} us, p99 {_us(m['p99_us'])} us, "
                     f"{m['throughput_rps']['median']:,.0f} req/s [{m['throughput_rps']['min']:,.0f}.."
-                    f"{m['throughput_rps']['max']:,.0f}]; driver busy {m['driver_busy']['median']:.0%}, "
+                    f"{m['throughput_rps']['max']:,.0f}]; load generator busy {m['driver_busy']['median']:.0%}, "
                     f"disturbance {m['disturbance']['median']:.1%}")
                 if "server_cpu_us_per_req" in m:
-                    add(sec, f"{srv}: server per request",
-                        f"CPU {_us(m['server_cpu_us_per_req'])} us (loop/main thread "
+                    add(sec, f"{SERVER_TEXT[srv]}: server per request",
+                        f"CPU {_us(m['server_cpu_us_per_req'])} us (main thread "
                         f"{m['server_main_cpu_us_per_req']['median']:.0f}, other threads "
                         f"{m['server_other_cpu_us_per_req']['median']:.0f}); run-queue wait "
                         f"{m['server_runq_wait_us_per_req']['median']:.0f} us; scheduled in "
                         f"{m['server_switches_per_req']['median']:.2f}x")
-            r, a = s["ratio"], s["added_us"]
-            if model == "mlp" and scen == "c1":
-                t = TARGETS["mlp_c1_p50_ratio_max"]
-                add(sec, "p50 tinyserve / floor", _x(r["p50"], 3), f"<= {t}x", r["p50"]["median"] <= t)
-            else:
-                add(sec, "p50 tinyserve / floor", _x(r["p50"]))
-            add(sec, "p99 tinyserve / floor", _x(r["p99"]))
-            if model == "mlp" and scen == "pipe32":
-                t = TARGETS["mlp_pipe32_throughput_ratio_min"]
-                add(sec, "throughput tinyserve / floor", _x(r["throughput"], 3), f">= {t}x",
-                    r["throughput"]["median"] >= t)
-            else:
-                add(sec, "throughput tinyserve / floor", _x(r["throughput"]))
-            extra = f"; server CPU {_sus(a['server_cpu'])} us/req" if "server_cpu" in a else ""
-            add(sec, "tinyserve adds (p50, p99)", f"p50 {_sus(a['p50'])} us, p99 {_sus(a['p99'])} us{extra}")
-            add(sec, "replies identical (floor vs tinyserve, every round)", "yes" if s["outputs_identical"] else "NO")
+            for fl in FLOORS:
+                if fl not in s["ratio"]:
+                    continue
+                r, a, name = s["ratio"][fl], s["added_us"][fl], SERVER_TEXT[fl]
+                if model == "mlp" and scen == "c1" and fl == "eager":
+                    t = TARGETS["mlp_c1_p50_ratio_max"]
+                    add(sec, f"p50 tinyserve / {name}", _x(r["p50"], 3), f"<= {t}x", r["p50"]["median"] <= t)
+                else:
+                    add(sec, f"p50 tinyserve / {name}", _x(r["p50"]))
+                add(sec, f"p99 tinyserve / {name}", _x(r["p99"]))
+                if model == "mlp" and scen == "pipe32" and fl == "eager":
+                    t = TARGETS["mlp_pipe32_throughput_ratio_min"]
+                    add(sec, f"throughput tinyserve / {name}", _x(r["throughput"], 3), f">= {t}x",
+                        r["throughput"]["median"] >= t)
+                else:
+                    add(sec, f"throughput tinyserve / {name}", _x(r["throughput"]))
+                if "server_cpu" in r:
+                    add(sec, f"server CPU per request tinyserve / {name}", _x(r["server_cpu"]))
+                extra = f"; server CPU {_sus(a['server_cpu'])} us/req" if "server_cpu" in a else ""
+                add(sec, f"tinyserve adds to the {name} (p50, p99)",
+                    f"p50 {_sus(a['p50'])} us, p99 {_sus(a['p99'])} us{extra}")
+                same = s["outputs_identical"][fl]
+                add(sec, f"replies identical ({name} vs tinyserve, every round)",
+                    "yes" if same else ("no (batched: tinyserve ran [n, 64] matmuls)" if scen == "conn32b" else "NO"))
     return rows
 
 
@@ -1182,11 +1028,11 @@ def profile_section(bench: Bench, repo: Path, mode: str, log) -> tuple[dict, lis
     results, text = {}, []
     for model, scen, count in PROFILE_RUNS[mode]:
         got = {}
-        for srv in SERVERS:
+        for srv in PROFILED:
             name = f"profiled-{srv}-{model}-{scen}"
             p, port = bench.start_server(srv, repo, name, profile=True)
             try:
-                got[srv] = bench.drive(port, p.pid, model, scen, 0, count)
+                got[srv] = bench.drive(port, p.pid, served_model(srv, model, scen), scen, 0, count)
             finally:
                 rc = p.stop()
                 bench.procs.remove(p)
@@ -1228,11 +1074,11 @@ def gc_section(bench: Bench, repo: Path, log) -> dict:
     launcher, no profiler), driven alternately with long pipelined runs: how many collections of
     each generation happen while serving, how long the full (generation 2) ones pause the process,
     and the slowest request of each run."""
-    procs = {srv: bench.start_server(srv, repo, f"gc-{srv}", gc_log=True) for srv in SERVERS}
-    runs: dict[str, list] = {srv: [] for srv in SERVERS}
+    procs = {srv: bench.start_server(srv, repo, f"gc-{srv}", gc_log=True) for srv in PROFILED}
+    runs: dict[str, list] = {srv: [] for srv in PROFILED}
     try:
         for model, n in GC_PROBE:
-            for srv in SERVERS:
+            for srv in PROFILED:
                 p, port = procs[srv]
                 r = bench.drive(port, p.pid, model, "pipe32", 0, n)
                 runs[srv].append({"model": model, "requests": n, **{k: r[k] for k in (
@@ -1243,14 +1089,14 @@ def gc_section(bench: Bench, repo: Path, log) -> dict:
             bench.procs.remove(p)
     log("gc probe: done")
     return {srv: {"runs": runs[srv], "gc": json.loads((bench.work / f"gc-{srv}.gc.json").read_text())}
-            for srv in SERVERS}
+            for srv in PROFILED}
 
 
 def gc_rows(gcres: dict) -> list[dict]:
     rows = []
     work = ", ".join(f"{m} {n:,}" for m, n in GC_PROBE)
     sec = f"garbage collection while serving (gc.callbacks; 1 connection, 32 pipelined; per server: {work} requests)"
-    for srv in SERVERS:
+    for srv in PROFILED:
         g = gcres[srv]["gc"]
         sv = g["serving"]
         full = g["full_collections_serving"]
@@ -1279,7 +1125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gc", action="store_true", help="skip the garbage-collection probe")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (repository, logs, .prof files)")
     ap.add_argument("--render", metavar="JSON", help="only rebuild the table and markdown from a results JSON")
-    ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--eager-floor-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--instrumented-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gc-log", help=argparse.SUPPRESS)
@@ -1289,8 +1135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--prof-prefix", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.driver:
-        return driver_main()
+    if args.eager_floor_server:
+        return eager_floor_server(args.host)
     if args.floor_server:
         return floor_server(args.repo, args.models.split(","), args.host, args.gc_log, args.prof_prefix)
     if args.instrumented_server:
@@ -1344,12 +1190,14 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             for model in MODELS:
                 for scen in SCENARIOS:
+                    if model not in scenario_models(scen):
+                        continue
                     warm, count = COUNTS[args.mode][scen]
                     for attempt in range(1, MAX_ATTEMPTS + 1):
                         pair = []
                         for srv in SERVERS:
                             p, port = servers[srv]
-                            r = bench.drive(port, p.pid, model, scen, warm, count)
+                            r = bench.drive(port, p.pid, served_model(srv, model, scen), scen, warm, count)
                             r.update(round=rnd, model=model, scenario=scen, server=srv, loadavg=loadavg(),
                                      attempt=attempt)
                             r["disturbance"] = disturbance(r)

@@ -13,6 +13,8 @@
  * order replies come in.  Latency = the read that completed the reply - the write of its request
  * (CLOCK_MONOTONIC).  Replies are parsed just enough to read "id", "ok" and "error"."code".
  *
+ * driver_busy / driver_runq_wait: this process's CPU time / its wait for a core, over wall time (near
+ * 100% busy: the generator set the pace; a large wait: something else had its core).
  * With --server-pid the server's CPU over the measured phase is read from /proc: every thread of
  * the process and of its descendants (task/<tid>/schedstat: on-CPU ns, run-queue ns, slices).
  *
@@ -617,14 +619,14 @@ int main(int argc, char **argv) {
     int rc = 0;
     if (G.warmup) rc = run_phase(cs, ep, G.warmup, deadline);
     struct rusage ru0, ru1;
-    sched_t s0 = sched_tree(G.server_pid);
+    sched_t d0 = sched_tree((int)getpid()), s0 = sched_tree(G.server_pid);
     getrusage(RUSAGE_SELF, &ru0);
     uint64_t t0 = now_ns();
     G.measuring = 1;
     if (!rc) rc = run_phase(cs, ep, G.count, deadline);
     uint64_t t1 = now_ns();
     getrusage(RUSAGE_SELF, &ru1);
-    sched_t s1 = sched_tree(G.server_pid);
+    sched_t s1 = sched_tree(G.server_pid), d1 = sched_tree((int)getpid());
     for (int i = 0; i < G.conns; i++)
         if (cs[i].fd >= 0) close(cs[i].fd);
 
@@ -643,12 +645,13 @@ int main(int argc, char **argv) {
     printf("}, \"unknown_id\": %llu, \"bad_frames\": %llu, \"closed\": %llu, \"lost\": %llu, \"ended\": \"%s\", "
            "\"elapsed_s\": %.6f, \"throughput_rps\": %.1f, "
            "\"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, \"max_us\": %.2f, "
-           "\"min_us\": %.2f, \"mean_us\": %.2f, \"driver_busy\": %.4f, \"digest\": \"%016llx\"",
+           "\"min_us\": %.2f, \"mean_us\": %.2f, \"driver_busy\": %.4f, \"driver_runq_wait\": %.4f, \"digest\": \"%016llx\"",
            (unsigned long long)G.unknown_id, (unsigned long long)G.bad_frames, (unsigned long long)G.closed,
            (unsigned long long)G.lost, rc == 0 ? "done" : rc == 3 ? "timeout" : "closed", el, el > 0 ? (double)answered / el : 0.0,
            pct(G.lat, G.nlat, 50), pct(G.lat, G.nlat, 90), pct(G.lat, G.nlat, 99), pct(G.lat, G.nlat, 99.9),
            G.nlat ? (double)G.lat[G.nlat - 1] / 1e3 : 0.0, G.nlat ? (double)G.lat[0] / 1e3 : 0.0,
            G.nlat ? sum / (double)G.nlat / 1e3 : 0.0, el > 0 ? cpu / el : 0.0,
+           el > 0 ? (double)(d1.wait - d0.wait) / 1e9 / el : 0.0,
            (unsigned long long)G.digest);
     if (G.server_pid > 0 && answered) {
         double n = (double)answered;
