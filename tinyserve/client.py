@@ -26,6 +26,18 @@ the same pieces:
   request, of which nothing was sent, goes out on a new connection.  A request that was sent is never
   sent again behind the caller's back: if its connection drops, it fails with `ConnectionLost`.
 
+Several addresses (``Client(["h1:8470", "h2:8470"])``, docs/deploy.md section 2): every connection is
+opened to one of them, the pool's connection i preferring address i mod n; an address whose connect
+failed, or whose connection dropped under a request, is avoided for `failover_cooldown` seconds (tried
+last, never excluded), so a new connection goes to a healthy host first.  With ``retries=N`` (0 by
+default: a dropped request raises, as above) the idempotent calls (`infer`, `ping`, `models`,
+`metadata`, `health`, `stats`) are sent again, at most N more times and never past their deadline, on
+another connection (another address when there is one) after `ConnectionLost`, `ConnectFailed`,
+`SHUTTING_DOWN`, `UNAVAILABLE`, `TOO_MANY_REQUESTS` or `QUEUE_FULL` (the last four: the server refused
+without running it); waits between tries grow from `retry_backoff` (the first is immediate).  `load`
+and `unload` change one server's state and are never sent again after they went out; they only fail
+over while connecting.  `submit` and `infer_many` do not retry (resend what failed).
+
 The blocking client needs no thread of its own: the thread that waits for a reply reads the socket
 itself ("leader / followers": one thread at a time holds the reader role and hands each reply to the
 thread waiting for it), so a single thread doing one request at a time pays exactly one send and one
@@ -976,6 +988,104 @@ def _backoff_delays(attempts: int, backoff: float) -> Iterable[float]:
         yield min(2.0, backoff * (2 ** k))
 
 
+# errors after which an idempotent call may be sent again elsewhere: the connection failed, or the
+# server refused the request without running it
+_RETRYABLE = (ClientConnectionError, wire.ShuttingDown, wire.Unavailable, wire.TooManyRequests, wire.QueueFull)
+_MAX_RETRIES = 16
+_MAX_ADDRESSES = 64
+
+
+def _addresses(host, port) -> list[tuple[str, int]]:
+    """[(host, port), ...] from a host and a port, "h1:p1,h2:p2", or a sequence of "host[:port]" strings
+    and (host, port) pairs (a missing port is `port`); "[v6]:port" for IPv6 with a port."""
+    if isinstance(host, str):
+        if "," in host:
+            items = [h.strip() for h in host.split(",")]
+        elif host.count(":") == 1 or host.startswith("["):
+            items = [host]  # "host:port"
+        else:
+            return [(host, int(port))]  # a name, an IPv4 or a bare IPv6 address
+    elif isinstance(host, (list, tuple)) and host:
+        items = list(host)
+    else:
+        raise TypeError(f"host must be a string or a non-empty sequence of addresses, got {host!r}")
+    if len(items) > _MAX_ADDRESSES:
+        raise ValueError(f"{len(items)} addresses exceed the limit of {_MAX_ADDRESSES}")
+    out: list[tuple[str, int]] = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2:
+            h, p = item
+        elif isinstance(item, str) and item:
+            h, p = item, port
+            if item.startswith("["):
+                h, sep, rest = item[1:].partition("]")
+                if not sep or (rest and not rest.startswith(":")):
+                    raise ValueError(f"address {item!r}: expected [v6] or [v6]:port")
+                if rest:
+                    p = rest[1:]
+            elif item.count(":") == 1:
+                h, p = item.split(":")
+        else:
+            raise ValueError(f"address {item!r}: expected 'host:port' or (host, port)")
+        try:
+            p = int(p)
+        except (TypeError, ValueError):
+            raise ValueError(f"address {item!r}: port {p!r} is not an integer") from None
+        if not h or not 0 < p < 65536:
+            raise ValueError(f"address {item!r}: needs a host and a port 1..65535")
+        out.append((h, p))
+    return out
+
+
+def _check_retry_args(retries, retry_backoff, failover_cooldown) -> None:
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= _MAX_RETRIES:
+        raise ValueError(f"retries must be an integer 0..{_MAX_RETRIES}, got {retries!r}")
+    if not retry_backoff >= 0:
+        raise ValueError(f"retry_backoff must be >= 0 seconds, got {retry_backoff!r}")
+    if not failover_cooldown >= 0:
+        raise ValueError(f"failover_cooldown must be >= 0 seconds, got {failover_cooldown!r}")
+
+
+class _Addresses:
+    """The client's addresses and which of them to avoid: an address that failed is tried last for
+    `cooldown` seconds (by the injectable clock), never excluded."""
+
+    def __init__(self, addrs: list[tuple[str, int]], cooldown: float, clock=time.monotonic):
+        self.addrs = addrs
+        self.cooldown = cooldown
+        self.clock = clock
+        self.down_until = [0.0] * len(addrs)
+        self.failovers = 0  # times an address was marked failed
+
+    def name(self, i: int) -> str:
+        h, p = self.addrs[i]
+        return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+    def names(self) -> str:
+        return ", ".join(self.name(i) for i in range(len(self.addrs)))
+
+    def order(self, start: int) -> list[int]:
+        """Indices to try: healthy ones from `start` on (round), then the avoided ones, soonest back first."""
+        n = len(self.addrs)
+        now = self.clock()
+        ring = [(start + k) % n for k in range(n)]
+        healthy = [i for i in ring if self.down_until[i] <= now]
+        avoided = sorted((i for i in ring if self.down_until[i] > now), key=lambda i: self.down_until[i])
+        return healthy + avoided
+
+    def failed(self, i: int | None) -> None:
+        if i is not None:
+            self.down_until[i] = self.clock() + self.cooldown
+            self.failovers += 1
+
+    def ok(self, i: int) -> None:
+        self.down_until[i] = 0.0
+
+    def healthy(self) -> list[str]:
+        now = self.clock()
+        return [self.name(i) for i in range(len(self.addrs)) if self.down_until[i] <= now]
+
+
 class Client:
     """Blocking client; thread-safe.
 
@@ -994,17 +1104,33 @@ class Client:
 
     ``timeout`` (seconds) is the default deadline of every call; a call's own ``timeout`` is also
     sent to the server as ``timeout_ms``.  ``model`` may be ``"name:version"``.
+
+    Several servers: ``Client(["h1:8470", "h2:8470"], retries=2)`` (or ``"h1:8470,h2:8470"``, or
+    (host, port) pairs; `port` is the default port of an address without one).  Connections fail over
+    to the next address, avoiding for ``failover_cooldown`` seconds one that failed; ``retries``
+    (0..16, default 0) bounds how many more times an idempotent call (infer, ping, models, metadata,
+    health, stats) is sent after a dropped connection or a refusal that says the server did not run
+    it (SHUTTING_DOWN, UNAVAILABLE, TOO_MANY_REQUESTS, QUEUE_FULL), each time on a new connection and
+    within the call's deadline; ``retry_backoff`` is the wait before the second retry (doubling, at
+    most 2 s; the first retry is immediate).  load / unload are never re-sent.  ``retried`` counts
+    the re-sent calls, ``failovers`` the addresses marked failed.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, token: str | None = None,
+    def __init__(self, host: str | Sequence = DEFAULT_HOST, port: int = DEFAULT_PORT, *, token: str | None = None,
                  ssl=None, server_hostname: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  connect_timeout: float = 10.0, connect_attempts: int = 4, backoff: float = 0.05,
-                 pool_size: int = 1, max_reply_bytes: int = 1 << 30, connect: bool = True):
+                 pool_size: int = 1, max_reply_bytes: int = 1 << 30, connect: bool = True,
+                 retries: int = 0, retry_backoff: float = 0.05, failover_cooldown: float = 5.0):
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         if connect_attempts < 1:
             raise ValueError(f"connect_attempts must be >= 1, got {connect_attempts}")
-        self.host, self.port = host, int(port)
+        _check_retry_args(retries, retry_backoff, failover_cooldown)
+        self._addrs = _Addresses(_addresses(host, port), failover_cooldown)
+        self.host, self.port = self._addrs.addrs[0]
+        self._retries, self._retry_backoff = retries, retry_backoff
+        self._sleep = time.sleep  # tests inject a recorder
+        self.retried = 0
         self.timeout = timeout
         self._open_args = dict(token=token, ssl_ctx=_ssl_context(ssl), server_hostname=server_hostname,
                                connect_timeout=connect_timeout, max_reply_bytes=max_reply_bytes)
@@ -1016,29 +1142,58 @@ class Client:
         self._closed = False
         self.reconnects = 0
         if connect:
-            self._conns[0] = self._connect()
+            self._conns[0] = self._connect(0)
 
     @classmethod
-    def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs) -> Client:
+    def connect(cls, host: str | Sequence = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs) -> Client:
         return cls(host, port, **kwargs)
 
+    @property
+    def addresses(self) -> list[str]:
+        """Every address, as "host:port", in the order given."""
+        return [self._addrs.name(i) for i in range(len(self._addrs.addrs))]
+
+    @property
+    def healthy_addresses(self) -> list[str]:
+        """The addresses not avoided now (one that failed is avoided for failover_cooldown seconds)."""
+        return self._addrs.healthy()
+
+    @property
+    def failovers(self) -> int:
+        return self._addrs.failovers
+
     # -- connections -----------------------------------------------------------------------------
-    def _connect(self) -> _Conn:
-        last: BaseException | None = None
+    def _connect(self, start: int) -> _Conn:
+        """A connection to the first address (healthy ones first, from `start` on) that answers
+        `hello`; every address is tried once per attempt, attempts are spaced by the backoff."""
+        addrs = self._addrs
+        last: dict[int, BaseException] = {}
         delays = _backoff_delays(self._attempts, self._backoff)
         for attempt in range(self._attempts):
             if attempt:
                 time.sleep(next(delays))
-            try:
-                return _Conn.open(self.host, self.port, **self._open_args)
-            except (wire.Unauthenticated, ConnectFailed):
-                raise
-            except _ssl.SSLCertVerificationError as exc:
-                raise ConnectFailed(f"cannot connect to tinyserve at {self.host}:{self.port}: {exc}") from None
-            except (OSError, RequestTimeout, wire.WireError) as exc:
-                last = exc
-        raise ConnectFailed(f"cannot connect to tinyserve at {self.host}:{self.port} after {self._attempts} "
-                            f"attempt{'s' if self._attempts > 1 else ''}: {last}")
+            for i in addrs.order(start):
+                host, port = addrs.addrs[i]
+                try:
+                    conn = _Conn.open(host, port, **self._open_args)
+                except (wire.Unauthenticated, ConnectFailed):
+                    raise
+                except _ssl.SSLCertVerificationError as exc:
+                    raise ConnectFailed(f"cannot connect to tinyserve at {addrs.name(i)}: {exc}") from None
+                except (OSError, RequestTimeout, wire.WireError) as exc:
+                    last[i] = exc
+                    if len(addrs.addrs) > 1:
+                        addrs.failed(i)
+                    continue
+                conn.index = i
+                addrs.ok(i)
+                return conn
+        tries = f"{self._attempts} attempt{'s' if self._attempts > 1 else ''}"
+        if len(addrs.addrs) == 1:
+            raise ConnectFailed(f"cannot connect to tinyserve at {addrs.name(0)} after {tries}: {last.get(0)}")
+        why = "; ".join(f"{addrs.name(i)}: {e}" for i, e in sorted(last.items()))
+        raise ConnectFailed(f"cannot connect to tinyserve at any of {len(addrs.addrs)} addresses after {tries} "
+                            f"each: {why}")
 
     def _conn(self, stale: _Conn | None = None) -> _Conn:
         """This thread's connection, (re)opened when it is missing or has dropped (or is `stale`)."""
@@ -1064,8 +1219,37 @@ class Client:
                 conn.close("replaced after the connection dropped")
                 self.reconnects += 1
             self._conns[i] = None
-            conn = self._conns[i] = self._connect()
+            conn = self._conns[i] = self._connect(i % len(self._addrs.addrs))
             return conn
+
+    def _retry(self, exc: BaseException, conn: _Conn | None, once, deadline: float | None):
+        """Send an idempotent call again after `exc` (raised by its try on `conn`): at most `retries`
+        more times, each on a new connection (the failed address avoided), never past `deadline`."""
+        if not self._retries or not isinstance(exc, _RETRYABLE):
+            raise exc
+        delays = _backoff_delays(self._retries, self._retry_backoff)
+        for k in range(self._retries):
+            if self._closed:
+                break
+            if conn is not None and len(self._addrs.addrs) > 1:
+                self._addrs.failed(getattr(conn, "index", None))
+            if k:
+                wait = next(delays)
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                if wait > 0:
+                    self._sleep(wait)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self.retried += 1
+            try:
+                conn = self._conn(conn)
+                return once(conn)
+            except _Stale:
+                exc = ConnectionLost(f"the server at {conn.addr} closed the connection")
+            except _RETRYABLE as e:
+                exc = e
+        raise exc
 
     def _deadline(self, timeout) -> float | None:
         t = self.timeout if timeout is None else timeout
@@ -1080,7 +1264,12 @@ class Client:
     def infer(self, model: str, inputs: Mapping, *, version: int | None = None,
               outputs: Sequence[str] | None = None, timeout: float | None = None,
               priority: int | None = None) -> dict:
-        conn = self._conn()
+        try:
+            conn = self._conn()
+        except ConnectFailed as exc:
+            deadline = self._deadline(timeout)
+            return self._retry(exc, None, lambda c: self._infer_once(c, model, inputs, version, outputs, timeout,
+                                                                     priority, deadline), deadline)
         if version is None and ":" in model:
             model, version = _parse_model(model, version)
         if outputs is None and timeout is None and priority is None:
@@ -1094,7 +1283,22 @@ class Client:
         try:
             return conn.roundtrip(parts, total, _INFER, deadline)
         except _Stale:  # the server had closed this idle connection; nothing was sent
-            return self._conn(conn).roundtrip(parts, total, _INFER, deadline)
+            try:
+                conn = self._conn(conn)
+                return conn.roundtrip(parts, total, _INFER, deadline)
+            except (_Stale, *_RETRYABLE) as exc:
+                err = ConnectionLost(f"the server at {conn.addr} closed the connection") if isinstance(exc, _Stale) else exc
+        except _RETRYABLE as exc:
+            err = exc
+        return self._retry(err, conn, lambda c: self._infer_once(c, model, inputs, version, outputs, timeout, priority,
+                                                                 deadline), deadline)
+
+    @staticmethod
+    def _infer_once(conn: _Conn, model, inputs, version, outputs, timeout, priority, deadline) -> dict:
+        model, version = _parse_model(model, version)
+        parts, total = conn.encoder.infer(model, inputs, version, _names(outputs), _timeout_ms(timeout),
+                                          _parse_priority(priority))
+        return conn.roundtrip(parts, total, _INFER, deadline)
 
     def submit(self, model: str, inputs: Mapping, *, version: int | None = None,
                outputs: Sequence[str] | None = None, timeout: float | None = None,
@@ -1180,14 +1384,29 @@ class Client:
                 conn.forget(window)
 
     # -- other operations ------------------------------------------------------------------------
-    def _call(self, fields: dict, timeout) -> dict:
-        conn = self._conn()
-        parts, total = conn.encoder.other(fields)
+    def _call(self, fields: dict, timeout, idempotent: bool = True) -> dict:
         deadline = self._deadline(timeout)
+        conn = None
         try:
-            return conn.roundtrip(parts, total, _OTHER, deadline)
-        except _Stale:
-            return self._conn(conn).roundtrip(parts, total, _OTHER, deadline)
+            conn = self._conn()
+            parts, total = conn.encoder.other(fields)
+            try:
+                return conn.roundtrip(parts, total, _OTHER, deadline)
+            except _Stale:  # nothing was sent: safe for any op
+                conn = self._conn(conn)
+                return conn.roundtrip(parts, total, _OTHER, deadline)
+        except (_Stale, *_RETRYABLE) as exc:
+            if not idempotent:
+                if isinstance(exc, _Stale):
+                    raise ConnectionLost(f"the server at {conn.addr} closed the connection") from None
+                raise
+            err = ConnectionLost(f"the server at {conn.addr} closed the connection") if isinstance(exc, _Stale) else exc
+        return self._retry(err, conn, lambda c: self._call_once(c, fields, deadline), deadline)
+
+    @staticmethod
+    def _call_once(conn: _Conn, fields: dict, deadline) -> dict:
+        parts, total = conn.encoder.other(fields)
+        return conn.roundtrip(parts, total, _OTHER, deadline)
 
     def ping(self, *, timeout: float | None = None) -> float:
         """Round-trip time in seconds."""
@@ -1202,10 +1421,12 @@ class Client:
         return self._call(_model_fields("metadata", model, version), timeout)
 
     def load(self, model: str, version: int | None = None, *, timeout: float | None = None) -> dict:
-        return self._call(_model_fields("load", model, version), timeout)
+        """Load on the server of this thread's connection (never re-sent: see the class docstring)."""
+        return self._call(_model_fields("load", model, version), timeout, idempotent=False)
 
     def unload(self, model: str, version: int | None = None, *, timeout: float | None = None) -> dict:
-        return self._call(_model_fields("unload", model, version), timeout)
+        """Unload on the server of this thread's connection (never re-sent)."""
+        return self._call(_model_fields("unload", model, version), timeout, idempotent=False)
 
     def health(self, *, timeout: float | None = None) -> dict:
         return self._call({"op": "health"}, timeout)
@@ -1233,7 +1454,7 @@ class Client:
 
     def __repr__(self) -> str:
         live = sum(1 for c in self._conns if c is not None and c.broken is None)
-        return f"<tinyserve.Client {self.host}:{self.port} connections={live}/{len(self._conns)}>"
+        return f"<tinyserve.Client {self._addrs.names()} connections={live}/{len(self._conns)}>"
 
 
 ClientPool = Client  # `ClientPool(host, port, pool_size=N)` reads better in threaded code
@@ -1411,15 +1632,22 @@ class AsyncClient:
     """asyncio client (works on uvloop).  Open it with ``await AsyncClient.connect(host, port, ...)``;
     the methods are those of `Client`, as coroutines.  Many requests may be in flight at once on its
     one connection (``asyncio.gather`` them, or use ``infer_many``).  Not thread-safe: use it from the
-    event loop that opened it."""
+    event loop that opened it.  Several addresses, ``retries``, ``retry_backoff`` and
+    ``failover_cooldown`` as in `Client` (its one connection goes to the first healthy address)."""
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, token: str | None = None,
+    def __init__(self, host: str | Sequence = DEFAULT_HOST, port: int = DEFAULT_PORT, *, token: str | None = None,
                  ssl=None, server_hostname: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
                  connect_timeout: float = 10.0, connect_attempts: int = 4, backoff: float = 0.05,
-                 max_reply_bytes: int = 1 << 30):
+                 max_reply_bytes: int = 1 << 30, retries: int = 0, retry_backoff: float = 0.05,
+                 failover_cooldown: float = 5.0):
         if connect_attempts < 1:
             raise ValueError(f"connect_attempts must be >= 1, got {connect_attempts}")
-        self.host, self.port = host, int(port)
+        _check_retry_args(retries, retry_backoff, failover_cooldown)
+        self._addrs = _Addresses(_addresses(host, port), failover_cooldown)
+        self.host, self.port = self._addrs.addrs[0]
+        self._retries, self._retry_backoff = retries, retry_backoff
+        self._sleep = asyncio.sleep  # tests inject a recorder
+        self.retried = 0
         self.timeout = timeout
         self._token = token
         self._ssl = _ssl_context(ssl)
@@ -1433,41 +1661,86 @@ class AsyncClient:
         self.reconnects = 0
 
     @classmethod
-    async def connect(cls, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs) -> AsyncClient:
+    async def connect(cls, host: str | Sequence = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs) -> AsyncClient:
         self = cls(host, port, **kwargs)
         await self._ensure()
         return self
 
+    addresses = Client.addresses
+    healthy_addresses = Client.healthy_addresses
+    failovers = Client.failovers
+
     async def _open(self) -> _AsyncConn:
         loop = asyncio.get_running_loop()
-        addr = f"{self.host}:{self.port}"
-        last: BaseException | None = None
+        addrs = self._addrs
+        last: dict[int, BaseException] = {}
         delays = _backoff_delays(self._attempts, self._backoff)
         for attempt in range(self._attempts):
             if attempt:
                 await asyncio.sleep(next(delays))
-            conn = None
+            for i in addrs.order(0):
+                host, port = addrs.addrs[i]
+                addr = addrs.name(i)
+                conn = None
+                try:
+                    kw = {}
+                    if self._ssl is not None:
+                        kw = {"ssl": self._ssl, "server_hostname": self._server_hostname or host}
+                    _transport, conn = await asyncio.wait_for(
+                        loop.create_connection(lambda a=addr: _AsyncConn(a, self._max_reply), host, port, **kw),
+                        self._connect_timeout)
+                    info = _check_hello(await conn.call(_hello_fields(self._token), _OTHER, self._connect_timeout),
+                                        f"server at {addr}")
+                    _apply_limits(conn, info)
+                    conn.index = i
+                    addrs.ok(i)
+                    return conn
+                except (wire.Unauthenticated, ConnectFailed):
+                    if conn is not None:
+                        conn.close()
+                    raise
+                except (OSError, asyncio.TimeoutError, wire.WireError) as exc:
+                    if conn is not None:
+                        conn.close()
+                    last[i] = exc
+                    if len(addrs.addrs) > 1:
+                        addrs.failed(i)
+        tries = f"{self._attempts} attempt{'s' if self._attempts > 1 else ''}"
+        if len(addrs.addrs) == 1:
+            raise ConnectFailed(f"cannot connect to tinyserve at {addrs.name(0)} after {tries}: {last.get(0)!r}")
+        why = "; ".join(f"{addrs.name(i)}: {e!r}" for i, e in sorted(last.items()))
+        raise ConnectFailed(f"cannot connect to tinyserve at any of {len(addrs.addrs)} addresses after {tries} "
+                            f"each: {why}")
+
+    async def _retry(self, exc: BaseException, conn: _AsyncConn | None, once, timeout):
+        """`Client._retry` for the asyncio client: `once(conn)` is awaited on a new connection."""
+        if not self._retries or not isinstance(exc, _RETRYABLE):
+            raise exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = _backoff_delays(self._retries, self._retry_backoff)
+        for k in range(self._retries):
+            if self._closed:
+                break
+            if conn is not None:
+                if len(self._addrs.addrs) > 1:
+                    self._addrs.failed(getattr(conn, "index", None))
+                if conn.lost is None:  # a refusal: go elsewhere
+                    conn.close()
+            if k:
+                wait = next(delays)
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                if wait > 0:
+                    await self._sleep(wait)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self.retried += 1
             try:
-                kw = {}
-                if self._ssl is not None:
-                    kw = {"ssl": self._ssl, "server_hostname": self._server_hostname or self.host}
-                _transport, conn = await asyncio.wait_for(
-                    loop.create_connection(lambda: _AsyncConn(addr, self._max_reply), self.host, self.port, **kw),
-                    self._connect_timeout)
-                info = _check_hello(await conn.call(_hello_fields(self._token), _OTHER, self._connect_timeout),
-                                    f"server at {addr}")
-                _apply_limits(conn, info)
-                return conn
-            except (wire.Unauthenticated, ConnectFailed):
-                if conn is not None:
-                    conn.close()
-                raise
-            except (OSError, asyncio.TimeoutError, wire.WireError) as exc:
-                if conn is not None:
-                    conn.close()
-                last = exc
-        raise ConnectFailed(f"cannot connect to tinyserve at {addr} after {self._attempts} "
-                            f"attempt{'s' if self._attempts > 1 else ''}: {last!r}")
+                conn = await self._ensure()
+                return await once(conn)
+            except _RETRYABLE as e:
+                exc = e
+        raise exc
 
     async def _ensure(self) -> _AsyncConn:
         conn = self._conn
@@ -1498,8 +1771,16 @@ class AsyncClient:
                     outputs: Sequence[str] | None = None, timeout: float | None = None,
                     priority: int | None = None) -> dict:
         conn = self._conn
-        if conn is None or conn.lost is not None:
-            conn = await self._ensure()
+        try:
+            if conn is None or conn.lost is not None:
+                conn = await self._ensure()
+            return await self._infer_once(conn, model, inputs, version, outputs, timeout, priority)
+        except _RETRYABLE as exc:
+            err = exc
+        return await self._retry(err, conn, lambda c: self._infer_once(c, model, inputs, version, outputs, timeout,
+                                                                       priority), self._timeout(timeout))
+
+    async def _infer_once(self, conn: _AsyncConn, model, inputs, version, outputs, timeout, priority) -> dict:
         model, version = _parse_model(model, version)
         parts, _total = conn.encoder.infer(model, inputs, version, _names(outputs), _timeout_ms(timeout),
                                            _parse_priority(priority))
@@ -1550,9 +1831,17 @@ class AsyncClient:
                 raise
             return exc
 
-    async def _call(self, fields: dict, timeout) -> dict:
-        conn = await self._ensure()
-        return await conn.call(fields, _OTHER, self._timeout(timeout))
+    async def _call(self, fields: dict, timeout, idempotent: bool = True) -> dict:
+        conn = None
+        t = self._timeout(timeout)
+        try:
+            conn = await self._ensure()
+            return await conn.call(fields, _OTHER, t)
+        except _RETRYABLE as exc:
+            if not idempotent:
+                raise
+            err = exc
+        return await self._retry(err, conn, lambda c: c.call(fields, _OTHER, t), t)
 
     async def ping(self, *, timeout: float | None = None) -> float:
         t0 = time.perf_counter()
@@ -1566,10 +1855,10 @@ class AsyncClient:
         return await self._call(_model_fields("metadata", model, version), timeout)
 
     async def load(self, model: str, version: int | None = None, *, timeout: float | None = None) -> dict:
-        return await self._call(_model_fields("load", model, version), timeout)
+        return await self._call(_model_fields("load", model, version), timeout, idempotent=False)
 
     async def unload(self, model: str, version: int | None = None, *, timeout: float | None = None) -> dict:
-        return await self._call(_model_fields("unload", model, version), timeout)
+        return await self._call(_model_fields("unload", model, version), timeout, idempotent=False)
 
     async def health(self, *, timeout: float | None = None) -> dict:
         return await self._call({"op": "health"}, timeout)
@@ -1596,4 +1885,4 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         state = "connected" if self._conn is not None and self._conn.lost is None else "not connected"
-        return f"<tinyserve.AsyncClient {self.host}:{self.port} {state}>"
+        return f"<tinyserve.AsyncClient {self._addrs.names()} {state}>"
