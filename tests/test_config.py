@@ -388,3 +388,71 @@ def test_buckets_need_a_dynamic_dim():
     d["inputs"][1]["shape"] = [-1, 64]
     with pytest.raises(ConfigError, match=r"buckets.inputs\[1\]: 'mask'.shape\[1\] is 64; must be -1"):
         ModelConfig.from_dict(d)
+
+
+# --- warm-up (docs/repository.md section 3.6) --------------------------------------------------------
+def warm_model() -> dict:
+    return {"name": "seq", "platform": "python",
+            "inputs": [{"name": "ids", "dtype": "int64", "shape": [-1, -1]},
+                       {"name": "mask", "dtype": "bool", "shape": [-1, 16]}],
+            "outputs": [{"name": "y", "dtype": "float32", "shape": [-1]}]}
+
+
+def test_warmup_forms_and_round_trip():
+    for warmup, stored in ((None, None), (True, None), (False, False)):
+        d = warm_model() if warmup is None else {**warm_model(), "warmup": warmup}
+        cfg = ModelConfig.from_dict(d)
+        assert cfg.warmup is stored
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert ("warmup" in cfg.to_dict()) is (stored is False)  # the default is not written
+    d = {**warm_model(), "warmup": [{"name": "mask", "file": "mask.npy"},
+                                    {"name": "ids", "shape": [2, 8], "dtype": "int64", "value": 7}]}
+    cfg = ModelConfig.from_dict(d)
+    assert [w.name for w in cfg.warmup] == ["mask", "ids"] and cfg.warmup[1].shape == (2, 8)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    values = {**warm_model(), "warmup": [{"name": "ids", "shape": [1, 2], "values": [1, 2]},
+                                         {"name": "mask", "shape": [1, 16], "value": True}]}
+    assert ModelConfig.from_dict(values).warmup[0].values == (1, 2)
+
+
+WARM_OK_MASK = {"name": "mask", "shape": [1, 16]}
+WARM_INVALID = [
+    ("yes", ["warmup must be true, false or a list of inputs", "str"]),
+    ([{"name": "ids", "shape": [1, 4]}], ["warmup gives no tensor for input 'mask'", "or set warmup to false"]),
+    ([{"name": "ids", "shape": [1, 4]}, WARM_OK_MASK, {"name": "ids", "shape": [1, 4]}], ["warmup[2]", "given twice"]),
+    ([{"name": "tokens", "shape": [1, 4]}, WARM_OK_MASK], ["warmup[0]", "'tokens' is not one of the model's inputs", "ids, mask"]),
+    ([{"name": "ids", "shape": [1, -1]}, WARM_OK_MASK], ["warmup[0]", "shape[1] is -1", "no -1"]),
+    ([{"name": "ids", "shape": [1, 4, 1]}, WARM_OK_MASK], ["warmup[0]", "[1, 4, 1] does not fit", "[-1, -1]"]),
+    ([{"name": "ids", "shape": [1, 4]}, {"name": "mask", "shape": [1, 8]}], ["warmup[1]", "[1, 8] does not fit", "[-1, 16]"]),
+    ([{"name": "ids", "shape": [1 << 13, 1 << 12]}, WARM_OK_MASK], ["warmup[0]", "33554432 elements", "limit 16777216"]),
+    ([{"name": "ids", "shape": [1, 4], "dtype": "int32"}, WARM_OK_MASK], ["warmup[0]", "dtype is int32", "takes int64"]),
+    ([{"name": "ids", "shape": [1, 4], "value": 1.5}, WARM_OK_MASK], ["warmup[0]", "1.5 is not a int64 value"]),
+    ([{"name": "ids", "shape": [1, 4]}, {"name": "mask", "shape": [1, 16], "value": 2}], ["warmup[1]", "2 is not a bool value"]),
+    ([{"name": "ids", "shape": [1, 4], "value": "one"}, WARM_OK_MASK], ["warmup[0]", "value must be a finite number"]),
+    ([{"name": "ids", "shape": [1, 2], "values": [1, 2, 3]}, WARM_OK_MASK], ["values lists 3 numbers", "has 2 elements"]),
+    ([{"name": "ids", "shape": [1, 2], "values": [1, 2], "value": 1}, WARM_OK_MASK], ["value", "or values, not both"]),
+    ([{"name": "ids", "shape": [1, 70000], "values": [0] * 70000}, WARM_OK_MASK], ["70000 numbers, limit 65536", ".npy"]),
+    ([{"name": "ids", "file": "ids.txt"}, WARM_OK_MASK], ["warmup[0]", "must be a .npy file"]),
+    ([{"name": "ids", "file": "../ids.npy"}, WARM_OK_MASK], ["warmup[0]", "file name", "contains '/'"]),
+    ([{"name": "ids", "file": "ids.npy", "shape": [1, 2]}, WARM_OK_MASK], ["file gives the whole tensor"]),
+    ([{"name": "ids"}, WARM_OK_MASK], ["warmup[0]", "give shape (a list of sizes) or file"]),
+    ([{"name": "ids", "shape": [1, 4], "fill": 1}, WARM_OK_MASK], ["warmup[0]", "unknown key 'fill'"]),
+]
+
+
+@pytest.mark.parametrize("warmup,words", WARM_INVALID, ids=[repr(w)[:60] for w, _ in WARM_INVALID])
+def test_invalid_warmup(warmup, words):
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict({**warm_model(), "warmup": warmup})
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, (w, msg)
+    assert len(msg) < 400
+
+
+def test_a_weights_only_model_has_no_warmup():
+    d = {"name": "w", "platform": "weights", "inputs": [{"name": "x", "dtype": "float32", "shape": [1]}],
+         "outputs": [], "warmup": [{"name": "x", "shape": [1]}]}
+    with pytest.raises(ConfigError, match="weights-only model has nothing to run"):
+        ModelConfig.from_dict(d)

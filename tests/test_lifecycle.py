@@ -24,7 +24,7 @@ from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import Client, ServerThread  # noqa: E402
+from test_server import Client, ServerThread, error_of  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -295,3 +295,94 @@ def test_a_release_that_raises_still_ends_unloaded_and_is_logged(scripted_repo, 
             assert c.call("load", model="jit")["state"] == "READY"
     finally:
         s.stop()
+
+
+# --- 17.5: the warm-up run is configurable ------------------------------------------------------------
+# a model with a minimum input size: a convolution with kernel 8 cannot run on the default [1, 1] zeros
+CONV_MODEL = '''
+import torch
+
+class Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 1, kernel_size=8)
+
+    def forward(self, x):
+        return self.conv(x.unsqueeze(1)).squeeze(1)
+
+def build(params):
+    return Conv()
+'''
+CONV_CONFIG = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1]}],
+               "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, -1]}]}
+CONV_WARMUPS = {  # version -> the config's warmup (absent: the default)
+    1: None,
+    2: [{"name": "x", "shape": [2, 16], "value": 0.5}],
+    3: False,
+    4: [{"name": "x", "file": "warm.npy"}],
+    5: [{"name": "x", "file": "bad.npy"}],  # int64 in the file: refused at load
+}
+
+
+@pytest.fixture(scope="module")
+def conv_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("conv")
+    repo = Repository(tmp / "repo", create=True)
+    np.save(tmp / "warm.npy", np.ones((3, 9), np.float32))
+    np.save(tmp / "bad.npy", np.ones((3, 9), np.int64))
+    torch.manual_seed(0)
+    module = build_from(CONV_MODEL, tmp, "conv")
+    sd = tmp / "conv.pt"
+    torch.save(module.state_dict(), sd)
+    py = tmp / "conv.py"
+    py.write_text(CONV_MODEL)
+    for version, warmup in CONV_WARMUPS.items():
+        cfg = dict(CONV_CONFIG, **({} if warmup is None else {"warmup": warmup}))
+        files = {"warm.npy": tmp / "warm.npy", "bad.npy": tmp / "bad.npy"} if version >= 4 else None
+        pack(repo, "conv", str(sd), program=str(py), config=cfg, version=version, files=files)
+    return str(repo.root)
+
+
+def test_warmup_inputs_from_the_config(conv_repo):
+    """The fixed [1, 1] zeros failed every model with a minimum input size; the config now gives
+    the warm-up inputs (a shape and a value, or a .npy file of the version) or turns it off."""
+    s = ServerThread(ServerConfig(repo=conv_repo, torch_threads=1), "asyncio")
+    try:
+        with Client(s.port, timeout=20) as c:
+            error_of(c.call("load", model="conv", version=1), "MODEL_ERROR", "warm-up run on zeros (batch 1) failed",
+                     "Kernel size can't be greater", "the model config's warmup gives other inputs, or false")
+            for version in (2, 3, 4):
+                assert c.call("load", model="conv", version=version)["state"] == "READY", version
+            x = np.arange(20, dtype=np.float32).reshape(2, 10)
+            ys = []
+            for version in (2, 3, 4):
+                h, out = c.infer("conv", {"x": x}, version=version)
+                assert h["ok"], h
+                assert out["y"].shape == (2, 3)
+                ys.append(out["y"])
+            np.testing.assert_array_equal(ys[0], ys[1])
+            np.testing.assert_array_equal(ys[0], ys[2])
+            error_of(c.call("load", model="conv", version=5), "MODEL_ERROR",
+                     "warmup file 'bad.npy' holds int64, input 'x' takes float32")
+    finally:
+        s.stop()
+
+
+def test_warmup_inputs_really_reach_the_module(conv_repo):
+    """The run is made on exactly the configured tensors (value, values, file)."""
+    from tinyserve.config import ModelConfig, WarmupInput
+    from tinyserve.runtime import ModelInstance
+
+    path = Path(conv_repo) / "conv" / "4"
+    inst = ModelInstance.__new__(ModelInstance)  # only what _warmup_args reads
+    inst.name, inst.version, inst.path = "conv", 4, path
+    for warmup, want in (
+            ((WarmupInput("x", shape=(2, 3), value=2),), torch.full((2, 3), 2.0)),
+            ((WarmupInput("x", shape=(1, 3), values=(1, 2, 3)),), torch.tensor([[1.0, 2.0, 3.0]])),
+            ((WarmupInput("x", file="warm.npy"),), torch.ones(3, 9)),
+            (None, torch.zeros(1, 1))):
+        extra = {} if warmup is None else {"warmup": [w.to_dict() for w in warmup]}
+        inst.config = ModelConfig.from_dict({"name": "conv", "platform": "python", **CONV_CONFIG, **extra})
+        [arg], _ = inst._warmup_args("cpu")
+        assert arg.dtype == torch.float32
+        torch.testing.assert_close(arg, want, rtol=0, atol=0)

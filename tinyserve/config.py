@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "PLATFORMS",
     "TensorSpec",
+    "WarmupInput",
     "name_problem",
     "parse_budgets",
     "parse_devices",
@@ -54,6 +55,8 @@ MAX_BUCKETS = 64
 MAX_INSTANCES = 256
 MAX_DEVICES = 64
 MAX_ELASTIC_MS = 86_400_000  # one day
+MAX_WARMUP_ELEMENTS = 1 << 24  # elements of one warm-up tensor (64 MiB of float32)
+MAX_WARMUP_VALUES = 65536  # values listed in the config for one warm-up tensor
 PLACEMENT_MODES = ("static", "dynamic", "elastic")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda:(0|[1-9][0-9]{0,3})")
 
@@ -550,9 +553,116 @@ def _request_specs(cfg, side: str) -> tuple:
     return specs
 
 
+# --- warm-up ---------------------------------------------------------------------------------------
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and (not isinstance(v, float) or math.isfinite(v))
+
+
+@dataclass(frozen=True)
+class WarmupInput:
+    """One input of the warm-up run (docs/repository.md section 3.6): a tensor of ``shape`` filled
+    with ``value`` (a number; 0 when absent) or holding ``values`` (row-major, one per element), or
+    the array of the ``.npy`` file ``file`` in the version directory.  ``dtype``, when given, must
+    be the input's (checked against the model's inputs by ModelConfig)."""
+
+    name: str
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    value: int | float | bool | None = None
+    values: tuple | None = None
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {_show(self.name)}")
+        shown = _show(self.name)
+        if self.dtype is not None and (not isinstance(self.dtype, str) or self.dtype not in DTYPES):
+            raise ConfigError(f"{shown}: dtype {_show(self.dtype)} is not one of {', '.join(DTYPES)}")
+        if self.file is not None:
+            if self.shape is not None or self.value is not None or self.values is not None:
+                raise ConfigError(f"{shown}: file gives the whole tensor; shape, value and values must be absent")
+            problem = name_problem(self.file)
+            if problem:
+                raise ConfigError(f"{shown}: file name {_show(self.file)} {problem}")
+            if not self.file.endswith(".npy"):
+                raise ConfigError(f"{shown}: file {_show(self.file)} must be a .npy file (numpy.save) of the version directory")
+            return
+        shape = self.shape
+        if isinstance(shape, list):
+            shape = tuple(shape)
+            object.__setattr__(self, "shape", shape)
+        if not isinstance(shape, tuple):
+            raise ConfigError(f"{shown}: give shape (a list of sizes) or file, got shape {_type_name(shape)}")
+        if len(shape) > MAX_NDIM:
+            raise ConfigError(f"{shown}: shape has {len(shape)} dimensions, limit {MAX_NDIM}")
+        numel = 1
+        for i, d in enumerate(shape):
+            if not _is_int(d) or not 0 <= d <= MAX_DIM:
+                raise ConfigError(f"{shown}: shape[{i}] is {_show(d)}; must be a size 0..{MAX_DIM} (no -1 here)")
+            numel *= d
+        if numel > MAX_WARMUP_ELEMENTS:
+            raise ConfigError(f"{shown}: shape {list(shape)} has {numel} elements, limit {MAX_WARMUP_ELEMENTS}")
+        if self.value is not None and self.values is not None:
+            raise ConfigError(f"{shown}: give value (one number for every element) or values, not both")
+        if self.value is not None and not _is_number(self.value):
+            raise ConfigError(f"{shown}: value must be a finite number or a boolean, got {_show(self.value)}")
+        if self.values is not None:
+            values = self.values
+            if isinstance(values, list):
+                values = tuple(values)
+                object.__setattr__(self, "values", values)
+            if not isinstance(values, tuple):
+                raise ConfigError(f"{shown}: values must be a list of numbers, got {_type_name(values)}")
+            if len(values) > MAX_WARMUP_VALUES:
+                raise ConfigError(f"{shown}: values lists {len(values)} numbers, limit {MAX_WARMUP_VALUES} "
+                                  "(give a .npy file instead)")
+            if len(values) != numel:
+                raise ConfigError(f"{shown}: values lists {len(values)} numbers; shape {list(shape)} has {numel} elements")
+            for i, v in enumerate(values):
+                if not _is_number(v):
+                    raise ConfigError(f"{shown}: values[{i}] must be a finite number or a boolean, got {_show(v)}")
+
+    def check(self, spec: TensorSpec) -> None:
+        """Against the model input it feeds: dtype, number of dimensions, fixed sizes, integral values."""
+        shown = _show(self.name)
+        if self.dtype is not None and self.dtype != spec.dtype:
+            raise ConfigError(f"{shown}: dtype is {self.dtype}, the input takes {spec.dtype}")
+        if self.shape is None:
+            return
+        if len(self.shape) != len(spec.shape) or any(w not in (-1, d) for d, w in zip(self.shape, spec.shape)):
+            raise ConfigError(f"{shown}: shape {list(self.shape)} does not fit the input's shape {list(spec.shape)} "
+                              "(-1: any size)")
+        numbers = [self.value] if self.value is not None else list(self.values or ())
+        if spec.dtype == "bool":
+            bad = [v for v in numbers if v not in (0, 1)]
+        elif spec.dtype.startswith(("int", "uint")):
+            bad = [v for v in numbers if isinstance(v, float) and not v.is_integer()]
+        else:
+            bad = []
+        if bad:
+            raise ConfigError(f"{shown}: {_show(bad[0])} is not a {spec.dtype} value")
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = "warmup") -> WarmupInput:
+        d = _check_keys(d, where, ("name", "shape", "dtype", "value", "values", "file"), ("name",))
+        kwargs = dict(d)
+        for k in ("shape", "values"):
+            if k in kwargs and kwargs[k] is not None:
+                kwargs[k] = _as_tuple(kwargs[k], f"{where}.{k}")
+        return _prefixed(where, cls, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for k in ("shape", "dtype", "value", "values", "file"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
 # --- model -----------------------------------------------------------------------------------------
 _MODEL_KEYS = ("name", "platform", "program", "weights", "inputs", "outputs", "batching", "extra", "metadata", "placement",
-               "request_inputs", "request_outputs")  # (request_*: python models with hooks)
+               "request_inputs", "request_outputs", "warmup")  # (request_*: python models with hooks)
 _MODEL_REQUIRED = ("name", "platform", "inputs", "outputs")
 
 
@@ -577,6 +687,9 @@ class ModelConfig:
     # JSON values describing the version (what `pack` kept of a checkpoint: epoch, vocabulary...);
     # never read by the server (docs/repository.md section 3)
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    # the warm-up run at load (docs/repository.md section 3.6): None = one run on zeros with every -1
+    # dimension 1; False = none; a tuple of WarmupInput = one run on these inputs (one per input)
+    warmup: bool | tuple | None = None
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -641,6 +754,7 @@ class ModelConfig:
             raise ConfigError(f"placement must be a PlacementConfig or None, got {_type_name(self.placement)}")
         for side in ("request_inputs", "request_outputs"):
             object.__setattr__(self, side, _request_specs(self, side))
+        self._check_warmup()
 
         if not isinstance(self.extra, Mapping):
             raise ConfigError(f"extra must be an object (mapping), got {_type_name(self.extra)}")
@@ -656,6 +770,37 @@ class ModelConfig:
         if size > MAX_EXTRA_BYTES:
             raise ConfigError(f"metadata is {size} bytes as JSON, limit {MAX_EXTRA_BYTES}")
         object.__setattr__(self, "metadata", metadata)
+
+    def _check_warmup(self) -> None:
+        w = self.warmup
+        if w is True:
+            object.__setattr__(self, "warmup", None)  # true: the default warm-up
+            return
+        if w is None or w is False:
+            return
+        if isinstance(w, list):
+            w = tuple(w)
+            object.__setattr__(self, "warmup", w)
+        if not isinstance(w, tuple):
+            raise ConfigError(f"warmup must be true, false or a list of inputs, got {_type_name(w)}")
+        if self.platform == "weights":
+            raise ConfigError("warmup: a weights-only model has nothing to run; leave warmup out")
+        specs = {s.name: s for s in self.inputs}
+        seen: set[str] = set()
+        for i, item in enumerate(w):
+            if not isinstance(item, WarmupInput):
+                raise ConfigError(f"warmup[{i}] must be a WarmupInput, got {_type_name(item)}")
+            if item.name not in specs:
+                raise ConfigError(f"warmup[{i}]: {_show(item.name)} is not one of the model's inputs "
+                                  f"({', '.join(specs)})")
+            if item.name in seen:
+                raise ConfigError(f"warmup[{i}]: input {_show(item.name)} is given twice")
+            seen.add(item.name)
+            _prefixed(f"warmup[{i}]", item.check, specs[item.name])
+        missing = [n for n in specs if n not in seen]
+        if missing:
+            raise ConfigError(f"warmup gives no tensor for input {missing[0]!r}; list every input of the model "
+                              f"({', '.join(specs)}) or set warmup to false")
 
     def _check_buckets(self, b: BucketConfig) -> None:
         for side, names, what in (("inputs", b.inputs, "inputs"), ("outputs", b.trim_outputs, "trim_outputs")):
@@ -702,6 +847,12 @@ class ModelConfig:
         for side in ("request_inputs", "request_outputs"):
             items = _as_tuple(d.get(side, ()), side)
             sides[side] = tuple(RequestSpec.from_dict(item, f"{side}[{i}]") for i, item in enumerate(items))
+        warmup = d.get("warmup")
+        if warmup is not None and not isinstance(warmup, bool):
+            if not isinstance(warmup, (list, tuple)):
+                raise ConfigError(f"warmup must be true, false or a list of inputs, got {_type_name(warmup)}")
+            items = tuple(warmup)
+            warmup = tuple(WarmupInput.from_dict(item, f"warmup[{i}]") for i, item in enumerate(items))
         return cls(
             name=d["name"],
             platform=d["platform"],
@@ -715,6 +866,7 @@ class ModelConfig:
             request_inputs=sides["request_inputs"],
             request_outputs=sides["request_outputs"],
             metadata=metadata,
+            warmup=warmup,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -737,6 +889,8 @@ class ModelConfig:
                 out[side] = [s.to_dict() for s in getattr(self, side)]
         if self.metadata:  # written only when there is some
             out["metadata"] = copy.deepcopy(self.metadata)
+        if self.warmup is not None:  # written only when not the default
+            out["warmup"] = False if self.warmup is False else [w.to_dict() for w in self.warmup]
         return out
 
     @property

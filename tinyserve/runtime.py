@@ -4,8 +4,8 @@
 
 `ModelInstance` wraps a `LoadedModel` with worker threads fed by one `queue.SimpleQueue` (a hand-off
 costs a lock release and a GIL switch, about 10-30 us, against 50-120 us for a ThreadPoolExecutor
-round trip).  The first thread loads the version, warms it up (one run on inputs made from the config with
-batch 1), then runs requests; model compute, pre- and post-processing never touch the event loop.
+round trip).  The first thread loads the version, warms it up (one run on the config's `warmup` inputs:
+by default zeros with batch 1; none with `warmup: false`), then runs requests; model compute, pre- and post-processing never touch the event loop.
 Finished requests are handed to the server's `respond` callable in the worker thread, which writes
 the replies to their sockets directly when it can (protocol.Connection.reply_threadsafe); the rest go
 back to the loop through `Completions`, which wakes the loop once for however many results are ready
@@ -55,11 +55,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tinyserve import errors, wire
 from tinyserve.batching import Batcher, assemble, split
-from tinyserve.config import ModelConfig
+from tinyserve.config import MAX_WARMUP_ELEMENTS, ModelConfig
 from tinyserve import memory
 from tinyserve.memory import health_name, rss_anon
 from tinyserve.program import import_guard, load_export_program, load_python_model
@@ -660,7 +661,7 @@ class ModelInstance:
                 try:
                     t0 = time.perf_counter()
                     self._load()
-                    if self._warmup and self.model.module is not None:
+                    if self._warmup and self.model.module is not None and self.config.warmup is not False:
                         for r in self._replicas:
                             self._run_warmup(r)
                     self.load_s = time.perf_counter() - t0
@@ -773,9 +774,53 @@ class ModelInstance:
         self.config = cfg
         self.model = model
 
+    def _warmup_args(self, device) -> tuple[list, str]:
+        """The warm-up run's inputs (the config's `warmup`, docs/repository.md section 3.6) and how
+        to name them in an error."""
+        cfg = self.config
+        if cfg.warmup is None:
+            return [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype], device=device)
+                    for s in cfg.inputs], "on zeros (batch 1)"
+        given = {w.name: w for w in cfg.warmup}
+        args = []
+        for spec in cfg.inputs:
+            w = given[spec.name]  # the config lists every input exactly once
+            dtype = DTYPE_TO_TORCH[spec.dtype]
+            if w.file is not None:
+                t = self._warmup_file(w.file, spec)
+            elif w.values is not None:
+                t = torch.tensor(w.values, dtype=torch.float64 if dtype.is_floating_point else torch.int64)
+                t = t.to(dtype).reshape(w.shape)
+            else:
+                t = torch.full(w.shape, w.value if w.value is not None else 0, dtype=dtype)
+            args.append(t.to(device))
+        return args, "on the config's warmup inputs"
+
+    def _warmup_file(self, name: str, spec) -> torch.Tensor:
+        """A warm-up input from a .npy file of the version directory: its dtype must be the input's
+        (a float32 array for bfloat16 / float8 inputs, which numpy lacks), its shape must fit."""
+        path = self.path / name
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warmup file {name!r}: {exc}") from None
+        want = spec.dtype
+        got = str(arr.dtype)
+        cast = want in ("bfloat16", "float8_e4m3fn", "float8_e5m2") and got == "float32"
+        if got != want and not cast:
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warmup file {name!r} holds {got}, "
+                                    f"input {spec.name!r} takes {want}")
+        if arr.ndim != len(spec.shape) or any(w not in (-1, d) for d, w in zip(arr.shape, spec.shape)):
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warmup file {name!r} has shape "
+                                    f"{list(arr.shape)}, input {spec.name!r} takes {list(spec.shape)} (-1: any size)")
+        if arr.size > MAX_WARMUP_ELEMENTS:
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warmup file {name!r} has {arr.size} "
+                                    f"elements, limit {MAX_WARMUP_ELEMENTS}")
+        t = torch.from_numpy(np.array(arr))  # a copy: the mapping closes with arr
+        return t.to(DTYPE_TO_TORCH[want]) if cast else t
+
     def _run_warmup(self, rep: _Replica) -> None:
-        args = [torch.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPE_TO_TORCH[s.dtype],
-                            device=rep.torch_device) for s in self.config.inputs]
+        args, what = self._warmup_args(rep.torch_device)
         # the workspace the run needs: on the host the growth of RssAnon, on a GPU the peak of the
         # caching allocator above what the copy held before
         probe = rss_anon if rep.on_host else (lambda: torch.cuda.max_memory_allocated(rep.torch_device))
@@ -794,8 +839,9 @@ class ModelInstance:
                 self.workspace_bytes = max(self.workspace_bytes if rep.index else 0, after - before)
         except Exception as exc:
             where = f" on {rep.device}" if self._multi else ""
-            raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run on zeros "
-                                    f"(batch 1){where} failed: {type(exc).__name__}: {exc}") from exc
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: warm-up run {what}{where} "
+                                    f"failed: {type(exc).__name__}: {exc} (the model config's warmup gives other "
+                                    "inputs, or false to turn the warm-up off)") from exc
 
     def _serve(self, rep: _Replica) -> None:
         """The worker loop.  Finished requests go back to the loop at once when the worker has
