@@ -4,6 +4,7 @@ pack speed and load memory, for tinyserve against zstd, zipnn, safetensors and t
 
     .venv/bin/python bench/bench_weights.py --quick          # 128 MiB synthetic set, fewer repeats
     .venv/bin/python bench/bench_weights.py                  # 1 GiB synthetic set, 5 repeats
+    .venv/bin/python bench/bench_weights.py --only minilm_fp16   # sections 4, 1, 2 for the named sets only
 
 Method (see bench/README.md): every candidate runs on the same data in the same run; repeats are
 interleaved (A B C A B C ...) after one untimed warm-up round; each figure is the median of the
@@ -120,7 +121,7 @@ def environment(args) -> dict:
         },
         "tinyserve_backend": _backend.NAME,
         "native_build": native_build(),
-        "mode": "quick" if args.quick else "full",
+        "mode": ("only " + ",".join(args.only)) if args.only else ("quick" if args.quick else "full"),
         "repeats": args.repeats,
         "synthetic_mib": args.synthetic_mib,
         "note": ("shared 2-core VM: other sessions may be running tests at the same time, so absolute "
@@ -253,8 +254,12 @@ def datasets(args, log) -> tuple[dict[str, dict], Path, Path]:
 
     fp32 = load_file(str(MINILM))
     bf16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in fp32.items()}
+    fp16 = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in fp32.items()}
+    minilm = {"minilm_fp32": fp32, "minilm_bf16": bf16, "minilm_fp16": fp16}
+    if args.only:
+        return {k: minilm[k] for k in args.only}, None, None
     synth, st_path, pt_path = synthetic(args.synthetic_mib, log)
-    return {"minilm_fp32": fp32, "minilm_bf16": bf16, "synthetic_bf16": synth}, st_path, pt_path
+    return {"minilm_fp32": fp32, "minilm_bf16": bf16, "minilm_fp16": fp16, "synthetic_bf16": synth}, st_path, pt_path
 
 
 def raw_bytes(sd: dict) -> int:
@@ -331,10 +336,10 @@ def codec_mix(path: Path) -> dict[str, float]:
     return {k: v / total for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
 
 
-def pack(path: Path, sd: dict, level, threads: int, compression: str = "auto"):
+def pack(path: Path, sd: dict, level, threads: int, compression: str = "auto", **kw):
     from tinyserve.weights import write_weights
 
-    return write_weights(path, sd, compression=compression, level=level, threads=threads)
+    return write_weights(path, sd, compression=compression, level=level, threads=threads, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +376,9 @@ def decode_section(name: str, sd: dict, files: dict[str, Path], blobs: dict, rep
 
     def ts(lvl, verify, threads):
         mapping, j = opened[lvl].mapping, jobs[lvl]
-        return lambda: core.decode_into(mapping, j, verify, threads)
+        # the file's "float16 exponent planes" feature (format 1.1) decides the float16 plane order
+        f16 = {"f16_planes": True} if getattr(opened[lvl], "f16_planes", False) else {}
+        return lambda: core.decode_into(mapping, j, verify, threads, **f16)
 
     zip_items = [(n, b, dt) for n, (b, dt) in blobs.items()]
     zip_bytes = sum(dst[n].nbytes for n, _, _ in zip_items)
@@ -682,6 +689,11 @@ def build_rows(res: dict) -> list[dict]:
             mix = ", ".join(f"{c} {f:.1%}" for c, f in r[lvl]["codec_mix"].items() if f >= 0.0005)
             add("1 ratio", f"{ds}: tinyserve {lvl} (vs zipnn)", f"{x:.4f} ({x / z:.4f}x); planes: {mix}",
                 f">= {t}x zipnn", x / z >= t)
+        for lvl in ("default", "max"):
+            if f"{lvl}_1.0" in r:  # the same data written as a 1.0 file (float16: generic plane order)
+                x = r[f"{lvl}_1.0"]["ratio"]
+                add("1 ratio", f"{ds}: tinyserve {lvl}, format 1.0 (generic float16 planes; vs zipnn)",
+                    f"{x:.4f} ({x / z:.4f}x)")
     for ds, r in res["decode"].items():
         z1 = r["zipnn_1t"]
         for v in ("memcpy_1t", "zipnn_1t", "zipnn_2t", "ts_default_1t_noverify", "ts_max_1t_noverify"):
@@ -766,6 +778,10 @@ def render_md(env: dict, rows: list[dict], res: dict) -> str:
 # main
 
 
+class _Done(Exception):
+    """--only: the named sets' sections are done."""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="128 MiB synthetic set, 3 repeats (< 3 min on 2 cores)")
@@ -773,8 +789,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     ap.add_argument("--synthetic-mib", type=int, help="synthetic set size (default 1024, --quick 128)")
     ap.add_argument("--keep", action="store_true", help="keep the packed files in bench/data/run-<pid>/")
+    ap.add_argument("--only", help="comma-separated MiniLM sets (minilm_fp32, minilm_bf16, minilm_fp16): run sections "
+                    "4, 1 and 2 for them only; results go to weights-<sets>-<date>.json / -latest.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.only:
+        args.only = [x for x in args.only.split(",") if x]
+        if not args.only or not set(args.only) <= {"minilm_fp32", "minilm_bf16", "minilm_fp16"}:
+            ap.error("--only takes minilm_fp32, minilm_bf16, minilm_fp16")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -804,8 +826,9 @@ def main(argv=None) -> int:
         files: dict[str, dict[str, Path]] = {}
         pack_times: dict[str, dict[str, list]] = {}
         max_rounds = 1 if args.quick else args.repeats  # 'max' packs at < 10 MB/s: one round in quick mode
+        minilm_sets = [ds for ds in sets if ds.startswith("minilm_")]
         for r in range(args.repeats):
-            for ds in ("minilm_fp32", "minilm_bf16"):
+            for ds in minilm_sets:
                 for lvl, level in (("default", None), ("max", "max")):
                     if lvl == "max" and r >= max_rounds:
                         continue
@@ -821,16 +844,24 @@ def main(argv=None) -> int:
                                         "mb_s_max": max(rates), "n": len(rates),
                                         "samples_s": [round(s, 4) for s, _ in xs], "raw_bytes": xs[0][1]}
         phase("section 4: MiniLM packs (threads=1)")
-        # synthetic packs: all cores, one run each
-        syn = sets["synthetic_bf16"]
-        files["synthetic_bf16"] = {}
-        for lvl, level, comp in (("default", None, "auto"), ("max", "max", "auto"), ("raw", None, "none")):
-            p = work / f"synthetic-{lvl}.tsw"
-            s = pack(p, syn, level, threads=threads_all, compression=comp)
-            files["synthetic_bf16"][lvl] = p
-            res["pack_synthetic"][lvl] = {"seconds": s.seconds, "mb_s": s.raw_bytes / 1e6 / s.seconds,
-                                          "threads": threads_all}
-        phase("synthetic packs")
+        # float16 also as a 1.0 file (the generic plane order), for the ratio of the new order against it
+        for ds in minilm_sets:
+            if ds == "minilm_fp16":
+                for lvl, level in (("default", None), ("max", "max")):
+                    p = work / f"{ds}-{lvl}-1.0.tsw"
+                    pack(p, sets[ds], level, threads=threads_all, format="1.0")
+                    files[ds][f"{lvl}_1.0"] = p
+        if not args.only:
+            # synthetic packs: all cores, one run each
+            syn = sets["synthetic_bf16"]
+            files["synthetic_bf16"] = {}
+            for lvl, level, comp in (("default", None, "auto"), ("max", "max", "auto"), ("raw", None, "none")):
+                p = work / f"synthetic-{lvl}.tsw"
+                s = pack(p, syn, level, threads=threads_all, compression=comp)
+                files["synthetic_bf16"][lvl] = p
+                res["pack_synthetic"][lvl] = {"seconds": s.seconds, "mb_s": s.raw_bytes / 1e6 / s.seconds,
+                                              "threads": threads_all}
+            phase("synthetic packs")
 
         # 1: ratios
         blobs = {}
@@ -846,6 +877,9 @@ def main(argv=None) -> int:
                 "zstd3": {"file_bytes": zstd3_size(sd)},
                 "zipnn": {"file_bytes": zsize, "round_trip": ok},
             }
+            for lvl in ("default_1.0", "max_1.0"):
+                if lvl in files[ds]:
+                    res["ratio"][ds][lvl] = {"file_bytes": files[ds][lvl].stat().st_size}
             for v in res["ratio"][ds].values():
                 if isinstance(v, dict):
                     v["ratio"] = raw / v["file_bytes"]
@@ -860,6 +894,8 @@ def main(argv=None) -> int:
             phase(f"section 2: decode {ds}")
         del blobs
         gc.collect()
+        if args.only:
+            raise _Done
 
         # 3 + 5: new processes, synthetic set, warm page cache
         paths = {"raw": files["synthetic_bf16"]["raw"], "default": files["synthetic_bf16"]["default"],
@@ -871,6 +907,8 @@ def main(argv=None) -> int:
         phase("section 3: usable state dict")
         res["memory"] = memory_section(paths, warm, log)
         phase("section 5: memory")
+    except _Done:
+        pass
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -886,10 +924,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     day = env["date"][:10]
-    jpath = out / f"weights-{day}{'-quick' if args.quick else ''}.json"
+    tag = ("-" + "-".join(args.only)) if args.only else ""
+    jpath = out / f"weights{tag}-{day}{'-quick' if args.quick else ''}.json"
     jpath.write_text(json.dumps({"env": env, "targets": TARGETS, "results": res, "rows": rows}, indent=1) + "\n")
-    (out / "weights-latest.md").write_text(render_md(env, rows, res))
-    print(f"wrote {jpath} and {out / 'weights-latest.md'}")
+    mpath = out / f"weights{tag}-latest.md"
+    mpath.write_text(render_md(env, rows, res))
+    print(f"wrote {jpath} and {mpath}")
     return 0
 
 
