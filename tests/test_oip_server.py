@@ -185,3 +185,43 @@ def test_stop_drains_every_front_end(repo_root):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert torch.get_num_threads() >= 1
+
+
+def test_large_bodies_share_the_servers_frame_memory(repo_root):
+    """A large HTTP body holds its bytes against the server-wide max_frame_memory (the TCP front
+    end's large frames count there too): while another body holds the budget, one that does not
+    fit is refused 503 naming the limit, and the budget is whole again once the responses are out."""
+    import socket
+    s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, http_port=0,
+                                  max_frame_memory=300_000), "asyncio")
+    try:
+        port = s.server.http_port
+        mem = s.server.core.body_memory
+        n = 200_000  # over BIG_BODY
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n
+                     + b"{" + b" " * 70_000)  # part of a body: its declared size is held
+        deadline = __import__("time").monotonic() + 10
+        while s.run(lambda: mem.used) < n and __import__("time").monotonic() < deadline:
+            pass
+        assert s.run(lambda: mem.used) == n
+        other = socket.create_connection(("127.0.0.1", port), timeout=10)
+        other.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n
+                      + b" " * 70_000)
+        reply = other.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"max_frame_memory 300000" in reply
+        other.close()
+        held.close()
+        deadline = __import__("time").monotonic() + 10
+        while s.run(lambda: mem.used) and __import__("time").monotonic() < deadline:
+            pass
+        assert s.run(lambda: mem.used) == 0
+        h = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        x = np.zeros((1000, IN), dtype=np.float32)  # a 256 KB binary body: admitted, answered, released
+        i = httpclient.InferInput("x", list(x.shape), "FP32")
+        i.set_data_from_numpy(x, binary_data=True)
+        assert h.infer("mlp", [i]).as_numpy(h.get_model_metadata("mlp")["outputs"][0]["name"]).shape == (1000, 10)
+        assert s.run(lambda: mem.used) == 0
+        h.close()
+    finally:
+        s.stop()

@@ -156,6 +156,14 @@ class FrameMemory:
         self.used += n
         return True
 
+    def try_acquire(self, n: int) -> bool:
+        """Reserve n bytes if they fit (or nothing else is held); never waits (the HTTP front end
+        refuses a body that does not fit instead of pausing)."""
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
     def release(self, n: int) -> None:
         self.used -= n
         if self._waiters:

@@ -18,7 +18,8 @@ Requests
        `req.error` (a TinyserveError) into `req.reply` (anything; opaque to the core), so encoding
        costs the loop nothing.  Should `finish` raise, the core sets `req.reply = None` and
        `req.error` to an INTERNAL error.  `finish` is skipped when `responder.closed` is true.
-       `req.code` is the wire code of `req.error` ("OK" without one) when `finish` runs.
+       `req.code` is the wire code of `req.error` ("OK" without one) when `finish` runs;
+       `req.instance.name` / `req.instance.version` name the model version that ran it.
     2. the core counts the request in its statistics (before the client can see the reply), then
        either `responder.reply_threadsafe(tags, reply_parts, nbytes)` from the worker (an optional
        fast path: return False to decline, e.g. when replies must go out in request order), or, on
@@ -101,6 +102,9 @@ class Responder(Protocol):
 
 class CoreAPI(Protocol):
     limits: Any  # wire.Limits: caps on tensor counts, dimensions, sizes (every front end applies them)
+    # the server-wide budget of bytes held by large request bodies being received, shared by every
+    # front end: try_acquire(n) -> bool (False: it does not fit; refuse), release(n); `limit` its size
+    body_memory: Any
     token: bytes | None  # the server's auth token (None: none), which every front end enforces
 
     # --- the server -----------------------------------------------------------------------------------

@@ -36,6 +36,10 @@ class Core:
         return self._s._limits
 
     @property
+    def body_memory(self):
+        return self._s._frame_memory
+
+    @property
     def token(self) -> bytes | None:
         return self._s._token
 

@@ -11,7 +11,9 @@ Limits (checked before anything is sized by the peer's numbers; docs/http-grpc.m
     * request line + headers: `max_header_bytes` (431, connection closed);
     * body: `max_body_bytes`, from Content-Length before a byte of the body is read, and counted as
       chunks arrive (413, closed); the body is buffered as it arrives, never allocated from the
-      declared length;
+      declared length; a body of BIG_BODY bytes or more holds its size (the declared length) against
+      the core's server-wide `body_memory` (shared with the TCP front end's large frames) until its
+      response is written: one that does not fit is refused (503, closed) instead of buffered;
     * the JSON part of a request (the whole body, or the Inference-Header-Content-Length bytes):
       `max_json_bytes` (413; larger tensors travel as binary data);
     * tensors: the core's `limits` (count, dimensions) and every size against the bytes that arrived;
@@ -62,6 +64,7 @@ REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 300.0
 CLOSE_GRACE_S = 10.0
 LINGER_S = 2.0
+BIG_BODY = 64 << 10  # bodies this large hold their bytes against the core's server-wide body_memory
 _MAX_ITEM = (1 << 32) - 1
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
             405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
@@ -357,20 +360,22 @@ def _version_str(v) -> str:
 class _Slot:
     """One response, in request order.  `reply`: the bytes (or list of buffers) once answered."""
 
-    __slots__ = ("reply", "close", "infer")
+    __slots__ = ("reply", "close", "infer", "held")
 
-    def __init__(self, close: bool) -> None:
+    def __init__(self, close: bool, held: int = 0) -> None:
         self.reply = None
         self.close = close
         self.infer: _Infer | None = None
+        self.held = held  # bytes of body_memory its request's body holds until the response is out
 
 
 class _Request:
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "reject")
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "reject", "held")
 
-    def __init__(self, method, url, headers, body, keep_alive, reject) -> None:
+    def __init__(self, method, url, headers, body, keep_alive, reject, held: int = 0) -> None:
         self.method, self.url, self.headers, self.body = method, url, headers, body
         self.keep_alive, self.reject = keep_alive, reject
+        self.held = held  # bytes of the core's body_memory its body holds
 
 
 _WANTED = frozenset((b"content-length", b"authorization", b"inference-header-content-length", b"expect",
@@ -388,6 +393,7 @@ class _Connection(asyncio.Protocol):
         self._hbytes = 0
         self._body: bytearray | None = None
         self._reject: bytes | None = None  # a refusal decided from the headers (the body is skipped)
+        self._body_held = 0  # bytes of the core's body_memory the request being received holds
         self._fatal: bytes | None = None  # a refusal that ends the connection
         self.started: float | None = None  # when the request being received began (slowloris)
         self.last_active = 0.0
@@ -455,6 +461,7 @@ class _Connection(asyncio.Protocol):
             return True
         if self.started is not None and not self._stopped:
             self._stop_with(_error(400, "the connection ended inside a request", close=True))
+            self._dispatch_ready()  # answered after what came before it, then closed
             return True
         self._stopped = True
         if not self._slots and not self._ready:
@@ -466,6 +473,13 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._stopped = True
         self.fe._conns.discard(self)
+        held = self._body_held + sum(r.held for r in self._ready)
+        self._body_held = 0
+        for slot in self._slots:  # a running infer still reads its body: released by discard
+            if slot.held and not (slot.infer is not None and slot.reply is None):
+                held += slot.held
+                slot.held = 0
+        self._unhold(held)
         self._ready.clear()
         self._slots.clear()  # (infer requests still running: the core discards them; the count is released there)
         self._out = []
@@ -490,6 +504,7 @@ class _Connection(asyncio.Protocol):
         self._hbytes = 0
         self._body = None
         self._reject = None
+        self._body_held = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -540,18 +555,41 @@ class _Connection(asyncio.Protocol):
         b = self._body
         if b is None:
             return  # refused already: skipped, not buffered
-        if len(b) + len(body) > self.fe.max_body_bytes:
-            self._fatal = _error(413, f"request body of more than {len(b) + len(body) - 1} bytes exceeds "
+        n = len(b) + len(body)
+        if n > self.fe.max_body_bytes:
+            self._fatal = _error(413, f"request body of more than {n - 1} bytes exceeds "
                                       f"max_body_bytes {self.fe.max_body_bytes}", close=True)
             raise _Stop
+        if n >= BIG_BODY and n > self._body_held:
+            self._reserve(n)
         b += body
+
+    def _reserve(self, n: int) -> None:
+        """Hold n bytes of body (the declared length when known, else what has arrived) against the
+        server-wide budget every front end shares; a body that does not fit is refused (503)."""
+        cl = self._headers.get(b"content-length")
+        want = max(n, int(cl)) if cl is not None and cl.isdigit() and len(cl) <= 20 else n
+        mem = self.fe.body_memory
+        if mem is None or want <= self._body_held:
+            return
+        if not mem.try_acquire(want - self._body_held):
+            self._fatal = _error(503, f"the server holds {mem.used} bytes of large request bodies; "
+                                      f"{want - self._body_held} more would exceed max_frame_memory {mem.limit}: "
+                                      "retry later", close=True)
+            raise _Stop
+        self._body_held = want
+
+    def _unhold(self, n: int) -> None:
+        if n and self.fe.body_memory is not None:
+            self.fe.body_memory.release(n)
 
     def on_message_complete(self) -> None:
         p = self.parser
         self.started = None
         self._ready.append(_Request(p.get_method(), bytes(self._url), self._headers, self._body,
-                                    p.should_keep_alive(), self._reject))
+                                    p.should_keep_alive(), self._reject, self._body_held))
         self._body = None
+        self._body_held = 0
 
     # --- requests in order -------------------------------------------------------------------------
     def _held(self) -> bool:
@@ -561,7 +599,7 @@ class _Connection(asyncio.Protocol):
         ready = self._ready
         while ready and not self._held() and not self.closed:
             req = ready.popleft()
-            slot = _Slot(not req.keep_alive)
+            slot = _Slot(not req.keep_alive, req.held)
             self._slots.append(slot)
             if slot.close:
                 self._stopped = True
@@ -618,6 +656,9 @@ class _Connection(asyncio.Protocol):
         close = False
         while slots and slots[0].reply is not None:
             s = slots.popleft()
+            if s.held:
+                self._unhold(s.held)
+                s.held = 0
             r = s.reply
             if type(r) is list:
                 out += r
@@ -663,6 +704,9 @@ class _Connection(asyncio.Protocol):
         slot = req.tag
         self.fe._release()
         if self.closed:
+            if slot.held:
+                self._unhold(slot.held)
+                slot.held = 0
             return
         reply = req.reply
         if reply is None:
@@ -671,6 +715,9 @@ class _Connection(asyncio.Protocol):
 
     def discard(self, tag) -> None:
         self.fe._release()
+        if getattr(tag, "held", 0):
+            self._unhold(tag.held)
+            tag.held = 0
 
     # --- closing -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -758,6 +805,9 @@ class HttpFrontEnd:
         self.write_high_water = write_high_water
         self.write_low_water = min(WRITE_LOW_WATER, write_high_water // 4) if write_low_water is None else write_low_water
         self.metrics = metrics
+        # large bodies hold their bytes against the core's server-wide budget (shared with the TCP
+        # front end's large frames); a core without one (a test fake) leaves them uncounted
+        self.body_memory = getattr(core, "body_memory", None)
         self._clock = clock
         self.sweep_interval_s = (min(1.0, request_timeout_s / 4) if sweep_interval_s is None else sweep_interval_s)
         self.backlog = backlog
