@@ -667,6 +667,12 @@ def test_each_backend_runs_on_a_known_zstd(record_property):
     native = BACKENDS["native"]
     assert native.zstd_version() == native.zstd_build_version() >= (1, 5, 0)
     record_property("zstd_native", ".".join(map(str, native.zstd_version())))
+    # one known libzstd under both: the system's (Debian bookworm's libzstd-dev 1.5.4) for the native
+    # core, and python-zstandard 0.20.0 (constraints.txt), which bundles exactly that release, for the
+    # pure-Python one; so damaged frames decode (or fail) the same way in both
+    assert tuple(native.zstd_version()) == tuple(fallback.zstd_version()), (
+        f"native libzstd {native.zstd_version()} != python-zstandard's {fallback.zstd_version()}: pin "
+        "python-zstandard to the release that bundles the system's libzstd (constraints.txt)")
 
 
 def test_float16_planes_set_feature_bit_2(tmp_path, core):

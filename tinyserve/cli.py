@@ -421,6 +421,7 @@ def cmd_serve(args) -> int:
                           torch_threads=args.threads, use_uvloop=not args.no_uvloop,
                           idle_timeout_s=args.idle_timeout, drain_timeout_s=args.drain_timeout,
                           metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                          http_port=args.http_port, grpc_port=args.grpc_port,
                           device_poll_s=args.device_poll, ejection=ejection, pinned=tuple(args.pin),
                           require_model=args.require_model, cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                           storage=storage, model_control=args.model_control, poll_interval_s=args.poll_interval,
@@ -815,6 +816,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--metrics-port", type=int, default=None,
                     help="serve /metrics (Prometheus), /healthz and /readyz over HTTP on this port (0: any free)")
     sv.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics listener")
+    sv.add_argument("--http-port", type=int, default=None,
+                    help="serve the Open Inference Protocol (KServe v2) over HTTP/REST on this port "
+                         "(0: any free; docs/http-grpc.md)")
+    sv.add_argument("--grpc-port", type=int, default=None,
+                    help="serve the Open Inference Protocol (KServe v2) over gRPC on this port (0: any free)")
     sv.add_argument("--device-poll", type=float, default=5.0, help="device health poll interval, seconds")
     sv.add_argument("--eject-consecutive", type=int, default=5,
                     help="eject a model version after this many failures in a row (0: off)")
