@@ -350,3 +350,21 @@ def test_cache_commit_waits_for_finish_and_fails_with_it(tmp_path, background):
         cache.fill("s0", "m", 3, 100, lambda data: 42)
     assert os.listdir(cache.root / "staging") == []
 
+
+
+def test_stream_decodes_float16_exponent_planes(tmp_path):
+    """A float16 'planes' tensor of a 1.1 file (feature "float16 exponent planes") streams back to the
+    same bits: the streaming decode passes the file's feature to the codec (it regrouped in the
+    generic order, which the decoded checksum refused)."""
+    from tinyserve import spec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sd = {"h": (torch.randn(70_000, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.float16),
+          "f": torch.randn(1000, generator=torch.Generator().manual_seed(4))}
+    write_weights(src / "weights.tsw", sd, compression="planes")
+    assert WeightsFile(src / "weights.tsw").header.features & spec.FEAT_FLOAT16_PLANES
+    out = stream_weights(LocalStorage(src), "weights.tsw", tmp_path / "weights.tsw", part_bytes=PART)
+    for k in sd:
+        assert torch.equal(out[k].view(torch.uint8) if out[k].dtype == torch.float16 else out[k],
+                           sd[k].view(torch.uint8) if sd[k].dtype == torch.float16 else sd[k])

@@ -34,6 +34,7 @@ import torch
 
 from tinyserve import errors
 from tinyserve._backend import core as _default_core
+from tinyserve import spec
 from tinyserve.spec import HEADER_SIZE, MAX_FILE_SIZE
 from tinyserve.storage.base import (DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES, Storage, StorageError,
                                     check_transfer, fsync_dir)
@@ -301,6 +302,8 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
     except errors.TinyserveError as exc:
         raise type(exc)(f"{url}: {exc}") from None
     start = header.data_offset
+    # the "float16 exponent planes" feature: float16 'planes' tensors regroup in their own order
+    f16_planes = bool(header.features & spec.FEAT_FLOAT16_PLANES)
     gaps = []  # padding between tensors, [a, b) absolute
     end = start
     for t in infos:
@@ -385,7 +388,8 @@ def stream_weights(storage: Storage, key: str, dest: str | os.PathLike, *, size:
                                  data_size=sum(c.size for c in chunks))
                 if ti in flat:
                     isz = t.nbytes // t.numel
-                    core.decode_into(view, [(sub, flat[ti][first * isz:(first + n) * isz].numpy())], verify, 1, lo)
+                    core.decode_into(view, [(sub, flat[ti][first * isz:(first + n) * isz].numpy())], verify, 1, lo,
+                                     f16_planes=f16_planes)
                     with clock_lock:
                         counts["decoded"] += b - a
                         if st.first_decode_s is None:
