@@ -386,3 +386,99 @@ def test_warmup_inputs_really_reach_the_module(conv_repo):
         [arg], _ = inst._warmup_args("cpu")
         assert arg.dtype == torch.float32
         torch.testing.assert_close(arg, want, rtol=0, atol=0)
+
+
+# --- 17.7: the default version follows the version policy in every mode, skipping broken ones --------
+CONST_MODEL = '''
+import torch
+
+class Const(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + self.w
+
+def build(params):
+    if params.get("broken") and not torch.empty(0).is_meta:  # (pack builds it on the meta device)
+        raise RuntimeError("version " + str(params["version"]) + " cannot be built")
+    return Const()
+'''
+
+
+@pytest.fixture(scope="module")
+def versions_repo(tmp_path_factory):
+    """m: versions 1 and 2 answer x + version; version 3, the newest, fails to load."""
+    tmp = tmp_path_factory.mktemp("versions")
+    repo = Repository(tmp / "repo", create=True)
+    py = tmp / "const.py"
+    py.write_text(CONST_MODEL)
+    for v in (1, 2, 3):
+        sd = tmp / f"m{v}.pt"
+        torch.save({"w": torch.full((1,), float(v))}, sd)
+        pack(repo, "m", str(sd), program=str(py), version=v,
+             config={**LIN_CONFIG, "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}],
+                     "extra": {"broken": v == 3, "version": v}})
+    return str(repo.root)
+
+
+def _which(c, **fields):
+    """The version that answered a request naming no version (its output is x + version)."""
+    h, out = c.infer("m", {"x": np.zeros((1, 4), np.float32)}, **fields)
+    assert h["ok"], h
+    return int(out["y"][0, 0])
+
+
+def test_on_demand_requests_fall_back_from_a_broken_newest_version(versions_repo):
+    """Under --memory-budget, requests naming no version went to the newest version even when it
+    failed to load (and got UNAVAILABLE 'version 3 is FAILED' for good); they now go to the newest
+    one that loads."""
+    s = ServerThread(ServerConfig(repo=versions_repo, torch_threads=1, memory_budget=64 * MB), "asyncio")
+    try:
+        with Client(s.port, timeout=30) as c:
+            assert _which(c) == 2  # 3 was tried, failed, and the request went on to 2
+            assert _which(c) == 2
+            states = s.run(lambda: {v: i.state for (n, v), i in s.server._instances.items()})
+            assert states == {2: "READY", 3: "FAILED"}
+            error_of(c.infer("m", {"x": np.zeros((1, 4), np.float32)}, version=3)[0], "UNAVAILABLE",
+                     "version 3 is FAILED", "cannot be built")
+    finally:
+        s.stop()
+
+
+def test_the_version_policy_is_honoured_outside_poll_mode(versions_repo):
+    """--version-policy was read only in poll mode: explicit loads, start-up models and routing
+    took the newest version whatever the policy said."""
+    cfg = ServerConfig(repo=versions_repo, torch_threads=1, models=("m",), version_policies={"m": "specific: [1]"})
+    s = ServerThread(cfg, "asyncio")
+    try:
+        with Client(s.port, timeout=30) as c:
+            assert s.run(lambda: sorted(v for (n, v) in s.server._instances)) == [1]  # the start-up model
+            assert _which(c) == 1
+            assert c.call("load", model="m", version=2)["state"] == "READY"  # an operator's explicit version
+            assert _which(c) == 1  # still the policy's version
+            assert _which(c, version=2) == 2
+            c.call("unload", model="m", version=1)
+            assert _which(c) == 2  # none of the policy's versions is READY: the one loaded serves
+            assert c.call("load", model="m")["version"] == 1  # a load naming no version: the policy's
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("policy", ["specific: [3]", "latest: 1"])
+def test_when_no_selected_version_loads_the_reply_says_why_for_each(versions_repo, policy):
+    """The policy selects version 3 alone, which fails to load: requests naming no version are
+    answered UNAVAILABLE naming each selected version and why (they never fall back to a version
+    the policy does not select)."""
+    cfg = ServerConfig(repo=versions_repo, torch_threads=1, memory_budget=64 * MB, version_policies={"m": policy})
+    s = ServerThread(cfg, "asyncio")
+    try:
+        with Client(s.port, timeout=30) as c:
+            for _ in range(2):  # the one that started the load, and one after it
+                h, _ = c.infer("m", {"x": np.zeros((1, 4), np.float32)})
+                error_of(h, "UNAVAILABLE", "model 'm': no version loads: version 3: FAILED", "cannot be built",
+                         "load one again to retry")
+            assert s.run(lambda: sorted(v for (n, v) in s.server._instances)) == [3]
+    finally:
+        s.stop()

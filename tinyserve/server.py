@@ -793,14 +793,40 @@ class Server:
         self._index.data = await self._io(self._list_repo)
         self._repo_changed()
 
-    def _default_version(self, name: str, versions: list[int]) -> int:
+    def _default_version(self, name: str, versions: list[int], failed: dict[int, str] | None = None) -> int:
+        """THE version a load, a start-up model or a request naming no version goes to, in every
+        model-control mode (docs/scheduler.md section 4.5): the newest of the repository's
+        ``versions`` that the model's version policy selects (``--version-policy``; none given: every
+        version), skipping those in ``failed`` (version -> why: its load failed, or the ejection
+        policy took it out of service), so that a broken newest version leaves the newest one that
+        loads serving.  NOT_FOUND when the model has no version (or the policy selects none of
+        them); UNAVAILABLE naming each version and why when every selected version failed."""
+        if not versions:
+            raise errors.ModelNotFoundError(f"model {name!r} has no version in {self.config.repo}")
         policy = self.config.version_policies.get(name)
-        v = policy.default(versions) if policy is not None else None
-        if v is None:
-            if not versions:
-                raise errors.ModelNotFoundError(f"model {name!r} has no version in {self.config.repo}")
-            v = max(versions)
-        return v
+        chosen = policy.select(versions) if policy is not None else sorted(versions)
+        if not chosen:
+            raise errors.ModelNotFoundError(f"model {name!r}: its version policy {policy.to_obj()!r} selects none "
+                                            f"of its versions {sorted(versions)}")
+        failed = failed or {}
+        for v in reversed(chosen):
+            if v not in failed:
+                return v
+        raise wire.Unavailable(f"model {name!r}: no version loads: "
+                               + "; ".join(f"version {v}: {failed[v]}" for v in reversed(chosen))
+                               + " (load one again to retry)")
+
+    def _failed_loads(self, name: str) -> dict[int, str]:
+        """version -> why, for the versions of ``name`` that failed to load (kept FAILED until unloaded
+        or loaded again) or that the ejection policy took out of service: requests naming no version
+        skip them (_default_version)."""
+        out = {v: f"FAILED ({i.reason})" if i.reason else "FAILED"
+               for (n, v), i in self._instances.items() if n == name and i.state == FAILED}
+        with self._policy_lock:
+            for k, st in self.policy.states():
+                if isinstance(k, tuple) and k[0] == name and st.state == "FAILED" and k not in self._instances:
+                    out[k[1]] = f"taken out of service: {st.reason}"
+        return out
 
     async def _load_remote(self, name: str, version: int | None) -> ModelInstance:
         Repository.validate_name(name)
@@ -942,8 +968,9 @@ class Server:
             self._repo_changed()
         if self._remote:
             return asyncio.ensure_future(self._load_remote(name, version))
-        path = self.repo.resolve(name, version)  # NOT_FOUND, or BAD_REQUEST for an invalid name
-        version = int(path.name)
+        if version is None:  # the version policy's default (NOT_FOUND, or BAD_REQUEST for an invalid name)
+            version = self._default_version(name, self.repo.versions(name))
+        path = self.repo.resolve(name, version)
         return self._start(name, version, path)
 
     def _on_demand(self, name: str, version: int):
@@ -1245,14 +1272,15 @@ class Server:
         self._update_route(inst.name)
 
     def _update_route(self, name: str) -> None:
-        best = None
-        for (n, v), inst in self._instances.items():
-            if n == name and inst.state == READY and (best is None or v > best.version):
-                best = inst
-        if best is None:
+        """Requests naming no version go to the newest READY version the version policy selects
+        (of the READY ones; none of them selected: the newest READY one, which an operator loaded)."""
+        ready = {v: inst for (n, v), inst in self._instances.items() if n == name and inst.state == READY}
+        if not ready:
             self._routes.pop(name, None)
-        else:
-            self._routes[name] = best
+            return
+        policy = self.config.version_policies.get(name)
+        chosen = policy.select(ready) if policy is not None else ()
+        self._routes[name] = ready[max(chosen or ready)]
 
     def _unload_targets(self, name: str, version: int | None) -> list[ModelInstance]:
         # requests already read and routed go to their instance first (an unloading instance still
@@ -1277,16 +1305,23 @@ class Server:
             if inst is not None:
                 return inst
             states = [i for (n, _), i in self._instances.items() if n == name]
-            if self.placement is not None and any(i.state is LOADING or i.evicted for i in states):
-                return _PARK  # a load under way, or an eviction: the request runs after (a reload)
+            if self.placement is not None:
+                if any(i.state is LOADING or i.evicted for i in states):
+                    return _PARK  # a load under way, or an eviction: the request runs after (a reload)
+                # on demand: the policy's default version, skipping those that failed to load (a
+                # parked request is dispatched again after a failed load and comes back here)
+                versions = self._cached(("versions", name), self._index.versions, name)  # BAD_REQUEST
+                version = self._default_version(name, versions, self._failed_loads(name))
+                inst = self._instances.get((name, version))
+                if inst is not None:  # (UNLOADING: an explicit unload under way)
+                    raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}")
+                return self._on_demand(name, version)
             if states:
                 i = max(states, key=lambda i: i.version)
                 raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
                                        + (f" ({i.reason})" if i.reason else ""))
-            path = self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
+            self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
             self._raise_if_failed(name, None)
-            if self.placement is not None:
-                return self._on_demand(name, int(path.name))
             raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
         if type(version) is not int:
             raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
@@ -1933,7 +1968,9 @@ def _loop_factory(use_uvloop: bool):
 def _announce(server: Server, loop_name: str) -> None:
     models = ", ".join(f"{i.name}:{i.version}" for i in server.instances()) or "none"
     tls = " (TLS)" if server.config.tls_certfile else ""
-    print(f"tinyserve: listening on {server.host}:{server.port}{tls} [{loop_name}], models: {models}", flush=True)
+    oip = "".join(f", {what} {server.host}:{port}{tls}" for what, port in
+                  (("http", server.http_port), ("grpc", server.grpc_port)) if port is not None)
+    print(f"tinyserve: listening on {server.host}:{server.port}{tls}{oip} [{loop_name}], models: {models}", flush=True)
 
 
 async def _serve(config: ServerConfig, on_ready: Callable[[Server], None] | None, loop_name: str) -> int:
