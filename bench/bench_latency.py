@@ -675,7 +675,7 @@ class Bench:
         self.loadgen = exe
 
     def start_server(self, kind: str, repo: Path, name: str | None = None, *, profile: bool = False,
-                     gc_log: bool = False) -> tuple[Proc, int]:
+                     gc_log: bool = False, extra: list[str] | None = None) -> tuple[Proc, int]:
         """kind floor or tinyserve; `profile` / `gc_log` run tinyserve through this file's
         instrumented launcher (the measured tinyserve is plain `python -m tinyserve serve`)."""
         me = str(Path(__file__).resolve())
@@ -701,6 +701,7 @@ class Bench:
             pat = r"tinyserve: listening on [^:\s]+:(\d+)"
         if gc_log:
             argv += ["--gc-log", str(self.work / f"{name}.gc.json")]
+        argv += extra or []
         p = Proc(name, taskset(self.cores["server"], argv), self.work / f"{name}.log")
         self.procs.append(p)
         m = p.wait_for(pat, START_TIMEOUT_S)
@@ -1113,6 +1114,154 @@ def gc_rows(gcres: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# --diagnose: where tinyserve's extra time per request goes (issue 14)
+
+
+def handoff_timing(n: int) -> int:
+    """The loop -> worker thread -> loop hand-off alone, in process, on one core (as the servers run):
+    the loop puts a future on a queue.SimpleQueue, a worker thread takes it and resolves it with
+    loop.call_soon_threadsafe, the loop awaits it (tinyserve's shape: SimpleQueue to the worker,
+    call_soon_threadsafe back).  Baseline in the same run: the same future resolved by call_soon on
+    the loop (no thread).  Wall and process CPU per round trip, median of 7 interleaved blocks."""
+    import asyncio
+    import queue
+    import threading
+
+    import uvloop
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        q: queue.SimpleQueue = queue.SimpleQueue()
+
+        def worker():
+            while True:
+                fut = q.get()
+                if fut is None:
+                    return
+                loop.call_soon_threadsafe(fut.set_result, None)
+
+        t = threading.Thread(target=worker, daemon=True)
+        t.start()
+
+        async def via_thread(k):
+            for _ in range(k):
+                fut = loop.create_future()
+                q.put(fut)
+                await fut
+
+        async def on_loop(k):
+            for _ in range(k):
+                fut = loop.create_future()
+                loop.call_soon(fut.set_result, None)
+                await fut
+
+        res = {"thread hand-off (SimpleQueue + call_soon_threadsafe)": ([], []),
+               "same future resolved on the loop (baseline)": ([], [])}
+        fns = dict(zip(res, (via_thread, on_loop)))
+        for f in fns.values():
+            await f(500)
+        for _ in range(7):
+            for k, f in fns.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                await f(n)
+                res[k][0].append((time.perf_counter() - w0) / n * 1e6)
+                res[k][1].append((time.process_time() - c0) / n * 1e6)
+        q.put(None)
+        t.join(5)
+        return {k: {"wall_us": med_span(w), "cpu_us": med_span(c)} for k, (w, c) in res.items()}
+
+    print(json.dumps(uvloop.run(main())), flush=True)
+    return 0
+
+
+DIAG_ROUNDS = 7
+DIAG_COUNTS = (300, 3000)  # warm-up, measured requests per run (1 connection, 1 in flight)
+
+
+def diagnose(args, log) -> int:
+    """(a) model call, export program vs eager, in process; (b) the thread hand-off alone, in
+    process; (c) cProfile of one c=1 run of the export floor and tinyserve (per stage); (d)
+    statistics: tinyserve with and without --no-statistics; and the c=1 totals of the three servers
+    and tinyserve without statistics, all interleaved per round.  Writes <out>/latency-hotpath-<date>.json
+    and prints a summary (bench/results/hotpath-diagnosis.md is written from it by hand)."""
+    cores = pick_cores()
+    os.sched_setaffinity(0, {cores["driver"]})
+    env = environment(args, cores)
+    work = Path(tempfile.mkdtemp(prefix="bench-hotpath-"))
+    bench = Bench(args, cores, work, log)
+    out: dict = {"env": env, "rounds": DIAG_ROUNDS, "counts": DIAG_COUNTS}
+    me = str(Path(__file__).resolve())
+    penv = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        repo = setup_repo(work)
+        for what, flag in (("model_timing_us", "--model-timing"), ("handoff_us", "--handoff-timing")):
+            r = subprocess.run(taskset(cores["server"], [py(), me, flag, "--repo", str(repo)]), cwd=ROOT,
+                               capture_output=True, text=True, timeout=START_TIMEOUT_S, env=penv)
+            if r.returncode != 0:
+                raise RuntimeError(f"{flag} failed:\n{r.stderr[-3000:]}")
+            out[what] = json.loads(r.stdout.strip().splitlines()[-1])
+            log(f"{what}: done")
+        bench.start_driver()
+        servers = {kind: bench.start_server(kind, repo) for kind in SERVERS}
+        p, port = bench.start_server("tinyserve", repo, "tinyserve-nostats", extra=["--no-statistics"])
+        servers["tinyserve-nostats"] = (p, port)
+        log("servers started")
+        records = []
+        for rnd in range(DIAG_ROUNDS):
+            for model in MODELS:
+                for srv, (p, port) in servers.items():
+                    r = bench.drive(port, p.pid, model, "c1", *DIAG_COUNTS)
+                    records.append({"round": rnd, "model": model, "server": srv,
+                                    **{k: r[k] for k in ("p50_us", "p99_us", "throughput_rps", "server_cpu_us_per_req",
+                                                         "server_main_cpu_us_per_req", "server_other_cpu_us_per_req",
+                                                         "server_switches_per_req", "driver_runq_wait",
+                                                         "server_runq_wait_us_per_req")}})
+            log(f"round {rnd + 1}")
+        for p, _ in servers.values():
+            p.stop()
+            bench.procs.remove(p)
+        out["records"] = records
+        summ = {}
+        for model in MODELS:
+            rs = [r for r in records if r["model"] == model]
+            by = {srv: {r["round"]: r for r in rs if r["server"] == srv} for srv in servers}
+            m = summ[model] = {srv: {f: med_span([r[f] for r in by[srv].values()])
+                                     for f in ("p50_us", "server_cpu_us_per_req", "server_main_cpu_us_per_req",
+                                               "server_other_cpu_us_per_req", "server_switches_per_req")}
+                               for srv in servers}
+            for a, b in (("tinyserve", "eager"), ("tinyserve", "floor"), ("floor", "eager"),
+                         ("tinyserve", "tinyserve-nostats")):
+                m[f"{a} - {b}"] = {f: med_span([by[a][k][f] - by[b][k][f] for k in range(DIAG_ROUNDS)])
+                                   for f in ("p50_us", "server_cpu_us_per_req")}
+                m[f"{a} / {b}"] = {f: med_span([by[a][k][f] / by[b][k][f] for k in range(DIAG_ROUNDS)])
+                                   for f in ("p50_us", "server_cpu_us_per_req")}
+        out["summary"] = summ
+        log("c=1 rounds: done")
+        if not args.no_profile:
+            out["profile"], text = profile_section(bench, repo, "quick", log)
+            out["profile_text"] = text
+    finally:
+        bench.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"latency-hotpath-{env['date'][:10]}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    os.replace(tmp, path)
+    print(json.dumps({"model_timing_us": out["model_timing_us"], "handoff_us": out["handoff_us"]}, indent=1))
+    for model, m in out["summary"].items():
+        print(f"== {model}, c=1")
+        for k, v in m.items():
+            print(f"  {k:32} " + ", ".join(f"{f} {x['median']:.2f} [{x['min']:.2f}..{x['max']:.2f}]"
+                                            for f, x in v.items()))
+    if out.get("profile_text"):
+        print("\n".join(out["profile_text"]))
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 
 
@@ -1125,7 +1274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gc", action="store_true", help="skip the garbage-collection probe")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (repository, logs, .prof files)")
     ap.add_argument("--render", metavar="JSON", help="only rebuild the table and markdown from a results JSON")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="where tinyserve's extra time per request goes: model call, hand-off, statistics, profile")
     ap.add_argument("--eager-floor-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--handoff-timing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--instrumented-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gc-log", help=argparse.SUPPRESS)
@@ -1137,6 +1289,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.eager_floor_server:
         return eager_floor_server(args.host)
+    if args.handoff_timing:
+        return handoff_timing(20000)
     if args.floor_server:
         return floor_server(args.repo, args.models.split(","), args.host, args.gc_log, args.prof_prefix)
     if args.instrumented_server:
@@ -1151,6 +1305,9 @@ def main(argv=None) -> int:
         return 0
     args.mode = "quick" if args.quick else "full"
     args.rounds = args.rounds or (5 if args.quick else 7)
+    if args.diagnose:
+        t0 = time.perf_counter()
+        return diagnose(args, lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True))
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     t_start = time.perf_counter()
