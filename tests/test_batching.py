@@ -249,9 +249,14 @@ def test_single_request_is_zero_copy_and_bytes_inputs_concatenate():
     b.add(r2, 0.0)
     (s,) = assemble(b.next(0.0)[0], ["s"])
     assert s == [b"ab", b"c", b"z"]
-    arr = bytearray(np.arange(4, dtype=np.float32).tobytes())
+    # 64-aligned bytes (wire.to_array copies a misaligned input, so that results never depend on
+    # where a frame put it)
+    raw = np.zeros(64 + 16, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    arr = memoryview(raw)[off:off + 16]
+    arr[:] = np.arange(4, dtype=np.float32).tobytes()
     r3 = Req()
-    r3.inputs = {"s": ("float32", (1, 4), memoryview(arr))}
+    r3.inputs = {"s": ("float32", (1, 4), arr)}
     b.add(r3, 0.0)
     (x,) = assemble(b.next(0.0)[0], ["s"])
     arr[0:4] = np.float32(7).tobytes()

@@ -24,7 +24,7 @@ from tinyserve.pack import pack
 from tinyserve.repository import Repository
 from tinyserve.server import ServerConfig
 
-from test_server import Client, ServerThread, error_of  # noqa: E402
+from test_server import Client, ServerThread, error_of, outputs_of  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -480,5 +480,94 @@ def test_when_no_selected_version_loads_the_reply_says_why_for_each(versions_rep
                 error_of(h, "UNAVAILABLE", "model 'm': no version loads: version 3: FAILED", "cannot be built",
                          "load one again to retry")
             assert s.run(lambda: sorted(v for (n, v) in s.server._instances)) == [3]
+    finally:
+        s.stop()
+
+
+# --- 17.8: batching between per-request hooks; bytes outputs declared ----------------------------------
+HOOKED_MODEL = '''
+import threading, torch
+
+CALLS = []
+
+class Len(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.full((1,), 10.0))
+
+    def forward(self, x):
+        CALLS.append(("module", tuple(x.shape)))
+        return x * self.scale
+
+def build(params):
+    return Len()
+
+def preprocess(inputs):
+    texts = inputs["text"]
+    CALLS.append(("pre", len(texts)))
+    if any(t == b"refuse" for t in texts):
+        from tinyserve.wire import InvalidInput
+        raise InvalidInput("this request says refuse")
+    return {"x": torch.tensor([[float(len(t))] for t in texts])}
+
+def postprocess(outputs):
+    y = outputs["y"]
+    CALLS.append(("post", tuple(y.shape)))
+    return {"y": y, "label": [("n=%d" % int(v)).encode() for v in y[:, 0]]}
+'''
+HOOKED_CONFIG = {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 1]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}],
+    "request_inputs": [{"name": "text", "dtype": "bytes", "shape": [-1]}],
+    "request_outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]},
+                        {"name": "label", "dtype": "bytes", "shape": [-1]}],
+    # a long delay: the four pipelined requests below form one batch of four (max_batch_size)
+    "batching": {"max_batch_size": 5, "preferred_batch_sizes": [5], "max_queue_delay_us": 10_000_000},
+}
+
+
+@pytest.fixture(scope="module")
+def hooked_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hooked")
+    repo = Repository(tmp / "repo", create=True)
+    sd = tmp / "len.pt"
+    torch.save({"scale": torch.full((1,), 10.0)}, sd)
+    py = tmp / "len.py"
+    py.write_text(HOOKED_MODEL)
+    pack(repo, "len", str(sd), program=str(py), config=HOOKED_CONFIG)
+    return str(repo.root)
+
+
+def test_batching_runs_the_module_once_between_per_request_hooks(hooked_repo):
+    """A config with batching and hooks was accepted, advertised as batching, and ran batches of 1;
+    now preprocess runs per request, the module once per batch, postprocess per request (its
+    `bytes` output declared in request_outputs, answered as the bytes dtype)."""
+    s = ServerThread(ServerConfig(repo=hooked_repo, torch_threads=1, models=("len",)), "asyncio")
+    try:
+        inst = s.run(lambda: s.server._instances[("len", 1)])
+        calls = inst.model.hooks.CALLS
+        calls.clear()
+        texts = [[b"a"], [b"bb", b"ccc"], [b"refuse"], [b"dddd"]]  # 1 + 2 + (refused) + 1 = 4 rows... + 1 below
+        with Client(s.port, timeout=30) as c:
+            rids = [c.infer_send("len", {"text": t}) for t in texts]
+            rids.append(c.infer_send("len", {"text": [b"eeeee"]}, outputs=["label"]))  # 5 rows: the batch is due
+            replies = {}
+            for _ in rids:
+                h, payload = c.recv()
+                replies[h["id"]] = (h, payload)
+        got = [replies[r] for r in rids]
+        error_of(got[2][0], "INVALID_INPUT", "this request says refuse")  # that request alone
+        outs = {i: outputs_of(*got[i]) for i in (0, 1, 3, 4)}
+        np.testing.assert_array_equal(outs[0]["y"], [[10.0]])
+        np.testing.assert_array_equal(outs[1]["y"], [[20.0], [30.0]])
+        np.testing.assert_array_equal(outs[3]["y"], [[40.0]])
+        assert outs[1]["label"] == [b"n=20", b"n=30"]
+        assert list(outs[4]) == ["label"] and outs[4]["label"] == [b"n=50"]
+        descs = {d["name"]: d["dtype"] for d in got[1][0]["outputs"]}
+        assert descs == {"y": "float32", "label": "bytes"}
+        module_calls = [c for c in calls if c[0] == "module"]
+        assert module_calls == [("module", (5, 1))], calls  # one module call for the whole batch
+        assert sorted(c[1] for c in calls if c[0] == "post") == [(1, 1), (1, 1), (1, 1), (2, 1)]
+        assert s.run(lambda: inst.batching is not None)
     finally:
         s.stop()

@@ -14,9 +14,10 @@ back to the loop through `Completions`, which wakes the loop once for however ma
 Lifecycle states: LOADING -> READY -> UNLOADING -> UNLOADED, or LOADING -> FAILED (reason kept).
 Requests are accepted only while READY; requests queued before `unload()` still run.
 
-A model whose config has `batching` (and no preprocess / postprocess hooks) runs its requests in
-batches formed by a `tinyserve.batching.Batcher` per worker (`_serve_batched`, docs/scheduler.md);
-the others run each request alone (`run`).  An instance may have several worker threads sharing the
+A model whose config has `batching` runs its requests in batches formed by a
+`tinyserve.batching.Batcher` per worker (`_serve_batched`, docs/scheduler.md); with hooks, each
+request's `preprocess` runs before the batcher sees it, the batch is one module call, and each
+request's `postprocess` runs on its slice of the outputs.  The others run each request alone (`run`).  An instance may have several worker threads sharing the
 queue (`workers`, `add_worker`, `remove_worker`; a batching model's workers take from it one at a
 time, through a turnstile: `_serve_batched`); the last to end releases the model.  It may run on
 several devices (`devices`): one loaded copy per device, the workers assigned to the copies
@@ -65,7 +66,7 @@ from tinyserve import memory
 from tinyserve.memory import health_name, rss_anon
 from tinyserve.program import import_guard, load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
-from tinyserve.weights import DTYPE_TO_TORCH, LoadStats, WeightsFile
+from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES, LoadStats, WeightsFile
 
 __all__ = ["FAILED", "LOADING", "READY", "STATES", "UNLOADED", "UNLOADING", "Completions", "LoadedModel",
            "ModelInstance", "Request", "load_version"]
@@ -764,9 +765,11 @@ class ModelInstance:
         self._in_specs = {s.name: (s.dtype, tuple(s.shape)) for s in cfg.inputs}
         self._in_names = tuple(s.name for s in cfg.inputs)
         self._out_names = tuple(s.name for s in cfg.outputs)
-        self.output_names = frozenset(self._out_names)
+        # what a request may ask for: the declared reply tensors of a postprocess hook, else the module's
+        self.output_names = frozenset(s.name for s in cfg.request_outputs) if cfg.request_outputs and self._post \
+            else frozenset(self._out_names)
         self.checks_inputs = self._pre is None
-        if cfg.batching is not None and self._pre is None and self._post is None:
+        if cfg.batching is not None:  # with hooks: preprocess -> one batched module call -> postprocess
             self.batching = cfg.batching
             self.max_queue = cfg.batching.max_queue_size
         self.nbytes = sum(m.nbytes for m in models)  # every copy
@@ -946,6 +949,7 @@ class ModelInstance:
         turn of this loop (before it takes anything more) or when it ends."""
         b = self.batcher = Batcher(self.batching, self._in_names, max_batch_size=self.max_batch_override,
                                    max_queue_delay_us=self.queue_delay_override_us)
+        pre = self._pre
         q = self._q
         cell = self._tls.cell
         monotonic = time.monotonic
@@ -1006,6 +1010,8 @@ class ModelInstance:
                             rec.dequeued(len(items))
                         for r in items:
                             try:
+                                if pre is not None:
+                                    self._preprocess_for_batch(r)
                                 b.add(r, now)
                             except errors.TinyserveError as exc:  # InvalidInput / BadRequest for that request
                                 r.error = exc
@@ -1085,10 +1091,19 @@ class ModelInstance:
         b.observe(batch.rows, (t_done - t_run) / 1e9)
         if rec is not None and err is None:
             rec.batch(len(reqs))
+        post = self._post
         for i, r in enumerate(reqs):
             r.t_run, r.t_done = t_run, t_done
             if err is not None:
                 r.error = err
+            elif post is not None:  # per request, on its slice of the batch's outputs
+                try:
+                    r.result = self._select(r, self._postprocess(results[i]))
+                except (errors.ModelError, wire.InvalidInput) as exc:
+                    r.error = exc
+                except Exception as exc:  # noqa: BLE001 - that request's error, the others go on
+                    r.error = errors.ModelError(f"model {self.name!r} version {self.version}: postprocess raised "
+                                                f"{type(exc).__name__}: {exc}")
             else:
                 out = results[i]
                 want = r.outputs
@@ -1096,6 +1111,52 @@ class ModelInstance:
                     out = {n: out[n] for n in want}  # names were checked against the config
                 r.result = out
             done(r)
+
+    def _preprocess_for_batch(self, r: Request) -> None:
+        """A batching model with a preprocess hook: run it on one request (in the worker, before the
+        batcher sees the request) and put the module inputs it returns in place of the request's
+        tensors, in the batcher's (dtype, shape, bytes) form; the batch then runs the module once.
+        Raises InvalidInput / ModelError for that request only."""
+        try:
+            tensors = self._pre({name: to_array(*t, torch=True) for name, t in r.inputs.items()})
+        except (errors.ModelError, wire.InvalidInput):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise errors.ModelError(f"model {self.name!r} version {self.version}: preprocess raised "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(tensors, Mapping):
+            raise errors.ModelError(f"model {self.name!r}: preprocess returned a {type(tensors).__name__}, not a dict")
+        inputs = {}
+        for name in self._in_names:
+            if name not in tensors:
+                raise errors.ModelError(f"model {self.name!r}: preprocess returned no input {name!r}")
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor):
+                t = torch.as_tensor(np.asarray(t))
+            dtype = TORCH_DTYPES.get(t.dtype)
+            spec_dtype = self._in_specs[name][0]
+            if dtype != spec_dtype:
+                raise errors.ModelError(f"model {self.name!r}: preprocess returned input {name!r} as {t.dtype}, "
+                                        f"the config's inputs say {spec_dtype}")
+            t = t.detach().cpu().contiguous()
+            flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            inputs[name] = (dtype, tuple(t.shape), memoryview(flat.numpy()))
+        r.inputs = inputs
+
+    def _postprocess(self, outputs: dict) -> Mapping:
+        out = self._post(outputs)
+        if not isinstance(out, Mapping):
+            raise errors.ModelError(f"model {self.name!r}: postprocess returned a {type(out).__name__}, not a dict")
+        return out
+
+    def _select(self, r: Request, outputs: Mapping) -> dict:
+        want = r.outputs
+        if want is None:
+            return dict(outputs)
+        try:
+            return {n: outputs[n] for n in want}
+        except KeyError as exc:
+            raise errors.ModelError(f"model {self.name!r} produced no output {exc.args[0]!r}") from None
 
     def run(self, requests: list[Request], done: Callable[[Request], None] | None = None,
             rep: _Replica | None = None) -> None:
