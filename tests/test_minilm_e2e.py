@@ -207,6 +207,18 @@ def test_served_equals_transformers(served, reference):
             np.testing.assert_allclose(reply["embedding"][0], want[i], atol=ATOL, rtol=0)
 
 
+def test_metadata_describes_what_a_request_sends(served, reference):
+    """Issue 12.5: a client that follows `metadata` sends what the model takes: one bytes tensor of
+    sentences (the preprocess hook's request side), not the module's token tensors."""
+    want, _ = reference(SENTENCES[:2])
+    with Client("127.0.0.1", served.port, timeout=30) as client:
+        md = client.metadata("minilm")
+        assert [(i["name"], i["dtype"], i["shape"]) for i in md["inputs"]] == [("text", "bytes", [-1])]
+        (inp,) = md["inputs"]
+        got = client.infer("minilm", {inp["name"]: SENTENCES[:2]})[md["outputs"][0]["name"]]
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
 def test_bad_requests_get_clear_errors_and_the_server_keeps_answering(served, reference):
     want, _ = reference(SENTENCES[:2])
     with Client("127.0.0.1", served.port, timeout=30) as client:

@@ -77,10 +77,12 @@ def model_config(name: str, extra: dict) -> dict:
         "name": name,
         "platform": "python",
         "program": "model.py",
-        # with a preprocess hook, inputs describe the module's inputs (what preprocess returns); the
-        # request itself carries one bytes tensor "text" (tinyserve/runtime.py)
+        # with a preprocess hook, inputs describe the module's inputs (what preprocess returns);
+        # request_inputs what a request sends: one bytes tensor "text" of UTF-8 sentences, which
+        # `metadata` advertises (docs/repository.md section 3)
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
                    {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]}],
+        "request_inputs": [{"name": "text", "dtype": "bytes", "shape": [-1]}],
         "outputs": [{"name": "embedding", "dtype": "float32", "shape": [-1, extra["hidden_size"]]}],
         "extra": extra,
     }
