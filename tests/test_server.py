@@ -147,7 +147,9 @@ def repo_root(tmp_path_factory, gate):
     python_model("text", TEXT_MODEL, {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1]}],
                                       "outputs": [{"name": "y", "dtype": "float32", "shape": [-1]}]},
                  {"scale": torch.ones(1)})
-    python_model("broken", GATE_MODEL.replace("return Gate(params[\"port\"])", "raise RuntimeError('no build today')"),
+    python_model("broken", GATE_MODEL.replace(  # (pack builds it on the meta device: that works)
+        "return Gate(params[\"port\"])",
+        "if not torch.empty(0).is_meta:\n        raise RuntimeError('no build today')\n    return Gate(params[\"port\"])"),
                  gate_cfg, {"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()})
     pack(repo, "mlp", "tinyserve.examples:mlp", version=5)  # a second version (same weights)
     return str(repo.root)
@@ -495,7 +497,8 @@ def test_failed_load_is_reported_and_kept_with_its_reason(st):
         assert health["ready"] is True  # not a start-up model
         error_of(c.infer("broken", {"x": np.ones((1, 4), np.float32)})[0], "UNAVAILABLE", "FAILED", "no build today")
         assert c.call("unload", model="broken")["versions"] == [1]
-        assert "broken" not in c.call("health")["models"]
+        # health lists every repository model (issue 12.7): unloaded, the failure no longer held against it
+        assert c.call("health")["models"]["broken"]["state"] == "UNLOADED"
     assert_alive(st)
 
 
