@@ -571,3 +571,26 @@ def test_batching_runs_the_module_once_between_per_request_hooks(hooked_repo):
         assert s.run(lambda: inst.batching is not None)
     finally:
         s.stop()
+
+
+def test_metadata_naming_no_version_describes_the_policys_version(versions_repo):
+    """metadata (TCP op and the core API of the other front ends) without a version described the
+    repository's newest version even where the version policy selects another (or it fails to load):
+    it now describes the version a request naming no version would go to."""
+    cfg = ServerConfig(repo=versions_repo, torch_threads=1, version_policies={"m": "specific: [1]"})
+    s = ServerThread(cfg, "asyncio")
+    try:
+        with Client(s.port, timeout=30) as c:
+            assert c.call("metadata", model="m")["version"] == 1
+        md = s.call(s.server.core.model_metadata("m"))
+        assert md.version == 1
+    finally:
+        s.stop()
+    s = ServerThread(ServerConfig(repo=versions_repo, torch_threads=1, memory_budget=64 * MB), "asyncio")
+    try:
+        with Client(s.port, timeout=30) as c:
+            assert c.call("metadata", model="m")["version"] == 3  # nothing failed yet: the newest
+            assert _which(c) == 2  # 3 fails to load; requests go on to 2 (which is now READY)
+            assert c.call("metadata", model="m")["version"] == 2
+    finally:
+        s.stop()

@@ -816,6 +816,19 @@ class Server:
                                + "; ".join(f"version {v}: {failed[v]}" for v in reversed(chosen))
                                + " (load one again to retry)")
 
+    def metadata_version(self, name: str) -> int | None:
+        """The version `metadata` naming no version describes when none serves yet: the one a request
+        naming no version would load (_default_version: the policy's newest that has not failed),
+        else the newest (None: let the repository resolve it, NOT_FOUND for an unknown model)."""
+        try:
+            versions = list(self._cached(("versions", name), self._index.versions, name))
+        except errors.TinyserveError:
+            return None
+        try:
+            return self._default_version(name, versions, self._failed_loads(name))
+        except errors.TinyserveError:  # no version selected, or every one failed: the newest
+            return max(versions) if versions else None
+
     def _failed_loads(self, name: str) -> dict[int, str]:
         """version -> why, for the versions of ``name`` that failed to load (kept FAILED until unloaded
         or loaded again) or that the ejection policy took out of service: requests naming no version
@@ -1852,7 +1865,7 @@ class Server:
         if inst is not None and inst.config is not None:
             cfg, version = inst.config, inst.version
         else:
-            path = self._resolve(name, version)
+            path = self._resolve(name, version if version is not None else self.metadata_version(name))
             version = int(path.name)
             if self._remote:  # the config of a version not loaded is read from storage, off the loop
                 budget = self._budget

@@ -77,7 +77,7 @@ class Core:
         if inst is not None and inst.config is not None:
             cfg, version = inst.config, inst.version
         else:
-            path = s._resolve(name, version)
+            path = s._resolve(name, version if version is not None else s.metadata_version(name))
             version = int(path.name)
             if s._remote:  # read from storage off the loop
                 cfg = await s._io(s.repo.read_config, name, version)
