@@ -79,23 +79,24 @@ def stop_pid(proc: subprocess.Popen | None, sig=signal.SIGTERM, wait: float = 15
 
 # --- network namespaces --------------------------------------------------------------------------
 class Netns:
-    """A namespace on a point-to-point veth to the root namespace: 10.<net>.<k>.1 here, .2 inside."""
+    """A namespace with one veth into a bridge of the root namespace; `ip` is its address (10.<net>.0.k)."""
 
-    def __init__(self, name: str, net: int, k: int):
-        self.name, self.net, self.k = name, net, k
-        self.host_ip = f"10.{net}.{k}.1"
-        self.ip = f"10.{net}.{k}.2"
-        self.veth = f"{name[:8]}h{k}"[:15]
+    def __init__(self, name: str, ip: str, bridge: str, k: int):
+        self.name, self.ip, self.bridge = name, ip, bridge
+        self.veth = f"{bridge}v{k}"[:15]
 
     def create(self) -> Netns:
         _ip("netns", "add", self.name)
-        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.name)
-        _ip("addr", "add", f"{self.host_ip}/24", "dev", self.veth)
-        _ip("link", "set", self.veth, "up")
-        _ip("-n", self.name, "addr", "add", f"{self.ip}/24", "dev", "eth0")
-        _ip("-n", self.name, "link", "set", "eth0", "up")
-        _ip("-n", self.name, "link", "set", "lo", "up")
-        _ip("-n", self.name, "route", "add", "default", "via", self.host_ip)
+        try:
+            _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.name)
+            _ip("link", "set", self.veth, "master", self.bridge)
+            _ip("link", "set", self.veth, "up")
+            _ip("-n", self.name, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+            _ip("-n", self.name, "link", "set", "eth0", "up")
+            _ip("-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
         return self
 
     def prefix(self) -> list[str]:
@@ -125,8 +126,9 @@ def netns_available() -> str | None:
 
 
 class Places:
-    """Where each process runs: its own namespace (ip netns) or, without namespaces, 127.0.0.x on the
-    loopback (every 127/8 address is local on Linux)."""
+    """Where each process runs: its own namespace (ip netns) on one bridge (10.<net>.0.k/24; the root
+    namespace is 10.<net>.0.254 on it) or, without namespaces, 127.0.<net>.k on the loopback (every
+    127/8 address is local on Linux)."""
 
     def __init__(self, use_netns: bool, tag: str):
         self.use_netns = use_netns
@@ -134,6 +136,17 @@ class Places:
         self.spaces: list[Netns] = []
         self._net = 100 + os.getpid() % 100
         self._next = 1
+        self.bridge = f"tsbr{tag}{os.getpid() % 10000}"[:12]
+        self.here = f"127.0.{self._net}.254"
+        if use_netns:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            try:
+                self.here = f"10.{self._net}.0.254"
+                _ip("addr", "add", f"{self.here}/24", "dev", self.bridge)
+                _ip("link", "set", self.bridge, "up")
+            except BaseException:
+                self.close()
+                raise
 
     def new(self, role: str) -> tuple[str, list[str]]:
         """(the address of a new place, the command prefix that runs a process there)."""
@@ -141,7 +154,8 @@ class Places:
         self._next += 1
         if not self.use_netns:
             return f"127.0.{self._net}.{k}", []
-        ns = Netns(f"ts{self.tag}{role}"[:12] + str(k), self._net, k).create()
+        ns = Netns(f"ts{self.tag}-{role}"[:14] + f"-{os.getpid() % 10000}", f"10.{self._net}.0.{k}", self.bridge,
+                   k).create()
         self.spaces.append(ns)
         return ns.ip, ns.prefix()
 
@@ -149,9 +163,15 @@ class Places:
         for ns in self.spaces:
             ns.delete()
         self.spaces.clear()
+        if self.use_netns:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
 # --- tinyserve hosts -----------------------------------------------------------------------------
+class ServeExited(RuntimeError):
+    """A `tinyserve serve` process exited while it was expected to become ready."""
+
+
 class ServeProcess:
     """`python -m tinyserve serve` in a subprocess; `addr` is host:port of its TCP protocol."""
 
@@ -188,14 +208,17 @@ class ServeProcess:
         return http_status(f"http://{self.host}:{self.metrics_port}/readyz", timeout)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        def ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-            return self.readyz() == 200
-        try:
-            wait_for(ready, timeout, f"{self.name} ready", 0.1)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; log: {self.tail()}") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # exited: no point waiting
+                raise ServeExited(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if self.readyz() == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready within {timeout} s; log: {self.tail()}")
 
     def tail(self, n: int = 3000) -> str:
         try:
@@ -221,6 +244,7 @@ class WeedCluster:
                  bucket: str = "fleet", workdir: Path | None = None):
         self.places, self.n_volumes, self.replication, self.bucket = places, volumes, replication, bucket
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="ts-weedc-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.addrs: dict[str, tuple[str, int]] = {}
         self._prefix: dict[str, list[str]] = {}
@@ -331,6 +355,7 @@ class HAProxy:
         self.backends, self.host, self.prefix = backends, host, prefix or []
         self.inter_ms, self.fall, self.rise = inter_ms, fall, rise
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="ts-haproxy-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(host) if not self.prefix else 8470
         self.stats_port = free_port(host) if not self.prefix else 8404
         self.proc: subprocess.Popen | None = None
@@ -399,3 +424,88 @@ class HAProxy:
 
 def haproxy_available() -> str | None:
     return None if Path(HAPROXY).exists() else "haproxy not installed (Debian package haproxy)"
+
+
+# --- models for the fleet tests (pack sources "fleet:mlp_v1" / "fleet:mlp_v2": different weights) ---
+def mlp_v1():
+    from tinyserve import examples
+
+    return examples.mlp(0)
+
+
+def mlp_v2():
+    from tinyserve import examples
+
+    return examples.mlp(1)
+
+
+class Fleet:
+    """The whole fleet: a SeaweedFS cluster holding `<bucket>/repo`, `n` tinyserve hosts polling it
+    (each with its own cache), HAProxy in front.  Each process in its own network namespace when
+    they can be made, else on its own 127.0.x.y address."""
+
+    def __init__(self, workdir: Path, *, hosts: int = 3, volumes: int = 3, poll_interval: float = 0.5,
+                 use_netns: bool | None = None, tag: str = "f", extra_args: list[str] | None = None):
+        self.dir = Path(workdir)
+        self.use_netns = netns_available() is None if use_netns is None else use_netns
+        self.places = Places(self.use_netns, tag)
+        self.n_hosts, self.n_volumes, self.poll_interval = hosts, volumes, poll_interval
+        self.extra_args = extra_args or []
+        self.weed: WeedCluster | None = None
+        self.hosts: list[ServeProcess] = []
+        self.proxy: HAProxy | None = None
+
+    def host_args(self, k: int) -> list[str]:
+        return [*self.weed.serve_args("repo"), "--model-control", "poll", "--poll-interval", str(self.poll_interval),
+                "--cache-dir", str(self.dir / f"cache{k}"), "--require-model", "--part-attempts", "4",
+                *self.extra_args]
+
+    def start(self, *, push: list[tuple[str, str]] = (), proxy: bool = True) -> Fleet:
+        try:
+            self.weed = WeedCluster(self.places, volumes=self.n_volumes, workdir=self.dir / "weed").start()
+            for name, source in push:
+                self.push(name, source)
+            for k in range(self.n_hosts):
+                ip, prefix = self.places.new(f"h{k}")
+                self.hosts.append(ServeProcess(self.host_args(k), host=ip, prefix=prefix, log_dir=self.dir,
+                                               name=f"host{k}"))
+            for h in self.hosts:
+                h.start(wait_ready=None)
+            for h in self.hosts:
+                h.wait_ready(120)
+            if proxy:
+                self.start_proxy(self.hosts)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_proxy(self, backends: list[ServeProcess]) -> HAProxy:
+        ip, prefix = self.places.new("lb")
+        self.proxy = HAProxy(backends, host=ip, prefix=prefix, workdir=self.dir / f"haproxy{len(backends)}")
+        self.proxy.dir.mkdir(exist_ok=True)
+        return self.proxy.start()
+
+    def push(self, name: str, source: str) -> int:
+        from tinyserve.pack import pack
+        from tinyserve.remote import push
+        from tinyserve.repository import Repository
+
+        local = Repository(self.dir / f"local-{name}", create=True)
+        version, _ = pack(local, name, source)
+        return push(self.weed.storage("repo"), local.resolve(name, version), name)
+
+    def restart_host(self, k: int, timeout: float = 120.0) -> ServeProcess:
+        h = self.hosts[k]
+        h.stop()
+        h.start(wait_ready=timeout)
+        return h
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        for h in self.hosts:
+            h.stop()
+        if self.weed is not None:
+            self.weed.stop_all()
+        self.places.close()
