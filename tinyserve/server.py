@@ -837,7 +837,9 @@ class Server:
                for (n, v), i in self._instances.items() if n == name and i.state == FAILED}
         with self._policy_lock:
             for k, st in self.policy.states():
-                if isinstance(k, tuple) and k[0] == name and st.state == "FAILED" and k not in self._instances:
+                if isinstance(k, tuple) and k[0] == name and st.state == "FAILED" and (
+                        k not in self._instances or self._instances[k].state is not READY):
+                    # (an instance still UNLOADING after the policy failed it counts as failed too)
                     out[k[1]] = f"taken out of service: {st.reason}"
         return out
 
