@@ -154,8 +154,8 @@ class Places:
         self._next += 1
         if not self.use_netns:
             return f"127.0.{self._net}.{k}", []
-        ns = Netns(f"ts{self.tag}-{role}"[:14] + f"-{os.getpid() % 10000}", f"10.{self._net}.0.{k}", self.bridge,
-                   k).create()
+        ns = Netns(f"ts{self.tag}-{role}"[:12] + f"-{k}-{os.getpid() % 10000}", f"10.{self._net}.0.{k}",
+                   self.bridge, k).create()
         self.spaces.append(ns)
         return ns.ip, ns.prefix()
 
