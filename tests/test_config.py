@@ -129,7 +129,7 @@ INVALID = [
     ("name", ".hidden", ["name", "'.'"]),
     ("name", 7, ["name", "string", "int"]),
     ("name", DELETE, ["missing", "'name'"]),
-    ("platform", "onnx", ["platform", "'onnx'", "torch_export", "python"]),
+    ("platform", "tensorflow", ["platform", "'tensorflow'", "torch_export", "python", "onnx"]),
     ("platform", None, ["platform", "string", "null"]),
     ("platform", DELETE, ["missing", "'platform'"]),
     ("program", "a/b.pt2", ["program", "'/'"]),

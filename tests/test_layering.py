@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ORDER = ["errors", "spec", "config", "_native", "_fallback", "_backend", "weights", "storage", "repository",
-         "program", "pack", "remote", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
+         "program", "formats", "pack", "remote", "wire", "protocol", "metrics", "memory", "batching", "kernels", "runtime",
          "health", "core", "frontends", "server", "examples", "client", "bench", "cli", "__main__"]
 PKG = Path(__file__).resolve().parent.parent / "tinyserve"
 

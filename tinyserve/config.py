@@ -37,8 +37,9 @@ __all__ = [
     "parse_devices",
 ]
 
-PLATFORMS = ("torch_export", "python", "weights")  # "weights": no program, weights only
-DEFAULT_PROGRAM = {"torch_export": "program.pt2", "python": "model.py", "weights": None}
+PLATFORMS = ("torch_export", "python", "weights", "torchscript", "onnx")  # "weights": no program, weights only
+DEFAULT_PROGRAM = {"torch_export": "program.pt2", "python": "model.py", "weights": None,
+                   "torchscript": "program.jit", "onnx": "model.onnx"}
 DEFAULT_WEIGHTS = "weights.tsw"
 CONFIG_FILES = ("model.json", "model.toml")  # reserved file names in a version directory
 

@@ -13,7 +13,8 @@ Sources:
   (``find_state_dict``: common keys, nested, or ``key=``).  Weights only (platform ``weights``)
   unless ``program=model.py`` is given.  A checkpoint's other JSON-safe values (epoch, vocabulary...)
   are kept in the config's ``metadata`` (``checkpoint_metadata``; docs/repository.md section 3).
-  TorchScript, ONNX, torch.export archives and compressed files are named and refused with what to do.
+  ONNX, torch.export archives and compressed files are named and refused with what to do;
+* a TorchScript archive (platform ``torchscript``: tinyserve/formats/torchscript.py).
 
 With a program, the model file is imported from the staged version and built on the ``meta`` device
 before anything is installed, and its state dict is checked against the weights (names, shapes,
@@ -43,6 +44,7 @@ import torch
 
 from tinyserve import errors
 from tinyserve.config import ModelConfig, TensorSpec, name_problem
+from tinyserve.formats import DEFAULT_SOURCE_LIMIT, FORMAT_PACKERS, pack_format
 from tinyserve.program import MODEL_FILE, export_module
 from tinyserve.repository import Repository
 from tinyserve.spec import MAGIC as TSW_MAGIC
@@ -165,9 +167,8 @@ _EXTRACT = ("python -c \"import torch; torch.save({expr}, 'weights.pt')\" and pa
 def _refusal(path: str, kind: str, what: str) -> errors.TinyserveError:
     """The error for a file that cannot be packed: what it is and what to do instead."""
     if kind == "torchscript":
-        return errors.UnsupportedError(
-            f"{path}: {what}: TorchScript is not supported yet (issue 15); extract the state dict with "
-            + _EXTRACT.format(expr=f"torch.jit.load('{path}').state_dict()"))
+        return errors.UnsupportedError(f"{path}: {what}: a program, not a weights file: pack it as a model "
+                                       "(tinyserve pack FILE, platform torchscript)")
     if kind == "onnx":
         return errors.UnsupportedError(
             f"{path}: {what}: ONNX is not supported yet (issue 15); extract the weights (the graph's "
@@ -546,6 +547,17 @@ def check_program(version_dir: str | os.PathLike, config: ModelConfig, tensors: 
 
 
 # --- pack ------------------------------------------------------------------------------------------
+def _format_kind(source: str) -> str | None:
+    """The FORMAT_PACKERS kind of a source (a TorchScript archive, an ONNX file, a model directory),
+    or None (a weights file: read_source)."""
+    if os.path.isdir(source):
+        return "hf_dir" if "hf_dir" in FORMAT_PACKERS else None
+    if os.path.isfile(source):
+        kind = identify(source)[0]
+        return kind if kind in FORMAT_PACKERS else None
+    return None
+
+
 def _specs(names: list[str], tensors, batched: bool) -> tuple[TensorSpec, ...]:
     out = []
     for name, t in zip(names, tensors):
@@ -570,7 +582,7 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
          level: int | str | None = None, threads: int | None = None,
          progress: Callable[[int, int], None] | None = None,
          files: Mapping[str, str | os.PathLike] | None = None, key: str | None = None,
-         metadata: bool = True) -> tuple[int, PackSummary]:
+         metadata: bool = True, max_source_bytes: int = DEFAULT_SOURCE_LIMIT) -> tuple[int, PackSummary]:
     """Pack `source` as version `version` (None: the next) of model `name`; returns (version, summary).
     `files` maps file names of the version directory to files copied there (e.g. a tokenizer a
     python model file reads); names follow the repository's file-name rule.  `key` names the state
@@ -609,6 +621,11 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
             cfg.setdefault("outputs", [s.to_dict() for s in _specs([f"output{i}" for i in range(len(outputs))],
                                                                      outputs, True)])
             cfg.setdefault("platform", "python" if program else "torch_export")
+        elif (kind := _format_kind(source)) is not None:
+            if program is not None or key is not None:
+                raise errors.ConfigError(f"{source}: --program and --key apply to weights files, not to "
+                                         f"{identify(source)[1] if kind != 'hf_dir' else 'a model directory'}")
+            tensors = pack_format(kind, source, outdir, cfg, max_source_bytes)
         else:
             src = read_source(source, key, metadata=metadata)
             tensors = src.tensors

@@ -64,6 +64,7 @@ from tinyserve.batching import Batcher, assemble, split
 from tinyserve.config import MAX_WARMUP_ELEMENTS, ModelConfig
 from tinyserve import memory
 from tinyserve.memory import health_name, rss_anon
+from tinyserve.formats import FORMAT_LOADERS, load_format
 from tinyserve.program import import_guard, load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
 from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES, LoadStats, WeightsFile
@@ -145,6 +146,8 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
         module = load_export_program(version_dir, weights, config.program, check_inputs=check_inputs)
     elif config.platform == "python":
         module, hooks = load_python_model(version_dir, weights, config.extra, config.program)
+    elif config.platform in FORMAT_LOADERS:  # torchscript, onnx, hf: tinyserve/formats
+        module, hooks = load_format(config, version_dir, weights, device)
     if module is not None and device.type != "cpu":
         module.to(device)  # what the program made itself (non-persistent buffers, constants); weights are there
     t3 = time.perf_counter()
