@@ -143,7 +143,8 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
     t2 = time.perf_counter()
     module, hooks = None, None
     if config.platform == "torch_export":
-        module = load_export_program(version_dir, weights, config.program, check_inputs=check_inputs)
+        module = load_export_program(version_dir, weights, config.program, check_inputs=check_inputs,
+                                     input_shapes=[s.shape for s in config.inputs])
     elif config.platform == "python":
         module, hooks = load_python_model(version_dir, weights, config.extra, config.program)
     elif config.platform in FORMAT_LOADERS:  # torchscript, onnx, hf: tinyserve/formats
