@@ -69,6 +69,8 @@ def _imports(path: Path):
                 yield n[len("tinyserve."):]
 
 
+# the wire library a front end may import besides the core's API: tinyserve's own framing for tcp
+OWN_WIRE = {"tcp": {"protocol"}}
 SHARED_FRONTEND = {"__init__", "oip"}  # what front ends may share (wire-library free)
 # a front end's own generated code (protoc output), importable by that front end only
 GENERATED = {"_kserve_v2_pb2": {"grpc", "_kserve_v2_pb2_grpc"}, "_kserve_v2_pb2_grpc": {"grpc"}}
@@ -83,6 +85,8 @@ def test_front_ends_import_only_the_core_api_and_their_wire():
     for path in (PKG / "frontends").rglob("*.py"):
         me = path.stem
         for dep in _imports(path):
+            if dep.split(".")[0] in OWN_WIRE.get(me, ()):
+                continue
             parts = dep.split(".")
             if parts[0] == "frontends":
                 if len(parts) > 1 and parts[1] not in SHARED_FRONTEND and parts[1] != me \
@@ -99,4 +103,31 @@ def test_front_ends_import_only_the_core_api_and_their_wire():
 def test_core_imports_no_front_end():
     bad = [f"{path.relative_to(PKG)} imports tinyserve.{dep}" for path in (PKG / "core").rglob("*.py")
            for dep in _imports(path) if dep.split(".")[0] in ("frontends", "server", "cli")]
+    assert not bad, bad
+
+
+def test_only_the_composition_root_wires_core_and_front_ends():
+    """server.py builds the core and the front ends; no other module imports both (a front end
+    imports only the core's API, the core no front end)."""
+    both = []
+    for path in PKG.rglob("*.py"):
+        units = {d.split(".")[0] for d in _imports(path)}
+        if unit(path) == "core":
+            units.add("core")
+        if unit(path) == "frontends":
+            units.add("frontends")
+        if {"core", "frontends"} <= units and path.relative_to(PKG) != Path("server.py"):
+            both.append(str(path.relative_to(PKG)))
+    assert not both, both
+    server = {d.split(".")[0] for d in _imports(PKG / "server.py")}
+    assert {"core", "frontends"} <= server
+
+
+def test_the_protocol_module_is_imported_by_the_tcp_front_end_only():
+    """tinyserve's own framing (protocol.py) belongs to the TCP front end: the core and the other
+    front ends never import it; server.py only for the shared body-memory budget's type."""
+    bad = [str(path.relative_to(PKG)) for path in PKG.rglob("*.py")
+           if "protocol" in {d.split(".")[0] for d in _imports(path)}
+           and path.relative_to(PKG) not in (Path("frontends/tcp.py"), Path("server.py"))
+           and unit(path) in ("core", "frontends")]
     assert not bad, bad

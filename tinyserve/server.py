@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import os
 import re
 import signal
@@ -45,9 +44,10 @@ from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, Met
 from tinyserve import memory
 from tinyserve.config import parse_devices
 from tinyserve.core.service import Core
+from tinyserve.frontends.tcp import TcpFrontEnd
 from tinyserve.memory import ElasticController, Footprint, Placement
 from tinyserve.metrics import Metrics
-from tinyserve.protocol import Connection, FrameMemory, InFlight, ReplyFlusher
+from tinyserve.protocol import FrameMemory
 from tinyserve.remote import Poller, VersionPolicy, open_repository
 from tinyserve.repository import Repository, load_config_dir
 from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
@@ -441,16 +441,10 @@ class Server:
         self._elastic: dict[tuple[str, int], ElasticController] = {}
         self._limits = config.limits
         self._token = config.token.encode("utf-8") if config.token is not None else None
-        self._hello_reply = {"server": "tinyserve", "version": __version__,
-                             "protocol": wire.PROTOCOL_VERSION, "limits": config.limits_dict()}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._servers: list[asyncio.AbstractServer] = []
-        self._conns: set[Connection] = set()
-        self._conns_empty: asyncio.Event | None = None
-        self._budget = InFlight(config.max_in_flight)
         self._frame_memory = FrameMemory(config.max_frame_memory)
         self._repo_cache: dict = {}  # (what, args) -> (expiry, result or exception)
-        self._flusher: ReplyFlusher | None = None
+        self._flushes: list[Callable[[], None]] = []  # the front ends' reply flushes (Core.add_flush)
         self._completions: Completions | None = None
         self._instances: dict[tuple[str, int], ModelInstance] = {}
         self._routes: dict[str, ModelInstance] = {}  # name -> the highest READY version
@@ -470,15 +464,16 @@ class Server:
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
         self._frontends: list = []  # the Open Inference Protocol front ends (HTTP, gRPC) over self.core
-        self.core = Core(self)  # the wire-free API every front end but TCP goes through
+        self.core = Core(self)  # the wire-free API every front end goes through
+        # tinyserve's own protocol (docs/protocol.md): always on, at config.host:config.port
+        self.tcp = TcpFrontEnd(self.core, host=config.host, port=config.port,
+                               max_connections=config.max_connections, max_in_flight=config.max_in_flight,
+                               max_in_flight_per_connection=config.max_in_flight_per_connection,
+                               idle_timeout_s=config.idle_timeout_s or None, direct_replies=config.direct_replies,
+                               hello_limits=config.limits_dict())
         self.http_port: int | None = None  # the bound ports of the front ends, once started
         self.grpc_port: int | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._ops = {
-            "hello": self._op_hello, "ping": self._op_ping, "infer": self._op_infer, "load": self._op_load,
-            "unload": self._op_unload, "models": self._op_models, "metadata": self._op_metadata,
-            "health": self._op_health, "stats": self._op_stats,
-        }
         self.started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -486,10 +481,8 @@ class Server:
         """Load and warm up the start-up models, then listen.  Raises (and cleans up) if a start-up
         model fails to load or the address cannot be bound."""
         loop = self._loop = asyncio.get_running_loop()
-        self._flusher = ReplyFlusher(loop)
+        self.tcp.prepare(loop)
         self._completions = Completions(loop, self._deliver)
-        self._conns_empty = asyncio.Event()
-        self._conns_empty.set()
         self._stopped = asyncio.Event()
         try:
             self.monitor.start()
@@ -511,10 +504,8 @@ class Server:
                 except (OSError, ssl.SSLError) as exc:
                     raise errors.ConfigError(f"TLS certificate {self.config.tls_certfile!r} / key "
                                              f"{self.config.tls_keyfile!r}: {exc}") from None
-            srv = await loop.create_server(self._make_connection, self.config.host, self.config.port,
-                                           ssl=ctx, backlog=min(4096, self.config.max_connections),
-                                           reuse_address=True)
-            self._servers.append(srv)
+            self.tcp.ssl = ctx
+            await self.tcp.start()
             await self._start_front_ends()
             if self.config.metrics_port is not None:
                 health = on_loop(loop, self.health_report, 2.0)
@@ -524,8 +515,7 @@ class Server:
                                            health=health)
                 self._http.start()
         except BaseException:
-            for srv in self._servers:
-                srv.close()
+            self.tcp.close_listener()
             for fe in self._frontends:
                 await fe.stop(0)
             self.monitor.stop()
@@ -615,11 +605,11 @@ class Server:
 
     @property
     def port(self) -> int:
-        return self._servers[0].sockets[0].getsockname()[1]
+        return self.tcp.port
 
     @property
     def host(self) -> str:
-        return self._servers[0].sockets[0].getsockname()[0]
+        return self.tcp.host
 
     @property
     def ready(self) -> bool:
@@ -652,11 +642,11 @@ class Server:
 
     @property
     def connections(self) -> frozenset:
-        return frozenset(self._conns)
+        return frozenset(self.tcp.conns)
 
     @property
     def in_flight(self) -> int:
-        return self._budget.count
+        return self.tcp.in_flight
 
     def instances(self) -> list[ModelInstance]:
         return list(self._instances.values())
@@ -679,13 +669,13 @@ class Server:
         for task in list(self._bg_tasks):
             task.cancel()
         loop = self._loop
-        for srv in self._servers:
-            srv.close()
+        tcp = self.tcp
+        tcp.close_listener()
         deadline = loop.time() + drain_timeout
         # the other front ends stop listening and finish what they owe while the TCP one drains
         fe_stops = [asyncio.ensure_future(fe.stop(drain_timeout)) for fe in self._frontends]
         try:
-            await asyncio.wait_for(self._budget.wait_idle(loop), max(drain_timeout, 0))
+            await asyncio.wait_for(tcp.wait_idle(), max(drain_timeout, 0))
         except (asyncio.TimeoutError, TimeoutError):
             pass
         if fe_stops:
@@ -694,20 +684,9 @@ class Server:
                                        max(1.0, deadline - loop.time()))
             except (asyncio.TimeoutError, TimeoutError):
                 pass
-        self._flusher.flush()
-        for conn in list(self._conns):
-            conn.close()
-        try:
-            await asyncio.wait_for(self._conns_empty.wait(), max(1.0, deadline - loop.time()))
-        except (asyncio.TimeoutError, TimeoutError):
-            for conn in list(self._conns):
-                conn.abort()
+        await tcp.close_connections(max(1.0, deadline - loop.time()))
         await self._stop_models(max(1.0, deadline - loop.time()))
-        for srv in self._servers:
-            try:
-                await asyncio.wait_for(srv.wait_closed(), 1.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
+        await tcp.wait_closed()
         self._ready = False
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -729,7 +708,7 @@ class Server:
 
     async def wait_connections_closed(self) -> None:
         """Resolves when no connection is open (tests, drain)."""
-        await self._conns_empty.wait()
+        await self.tcp.wait_connections_closed()
 
     async def _stop_models(self, timeout: float) -> None:
         self._submit_pending()
@@ -1039,7 +1018,7 @@ class Server:
                     conn.discard(rid)
                 else:
                     self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
-        self._flusher.flush()
+        self._flush()
 
     def _unpark(self, inst: ModelInstance, fut: asyncio.Future) -> None:
         """A load finished: the requests parked for it run now (or get its error)."""
@@ -1056,7 +1035,7 @@ class Server:
                 else:  # dispatch again: it routes to the READY version (or reports why not)
                     redo()
         self._submit_pending()
-        self._flusher.flush()
+        self._flush()
 
     def _candidates(self, name: str, cfg) -> tuple[list[str], int | None]:
         """The devices a version may occupy and how many of them (None: all, a static placement):
@@ -1364,15 +1343,45 @@ class Server:
             raise wire.Unavailable(f"model {name!r} version {v} was taken out of service: {st.reason} "
                                    "(load it again to retry)")
 
-    # --- connections ------------------------------------------------------------------------------------
-    def _make_connection(self) -> Connection:
-        cfg = self.config
-        return Connection(self._dispatch, limits=self._limits, max_in_flight=cfg.max_in_flight_per_connection,
-                          budget=self._budget, idle_timeout_s=cfg.idle_timeout_s or None,
-                          authenticated=self._token is None, flusher=self._flusher,
-                          on_open=self._conn_opened, on_close=self._conn_closed, on_error=self._protocol_error,
-                          on_read_done=self._read_done, frame_memory=self._frame_memory,
-                          direct_replies=cfg.direct_replies)
+    # --- the front ends' hooks (tinyserve.core.api) ---------------------------------------------------
+    def add_flush(self, flush: Callable[[], None]) -> None:
+        """A front end that coalesces replies: `flush()` after each batch of replies sent on the loop."""
+        self._flushes.append(flush)
+
+    def _flush(self) -> None:
+        for flush in self._flushes:
+            flush()
+
+    def count_op(self, code: str | None = None) -> None:
+        """A request no model version counts (another op, a protocol error; `code`: its error)."""
+        st = self.stats
+        st.requests += 1
+        if code is not None:
+            st.error(code)
+
+    def count_refused(self, model, version, code: str, message: str) -> None:
+        """An infer refused before it was queued: counted for the version it routes to, else server-wide."""
+        ms = None
+        if type(model) is str:
+            inst = self._routes.get(model) if version is None else (
+                self._instances.get((model, version)) if type(version) is int else None)
+            if inst is not None:
+                ms = inst.metrics
+        if ms is not None:
+            ms.recorder().reject(code, message)
+        else:
+            self.count_op(code)
+
+    def _fail(self, owner, tag, code, message, header, fatal=False) -> None:
+        """Answer a request the core refused (counted first) through its responder."""
+        if fatal:  # the connection counts it (on_error) as it closes
+            owner.send_error(tag, code, message, close=True)
+            return
+        if header.get("op") == "infer":
+            self.count_refused(header.get("model"), header.get("version"), code, message)
+        else:
+            self.count_op(code)
+        owner.send_error(tag, code, message)
 
     def _read_done(self) -> None:
         """End of one connection's read: the requests of every connection read in this turn of the
@@ -1408,116 +1417,7 @@ class Server:
                 for req in reqs:
                     self._fail(req.owner, req.tag, exc.code, str(exc), {})
 
-    def _conn_opened(self, conn: Connection):
-        if self._draining:
-            return "SHUTTING_DOWN", "the server is shutting down"
-        if len(self._conns) >= self.config.max_connections:  # counted by on_error as it is sent
-            return ("TOO_MANY_REQUESTS", f"connection refused: {len(self._conns)} connections are open "
-                    f"(max_connections {self.config.max_connections})")
-        self._conns.add(conn)
-        self._conns_empty.clear()
-        return None
-
-    def _conn_closed(self, conn: Connection) -> None:
-        self._conns.discard(conn)
-        if not self._conns:
-            self._conns_empty.set()
-
-    def _protocol_error(self, code: str) -> None:
-        st = self.stats
-        st.requests += 1
-        st.error(code)
-
-    # --- dispatch ---------------------------------------------------------------------------------------
-    def _dispatch(self, conn: Connection, rid: int, header: dict, payload: memoryview) -> None:
-        """The one dispatch callable: every request of every connection comes through here."""
-        op = header.get("op")
-        handler = self._ops.get(op) if type(op) is str else None
-        try:
-            if handler is None:
-                raise wire.BadRequest(f"unknown op {wire.shown(op)} "
-                                      f"(ops: {', '.join(self._ops)})")
-            if payload.nbytes and op != "infer":  # only infer frames carry tensors (docs/protocol.md 4)
-                raise wire.BadRequest(f"{op}: this op takes no payload, the frame carries {payload.nbytes} "
-                                      "payload bytes")
-            handler(conn, rid, header, payload)
-        except wire.WireError as exc:
-            self._fail(conn, rid, exc.code, str(exc), header, exc.fatal)
-        except errors.TinyserveError as exc:  # wire.wire_code is the one mapping
-            self._fail(conn, rid, wire.wire_code(exc), str(exc), header)
-
-    def _fail(self, conn, rid, code, message, header, fatal=False) -> None:
-        if fatal:  # the connection counts it (on_error) as it closes
-            conn.send_error(rid, code, message, close=True)
-            return
-        ms = None
-        model = header.get("model")
-        if header.get("op") == "infer" and type(model) is str:  # refused before it was queued
-            version = header.get("version")
-            inst = self._routes.get(model) if version is None else (
-                self._instances.get((model, version)) if type(version) is int else None)
-            if inst is not None:
-                ms = inst.metrics
-        if ms is not None:
-            ms.recorder().reject(code, message)
-        else:
-            st = self.stats
-            st.requests += 1
-            st.error(code)
-        conn.send_error(rid, code, message)
-
-    def _ok(self, conn: Connection, rid: int, fields: dict) -> None:
-        self.stats.requests += 1
-        conn.send({"id": rid, "ok": True, **fields})
-
-    # --- ops ---------------------------------------------------------------------------------------------
-    def _op_hello(self, conn, rid, h, payload) -> None:
-        proto = h.get("protocol")
-        if proto != wire.PROTOCOL_VERSION or type(proto) is not int:
-            raise wire.BadRequest(f"hello: protocol {wire.shown(proto)} is not supported "
-                                  f"(this server speaks {wire.PROTOCOL_VERSION})")
-        if self._token is not None:
-            tok = h.get("token")
-            given = tok.encode("utf-8", "surrogatepass") if isinstance(tok, str) else b""
-            if not hmac.compare_digest(given, self._token):
-                raise wire.Unauthenticated("hello: wrong or missing token")
-            conn.authenticated = True
-        self._ok(conn, rid, self._hello_reply)
-
-    def _op_ping(self, conn, rid, h, payload) -> None:
-        self.stats.requests += 1
-        conn.send_parts(rid, wire.encode_frame({"id": rid, "ok": True}))
-
-    def _op_infer(self, conn, rid, h, payload) -> None:
-        t0 = _perf_ns()
-        inst = self._route_infer(h.get("model"), h.get("version"))
-        if inst is _PARK:  # an on-demand load is under way: the request runs once it is done
-            self._parked.setdefault((h.get("model"), h.get("version")), []).append(
-                (conn, rid, h, lambda: self._dispatch(conn, rid, h, payload)))
-            return
-        inputs = h.get("inputs")
-        if type(inputs) is not list:
-            raise wire.BadRequest(f"infer: field 'inputs' must be a list of tensor descriptors, "
-                                  f"got {wire.shown(inputs)}")
-        tensors = wire.split_tensors(inputs, payload, self._limits)
-        inst.check_inputs(tensors)
-        outputs = h.get("outputs")
-        if outputs is not None:
-            if type(outputs) is not list or not outputs:
-                raise wire.BadRequest("field 'outputs' must be a non-empty list of output names")
-            self._check_outputs(inst, outputs)
-        deadline = None
-        timeout_ms = h.get("timeout_ms")
-        if timeout_ms is not None:
-            if type(timeout_ms) is not int or not 0 < timeout_ms <= 1 << 40:
-                raise wire.BadRequest(f"field 'timeout_ms' must be an integer > 0, got {wire.shown(timeout_ms)}")
-            deadline = _monotonic() + timeout_ms / 1000.0
-        priority = h.get("priority", 0)
-        if type(priority) is not int or not 0 <= priority <= 15:
-            raise wire.BadRequest(f"field 'priority' must be an integer 0..15, got {wire.shown(priority)}")
-        self._pending.append((inst, Request(tensors, outputs, deadline, priority, conn, rid, t0)))
-        inst.submitted += 1
-
+    # --- requests ---------------------------------------------------------------------------------------
     def _route_infer(self, name: object, version: object):
         """Every front end's first step of an infer: the READY instance it goes to (or _PARK while an
         on-demand load runs), past the drain, the ejection policy and the queue cap; else raises."""
@@ -1555,27 +1455,36 @@ class Server:
                 raise wire.InvalidInput(f"output {wire.shown(o)} is not an output of model {inst.name!r} "
                                         f"(outputs: {', '.join(sorted(names))})")
 
-    def submit_infer(self, name: str, version: int | None, tensors: dict, *, outputs=None,
+    def submit_infer(self, name: str, version: int | None, tensors, *, outputs=None,
                      timeout_s: float | None = None, priority: int = 0, responder, tag) -> None:
-        """The core API's infer (tinyserve.core.api): a front end's request, already decoded into
-        {name: (dtype, shape, view)} (checked against the limits by the front end).  Raises a
-        TinyserveError at once, or completes through `responder` (finish in the worker, then
-        reply_threadsafe / send_reply / discard)."""
+        """The core API's infer (tinyserve.core.api): a front end's request, decoded into
+        {name: (dtype, shape, view)} (checked against the limits by the front end), or a callable
+        `tensors(limits)` that decodes it once the request is routed.  `outputs`, `timeout_s` or
+        `priority` given as a TinyserveError: raised when the checks reach that field (a front end's
+        own message for its wire's field).  Raises a TinyserveError at once, or completes through
+        `responder` (finish in the worker, then reply_threadsafe / send_reply / discard)."""
         t0 = _perf_ns()
         inst = self._route_infer(name, version)
         if inst is _PARK:
+            header = {"op": "infer", "model": name, "version": version}
+
             def redo():
                 try:
                     self.submit_infer(name, version, tensors, outputs=outputs, timeout_s=timeout_s,
                                       priority=priority, responder=responder, tag=tag)
                 except errors.TinyserveError as exc:
-                    self._fail(responder, tag, wire.wire_code(exc), str(exc), {"op": "infer", "model": name})
-            self._parked.setdefault((name, version), []).append((responder, tag, {"op": "infer"}, redo))
+                    self._fail(responder, tag, wire.wire_code(exc), str(exc), header,
+                               getattr(exc, "fatal", False))
+            self._parked.setdefault((name, version), []).append((responder, tag, header, redo))
             return
-        if len(tensors) > self._limits.max_tensors:
+        if callable(tensors):
+            tensors = tensors(self._limits)
+        elif len(tensors) > self._limits.max_tensors:
             raise wire.InvalidInput(f"the request has {len(tensors)} inputs (max_tensors {self._limits.max_tensors})")
         inst.check_inputs(tensors)
         if outputs is not None:
+            if isinstance(outputs, errors.TinyserveError):
+                raise outputs
             outputs = list(outputs)
             if not outputs:
                 raise wire.BadRequest("'outputs' must name at least one output when given")
@@ -1583,68 +1492,59 @@ class Server:
         if priority is None:
             priority = 0
         if type(priority) is not int or not 0 <= priority <= 15:
+            if isinstance(priority, errors.TinyserveError):
+                raise priority
             raise wire.BadRequest(f"priority must be an integer 0..15, got {wire.shown(priority)}")
         deadline = None
         if timeout_s is not None:
+            if isinstance(timeout_s, errors.TinyserveError):
+                raise timeout_s
             if not 0 < timeout_s <= 1 << 30:
                 raise wire.BadRequest(f"timeout must be > 0 seconds, got {timeout_s!r}")
             deadline = _monotonic() + timeout_s
         self._pending.append((inst, Request(tensors, outputs, deadline, priority, responder, tag, t0)))
         inst.submitted += 1
-        self._read_done()  # handed to the worker at the end of this loop turn, with other reads
+        if not self._submit_scheduled:  # handed to the worker at the end of this loop turn, with other reads
+            self._submit_scheduled = True
+            self._loop.call_soon(self._submit_pending)
 
     def _finish(self, req: Request) -> None:
-        """In the worker thread: encode the reply frame of a finished request (none for a request
-        whose connection has closed: nobody would read it)."""
+        """In the worker thread: the front end encodes the reply of a finished request (none for a
+        request whose responder has closed: nobody would read it)."""
         owner = req.owner
         if owner.closed:
             return
-        if owner.__class__ is not Connection:  # another front end's Responder encodes its own reply
-            if req.error is not None:
-                req.code = wire.wire_code(req.error)
-            try:
-                owner.finish(req)
-            except Exception as exc:  # noqa: BLE001 - a front end's bug is reported, never hidden
-                log.exception("tinyserve: a front end failed to encode a reply")
-                req.reply = None
-                req.error = errors.TinyserveError(f"encoding the reply failed: {type(exc).__name__}: {exc}")
-                req.code = "INTERNAL"
-            return
-        rid = req.tag
-        if req.error is None:
-            inst = req.instance
-            try:
-                descs, views = wire.tensor_parts(req.result)
-            except wire.InvalidInput as exc:
-                req.error = errors.ModelError(f"model {inst.name!r}: cannot send its output: {exc}")
-            else:
-                req.reply = wire.encode_frame({"id": rid, "ok": True, "model": inst.name, "version": inst.version,
-                                               "outputs": descs}, views)
-                req.result = None
-                return
-        exc = req.error
-        req.code = code = wire.wire_code(exc)
-        req.reply = wire.encode_error(rid, code, str(exc))
+        if req.error is not None:
+            req.code = wire.wire_code(req.error)
+        try:
+            owner.finish(req)
+        except Exception as exc:  # noqa: BLE001 - a front end's bug is reported, never hidden
+            log.exception("tinyserve: a front end failed to encode a reply")
+            req.reply = None
+            req.error = errors.TinyserveError(f"encoding the reply failed: {type(exc).__name__}: {exc}")
+            req.code = "INTERNAL"
 
     def _respond(self, reqs: list, rec=None) -> list:
         """In a worker thread: count the finished requests (statistics, ejection policy: before the
-        client can see a reply, so what it reads next already includes them), then write their
-        replies straight to their sockets (Connection.reply_threadsafe: several replies to one
-        connection in one write).  Returns the requests the loop must answer instead (`_deliver`)."""
+        client can see a reply, so what it reads next already includes them), then write the replies
+        of responders whose replies are wire frames straight to their sockets (reply_threadsafe:
+        several replies to one connection in one write).  Returns the requests the loop must answer
+        instead (`_deliver`)."""
         now = _perf_ns()
         if len(reqs) == 1:
             req = reqs[0]
             reply = req.reply
-            if reply is None or req.owner.__class__ is not Connection:  # others answer on the loop
+            owner = req.owner
+            if reply is None or not getattr(owner, "wire_frames", False):  # others answer on the loop
                 return reqs
             self._count(req, now, rec)
-            if not req.owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
+            if not owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
                 return reqs
             return _NONE
         left = []
         groups: dict = {}
         for req in reqs:
-            if req.reply is None or req.owner.__class__ is not Connection:
+            if req.reply is None or not getattr(req.owner, "wire_frames", False):
                 left.append(req)
             else:
                 groups.setdefault(req.owner, []).append(req)
@@ -1743,87 +1643,28 @@ class Server:
                 self._transition(t)
 
     def _deliver(self, batch: list) -> None:
-        """On the loop: write the finished requests' replies (one wakeup, one flush)."""
+        """On the loop: send the finished requests' replies (one wakeup, one flush)."""
         now = _perf_ns()
         for req in batch:
             owner = req.owner
             if owner.closed:  # nobody to answer: release its in-flight slot (and the server's budget)
                 owner.discard(req.tag)
                 continue
-            reply = req.reply
-            if owner.__class__ is not Connection:  # another front end (tinyserve.core.api.Responder)
-                if reply is None and req.code == "OK":
-                    req.code = wire.wire_code(req.error) if req.error is not None else "INTERNAL"
-                self._count(req, now)
-                owner.send_reply(req)
-                continue
-            if reply is None:  # finish failed
-                reply = wire.encode_error(req.tag, "INTERNAL", str(req.error))
-                req.code = "INTERNAL"
-            owner.send_parts(req.tag, reply)
+            if req.reply is None and req.code == "OK":
+                req.code = wire.wire_code(req.error) if req.error is not None else "INTERNAL"
             self._count(req, now)
-        self._flusher.flush()
+            owner.send_reply(req)
+        self._flush()
 
-    def _name_field(self, h: dict, op: str) -> str:
-        name = h.get("model")
-        if type(name) is not str:
-            raise wire.BadRequest(f"{op}: field 'model' must be a string, got {wire.shown(name)}")
-        return name
-
-    def _version_field(self, h: dict, op: str) -> int | None:
-        version = h.get("version")
-        if version is not None and (type(version) is not int or version < 1):
-            raise wire.BadRequest(f"{op}: field 'version' must be an integer >= 1, got {wire.shown(version)}")
-        return version
-
-    def _op_load(self, conn, rid, h, payload) -> None:
-        if self._draining:
-            raise wire.ShuttingDown("the server is shutting down; it loads no models")
-        name, version = self._name_field(h, "load"), self._version_field(h, "load")
-        fut = self._load(name, version)
-
-        def done(f, conn=conn, rid=rid):
-            exc = wire.Unavailable(f"loading {name!r} was cancelled") if f.cancelled() else f.exception()
-            if exc is None:
-                inst = f.result()
-                self._ok(conn, rid, {"model": inst.name, "version": inst.version, "state": inst.state})
-            else:
-                code = wire.wire_code(exc)
-                self._fail(conn, rid, code, str(exc), {})
-            self._flusher.flush()
-
-        if fut.done():
-            done(fut)
-        else:
-            fut.add_done_callback(done)
-
-    def _op_unload(self, conn, rid, h, payload) -> None:
-        if self._draining:
-            raise wire.ShuttingDown("the server is shutting down")
-        name, version = self._name_field(h, "unload"), self._version_field(h, "unload")
-        self._submit_pending()  # requests read before this unload still go to the model
-        targets = self._unload_targets(name, version)
-        if not targets:
-            self._resolve(name, version)  # NOT_FOUND for an unknown model or version
-            self._ok(conn, rid, {"model": name, "versions": []})
-            return
-        versions = sorted(inst.version for inst in targets)
-        gathered = asyncio.gather(*(inst.unload() for inst in targets), return_exceptions=True)
-
-        def done(f, conn=conn, rid=rid):
-            f.result()
-            self._ok(conn, rid, {"model": name, "versions": versions})
-            self._flusher.flush()
-
-        gathered.add_done_callback(done)
-
+    # --- reports (the TCP front end's models / health / stats ops, through the core) --------------------
     def _failed_versions(self) -> dict:
         """(name, version) -> reason of the versions the ejection policy failed and unloaded: reported
         as FAILED until an operator loads them again (an older READY version serves meanwhile)."""
         return {key: st.reason for key, st in self.policy.states()
                 if st.state == "FAILED" and key not in self._instances and isinstance(key, tuple)}
 
-    def _op_models(self, conn, rid, h, payload) -> None:
+    def models_report(self) -> list:
+        """The `models` op's list (docs/protocol.md): every repository model and loaded version."""
         names = set(self._cached(("models",), self._index.models)) | {n for n, _ in self._instances}
         with self._policy_lock:
             failed = self._failed_versions()
@@ -1839,7 +1680,7 @@ class Server:
                 versions = []
             out.append({"name": name, "versions": versions,
                         "loaded": loaded})
-        self._ok(conn, rid, {"models": out})
+        return out
 
     def _loaded_entry(self, version: int, inst: ModelInstance) -> dict:
         out = {"version": version, "state": inst.state, "bytes": inst.nbytes, "instances": inst.workers}
@@ -1861,51 +1702,28 @@ class Server:
                 if entry.get("version") == v:
                     entry["per_device"] = inst.device_stats()
 
-    def _op_metadata(self, conn, rid, h, payload) -> None:
-        name, version = self._name_field(h, "metadata"), self._version_field(h, "metadata")
+    def metadata_config(self, name: str, version: int | None):
+        """(version, config) that `metadata` describes; config None: a remote repository's version
+        that is not loaded, whose config must be read from storage (read_config)."""
         inst = self._routes.get(name) if version is None else self._instances.get((name, version))
         if inst is not None and inst.config is not None:
-            cfg, version = inst.config, inst.version
-        else:
-            path = self._resolve(name, version if version is not None else self.metadata_version(name))
-            version = int(path.name)
-            if self._remote:  # the config of a version not loaded is read from storage, off the loop
-                budget = self._budget
-                if budget.count > budget.limit:  # admitted over the cap as a monitoring op: it queues no I/O
-                    raise wire.TooManyRequests(
-                        f"metadata: the server has {budget.count - 1} requests in flight (max_in_flight "
-                        f"{budget.limit}); the config of {name!r} version {version} is not loaded and would be "
-                        "read from remote storage")
-                fut = self._io(self.repo.read_config, name, version)
+            return inst.version, inst.config
+        path = self._resolve(name, version if version is not None else self.metadata_version(name))
+        version = int(path.name)
+        if self._remote:
+            return version, None
+        return version, self._cached(("config", name, version), self.repo.read_config, name, version)
 
-                def done(f, conn=conn, rid=rid, name=name, version=version):
-                    exc = f.exception()
-                    if exc is not None:
-                        self._fail(conn, rid, wire.wire_code(exc), str(exc), {})
-                    else:
-                        self._metadata_reply(conn, rid, name, version, f.result())
-                    self._flusher.flush()
+    def read_config(self, name: str, version: int) -> asyncio.Future:
+        """A version's config read from storage off the loop."""
+        return self._io(self.repo.read_config, name, version)
 
-                fut.add_done_callback(done)
-                return
-            cfg = self._cached(("config", name, version), self.repo.read_config, name, version)
-        self._metadata_reply(conn, rid, name, version, cfg)
-
-    def _metadata_reply(self, conn, rid, name, version, cfg) -> None:
-        """What a request sends and its reply holds: a python model's declared request_inputs /
-        request_outputs (its hooks' side, docs/repository.md section 3) where it has them, else the
-        module's inputs / outputs."""
-        inputs = getattr(cfg, "request_inputs", ()) or cfg.inputs
-        outputs = getattr(cfg, "request_outputs", ()) or cfg.outputs
-        self._ok(conn, rid, {"model": name, "version": version, "platform": cfg.platform,
-                             "inputs": [s.to_dict() for s in inputs],
-                             "outputs": [s.to_dict() for s in outputs],
-                             "batching": None if cfg.batching is None else cfg.batching.to_dict()})
-
-    def _op_health(self, conn, rid, h, payload) -> None:
-        """The health report, whose `models` also lists the repository's models that have no loaded
-        or failed version (state UNLOADED, `version` the newest in the repository listing)."""
+    def health_dict(self, repository: bool = False) -> dict:
+        """The health report; `repository`: its `models` also lists the repository's models that have
+        no loaded or failed version (state UNLOADED, `version` the newest in the repository listing)."""
         report = self.health_report().to_dict()
+        if not repository:
+            return report
         models = report["models"]
         try:
             names = self._cached(("models",), self._index.models)
@@ -1921,17 +1739,14 @@ class Server:
                                 "device": None, "serving": False, "versions": []}
         if len(models) > 1:
             report["models"] = dict(sorted(models.items()))
-        self._ok(conn, rid, report)
+        return report
 
-    def _op_stats(self, conn, rid, h, payload) -> None:
-        """Server-wide figures at the top level (every model plus what no model counts: other ops,
-        protocol errors, requests for unknown models); per model version under `models`
-        (docs/health.md section 2).  Workers record while this reads: a request may be missing from
-        one snapshot, never counted twice."""
-        name = h.get("model")
+    def stats_report(self, name: str | None = None) -> dict:
+        """The `stats` op's reply (docs/health.md section 2) less the front ends' own figures: server-wide
+        figures at the top level (every model plus what no model counts: other ops, protocol errors,
+        requests for unknown models); per model version under `models`.  Workers record while this
+        reads: a request may be missing from one snapshot, never counted twice."""
         if name is not None:
-            if type(name) is not str:
-                raise wire.BadRequest(f"stats: field 'model' must be a string, got {wire.shown(name)}")
             one = self.metrics.model_dict(name)
             if one is None:
                 self._resolve(name)  # NOT_FOUND for a model the server never heard of
@@ -1939,34 +1754,41 @@ class Server:
             reply = dict(one)
             reply["models"] = {name: one}
             self._add_devices(reply["models"])
-            self._ok(conn, rid, reply)  # that model's fields only: no server-wide ones
-            return
-        else:
-            models = self.metrics.to_dict()["models"]
-            self._add_devices(models)
-            st = self.stats
-            errs = dict(st.errors)
-            requests = st.requests
-            for m in models.values():
-                requests += m["requests"]
-                for code, n in m["errors"].items():
-                    errs[code] = errs.get(code, 0) + n
-            total = None
-            for ms in self.metrics.models():
-                snap = ms.snapshot()
-                total = snap.total if total is None else total.merge(snap.total)
-            reply = {"requests": requests, "errors": dict(sorted(errs.items())),
-                     "latency_us": total.percentiles() if total is not None else Histogram().percentiles(),
-                     "models": models}
+            return reply  # that model's fields only: no server-wide ones
+        models = self.metrics.to_dict()["models"]
+        self._add_devices(models)
+        st = self.stats
+        errs = dict(st.errors)
+        requests = st.requests
+        for m in models.values():
+            requests += m["requests"]
+            for code, n in m["errors"].items():
+                errs[code] = errs.get(code, 0) + n
+        total = None
+        for ms in self.metrics.models():
+            snap = ms.snapshot()
+            total = snap.total if total is None else total.merge(snap.total)
+        reply = {"requests": requests, "errors": dict(sorted(errs.items())),
+                 "latency_us": total.percentiles() if total is not None else Histogram().percentiles(),
+                 "models": models}
         if self.placement is not None:
             reply["placement"] = self.placement.to_dict()
-        reply["in_flight"] = self._budget.count
         counters = self._resume_counters()
         if counters is not None:
             reply["storage"] = counters()  # the remote repository's resumed reads
-        reply["connections"] = len(self._conns)
         reply["uptime_s"] = round(time.time() - self.started_at, 3)
-        self._ok(conn, rid, reply)
+        return reply
+
+    def start_unload(self, name: str, version: int | None):
+        """Begin unloading one version or (None) every loaded one: (versions, a future resolving once
+        they stopped, or None when nothing was loaded).  NOT_FOUND for an unknown model or version."""
+        self._submit_pending()  # requests read before this unload still go to the model
+        targets = self._unload_targets(name, version)
+        if not targets:
+            self._resolve(name, version)  # NOT_FOUND for an unknown model or version
+            return [], None
+        versions = sorted(inst.version for inst in targets)
+        return versions, asyncio.gather(*(inst.unload() for inst in targets), return_exceptions=True)
 
 
 # --- running it ---------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """`Core`: the server core's API (tinyserve.core.api.CoreAPI) over a running server.
 
-Today the model manager and the request path still live in `tinyserve.server.Server`, together with
-tinyserve's own TCP front end; `Core` is the one door the other front ends (HTTP, gRPC) use, so they
-never touch the server's internals.  It receives the server object (it does not import the server:
+Today the model manager and the request path still live in `tinyserve.server.Server`; `Core` is the
+one door every front end (tcp, http, grpc) uses, so they never touch the server's internals.  It receives the server object (it does not import the server:
 the core imports no front end and not the composition root).  Everything runs on the loop thread.
 """
 
@@ -47,6 +46,22 @@ class Core:
     def loop(self):
         return self._s._loop
 
+    @property
+    def draining(self) -> bool:
+        return self._s._draining
+
+    def add_flush(self, flush) -> None:
+        self._s.add_flush(flush)
+
+    def read_done(self) -> None:
+        self._s._read_done()
+
+    def count_op(self, code: str | None = None) -> None:
+        self._s.count_op(code)
+
+    def count_refused(self, model, version, code: str, message: str) -> None:
+        self._s.count_refused(model, version, code, message)
+
     def live(self) -> bool:
         return not self._s._stopping
 
@@ -56,8 +71,14 @@ class Core:
     def server_metadata(self) -> dict:
         return {"name": "tinyserve", "version": __version__, "extensions": list(EXTENSIONS)}
 
-    def health(self) -> dict:
-        return self._s.health_report().to_dict()
+    def health(self, repository: bool = False) -> dict:
+        return self._s.health_dict(repository)
+
+    def stats_report(self, name: str | None = None) -> dict:
+        return self._s.stats_report(name)
+
+    def models_report(self) -> list:
+        return self._s.models_report()
 
     # --- models ---------------------------------------------------------------------------------------
     def _instance(self, name: str, version: int | None):
@@ -124,6 +145,18 @@ class Core:
                     out.append(entry)
         return out
 
+    def metadata_config(self, name: str, version: int | None = None):
+        return self._s.metadata_config(name, version)
+
+    def read_config(self, name: str, version: int):
+        return self._s.read_config(name, version)
+
+    def start_load(self, name: str, version: int | None = None):
+        return self._s._load(name, version)
+
+    def start_unload(self, name: str, version: int | None = None):
+        return self._s.start_unload(name, version)
+
     async def load(self, name: str, version: int | None = None) -> int:
         inst = await self._s.load(name, version)
         return inst.version
@@ -159,5 +192,5 @@ class Core:
     def infer(self, name: str, version: int | None, inputs: Mapping[str, tuple], *,
               outputs: Sequence[str] | None = None, timeout_s: float | None = None, priority: int = 0,
               responder, tag) -> None:
-        self._s.submit_infer(name, version, dict(inputs), outputs=outputs, timeout_s=timeout_s,
+        self._s.submit_infer(name, version, inputs if callable(inputs) else dict(inputs), outputs=outputs, timeout_s=timeout_s,
                              priority=priority, responder=responder, tag=tag)
