@@ -22,7 +22,10 @@ Requests
        `req.instance.name` / `req.instance.version` name the model version that ran it.
     2. the core counts the request in its statistics (before the client can see the reply), then
        either `responder.reply_threadsafe(tags, reply_parts, nbytes)` from the worker (an optional
-       fast path: return False to decline, e.g. when replies must go out in request order), or, on
+       fast path: return False to decline, e.g. when replies must go out in request order; it is
+       offered only to a responder with `wire_frames = True`, whose `req.reply` is one tinyserve wire
+       frame (`wire.encode_frame`'s buffers): the core then joins the replies one worker batch owes
+       one responder into one call, `reply_parts` the frames back to back, `nbytes` their size), or, on
        the loop, `responder.send_reply(req)` with `req.reply` set (or None: then send an error
        built from `req.code` / `req.error`), or `responder.discard(req.tag)` when the responder
        closed in between (its slot is released, nothing is sent).  A request that waited for an
@@ -33,6 +36,26 @@ Requests
     of ints, the raw little-endian C-order bytes as a memoryview that stays valid until the request
     completes (`bytes`: n items, each u32 little-endian length + bytes).  `CoreAPI.limits` (a
     `wire.Limits`) caps tensor counts, dimensions and sizes; check them before allocating anything.
+    `inputs` may instead be a callable `inputs(limits) -> {name: (dtype, shape, view)}`, called once
+    the request is routed (a wire whose tensor descriptors come with the routing header decodes
+    them only then, so an unknown model is reported before a malformed tensor).  `outputs`,
+    `timeout_s` or `priority` given as a TinyserveError instance: the core raises it when its checks
+    reach that field (a front end keeps its own wire's message for its own field's check).
+
+    Requests `infer` queues during one turn of the loop go to the model workers together, in one
+    callback after the turn's reads (`read_done()` is the hook a front end may call after a read; it
+    only schedules that callback, which `infer` also does).
+
+Front-end hooks
+    `draining` (refuse new connections and requests), `add_flush(fn)` (a front end that coalesces
+    replies: `fn()` after each batch of replies the core sends on the loop), `count_op(code=None)`
+    (a request no model version counts: another op, a protocol error), `count_refused(model,
+    version, code, message)` (an infer the front end refused before it was queued: that version's
+    statistics when it is loaded, else the server-wide ones).  The TCP protocol's reports are plain
+    dicts too: `models_report()`, `stats_report(name)`, `health(repository=True)`,
+    `metadata_config(name, version)` -> (version, config or None: read it with `read_config`),
+    `start_load(name, version)` -> a future of the READY instance (`.name`, `.version`, `.state`),
+    `start_unload(name, version)` -> (versions, a future or None).
 
 Models
     `model_metadata`, `model_ready`, `repository_index`, `load`, `unload`, `statistics`, `health` are
