@@ -2,6 +2,7 @@
 on asyncio and uvloop loops."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -388,3 +389,44 @@ def test_device_load_path_on_the_cpu_matches_the_default_load(tmp_path, source):
     a = a if isinstance(a, torch.Tensor) else a[0]
     b = b if isinstance(b, torch.Tensor) else b[0]
     assert torch.equal(a, b)
+
+
+_THP_PROBE = """
+import os, sys
+os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+if sys.argv[1] != "-":
+    os.environ["THP_MEM_ALLOC_ENABLE"] = sys.argv[1]
+import tinyserve.server  # the server process imports the runtime before it makes any tensor
+import torch
+def huge():
+    with open("/proc/self/smaps_rollup") as f:
+        return int(next(l for l in f if l.startswith("AnonHugePages")).split()[1])
+before = huge()
+t = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # a decoded tensor's allocation
+print(huge() - before)
+"""
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read() and os.path.exists("/proc/self/smaps_rollup")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages on this kernel")
+def test_decoded_weights_go_on_huge_pages_in_the_server_process():
+    """Freeing an evicted model's decoded weights (and faulting in a model's workspace) costs per page:
+    the server's tensors are allocated on transparent huge pages (torch's THP_MEM_ALLOC_ENABLE, set by
+    tinyserve.runtime before the first allocation); an explicit 0 turns it off."""
+    import subprocess
+    import sys
+
+    def probe(value: str) -> int:
+        r = subprocess.run([sys.executable, "-c", _THP_PROBE, value], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.strip().splitlines()[-1])
+
+    assert probe("-") >= 32 << 10  # kB: most of the 64 MiB on 2 MiB pages
+    assert probe("0") == 0

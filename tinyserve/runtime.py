@@ -56,8 +56,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+# Decoded weights and model workspaces on transparent huge pages (torch's CPU allocator: 2 MiB
+# pages, madvise(MADV_HUGEPAGE), for allocations of 2 MiB or more).  Measured on the swap bench's
+# 512 MiB model (bench/results/swap-latest.md): freeing an evicted compressed model's decoded
+# weights went from 74-108 ms to 8-17 ms (512 times fewer pages to unmap), and the first run's
+# 40 MiB workspace from 33-38 ms to 12-17 ms; a swap-back waits for both.  torch reads the variable
+# once, at its first CPU allocation: this import must come before it (the server imports the
+# runtime before it makes any tensor).  An explicit THP_MEM_ALLOC_ENABLE (0 turns it off) wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from tinyserve import errors, wire
 from tinyserve.batching import Batcher, assemble, split
