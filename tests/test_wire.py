@@ -438,3 +438,31 @@ def test_to_array_hands_models_aligned_inputs():
     view = memoryview(buf)[start:start + x.nbytes]
     t = wire.to_array("float32", (3, 64), view, torch=True)
     assert t.data_ptr() == base + start
+
+
+def test_reply_encoder_bytes_equal_the_generic_reply():
+    """wire.ReplyEncoder (the per-model infer reply template, issue 14) writes exactly the bytes of
+    encode_frame({"id", "ok", "model", "version", "outputs"}, tensor_parts(outputs)) for every kind of
+    output, and its tensor views share the outputs' memory."""
+    import torch
+
+    enc = wire.ReplyEncoder("mlp-ü", 7)
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    cases = [
+        {"y": torch.randn(1, 10)},
+        {"y": torch.randn(3, 10), "idx": torch.arange(3), "ok": torch.tensor([True, False])},
+        {"half": torch.randn(2, 3).half(), "bf": torch.randn(2, 3).bfloat16(), "i8": torch.ones(5, dtype=torch.int8)},
+        {"strided": base.t(), "empty": torch.empty(0, 10), "scalar": torch.tensor(3.5)},
+        {"np": np.arange(5, dtype=np.int32), "text": [b"ab", "c\u00e9"], "u8": torch.arange(3, dtype=torch.uint8)},
+    ]
+    for rid in (1, 200, 70000, (1 << 64) - 1):
+        for outputs in cases:
+            descs, views = wire.tensor_parts(outputs)
+            want = wire.encode_bytes({"id": rid, "ok": True, "model": "mlp-ü", "version": 7, "outputs": descs}, views)
+            got = b"".join(bytes(p) for p in enc.encode(rid, outputs))
+            assert got == want, (rid, list(outputs))
+            header, payload = next(wire.iter_frames(got))
+            assert header["id"] == rid and header["model"] == "mlp-ü" and header["version"] == 7
+    y = torch.randn(2, 4)
+    parts = enc.encode(5, {"y": y})
+    assert np.frombuffer(parts[1], dtype=np.float32).ctypes.data == y.data_ptr()  # no copy
