@@ -8,12 +8,12 @@ STAMP   := $(VENV)/.deps-stamp
 
 .PHONY: setup build demo test test-python test-native bench clean
 
-# System libraries (libzstd, xxHash header) and a virtual environment with pinned dependencies.
+# System libraries (libzstd, xxHash header; haproxy for the fleet tests) and a virtual environment with pinned dependencies.
 # torch==2.13.0 is installed first: its CPU wheel lies on disk; any other version downloads a CUDA build.
 $(STAMP): constraints.txt pyproject.toml
-	@dpkg -s libzstd-dev libxxhash-dev pkg-config >/dev/null 2>&1 || \
-	  (apt-get install -y -q libzstd-dev libxxhash-dev pkg-config >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null && apt-get install -y -q libzstd-dev libxxhash-dev pkg-config >/dev/null))
+	@dpkg -s libzstd-dev libxxhash-dev pkg-config haproxy >/dev/null 2>&1 || \
+	  (apt-get install -y -q libzstd-dev libxxhash-dev pkg-config haproxy >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q libzstd-dev libxxhash-dev pkg-config haproxy >/dev/null))
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install $(C) torch==2.13.0
 	$(PIP) install $(C) numpy zstandard xxhash msgpack uvloop nvidia-ml-py tqdm safetensors \

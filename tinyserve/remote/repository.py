@@ -12,6 +12,7 @@ path that stays valid across the commit's rename until ``release_view`` (see ``l
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from tinyserve.storage.stream import DeferredWrite, StreamStats, fetch_file, str
 from tinyserve.weights import WeightsFile, verify_file
 
 Progress = Callable[[int], None]
+log = logging.getLogger("tinyserve.remote")
 _VERSION_DIR = re.compile(r"[1-9][0-9]{0,18}")
 
 
@@ -83,6 +85,7 @@ class RemoteRepository:
         self._pending: dict[tuple[str, int], Pending] = {}
         self.commit_errors: list[str] = []  # background commits that failed (the entry was re-fetched later)
         self._verified: set[tuple[str, int]] = set()
+        self._listing_from_cache = False  # models() answered from the cache (the storage unreachable)
         self._lock = threading.Lock()
         self.last_stream = StreamStats()
 
@@ -95,12 +98,37 @@ class RemoteRepository:
 
     # --- listing -------------------------------------------------------------------------------------
     def models(self) -> list[str]:
-        """Models with at least one visible version (a version is visible once its manifest exists)."""
-        return [d for d in self.storage.list("").dirs if name_problem(d) is None and self.versions(d)]
+        """Models with at least one visible version (a version is visible once its manifest exists).
+        With the storage unreachable: the models the local cache holds versions of (a host restarted
+        during a storage outage serves what it has cached; docs/remote.md)."""
+        try:
+            names = self.storage.list("").dirs
+        except StorageUnavailableError:
+            cached = sorted({e.name for e in self.cache.entries() if e.space == self.space})
+            if not cached:
+                raise
+            if not self._listing_from_cache:  # said once per outage, not at every poll
+                self._listing_from_cache = True
+                log.warning("tinyserve: %s is unreachable; listing the %d models of the local cache until it "
+                            "answers again", self.storage.url, len(cached))
+            return cached
+        if self._listing_from_cache:
+            self._listing_from_cache = False
+            log.warning("tinyserve: %s answers again; listing it", self.storage.url)
+        return [d for d in names if name_problem(d) is None and self.versions(d)]
 
     def versions(self, name: str) -> list[int]:
+        """The visible versions of a model; with the storage unreachable, the cached ones (none
+        cached: the storage's error)."""
         Repository.validate_name(name)
-        found = (parse_manifest_name(o) for o in self.storage.list(name).objects)
+        try:
+            listed = self.storage.list(name).objects
+        except StorageUnavailableError:
+            cached = self.cached_versions(name)
+            if not cached:
+                raise
+            return cached
+        found = (parse_manifest_name(o) for o in listed)
         return sorted(v for v in found if v is not None)
 
     def cached_versions(self, name: str) -> list[int]:
