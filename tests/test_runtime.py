@@ -430,3 +430,15 @@ def test_decoded_weights_go_on_huge_pages_in_the_server_process():
 
     assert probe("-") >= 32 << 10  # kB: most of the 64 MiB on 2 MiB pages
     assert probe("0") == 0
+
+
+def test_instance_reply_encoder_names_its_version():
+    """ModelInstance.reply_encoder encodes this version's infer replies (wire.ReplyEncoder)."""
+    loop = asyncio.new_event_loop()
+    try:
+        inst = ModelInstance("m", 3, "/nonexistent", loop=loop, completions=Completions(loop, lambda items: None))
+        header, _ = next(wire.iter_frames(b"".join(bytes(p) for p in inst.reply_encoder.encode(9, {"y": torch.ones(2)}))))
+        assert header == {"id": 9, "ok": True, "model": "m", "version": 3,
+                          "outputs": [{"name": "y", "dtype": "float32", "shape": [2], "nbytes": 8}]}
+    finally:
+        loop.close()

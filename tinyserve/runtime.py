@@ -456,6 +456,9 @@ class ModelInstance:
         self._pre = self._post = None
         self.output_names: frozenset[str] = frozenset()
         self.checks_inputs = True
+        # the infer replies of this version (wire.ReplyEncoder: the same bytes as tensor_parts +
+        # encode_frame, the header's constant part packed once); the TCP front end's _finish may use it
+        self.reply_encoder = wire.ReplyEncoder(name, version)
 
     def __repr__(self) -> str:
         return f"<ModelInstance {self.name}:{self.version} {self.state}>"
