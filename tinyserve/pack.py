@@ -13,8 +13,9 @@ Sources:
   (``find_state_dict``: common keys, nested, or ``key=``).  Weights only (platform ``weights``)
   unless ``program=model.py`` is given.  A checkpoint's other JSON-safe values (epoch, vocabulary...)
   are kept in the config's ``metadata`` (``checkpoint_metadata``; docs/repository.md section 3).
-  ONNX, torch.export archives and compressed files are named and refused with what to do;
-* a TorchScript archive (platform ``torchscript``: tinyserve/formats/torchscript.py).
+  torch.export archives and compressed files are named and refused with what to do;
+* a TorchScript archive (platform ``torchscript``: tinyserve/formats/torchscript.py) or an ONNX model
+  (platform ``onnx``: tinyserve/formats/onnx_model.py).
 
 With a program, the model file is imported from the staged version and built on the ``meta`` device
 before anything is installed, and its state dict is checked against the weights (names, shapes,
@@ -170,10 +171,8 @@ def _refusal(path: str, kind: str, what: str) -> errors.TinyserveError:
         return errors.UnsupportedError(f"{path}: {what}: a program, not a weights file: pack it as a model "
                                        "(tinyserve pack FILE, platform torchscript)")
     if kind == "onnx":
-        return errors.UnsupportedError(
-            f"{path}: {what}: ONNX is not supported yet (issue 15); extract the weights (the graph's "
-            "initializers, e.g. with onnx.numpy_helper.to_array) into a state dict whose names match your "
-            "torch module, save it with torch.save or safetensors, and pack it with --program model.py")
+        return errors.UnsupportedError(f"{path}: {what}: a program, not a weights file: pack it as a model "
+                                       "(tinyserve pack FILE, platform onnx)")
     if kind == "torch_export":
         return errors.UnsupportedError(
             f"{path}: {what}: pack the module's factory instead (tinyserve pack module:factory exports it "
