@@ -114,6 +114,21 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def thread_cpu_s(pid: int) -> dict:
+    """CPU seconds per thread of one process, keyed by 'name/tid' (/proc/pid/task/*/stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            raw = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        rest = raw[raw.rindex(")") + 2:].split()
+        label = "main (event loop)" if int(tid) == pid else name
+        out[f"{label}/{tid}"] = (int(rest[11]) + int(rest[12])) / CLK
+    return out
+
+
 def core_busy_s(core: int) -> float:
     with open("/proc/stat") as f:
         for line in f:
@@ -154,7 +169,7 @@ def setup(work: Path) -> dict:
         run_cmd(["python3", "-m", "venv", str(venv)])
     pip = [str(venv / "bin" / "pip"), "install", "-q"]
     log("pip install nvidia-pytriton, tritonclient, perf-analyzer, torch, numpy into the Triton venv")
-    run_cmd(pip + [f"{k}=={v}" for k, v in TRITON_PINS.items()] + ["perf-analyzer", "numpy"], timeout=1200)
+    run_cmd(pip + [f"{k}=={v}" for k, v in TRITON_PINS.items()] + ["perf-analyzer", "numpy<2"], timeout=1200)
     py = str(venv / "bin" / "python")
     info = json.loads(run_cmd([py, "-c", (
         "import json, sys, sysconfig, importlib.metadata as m, pathlib, pytriton\n"
@@ -199,7 +214,7 @@ def setup(work: Path) -> dict:
 
 def tool_versions(facts: dict) -> dict:
     out = dict(facts["versions"])
-    out["wrk"] = (subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    out["wrk"] = (subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0].removeprefix("wrk ")
                   .split(" [")[0].strip())
     out["h2load"] = run_cmd(["h2load", "--version"]).split("\n")[0].strip()
     env = {**os.environ, "LD_LIBRARY_PATH": facts["palib"]}
@@ -261,27 +276,44 @@ def tinyserve_repo(work: Path) -> Path:
 # ---------------------------------------------------------------- servers
 
 LAUNCHER = r"""
-import cProfile, json, sys, threading
+import cProfile, json, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from tinyserve.server import ServerConfig, run
 repo, prof_path = sys.argv[2], sys.argv[3]
 cfg = ServerConfig(repo=repo, models=("mlp", "mlp_b"), torch_threads=1, http_port=0, grpc_port=0)
 def ready(s):
     print("READY " + json.dumps({"tcp": s.port, "http": s.http_port, "grpc": s.grpc_port}), flush=True)
-profs = []
+profs, marks = [], []
+def _key(code):
+    if isinstance(code, str):
+        return code
+    return f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+def _snapshot():  # {thread: {function: [calls, own seconds, cumulative seconds]}} of every profiler
+    out = {}
+    for name, p in profs:
+        d = out.setdefault(name, {})
+        for e in p.getstats():
+            v = d.setdefault(_key(e.code), [0, 0.0, 0.0])
+            v[0] += e.callcount; v[1] += e.inlinetime; v[2] += e.totaltime
+    return out
+def _mark(signum, frame):  # SIGUSR1: start of the measured window; SIGUSR2: its end, written out
+    marks.append(_snapshot())
+    if signum == signal.SIGUSR2:
+        a, b = marks[0], marks[-1]
+        diff = {t: {k: [v[0] - a.get(t, {}).get(k, [0, 0, 0])[0], v[1] - a.get(t, {}).get(k, [0, 0, 0])[1],
+                        v[2] - a.get(t, {}).get(k, [0, 0, 0])[2]] for k, v in fs.items()} for t, fs in b.items()}
+        with open(prof_path + ".json.tmp", "w") as f:
+            json.dump(diff, f)
+        import os; os.replace(prof_path + ".json.tmp", prof_path + ".json")
 if prof_path:
     def _hook(frame, event, arg):  # one profiler per thread started from now on (model workers)
         sys.setprofile(None)
-        p = cProfile.Profile(); profs.append((threading.current_thread().name, p)); p.enable()
+        p = cProfile.Profile(time.thread_time); profs.append((threading.current_thread().name, p)); p.enable()
     threading.setprofile(_hook)
-    main = cProfile.Profile(); profs.append(("main", main)); main.enable()
-try:
-    run(cfg, on_ready=ready)
-finally:
-    if prof_path:
-        main.disable()
-        for i, (name, p) in enumerate(profs):
-            p.dump_stats(f"{prof_path}.{i}.{name.replace('/', '_')}")
+    signal.signal(signal.SIGUSR1, _mark)
+    signal.signal(signal.SIGUSR2, _mark)
+    main = cProfile.Profile(time.thread_time); profs.append(("loop", main)); main.enable()
+run(cfg, on_ready=ready)
 """
 
 
@@ -633,38 +665,91 @@ def render(res: dict) -> str:
 
 
 def profile_run(args, work: Path, cores) -> None:
-    """cProfile of tinyserve's server process at c=1 over HTTP (wrk) and gRPC (h2load)."""
-    import pstats
-
+    """cProfile of tinyserve's server process at c=1 over HTTP (wrk) and gRPC (h2load): every thread
+    profiled from the start with its own CPU clock (time.thread_time: waits cost nothing), snapshots taken (SIGUSR1 / SIGUSR2) around the measured window, the
+    difference divided by the requests the server answered in it.  Writes work/prof-<proto>.txt and
+    bench/results/oip-profile-<proto>.txt (top functions per thread)."""
     row, _ = reference(work)
     repo = tinyserve_repo(work)
     files = prepare_files(work, row)
-    out = {}
+    # first without the profiler: CPU per request of each server thread (/proc), the true split
+    split = {}
+    s = start_tinyserve(work, repo, cores[0])
+    try:
+        for proto in PROTOCOLS:
+            model = "mlp"
+            if proto == "http":
+                url = f"http://127.0.0.1:{s['http']}/v2/models/{model}/infer"
+                gen = lambda secs: run_wrk(cores[1], url, 1, secs, files[("lua", model)])  # noqa: E731
+            else:
+                url = f"http://127.0.0.1:{s['grpc']}/inference.GRPCInferenceService/ModelInfer"
+                gen = lambda secs: run_h2load(cores[1], url, 1, secs, files[("grpc", model)], files["h2log"])  # noqa: E731
+            gen(1.0)
+            ok0, t0 = model_success(s["http"], model), thread_cpu_s(s["proc"].p.pid)
+            r = gen(args.profile_seconds)
+            t1, n = thread_cpu_s(s["proc"].p.pid), model_success(s["http"], model) - ok0
+            per = {k: (v - t0.get(k, 0.0)) / max(1, n) * 1e6 for k, v in t1.items()}
+            split[proto] = {"requests": n, "rps": r["rps"], "p50_ms": r["p50_ms"],
+                            "threads_us_per_req": {k: round(v, 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 1},
+                            "total_us_per_req": round(sum(per.values()), 1)}
+            log(f"thread split {proto}: {split[proto]}")
+    finally:
+        s["proc"].stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "oip-profile-threads.json", json.dumps({"commit": git_commit(), "date": f"{_dt.datetime.now():%Y-%m-%d %H:%M}",
+                                                             "loadavg": loadavg(), "split": split}, indent=1))
     for proto in PROTOCOLS:
         prefix = work / f"prof-{proto}"
-        for old in work.glob(f"prof-{proto}.*"):
-            old.unlink()
+        Path(str(prefix) + ".json").unlink(missing_ok=True)
         s = start_tinyserve(work, repo, cores[0], profile=str(prefix))
         try:
-            servers = {"tinyserve": s}
-            r = measure("tinyserve", s, proto, "c1", 1, servers, cores, files, args.profile_seconds, 1.0)
-            total = model_success(s["http"], "mlp")
+            model = "mlp"
+            if proto == "http":
+                url = f"http://127.0.0.1:{s['http']}/v2/models/{model}/infer"
+                gen = lambda secs: run_wrk(cores[1], url, 1, secs, files[("lua", model)])  # noqa: E731
+            else:
+                url = f"http://127.0.0.1:{s['grpc']}/inference.GRPCInferenceService/ModelInfer"
+                gen = lambda secs: run_h2load(cores[1], url, 1, secs, files[("grpc", model)], files["h2log"])  # noqa: E731
+            gen(1.0)
+            ok0 = model_success(s["http"], model)
+            cpu0 = tree_cpu_s(s["proc"].p.pid)
+            os.kill(s["proc"].p.pid, signal.SIGUSR1)
+            r = gen(args.profile_seconds)
+            os.kill(s["proc"].p.pid, signal.SIGUSR2)
+            deadline = time.monotonic() + 30
+            while not Path(str(prefix) + ".json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            cpu = tree_cpu_s(s["proc"].p.pid) - cpu0
+            n = model_success(s["http"], model) - ok0
         finally:
             s["proc"].stop()
-        dumps = sorted(work.glob(f"prof-{proto}.*"))
-        st = pstats.Stats(*map(str, dumps))
-        st.sort_stats("tottime")
-        txt = work / f"prof-{proto}.txt"
-        with open(txt, "w") as f:
-            st.stream = f
-            f.write(f"requests served in the profiled process: {total} (measured run {r['requests']} at "
-                    f"{r['rps']:.0f} req/s, p50 {r['p50_ms']:.3f} ms under the profiler)\n")
-            st.print_stats(45)
-            st.sort_stats("cumulative")
-            st.print_stats(45)
-        out[proto] = {"requests": total, "point": r, "text": str(txt)}
-        log(f"profile {proto}: {txt}")
-    write_atomic(work / "profile.json", json.dumps(out, indent=1, default=str))
+        diff = json.loads(Path(str(prefix) + ".json").read_text())
+        lines = [f"tinyserve {proto} c=1 under cProfile (every thread), commit {git_commit()}, "
+                 f"{_dt.datetime.now():%Y-%m-%d %H:%M}: {n} requests in the window ({r['rps']:.0f} req/s, "
+                 f"p50 {r['p50_ms']:.3f} ms under the profiler), server CPU {cpu / max(1, n) * 1e6:.0f} us/request "
+                 f"(profiler included). Timer: each thread's CPU time. Figures: microseconds per request; own = time in the function itself, "
+                 f"cum = with its callees; calls per request.", ""]
+        for thread, fs in sorted(diff.items(), key=lambda kv: -sum(v[1] for v in kv[1].values())):
+            # the snapshot code itself (the launcher's <string> functions, getstats) is not the server's
+            fs = {k: v for k, v in fs.items() if not k.startswith("<string>") and "getstats" not in k}
+            total = sum(v[1] for v in fs.values())
+            if total * 1e6 / max(1, n) < 5:
+                continue
+            lines.append(f"== thread {thread}: {total * 1e6 / max(1, n):.0f} us of CPU per request")
+            for label, idx in (("own", 1), ("cum", 2)):
+                lines.append(f"  top by {label}:")
+                for k, v in sorted(fs.items(), key=lambda kv: -kv[1][idx])[:args.profile_top]:
+                    if v[0] <= 0 and v[idx] <= 0:
+                        continue
+                    short = k.replace(str(ROOT) + "/", "").replace(sys.prefix + "/lib/python3.11/site-packages/", "")
+                    lines.append(f"    {v[1] * 1e6 / max(1, n):8.1f} own {v[2] * 1e6 / max(1, n):8.1f} cum "
+                                 f"{v[0] / max(1, n):6.2f} calls  {short}")
+            lines.append("")
+        text = "\n".join(lines)
+        (work / f"prof-{proto}.txt").write_text(text)
+        write_atomic(out / f"oip-profile-{proto}.txt", text)
+        log(f"profile {proto}: {out}/oip-profile-{proto}.txt")
 
 
 def prepare_files(work: Path, row) -> dict:
@@ -691,6 +776,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-perf-analyzer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile tinyserve at c=1 (HTTP, gRPC) instead")
     ap.add_argument("--profile-seconds", type=float, default=5.0)
+    ap.add_argument("--profile-top", type=int, default=25, help="functions listed per thread and ordering")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     work = Path(args.work)
