@@ -204,13 +204,12 @@ def test_export_archive_compressed_and_tinyserve_files_are_named(repo, tmp_path,
         pack(repo, "m", str(tmp_path / "net.pt2"))
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     (tmp_path / "sd.pt.gz").write_bytes(gzip.compress((tmp_path / "sd.pt").read_bytes()))
-    with pytest.raises(errors.UnsupportedError, match="gzip-compressed.*not supported yet \\(issue 15\\).*gunzip"):
-        pack(repo, "m", str(tmp_path / "sd.pt.gz"))
+    pack(repo, "gz", str(tmp_path / "sd.pt.gz"))  # decompressed (tests/test_formats_sources.py)
     pack(repo, "ok", str(tmp_path / "sd.pt"))
     tsw = repo.resolve("ok") / "weights.tsw"
     with pytest.raises(errors.UnsupportedError, match="tinyserve weights file"):
         pack(repo, "m", str(tsw))
-    assert repo.models() == ["ok"]
+    assert repo.models() == ["gz", "ok"]
 
 
 def test_safetensors_identified_by_bytes(repo, tmp_path, net):

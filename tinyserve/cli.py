@@ -81,7 +81,8 @@ def cmd_pack(args) -> int:
         version, summary = pack(repo, args.name, args.source, version=args.version, program=args.program,
                                 config=config, compression=args.compression, level=args.level,
                                 threads=args.threads, progress=update, files=files or None, key=args.key,
-                                metadata=not args.no_metadata)
+                                metadata=not args.no_metadata,
+                                **({"max_source_bytes": args.max_source_bytes} if args.max_source_bytes else {}))
     finally:
         close()
     mbps = summary.raw_bytes / summary.seconds / 1e6 if summary.seconds else 0.0
@@ -752,8 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pk = sub.add_parser("pack", help="pack a model into a repository version")
-    pk.add_argument("source", help="module:factory or file.py:factory, a safetensors file, or a torch.save "
-                                   "state dict or training checkpoint (README: bring your model)")
+    pk.add_argument("source", help="module:factory or file.py:factory, a safetensors file, a torch.save "
+                                   "state dict or training checkpoint, a TorchScript archive or an ONNX model "
+                                   "(README: bring your model); any file source may be compressed with gzip, "
+                                   "bzip2, xz or zstd (recognised by its bytes, decompressed up to "
+                                   "--max-source-bytes)")
+    pk.add_argument("--max-source-bytes", type=int, default=None,
+                    help="the most bytes a source may hold decompressed (default 64 GiB); a larger one is refused")
     pk.add_argument("--repo", required=True, help="repository root directory")
     pk.add_argument("--name", required=True, help="model name")
     pk.add_argument("--version", type=int, default=None, help="version number (default: the next)")

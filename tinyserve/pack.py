@@ -13,7 +13,9 @@ Sources:
   (``find_state_dict``: common keys, nested, or ``key=``).  Weights only (platform ``weights``)
   unless ``program=model.py`` is given.  A checkpoint's other JSON-safe values (epoch, vocabulary...)
   are kept in the config's ``metadata`` (``checkpoint_metadata``; docs/repository.md section 3).
-  torch.export archives and compressed files are named and refused with what to do;
+  torch.export archives are named and refused with what to do;
+* any of these compressed with gzip, bzip2, xz or zstd (magic bytes; decompressed into the staging
+  directory with a size limit, ``max_source_bytes``: tinyserve/formats/sources.py);
 * a TorchScript archive (platform ``torchscript``: tinyserve/formats/torchscript.py) or an ONNX model
   (platform ``onnx``: tinyserve/formats/onnx_model.py).
 
@@ -46,6 +48,7 @@ import torch
 from tinyserve import errors
 from tinyserve.config import ModelConfig, TensorSpec, name_problem
 from tinyserve.formats import DEFAULT_SOURCE_LIMIT, FORMAT_PACKERS, pack_format
+from tinyserve.formats.sources import codec_of, decompress
 from tinyserve.program import MODEL_FILE, export_module
 from tinyserve.repository import Repository
 from tinyserve.spec import MAGIC as TSW_MAGIC
@@ -56,6 +59,7 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 MAX_SEARCH_DEPTH = 4  # nesting levels searched for a state dict
 MAX_STRINGIFIED = 1024  # a non-JSON metadata value is kept as str(value) up to this many characters
 MAX_SHOWN = 8  # mismatches / keys named in a message before "... and N more"
+SOURCE_DIR = ".source"  # in the staging directory: a decompressed source, removed before install
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the long legacy torch.save files start with
 
 _COMPRESSED = {"gzip": (b"\x1f\x8b", "gunzip -k FILE"), "bzip2": (b"BZh", "bunzip2 -k FILE"),
@@ -180,8 +184,8 @@ def _refusal(path: str, kind: str, what: str) -> errors.TinyserveError:
             + _EXTRACT.format(expr=f"torch.export.load('{path}').state_dict"))
     if kind in _COMPRESSED:
         return errors.UnsupportedError(
-            f"{path}: {what}: compressed sources are not supported yet (issue 15); decompress it first "
-            f"({_COMPRESSED[kind][1].replace('FILE', path)}) and pack the result")
+            f"{path}: {what}: tinyserve pack decompresses it; to read it here decompress it first "
+            f"({_COMPRESSED[kind][1].replace('FILE', path)})")
     if kind == "tinyserve_weights":
         return errors.UnsupportedError(
             f"{path}: {what} already: pack the source it was made from, or copy the whole version "
@@ -601,10 +605,14 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
         raise errors.ConfigError(f"level {level!r} needs compression 'zstd' ('max': any compression but "
                                  f"'none'), but compression is {compression!r}")
     src = None
+    original, codec = source, None
     staging = repo.stage(name)
     try:
         cfg = dict(config or {})
         outdir = staging.path
+        if not _is_factory(source) and os.path.isfile(source) and (codec := codec_of(source)) is not None:
+            (outdir / SOURCE_DIR).mkdir()
+            source = str(decompress(source, codec, outdir / SOURCE_DIR / "source", max_source_bytes))
         if _is_factory(source):
             if key is not None:
                 raise errors.ConfigError(f"--key {key!r} applies to checkpoint files, not to {source!r}")
@@ -649,13 +657,22 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
             check_program(outdir, model_config, tensors)
         summary = write_weights(outdir / model_config.weights, tensors, compression=compression, level=level,
                                 threads=threads, progress=progress)
+        shutil.rmtree(outdir / SOURCE_DIR, ignore_errors=True)  # a decompressed source is not part of the version
         (outdir / "model.json").write_text(json.dumps(model_config.to_dict(), indent=2) + "\n")
         # install consumes the staging directory, on success and on failure
         installed = repo.install(staging, name, version, verify=lambda p: verify_file(p, threads))
+    except errors.TinyserveError as exc:
+        if not staging.closed:
+            staging.discard()
+        if codec is not None and source in str(exc):  # name what the user gave, not the private copy
+            raise type(exc)(str(exc).replace(source, f"{original} ({codec}-decompressed)")) from None
+        raise
     except BaseException:
         if not staging.closed:
             staging.discard()
         raise
     summary.path = str(Path(repo.root) / name / str(installed) / model_config.weights)
+    if src is not None:
+        src.path = original
     summary.source = src
     return installed, summary
