@@ -228,12 +228,56 @@ def _torch_load(path: str, kind: str):
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                classes = _pickled_classes(path, kind)
+                if any(c.startswith("torch.nn.modules.") for c in classes) or any(
+                        c.rpartition(".")[2][:1].isupper() and not c.startswith(("torch.", "collections.", "numpy."))
+                        for c in classes):
+                    raise errors.FormatError(
+                        f"{path}: a pickled model (torch.save(model): classes {', '.join(classes[:MAX_SHOWN])}), "
+                        "which tinyserve never unpickles (torch.load with weights_only=True only). Pack it another "
+                        "way: where its class is importable, torch.save(model.state_dict(), 'weights.pt') and pack "
+                        "weights.pt with --program model.py (a build(config) returning the module); or pack "
+                        "module:factory (torch.export); or torch.jit.script(model).save('model.jit') and pack "
+                        "model.jit") from None
                 raise errors.FormatError(
                     f"{path}: holds Python objects other than tensors and plain containers, which tinyserve "
                     f"never unpickles ({first[:200]}); save the state dict with torch.save(model.state_dict(), "
                     "path)") from None
             raise errors.FormatError(f"{path}: not a readable torch.save file ({first[:300]})") from None
     raise AssertionError("unreachable")
+
+
+def _pickled_classes(path: str, kind: str) -> list[str]:
+    """The module.name globals a torch.save file's pickle refers to, read with pickletools (which
+    decodes opcodes and executes nothing); [] when it cannot be read."""
+    import io
+    import pickletools
+
+    try:
+        if kind == "torch_zip":
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+                data = z.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(1 << 24)
+        found, strings = [], []
+        stream = io.BytesIO(data)
+        for _ in range(4):  # a legacy file is several pickles in a row (magic, protocol, sys info, object)
+            if stream.tell() >= len(data):
+                break
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                    strings = (strings + [arg])[-2:]
+                elif op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                    found.append(".".join(strings))
+                if len(found) > 256:
+                    break
+    except Exception:  # a damaged pickle: no names
+        return []
+    return list(dict.fromkeys(c for c in found if not c.startswith(("torch._utils.", "collections.OrderedDict"))))
 
 
 def _is_state_dict(obj) -> bool:
