@@ -30,7 +30,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import concurrent.futures
@@ -38,11 +38,13 @@ import logging
 import threading
 from pathlib import Path, PurePath
 
-from tinyserve import __version__, errors, wire
+from tinyserve import errors, wire
 from tinyserve.health import (DeviceMonitor, EjectionConfig, EjectionPolicy, MetricsServer, ModelInput, assess,
                               log_event, make_registry, on_loop)
 from tinyserve import memory
 from tinyserve.config import parse_devices
+from tinyserve.core.requests import PARK as _PARK
+from tinyserve.core.requests import Histogram, Requests, Stats
 from tinyserve.core.service import Core
 from tinyserve.frontends.tcp import TcpFrontEnd
 from tinyserve.memory import ElasticController, Footprint, Placement
@@ -50,21 +52,13 @@ from tinyserve.metrics import Metrics
 from tinyserve.protocol import FrameMemory
 from tinyserve.remote import Poller, VersionPolicy, open_repository
 from tinyserve.repository import Repository, load_config_dir
-from tinyserve.runtime import (FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance,
-                               Request)
+from tinyserve.runtime import FAILED, LOADING, READY, UNLOADED, UNLOADING, Completions, ModelInstance
 
 __all__ = ["Server", "ServerConfig", "Stats", "run"]
 
 log = logging.getLogger("tinyserve.server")
 _perf_ns = time.perf_counter_ns
 _monotonic = time.monotonic
-_NONE: list = []
-_body_len = wire.PREFIX.unpack_from
-
-
-def _frame_bytes(parts: list) -> int:
-    """The size of an encoded frame (wire.encode_frame's buffers), from its length prefix."""
-    return _body_len(parts[0])[0] + 4
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -222,98 +216,6 @@ class ServerConfig:
                 "idle_timeout_s": self.idle_timeout_s}
 
 
-# --- statistics ---------------------------------------------------------------------------------------
-class Histogram:
-    """Latency histogram in microseconds: log-linear buckets (8 per power of two, about 9% wide),
-    bounded memory whatever the count; percentiles report the bucket's upper edge (the largest
-    value the bucket holds, so never less than the values counted in it)."""
-
-    __slots__ = ("counts", "max", "n")
-    SUB = 3  # 2**SUB buckets per power of two
-
-    def __init__(self) -> None:
-        self.counts = [0] * (64 << self.SUB)
-        self.max = 0
-        self.n = 0
-
-    def add(self, us: int) -> None:
-        if us < 0:
-            us = 0
-        k = us.bit_length()
-        if k <= self.SUB + 1:
-            idx = us
-        else:
-            idx = ((k - self.SUB) << self.SUB) + ((us >> (k - self.SUB - 1)) & ((1 << self.SUB) - 1))
-        self.counts[idx] += 1
-        self.n += 1
-        if us > self.max:
-            self.max = us
-
-    @classmethod
-    def _upper(cls, idx: int) -> int:
-        """The largest value that `add` puts in bucket idx (inclusive upper edge)."""
-        if idx < (1 << (cls.SUB + 1)):  # exact buckets: one value each
-            return idx
-        k = (idx >> cls.SUB) + cls.SUB
-        sub = idx & ((1 << cls.SUB) - 1)
-        return (((1 << cls.SUB) + sub + 1) << (k - cls.SUB - 1)) - 1
-
-    def percentiles(self) -> dict:
-        out = {"p50": 0, "p90": 0, "p99": 0, "max": self.max}
-        if not self.n:
-            return out
-        targets = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)]
-        seen, t = 0, 0
-        for idx, c in enumerate(self.counts):
-            if not c:
-                continue
-            seen += c
-            while t < len(targets) and seen >= targets[t][1] * self.n:
-                out[targets[t][0]] = min(self._upper(idx), self.max)
-                t += 1
-            if t == len(targets):
-                break
-        return out
-
-
-class Stats:
-    """Request / error counts by code and latency, for the server or one model."""
-
-    __slots__ = ("requests", "errors", "latency")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors: dict[str, int] = {}
-        self.latency = Histogram()
-
-    def error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
-
-    def to_dict(self) -> dict:
-        return {"requests": self.requests, "errors": dict(self.errors), "latency_us": self.latency.percentiles()}
-
-    def merge(self, other: Stats) -> Stats:
-        """Add other's counts into this one (returns self)."""
-        self.requests += other.requests
-        for code, n in list(other.errors.items()):
-            self.errors[code] = self.errors.get(code, 0) + n
-        h, o = self.latency, other.latency
-        counts = h.counts
-        for i, c in enumerate(o.counts):
-            if c:
-                counts[i] += c
-        h.n += o.n
-        h.max = max(h.max, o.max)
-        return self
-
-    @classmethod
-    def sum(cls, parts: Iterable[Stats]) -> Stats:
-        out = cls()
-        for st in parts:
-            out.merge(st)
-        return out
-
-
 def _pick_devices(text: str) -> list[str]:
     """ServerConfig.device -> the device names in use (auto: every GPU torch sees, else cpu), each
     checked against what torch sees (memory.resolver, the seam tests replace)."""
@@ -347,7 +249,6 @@ def _budgets(devices: list[str], given: int | dict | None) -> dict:
     return out
 
 
-_PARK = object()  # _instance_for: the request waits for an on-demand load
 BLOCKED_RETRY_S = 0.002  # a load blocked on busy models is retried this often (Server._arm_blocked_retry)
 
 
@@ -444,23 +345,21 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._frame_memory = FrameMemory(config.max_frame_memory)
         self._repo_cache: dict = {}  # (what, args) -> (expiry, result or exception)
-        self._flushes: list[Callable[[], None]] = []  # the front ends' reply flushes (Core.add_flush)
         self._completions: Completions | None = None
         self._instances: dict[tuple[str, int], ModelInstance] = {}
         self._routes: dict[str, ModelInstance] = {}  # name -> the highest READY version
-        self._pending: list[tuple[ModelInstance, Request]] = []  # infer requests of the current read
-        self._submit_scheduled = False
         self._startup: tuple = config.models
         self._ready = False
         self._draining = False
         self._stopping = False
         self._stopped: asyncio.Event | None = None
-        self.stats = Stats()  # what no model version counts: other ops, protocol errors, unroutable infers
         self.metrics = Metrics()  # per model version (docs/health.md section 2)
         self.policy = EjectionPolicy(config.ejection)  # guarded by _policy_lock (workers record into it)
         self.clock = _monotonic  # the ejection policy's and the health report's clock (tests inject one)
         self._statistics = config.statistics
         self._policy_lock = threading.Lock()
+        self.requests = Requests(self, config)  # the request path (tinyserve/core/requests.py)
+        self.stats = self.requests.stats  # what no model version counts (the request path's)
         self.monitor = DeviceMonitor(interval_s=config.device_poll_s, on_reading=self._device_reading)
         self._http: MetricsServer | None = None
         self._frontends: list = []  # the Open Inference Protocol front ends (HTTP, gRPC) over self.core
@@ -482,7 +381,7 @@ class Server:
         model fails to load or the address cannot be bound."""
         loop = self._loop = asyncio.get_running_loop()
         self.tcp.prepare(loop)
-        self._completions = Completions(loop, self._deliver)
+        self._completions = Completions(loop, self.requests._deliver)
         self._stopped = asyncio.Event()
         try:
             self.monitor.start()
@@ -711,7 +610,7 @@ class Server:
         await self.tcp.wait_connections_closed()
 
     async def _stop_models(self, timeout: float) -> None:
-        self._submit_pending()
+        self.requests._submit_pending()
         futs = [inst.unload() for inst in list(self._instances.values())]
         self._routes.clear()
         if futs:
@@ -1017,8 +916,8 @@ class Server:
                 if conn.closed:
                     conn.discard(rid)
                 else:
-                    self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
-        self._flush()
+                    self.requests._fail(conn, rid, wire.wire_code(exc), str(exc), h)
+        self.requests._flush()
 
     def _unpark(self, inst: ModelInstance, fut: asyncio.Future) -> None:
         """A load finished: the requests parked for it run now (or get its error)."""
@@ -1031,11 +930,11 @@ class Server:
                 if conn.closed:
                     conn.discard(rid)
                 elif exc is not None and key[1] is not None:
-                    self._fail(conn, rid, wire.wire_code(exc), str(exc), h)
+                    self.requests._fail(conn, rid, wire.wire_code(exc), str(exc), h)
                 else:  # dispatch again: it routes to the READY version (or reports why not)
                     redo()
-        self._submit_pending()
-        self._flush()
+        self.requests._submit_pending()
+        self.requests._flush()
 
     def _candidates(self, name: str, cfg) -> tuple[list[str], int | None]:
         """The devices a version may occupy and how many of them (None: all, a static placement):
@@ -1092,7 +991,7 @@ class Server:
     def _sync_in_flight(self) -> None:
         """Tell the placement each version's last use and work in flight (requests submitted and not
         yet finished by its workers: queued, batched or running), which is never evicted."""
-        self._submit_pending()  # the requests read this turn count as work in flight of their instance
+        self.requests._submit_pending()  # the requests read this turn count as work in flight of their instance
         pl = self.placement
         for (n, v), i in self._instances.items():
             k = f"{n}:{v}"
@@ -1119,7 +1018,7 @@ class Server:
             pkey, victims, devices = None, [], cands if count is None else cands[:count]
         place = cfg.placement if cfg is not None else None
         inst = ModelInstance(name, version, path, loop=self._loop, completions=self._completions,
-                             finish=self._finish, respond=self._respond if self.config.direct_replies else None,
+                             finish=self.requests._finish, respond=self.requests._respond if self.config.direct_replies else None,
                              torch_threads=self.config.torch_threads, verify=self.config.verify,
                              device=devices[0], devices=devices, weights=weights,
                              workers=place.min_instances if place is not None else self.config.instances)
@@ -1170,7 +1069,7 @@ class Server:
         victims.sort(key=lambda i: i.last_used)
         if not victims:
             return False
-        self._submit_pending()
+        self.requests._submit_pending()
         for other in victims:
             log_event("evict", model=other.name, version=other.version,
                       reason=f"model {inst.name!r} version {inst.version} ran out of memory", bytes=other.decoded_bytes)
@@ -1219,7 +1118,7 @@ class Server:
                         log_event("evict", model=n, version=int(v), reason="the budget after a measured footprint",
                                   bytes=other.decoded_bytes)
                         other.evicted = True
-                        self._submit_pending()
+                        self.requests._submit_pending()
                         other.unload()
                         self._update_route(other.name)
             else:
@@ -1279,7 +1178,7 @@ class Server:
     def _unload_targets(self, name: str, version: int | None) -> list[ModelInstance]:
         # requests already read and routed go to their instance first (an unloading instance still
         # runs what is queued): the hand-off to the workers is deferred to the end of the loop turn
-        self._submit_pending()
+        self.requests._submit_pending()
         self._repo_changed()
         targets = [inst for (n, v), inst in self._instances.items()
                    if n == name and (version is None or v == version) and inst.state != UNLOADED]
@@ -1290,305 +1189,8 @@ class Server:
         self._update_route(name)
         return targets
 
-    def _instance_for(self, name: object, version: object) -> ModelInstance:
-        """The instance an infer goes to: NOT_FOUND, UNAVAILABLE or BAD_REQUEST otherwise."""
-        if type(name) is not str:
-            raise wire.BadRequest(f"field 'model' must be a string, got {wire.shown(name)}")
-        if version is None:
-            inst = self._routes.get(name)
-            if inst is not None:
-                return inst
-            states = [i for (n, _), i in self._instances.items() if n == name]
-            if self.placement is not None:
-                if any(i.state is LOADING or i.evicted for i in states):
-                    return _PARK  # a load under way, or an eviction: the request runs after (a reload)
-                # on demand: the policy's default version, skipping those that failed to load (a
-                # parked request is dispatched again after a failed load and comes back here)
-                versions = self._cached(("versions", name), self._index.versions, name)  # BAD_REQUEST
-                version = self._default_version(name, versions, self._failed_loads(name))
-                inst = self._instances.get((name, version))
-                if inst is not None:  # (UNLOADING: an explicit unload under way)
-                    raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}")
-                return self._on_demand(name, version)
-            if states:
-                i = max(states, key=lambda i: i.version)
-                raise wire.Unavailable(f"model {name!r} version {i.version} is {i.state}"
-                                       + (f" ({i.reason})" if i.reason else ""))
-            self._resolve(name)  # NOT_FOUND / invalid name -> BAD_REQUEST
-            self._raise_if_failed(name, None)
-            raise wire.Unavailable(f"model {name!r} is not loaded (load it first)")
-        if type(version) is not int:
-            raise wire.BadRequest(f"field 'version' must be an integer, got {wire.shown(version)}")
-        inst = self._instances.get((name, version))
-        if inst is not None:
-            if inst.state is READY:
-                return inst
-            if self.placement is not None and (inst.state is LOADING or inst.evicted):
-                return _PARK
-            raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}"
-                                   + (f" ({inst.reason})" if inst.reason else ""))
-        self._resolve(name, version)
-        self._raise_if_failed(name, version)
-        if self.placement is not None:
-            return self._on_demand(name, version)
-        raise wire.Unavailable(f"model {name!r} version {version} is not loaded (load it first)")
-
-    def _raise_if_failed(self, name: str, version: int | None) -> None:
-        """UNAVAILABLE naming the reason when the ejection policy failed (and unloaded) the version."""
-        with self._policy_lock:
-            failed = [(k, st) for k, st in self.policy.states()
-                      if k[0] == name and (version is None or k[1] == version) and st.state == "FAILED"]
-        if failed:
-            (_, v), st = max(failed, key=lambda kv: kv[0][1])
-            raise wire.Unavailable(f"model {name!r} version {v} was taken out of service: {st.reason} "
-                                   "(load it again to retry)")
-
     # --- the front ends' hooks (tinyserve.core.api) ---------------------------------------------------
-    def add_flush(self, flush: Callable[[], None]) -> None:
-        """A front end that coalesces replies: `flush()` after each batch of replies sent on the loop."""
-        self._flushes.append(flush)
-
-    def _flush(self) -> None:
-        for flush in self._flushes:
-            flush()
-
-    def count_op(self, code: str | None = None) -> None:
-        """A request no model version counts (another op, a protocol error; `code`: its error)."""
-        st = self.stats
-        st.requests += 1
-        if code is not None:
-            st.error(code)
-
-    def count_refused(self, model, version, code: str, message: str) -> None:
-        """An infer refused before it was queued: counted for the version it routes to, else server-wide."""
-        ms = None
-        if type(model) is str:
-            inst = self._routes.get(model) if version is None else (
-                self._instances.get((model, version)) if type(version) is int else None)
-            if inst is not None:
-                ms = inst.metrics
-        if ms is not None:
-            ms.recorder().reject(code, message)
-        else:
-            self.count_op(code)
-
-    def _fail(self, owner, tag, code, message, header, fatal=False) -> None:
-        """Answer a request the core refused (counted first) through its responder."""
-        if fatal:  # the connection counts it (on_error) as it closes
-            owner.send_error(tag, code, message, close=True)
-            return
-        if header.get("op") == "infer":
-            self.count_refused(header.get("model"), header.get("version"), code, message)
-        else:
-            self.count_op(code)
-        owner.send_error(tag, code, message)
-
-    def _read_done(self) -> None:
-        """End of one connection's read: the requests of every connection read in this turn of the
-        loop go to the workers together, in one callback after the reads (one queue put, one worker
-        wakeup, and replies coalesced per write, for 32 clients as for one)."""
-        if self._pending and not self._submit_scheduled:
-            self._submit_scheduled = True
-            self._loop.call_soon(self._submit_pending)
-
-    def _submit_pending(self) -> None:
-        """End of a read: hand the requests it carried to the model workers, one hand-off per instance
-        (a queue put wakes the worker, which then wants the GIL; doing it once per read, just before
-        the loop goes back to waiting, avoids a thread ping-pong per request)."""
-        self._submit_scheduled = False
-        pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        if len(pending) == 1:
-            inst, req = pending[0]
-            groups = {inst: [req]}
-        else:
-            groups = {}
-            for inst, req in pending:
-                groups.setdefault(inst, []).append(req)
-        for inst, reqs in groups.items():
-            try:
-                inst.submit_many(reqs)
-                if self._statistics:
-                    inst.loop_rec.admits += len(reqs)  # Recorder.admitted, inlined
-            except wire.WireError as exc:  # (unload hands pending requests over first: a safety net)
-                inst.submitted -= len(reqs)
-                for req in reqs:
-                    self._fail(req.owner, req.tag, exc.code, str(exc), {})
-
     # --- requests ---------------------------------------------------------------------------------------
-    def _route_infer(self, name: object, version: object):
-        """Every front end's first step of an infer: the READY instance it goes to (or _PARK while an
-        on-demand load runs), past the drain, the ejection policy and the queue cap; else raises."""
-        if self._draining:
-            raise wire.ShuttingDown("the server is shutting down; it takes no new requests")
-        inst = self._instance_for(name, version)
-        if inst is _PARK:
-            return inst
-        if self.placement is not None:
-            inst.last_used = _monotonic()  # (the least-recently-used order of evictions)
-        key = inst.key
-        if not self.policy.serving(key):  # ejected, probing or failed: the locked path decides
-            with self._policy_lock:
-                why = self.policy.admit(key, self.clock())
-            if why is not None:
-                raise wire.Unavailable(f"model {inst.name!r} version {inst.version}: {why}")
-        mq = inst.max_queue
-        if mq is not None and inst.submitted - inst.taken >= mq:
-            raise wire.QueueFull(f"model {inst.name!r} version {inst.version} has {inst.submitted - inst.taken} "
-                                 f"requests queued (batching.max_queue_size {mq})")
-        return inst
-
-    @staticmethod
-    def _check_outputs(inst: ModelInstance, outputs) -> None:
-        for o in outputs:
-            if type(o) is not str:
-                raise wire.BadRequest(f"field 'outputs' must list output names (strings), "
-                                      f"got {wire.shown(o)}")
-        if len(set(outputs)) != len(outputs):
-            dup = next(o for i, o in enumerate(outputs) if o in outputs[:i])
-            raise wire.BadRequest(f"field 'outputs' names {dup!r} more than once")
-        names = inst.output_names
-        for o in outputs:
-            if o not in names:
-                raise wire.InvalidInput(f"output {wire.shown(o)} is not an output of model {inst.name!r} "
-                                        f"(outputs: {', '.join(sorted(names))})")
-
-    def submit_infer(self, name: str, version: int | None, tensors, *, outputs=None,
-                     timeout_s: float | None = None, priority: int = 0, responder, tag) -> None:
-        """The core API's infer (tinyserve.core.api): a front end's request, decoded into
-        {name: (dtype, shape, view)} (checked against the limits by the front end), or a callable
-        `tensors(limits)` that decodes it once the request is routed.  `outputs`, `timeout_s` or
-        `priority` given as a TinyserveError: raised when the checks reach that field (a front end's
-        own message for its wire's field).  Raises a TinyserveError at once, or completes through
-        `responder` (finish in the worker, then reply_threadsafe / send_reply / discard)."""
-        t0 = _perf_ns()
-        inst = self._route_infer(name, version)
-        if inst is _PARK:
-            header = {"op": "infer", "model": name, "version": version}
-
-            def redo():
-                try:
-                    self.submit_infer(name, version, tensors, outputs=outputs, timeout_s=timeout_s,
-                                      priority=priority, responder=responder, tag=tag)
-                except errors.TinyserveError as exc:
-                    self._fail(responder, tag, wire.wire_code(exc), str(exc), header,
-                               getattr(exc, "fatal", False))
-            self._parked.setdefault((name, version), []).append((responder, tag, header, redo))
-            return
-        if callable(tensors):
-            tensors = tensors(self._limits)
-        elif len(tensors) > self._limits.max_tensors:
-            raise wire.InvalidInput(f"the request has {len(tensors)} inputs (max_tensors {self._limits.max_tensors})")
-        inst.check_inputs(tensors)
-        if outputs is not None:
-            if isinstance(outputs, errors.TinyserveError):
-                raise outputs
-            outputs = list(outputs)
-            if not outputs:
-                raise wire.BadRequest("'outputs' must name at least one output when given")
-            self._check_outputs(inst, outputs)
-        if priority is None:
-            priority = 0
-        if type(priority) is not int or not 0 <= priority <= 15:
-            if isinstance(priority, errors.TinyserveError):
-                raise priority
-            raise wire.BadRequest(f"priority must be an integer 0..15, got {wire.shown(priority)}")
-        deadline = None
-        if timeout_s is not None:
-            if isinstance(timeout_s, errors.TinyserveError):
-                raise timeout_s
-            if not 0 < timeout_s <= 1 << 30:
-                raise wire.BadRequest(f"timeout must be > 0 seconds, got {timeout_s!r}")
-            deadline = _monotonic() + timeout_s
-        self._pending.append((inst, Request(tensors, outputs, deadline, priority, responder, tag, t0)))
-        inst.submitted += 1
-        if not self._submit_scheduled:  # handed to the worker at the end of this loop turn, with other reads
-            self._submit_scheduled = True
-            self._loop.call_soon(self._submit_pending)
-
-    def _finish(self, req: Request) -> None:
-        """In the worker thread: the front end encodes the reply of a finished request (none for a
-        request whose responder has closed: nobody would read it)."""
-        owner = req.owner
-        if owner.closed:
-            return
-        if req.error is not None:
-            req.code = wire.wire_code(req.error)
-        try:
-            owner.finish(req)
-        except Exception as exc:  # noqa: BLE001 - a front end's bug is reported, never hidden
-            log.exception("tinyserve: a front end failed to encode a reply")
-            req.reply = None
-            req.error = errors.TinyserveError(f"encoding the reply failed: {type(exc).__name__}: {exc}")
-            req.code = "INTERNAL"
-
-    def _respond(self, reqs: list, rec=None) -> list:
-        """In a worker thread: count the finished requests (statistics, ejection policy: before the
-        client can see a reply, so what it reads next already includes them), then write the replies
-        of responders whose replies are wire frames straight to their sockets (reply_threadsafe:
-        several replies to one connection in one write).  Returns the requests the loop must answer
-        instead (`_deliver`)."""
-        now = _perf_ns()
-        if len(reqs) == 1:
-            req = reqs[0]
-            reply = req.reply
-            owner = req.owner
-            if reply is None or not getattr(owner, "wire_frames", False):  # others answer on the loop
-                return reqs
-            self._count(req, now, rec)
-            if not owner.reply_threadsafe((req.tag,), reply, _frame_bytes(reply)):
-                return reqs
-            return _NONE
-        left = []
-        groups: dict = {}
-        for req in reqs:
-            if req.reply is None or not getattr(req.owner, "wire_frames", False):
-                left.append(req)
-            else:
-                groups.setdefault(req.owner, []).append(req)
-        for conn, group in groups.items():
-            parts, rids, n = [], [], 0
-            for req in group:
-                self._count(req, now, rec)
-                reply = req.reply
-                parts += reply
-                n += _frame_bytes(reply)
-                rids.append(req.tag)
-            if not conn.reply_threadsafe(rids, parts, n):
-                left += group
-        return left
-
-    def _count(self, req: Request, now: int, rec=None) -> None:
-        """A request answered (in the worker, which passes its own recorder, or on the loop): its
-        statistics, and the ejection policy's view of the model (a state change is acted on, on the
-        loop)."""
-        if req.counted:
-            return
-        req.counted = True
-        if not self._statistics:
-            return
-        inst = req.instance
-        code = req.code
-        t_run = req.t_run or now
-        if code == "OK":
-            (rec or inst.metrics.recorder()).record(code, t_run - req.t0, (req.t_done or t_run) - t_run, now - req.t0)
-            if self.policy.record_success_fast(inst.key, self.clock()):
-                return
-            message = ""
-        else:
-            message = str(req.error)
-            (rec or inst.metrics.recorder()).record(code, t_run - req.t0, (req.t_done or t_run) - t_run,
-                                                    now - req.t0, message)
-        with self._policy_lock:
-            t = self.policy.record((inst.name, inst.version), code == "OK", code, self.clock(), message)
-        if t is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._transition, t)
-            except RuntimeError:  # the loop is closed
-                pass
-
     def _transition(self, t) -> None:
         """On the loop: the ejection policy changed a model version's state."""
         name, version = t.key
@@ -1641,20 +1243,6 @@ class Server:
             if t is not None:
                 log_event("device_fault", device=dev, model=inst.name, version=inst.version, reason=reason)
                 self._transition(t)
-
-    def _deliver(self, batch: list) -> None:
-        """On the loop: send the finished requests' replies (one wakeup, one flush)."""
-        now = _perf_ns()
-        for req in batch:
-            owner = req.owner
-            if owner.closed:  # nobody to answer: release its in-flight slot (and the server's budget)
-                owner.discard(req.tag)
-                continue
-            if req.reply is None and req.code == "OK":
-                req.code = wire.wire_code(req.error) if req.error is not None else "INTERNAL"
-            self._count(req, now)
-            owner.send_reply(req)
-        self._flush()
 
     # --- reports (the TCP front end's models / health / stats ops, through the core) --------------------
     def _failed_versions(self) -> dict:
@@ -1782,7 +1370,7 @@ class Server:
     def start_unload(self, name: str, version: int | None):
         """Begin unloading one version or (None) every loaded one: (versions, a future resolving once
         they stopped, or None when nothing was loaded).  NOT_FOUND for an unknown model or version."""
-        self._submit_pending()  # requests read before this unload still go to the model
+        self.requests._submit_pending()  # requests read before this unload still go to the model
         targets = self._unload_targets(name, version)
         if not targets:
             self._resolve(name, version)  # NOT_FOUND for an unknown model or version

@@ -51,16 +51,16 @@ class Core:
         return self._s._draining
 
     def add_flush(self, flush) -> None:
-        self._s.add_flush(flush)
+        self._s.requests.add_flush(flush)
 
     def read_done(self) -> None:
-        self._s._read_done()
+        self._s.requests._read_done()
 
     def count_op(self, code: str | None = None) -> None:
-        self._s.count_op(code)
+        self._s.requests.count_op(code)
 
     def count_refused(self, model, version, code: str, message: str) -> None:
-        self._s.count_refused(model, version, code, message)
+        self._s.requests.count_refused(model, version, code, message)
 
     def live(self) -> bool:
         return not self._s._stopping
@@ -192,5 +192,5 @@ class Core:
     def infer(self, name: str, version: int | None, inputs: Mapping[str, tuple], *,
               outputs: Sequence[str] | None = None, timeout_s: float | None = None, priority: int = 0,
               responder, tag) -> None:
-        self._s.submit_infer(name, version, inputs if callable(inputs) else dict(inputs), outputs=outputs, timeout_s=timeout_s,
+        self._s.requests.submit_infer(name, version, inputs if callable(inputs) else dict(inputs), outputs=outputs, timeout_s=timeout_s,
                              priority=priority, responder=responder, tag=tag)
