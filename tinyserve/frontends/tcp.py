@@ -34,12 +34,16 @@ class TcpConnection(Connection):
         if req.error is None:
             inst = req.instance
             try:
-                descs, views = wire.tensor_parts(req.result)
+                enc = getattr(inst, "reply_encoder", None)  # the version's reply template (same bytes)
+                if enc is not None:
+                    req.reply = enc.encode(rid, req.result)
+                else:
+                    descs, views = wire.tensor_parts(req.result)
+                    req.reply = wire.encode_frame({"id": rid, "ok": True, "model": inst.name,
+                                                   "version": inst.version, "outputs": descs}, views)
             except wire.InvalidInput as exc:
                 req.error = errors.ModelError(f"model {inst.name!r}: cannot send its output: {exc}")
             else:
-                req.reply = wire.encode_frame({"id": rid, "ok": True, "model": inst.name, "version": inst.version,
-                                               "outputs": descs}, views)
                 req.result = None
                 return
         exc = req.error
