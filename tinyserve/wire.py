@@ -169,23 +169,7 @@ def encode_frame(header: Mapping, views: Sequence[memoryview] = ()) -> list:
     """The buffers of one frame, ready for transport.writelines (tensor bytes are not copied).
 
     The first buffer holds the prefix, the header and its padding; then each view and its padding."""
-    head = msgpack.packb(header, use_bin_type=True)
-    hlen = len(head)
-    payload_off = align8(PREFIX_SIZE + hlen)
-    if not views:
-        return [PREFIX.pack(payload_off - 4, hlen) + head + _ZEROS[: payload_off - PREFIX_SIZE - hlen]]
-    parts: list = [None]
-    size = payload_off
-    for v in views:
-        n = v.nbytes
-        if n:
-            parts.append(v)
-        pad = align8(n) - n
-        if pad:
-            parts.append(_ZEROS[:pad])
-        size += n + pad
-    parts[0] = PREFIX.pack(size - 4, hlen) + head + _ZEROS[: payload_off - PREFIX_SIZE - hlen]
-    return parts
+    return _frame_of(msgpack.packb(header, use_bin_type=True), views)
 
 
 class ReplyEncoder:
