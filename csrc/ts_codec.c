@@ -385,6 +385,28 @@ static ts_status check_decoded(const ts_chunk_job *job, const uint8_t *bytes, si
     return TS_OK;
 }
 
+/* Regroup into dst and hash the element bytes in one pass: blocks of MERGE_BLOCK elements are hashed
+ * (XXH3 streaming, the same value as one call over the whole chunk) while they are still in cache. */
+#define MERGE_BLOCK 8192
+static ts_status merge_and_check(const ts_chunk_job *job, unsigned order, const uint8_t *const planes[],
+                                 size_t n, unsigned isz, ts_codec_error *err)
+{
+    XXH3_state_t hs;
+    XXH3_64bits_reset(&hs);
+    for (size_t i = 0; i < n; i += MERGE_BLOCK) {
+        size_t k = n - i < MERGE_BLOCK ? n - i : MERGE_BLOCK;
+        const uint8_t *pl[TS_MAX_PLANES];
+        for (unsigned p = 0; p < isz; p++) pl[p] = planes[p] + i;
+        ts_status st = ts_planes_merge_ex(job->dtype, order, pl, k, job->dst + i * isz);
+        if (st) return st;
+        XXH3_64bits_update(&hs, job->dst + i * isz, k * isz);
+    }
+    uint64_t h = XXH3_64bits_digest(&hs);
+    if (h != job->decoded_checksum)
+        return ts_rule_fail(err, TS_E_DECODED_CHECKSUM, TS_RULE_DECODED_CHECKSUM, job->decoded_checksum, h, 0);
+    return TS_OK;
+}
+
 ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_size, void *dctx)
 {
     ts_codec_error *err = job->err;
@@ -442,9 +464,8 @@ ts_status ts_run_job(const ts_chunk_job *job, uint8_t *scratch, size_t scratch_s
     unsigned order = job->flags & TS_JOB_F16_EXP;
     int check = job->verify && job->has_decoded;
     if (!job->plane_stride && job->dst) {
-        st = ts_planes_merge_ex(job->dtype, order, planes, n, job->dst);
-        if (st || !check) return st;
-        return check_decoded(job, job->dst, (size_t)n * isz, err);
+        if (!check) return ts_planes_merge_ex(job->dtype, order, planes, n, job->dst);
+        return merge_and_check(job, order, planes, n, isz, err);
     }
     if (!check) return TS_OK; /* unmerged, or validate without a decoded checksum: decoding was the check */
     /* regroup into scratch to hash the element bytes */

@@ -216,16 +216,19 @@ ts_status ts_huf_encode(const uint8_t *src, size_t n, uint8_t *dst, size_t dst_c
     return TS_OK;
 }
 
-/* Multi-symbol table: entry = up to 7 symbols (bytes 0..6) | count << 56 | bits used << 59, the
- * whole codes that fit in the 11-bit window at that index (at least one: codes are <= 11 bits). */
+/* Multi-symbol table: entry = up to 6 symbols (bytes 0..5) | count (byte 6) | bits used (byte 7),
+ * the whole codes that fit in the 11-bit window at that index (at least one: codes are <= 11 bits).
+ * Returns the largest count. */
 #define MULTI_MIN 65536 /* below this the table build costs more than it saves */
+#define MULTI_SYMS 6
 
-static void build_multi(const uint16_t table[KRAFT_ONE], uint64_t multi[KRAFT_ONE])
+static unsigned build_multi(const uint16_t table[KRAFT_ONE], uint64_t multi[KRAFT_ONE])
 {
+    unsigned maxc = 1;
     for (uint32_t idx = 0; idx < KRAFT_ONE; idx++) {
         uint64_t syms = 0;
         unsigned used = 0, count = 0;
-        while (count < 7) {
+        while (count < MULTI_SYMS) {
             uint16_t e = table[(idx >> used) & (KRAFT_ONE - 1)];
             unsigned len = e & 15;
             if (used + len > MB) break;
@@ -233,8 +236,10 @@ static void build_multi(const uint16_t table[KRAFT_ONE], uint64_t multi[KRAFT_ON
             count++;
             used += len;
         }
-        multi[idx] = syms | ((uint64_t)count << 56) | ((uint64_t)used << 59);
+        if (count > maxc) maxc = count;
+        multi[idx] = syms | ((uint64_t)count << 48) | ((uint64_t)used << 56);
     }
+    return maxc;
 }
 
 typedef struct {
@@ -300,30 +305,76 @@ ts_status ts_huf_decode_ex(const uint8_t *src, size_t size, uint8_t *dst, size_t
     split4(n, st);
     size_t at[4] = {st[0], st[1], st[2], st[3]};
     /* fast path for long planes: one lookup in an 11-bit window yields every whole code in it (up
-     * to 7 symbols, about 4 on exponent planes), 5 lookups per 64-bit refill, 4 streams in
-     * lockstep for instruction-level parallelism. Each lookup stores 8 bytes, so a stream keeps
-     * 40 bytes of its own output region ahead (never writing into the next stream's region). */
+     * to 6 symbols, about 4 on bfloat16 exponent planes, 1.5 on float16 ones), 5 lookups per 64-bit
+     * refill, the 4 streams interleaved lookup by lookup for instruction-level parallelism. Each
+     * lookup stores 8 bytes, so a stream's writes must stay inside its own output region (never into
+     * the next stream's, decoded in the same loop). Rounds run in batches sized so that no stream
+     * can reach the end of its input or output region inside the batch: no per-round checks. */
     if (n >= MULTI_MIN) {
         uint64_t multi[KRAFT_ONE];
-        build_multi(table, multi);
+        unsigned maxc = build_multi(table, multi);
+        const uint8_t *mb = (const uint8_t *)multi;
+        /* per round and stream: <= 5 * MB = 55 bits read from a 64-bit load at a bit offset <= 7,
+         * output advances <= 5 * maxc, the last store ends <= 4 * maxc + 8 past the round's start */
+        const uint64_t out_round = 5u * maxc, out_tail = 4u * maxc + 8;
+        const uint8_t *q[4];
+        uint8_t *o[4];
+        unsigned u[4];
+        for (int j = 0; j < 4; j++) {
+            q[j] = bs[j].p + (bs[j].pos >> 3);
+            u[j] = (unsigned)(bs[j].pos & 7);
+            o[j] = dst + at[j];
+        }
         for (;;) {
-            int ok = 1;
-            for (int j = 0; j < 4; j++)
-                ok &= ((bs[j].pos >> 3) + 8 <= bs[j].size) & (at[j] + 40 <= st[j + 1]);
-            if (!ok) break;
+            uint64_t rounds = UINT64_MAX;
             for (int j = 0; j < 4; j++) {
-                uint64_t bits = load64(bs[j].p + (bs[j].pos >> 3)) >> (bs[j].pos & 7);
-                uint8_t *o = dst + at[j];
-                unsigned used = 0;
-                for (int k = 0; k < 5; k++) {
-                    uint64_t e = multi[(bits >> used) & (KRAFT_ONE - 1)];
-                    store64(o, e);
-                    o += (e >> 56) & 7;
-                    used += (unsigned)(e >> 59);
+                uint64_t pos = (uint64_t)(q[j] - bs[j].p) * 8 + u[j];
+                uint64_t left = (uint64_t)(dst + st[j + 1] - o[j]);
+                if (bs[j].size < 8 || pos > (bs[j].size - 8) * 8 || left < out_tail) {
+                    rounds = 0;
+                    break;
                 }
-                bs[j].pos += used;
-                at[j] = (size_t)(o - dst);
+                /* a round starting at bit b loads bytes [b / 8, b / 8 + 8): b <= (size - 8) * 8 */
+                uint64_t r_in = ((bs[j].size - 8) * 8 - pos) / 55 + 1;
+                uint64_t r_out = (left - out_tail) / out_round + 1;
+                uint64_t r = r_in < r_out ? r_in : r_out;
+                if (r < rounds) rounds = r;
             }
+            if (rounds < 4) break;
+            const uint8_t *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+            uint8_t *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
+            unsigned u0 = u[0], u1 = u[1], u2 = u[2], u3 = u[3];
+            for (uint64_t r = 0; r < rounds; r++) {
+                uint64_t b0 = load64(q0) >> u0, b1 = load64(q1) >> u1;
+                uint64_t b2 = load64(q2) >> u2, b3 = load64(q3) >> u3;
+#define TS_HUF_LOOK(b, o, uu)                                                                            \
+    do {                                                                                                 \
+        size_t ix_ = (size_t)((b) & (KRAFT_ONE - 1)) * 8;                                                \
+        unsigned c_ = mb[ix_ + 7];                                                                       \
+        store64((o), load64(mb + ix_));                                                                  \
+        (o) += mb[ix_ + 6];                                                                              \
+        (b) >>= c_;                                                                                      \
+        (uu) += c_;                                                                                      \
+    } while (0)
+                for (int k = 0; k < 5; k++) {
+                    TS_HUF_LOOK(b0, o0, u0);
+                    TS_HUF_LOOK(b1, o1, u1);
+                    TS_HUF_LOOK(b2, o2, u2);
+                    TS_HUF_LOOK(b3, o3, u3);
+                }
+#undef TS_HUF_LOOK
+                q0 += u0 >> 3, u0 &= 7;
+                q1 += u1 >> 3, u1 &= 7;
+                q2 += u2 >> 3, u2 &= 7;
+                q3 += u3 >> 3, u3 &= 7;
+            }
+            q[0] = q0, q[1] = q1, q[2] = q2, q[3] = q3;
+            o[0] = o0, o[1] = o1, o[2] = o2, o[3] = o3;
+            u[0] = u0, u[1] = u1, u[2] = u2, u[3] = u3;
+        }
+        for (int j = 0; j < 4; j++) {
+            bs[j].pos = (uint64_t)(q[j] - bs[j].p) * 8 + u[j];
+            at[j] = (size_t)(o[j] - dst);
         }
     }
     /* then one symbol per lookup, 5 per refill, while 8 bytes are readable */
