@@ -158,7 +158,7 @@ static void enc_chunk(void *c, size_t k, void *w)
         size_t best = n; /* stored */
         int best_codec = TS_CODEC_STORED;
         const uint8_t *best_src = pl;
-        if (ec->mode == TS_MODE_ZSTD || ec->mode == TS_MODE_MAX) {
+        if (ec->mode == TS_MODE_ZSTD || ec->mode == TS_MODE_MAX || ec->mode == TS_MODE_ZSTD_HUFFMAN) {
             size_t z = ZSTD_compressCCtx(ew->cctx, ew->cand, ew->cand_cap, pl, n, ec->level);
             if (!ZSTD_isError(z) && z < best) {
                 best = z;
@@ -209,7 +209,7 @@ ts_status ts_encode_planes_ex(unsigned dtype, unsigned flags, const uint8_t *src
 {
     unsigned isz = ts_dtype_size(dtype);
     if (!isz) return TS_E_DTYPE;
-    if (!chunk_elems || chunk_elems > (16u << 20) / isz || mode < 0 || mode > 3) return TS_E_ARG;
+    if (!chunk_elems || chunk_elems > (16u << 20) / isz || mode < 0 || mode > 4) return TS_E_ARG;
     *out_size = 0;
     if (!numel) return TS_OK;
     enc_ctx ec = {.dtype = dtype, .isz = isz, .flags = flags & TS_PLANES_F16_EXP, .src = src, .numel = numel, .chunk_elems = chunk_elems,

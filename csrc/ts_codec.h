@@ -11,8 +11,9 @@
 enum { TS_ENC_RAW = 0, TS_ENC_PLANES = 1 };
 enum { TS_CODEC_STORED = 0, TS_CODEC_FILL = 1, TS_CODEC_ZSTD = 2, TS_CODEC_HUFFMAN = 3, TS_CODEC_RANS = 4 };
 /* Candidate codecs per mode (fill and stored are always candidates): HUFFMAN: huffman; ZSTD: zstd at
- * `level`; MAX: zstd at `level`, huffman and rans; RANS: huffman and rans. */
-enum { TS_MODE_HUFFMAN = 0, TS_MODE_ZSTD = 1, TS_MODE_MAX = 2, TS_MODE_RANS = 3 };
+ * `level`; MAX: zstd at `level`, huffman and rans; RANS: huffman and rans; ZSTD_HUFFMAN: zstd at `level`
+ * and huffman. */
+enum { TS_MODE_HUFFMAN = 0, TS_MODE_ZSTD = 1, TS_MODE_MAX = 2, TS_MODE_RANS = 3, TS_MODE_ZSTD_HUFFMAN = 4 };
 
 uint64_t ts_xxh3(const void *p, size_t n);
 

@@ -95,7 +95,8 @@ static void check_encoded(const encoded *e, int mode, int threads)
             CHECK(sz <= n && sz >= 1);
             if (codec == TS_CODEC_STORED) CHECK(sz == n);
             if (codec == TS_CODEC_FILL) CHECK(sz == 1 && n > 1);
-            if (codec == TS_CODEC_ZSTD) CHECK((mode == TS_MODE_ZSTD || mode == TS_MODE_MAX) && sz < n);
+            if (codec == TS_CODEC_ZSTD)
+                CHECK((mode == TS_MODE_ZSTD || mode == TS_MODE_MAX || mode == TS_MODE_ZSTD_HUFFMAN) && sz < n);
             if (codec == TS_CODEC_HUFFMAN) CHECK(mode != TS_MODE_ZSTD && sz < n && sz >= TS_HUF_HEADER);
             if (codec == TS_CODEC_RANS) CHECK((mode == TS_MODE_MAX || mode == TS_MODE_RANS) && sz < n);
             sum += sz;
@@ -187,7 +188,7 @@ static void test_encode_roundtrip(void)
                 int kind = (int)((di + ni + ci) % 4);
                 uint8_t *src = tst_xmalloc((size_t)numel * ts_dtype_size(dt));
                 gen_data(dt, src, numel, kind);
-                for (int mode = 0; mode <= 3; mode++) {
+                for (int mode = 0; mode <= TS_MODE_ZSTD_HUFFMAN; mode++) {
                     encoded a, b;
                     CHECK_ST(encode(&a, dt, src, numel, ce, mode, 3, 1), TS_OK);
                     check_encoded(&a, mode, 1);
@@ -224,7 +225,7 @@ static void ref_choice(int mode, int level, const uint8_t *pl, size_t n, uint8_t
     uint8_t bc = TS_CODEC_STORED;
     size_t cap = ZSTD_compressBound(n) + 1024;
     uint8_t *tmp = tst_xmalloc(cap);
-    if (mode == TS_MODE_ZSTD || mode == TS_MODE_MAX) {
+    if (mode == TS_MODE_ZSTD || mode == TS_MODE_MAX || mode == TS_MODE_ZSTD_HUFFMAN) {
         size_t z = ZSTD_compress(tmp, cap, pl, n, level);
         if (!ZSTD_isError(z) && z < best) {
             best = z;
@@ -265,7 +266,7 @@ static void test_encode_choice_reference(void)
             uint64_t numel = 3001, ce = kind == 4 ? 3001 : 700; /* rans needs n >> its 290-byte header */
             uint8_t *src = tst_xmalloc((size_t)numel * isz);
             gen_data(dts[di], src, numel, kind);
-            for (int mode = 0; mode <= 3; mode++) {
+            for (int mode = 0; mode <= TS_MODE_ZSTD_HUFFMAN; mode++) {
                 encoded e;
                 CHECK_ST(encode(&e, dts[di], src, numel, ce, mode, 5, 2), TS_OK);
                 uint8_t *planes[8];
@@ -310,7 +311,7 @@ static void test_encode_codec_choice(void)
         uint32_t x = 0x3F800000u | (uint32_t)(tst_rand() & 0xFF); /* planes 0,1,2 constant */
         memcpy(src + 4 * i, &x, 4);
     }
-    for (int mode = 0; mode <= 3; mode++) {
+    for (int mode = 0; mode <= TS_MODE_ZSTD_HUFFMAN; mode++) {
         encoded e;
         CHECK_ST(encode(&e, TS_DT_FLOAT32, src, 64, 64, mode, 1, 1), TS_OK);
         CHECK(e.nchunks == 1);
@@ -348,7 +349,7 @@ static void test_encode_args(void)
     CHECK_ST(ts_encode_planes(0, src, 4, 4, 0, 1, 1, dst, &out, co), TS_E_DTYPE);
     CHECK_ST(ts_encode_planes(13, src, 4, 4, 0, 1, 1, dst, &out, co), TS_E_DTYPE);
     CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 0, 0, 1, 1, dst, &out, co), TS_E_ARG);
-    CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 4, 4, 1, 1, dst, &out, co), TS_E_ARG);
+    CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 4, 5, 1, 1, dst, &out, co), TS_E_ARG);
     CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 4, 1000, 1, 1, dst, &out, co), TS_E_ARG);
     CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 4, TS_MODE_RANS, 1, 1, dst, &out, co), TS_OK);
     CHECK_ST(ts_encode_planes(TS_DT_INT8, src, 4, 4, -1, 1, 1, dst, &out, co), TS_E_ARG);

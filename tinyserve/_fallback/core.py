@@ -69,7 +69,7 @@ _RANS_STATES = 8
 _RANS_MIN_SIZE = 256 + 4 * _RANS_STATES  # 256 one-byte varints and the states, no word
 _CODEC_RANS = spec.CODEC_RANS
 _CODECS = frozenset(spec.CODECS) | {_CODEC_RANS}
-_MODES = ("huffman", "zstd", "rans", "max")
+_MODES = ("huffman", "zstd", "rans", "max", "zstd_huffman")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -776,7 +776,7 @@ def _rans_decode(stream: np.ndarray, n: int) -> np.ndarray:
 def _encode_plane(plane: np.ndarray, mode: str, cctx) -> tuple[int, bytes]:
     """(codec, stream) of one plane: the candidates of docs/native-api.md in the native order.
 
-    stored/fill, then zstd ('zstd', 'max'), huffman ('huffman', 'rans', 'max'), rans ('rans', 'max');
+    stored/fill, then zstd ('zstd', 'max', 'zstd_huffman'), huffman (every mode but 'zstd'), rans ('rans', 'max');
     each must be strictly smaller than the best so far, and rans at most floor(best x 127 / 128).
     """
     n = plane.size
@@ -788,7 +788,7 @@ def _encode_plane(plane: np.ndarray, mode: str, cctx) -> tuple[int, bytes]:
             return spec.CODEC_STORED, plane.tobytes()
         return spec.CODEC_FILL, plane[:1].tobytes()
     best_size, best_codec, best_blob = n, spec.CODEC_STORED, None
-    if mode in ("zstd", "max"):
+    if mode in ("zstd", "max", "zstd_huffman"):
         frame = cctx.compress(plane.tobytes())
         if len(frame) < best_size:
             best_size, best_codec, best_blob = len(frame), spec.CODEC_ZSTD, frame
@@ -842,7 +842,7 @@ def encode_planes(src, dtype: str, chunk_elems: int, mode: str, level: int, thre
     if numel > spec.MAX_NUMEL:
         raise LimitError(f"src: numel {numel} exceeds the limit 2^48")
     cctx = None
-    if mode in ("zstd", "max"):
+    if mode in ("zstd", "max", "zstd_huffman"):
         cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
     planes = _split_planes(u8, dtype, itemsize, f16_planes)
     out: list[bytes] = []

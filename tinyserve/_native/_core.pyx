@@ -14,7 +14,7 @@ from tinyserve._native import codec_rules
 from tinyserve.spec import (DTYPES, DTYPE_BY_CODE, ENCODINGS, Header, ChunkInfo, TensorInfo,
                             MAX_CHUNK_BYTES, KNOWN_FEATURES, features_problem)
 
-_MODES = {"huffman": 0, "zstd": 1, "max": 2, "rans": 3}
+_MODES = {"huffman": 0, "zstd": 1, "max": 2, "rans": 3, "zstd_huffman": 4}
 _ENC_CODES = {v: k for k, v in ENCODINGS.items()}
 
 _CLASSES = {
