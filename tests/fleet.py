@@ -173,13 +173,16 @@ class ServeExited(RuntimeError):
 
 
 class ServeProcess:
-    """`python -m tinyserve serve` in a subprocess; `addr` is host:port of its TCP protocol."""
+    """`python -m tinyserve serve` in a subprocess; `addr` is host:port of its TCP protocol.  With
+    `http=True` it also serves the Open Inference Protocol over HTTP (`--http-port`) on `http_port`."""
 
     def __init__(self, args: list[str], *, host: str = "127.0.0.1", prefix: list[str] | None = None,
-                 env: dict | None = None, log_dir: Path | None = None, name: str = "serve"):
+                 env: dict | None = None, log_dir: Path | None = None, name: str = "serve", http: bool = False):
         self.args, self.host, self.prefix, self.name = args, host, prefix or [], name
         self.env = env
+        self.http = http
         self.port = self.metrics_port = 0
+        self.http_port = 0  # the HTTP front end's port (http=True), kept across restarts
         self.proc: subprocess.Popen | None = None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="ts-serve-"))
         self.log_path = self.log_dir / f"{name}.log"
@@ -192,9 +195,12 @@ class ServeProcess:
         if not self.port:
             self.port = free_port() if not self.prefix else 8470
             self.metrics_port = free_port() if not self.prefix else 9470
+        if self.http and not self.http_port:
+            self.http_port = free_port() if not self.prefix else 8000
+        http = ["--http-port", str(self.http_port)] if self.http else []
         cmd = [*self.prefix, PY, "-m", "tinyserve", "serve", "--host", self.host, "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--metrics-host", self.host, "--threads", "1",
-               "--device-poll", "60", *self.args]
+               "--device-poll", "60", *http, *self.args]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(self.env or {})}
         env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "S3_"))} | (self.env or {})
         self.log = open(self.log_path, "ab")
@@ -347,8 +353,12 @@ class WeedCluster:
 
 # --- HAProxy -------------------------------------------------------------------------------------
 class HAProxy:
-    """HAProxy in TCP mode in front of tinyserve hosts, health-checked by `GET /readyz` on each host's
-    metrics port (deploy/haproxy/haproxy.cfg is the same configuration with fixed addresses)."""
+    """HAProxy in TCP mode in front of tinyserve hosts (backend `hosts`), health-checked by
+    `GET /readyz` on each host's metrics port (deploy/haproxy/haproxy.cfg is the same configuration
+    with fixed addresses).  When every backend serves HTTP (ServeProcess(http=True)), also an `http`
+    mode frontend on `http_addr` over the hosts' Open Inference Protocol ports (backend `hosts_http`,
+    checked by `GET /readyz` on the HTTP port itself), with keep-alive on both sides and L7 retries
+    of the idempotent inference requests (docs/deploy.md section 3)."""
 
     def __init__(self, backends: list, *, host: str = "127.0.0.1", prefix: list[str] | None = None,
                  workdir: Path | None = None, inter_ms: int = 200, fall: int = 2, rise: int = 2):
@@ -358,11 +368,21 @@ class HAProxy:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(host) if not self.prefix else 8470
         self.stats_port = free_port(host) if not self.prefix else 8404
+        self.http = bool(backends) and all(getattr(b, "http_port", 0) for b in backends)
+        self.http_port = (free_port(host) if not self.prefix else 8000) if self.http else 0
         self.proc: subprocess.Popen | None = None
 
     @property
     def addr(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_addr(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def backend_names(self) -> tuple[str, ...]:
+        return ("hosts", "hosts_http") if self.http else ("hosts",)
 
     def config(self) -> str:
         lines = [
@@ -377,6 +397,24 @@ class HAProxy:
         ]
         for k, b in enumerate(self.backends):
             lines.append(f"    server h{k} {b.host}:{b.port} check port {b.metrics_port}")
+        if self.http:
+            # The Open Inference Protocol: HTTP/1.1 keep-alive on both sides; an infer is idempotent,
+            # so a request whose host died under it (connect refused, connection closed with no
+            # response, no response within `timeout server`, or 503: not loaded / shutting down) is
+            # sent again, each retry to another host (redispatch 1); `retries 3` bounds it.
+            lines += [
+                "", "frontend oip", "    mode http", f"    bind {self.host}:{self.http_port}",
+                "    option http-keep-alive", "    timeout http-request 10s", "    timeout http-keep-alive 30s",
+                "    default_backend hosts_http", "",
+                "backend hosts_http", "    mode http", "    balance leastconn", "    option http-keep-alive",
+                "    http-reuse safe", "    option httpchk GET /readyz", "    http-check expect status 200",
+                "    retries 3", "    option redispatch 1",
+                "    retry-on conn-failure empty-response response-timeout 503",
+                f"    default-server inter {self.inter_ms}ms fall {self.fall} rise {self.rise} "
+                f"on-marked-down shutdown-sessions",
+            ]
+            for k, b in enumerate(self.backends):
+                lines.append(f"    server h{k} {b.host}:{b.http_port} check")
         lines += ["", "frontend stats", "    mode http", f"    bind {self.host}:{self.stats_port}",
                   "    http-request return status 200 content-type text/plain string ok if { path /ok }", ""]
         return "\n".join(lines) + "\n"
@@ -390,8 +428,13 @@ class HAProxy:
         log = open(self.dir / "haproxy.log", "ab")
         self.proc = subprocess.Popen([*self.prefix, HAPROXY, "-db", "-f", str(cfg)], stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: self.server_states() and all(s == "UP" for s in self.server_states().values()),
-                 timeout, "haproxy backends UP")
+        def all_up():
+            for backend in self.backend_names:
+                states = self.server_states(backend)
+                if not states or any(s != "UP" for s in states.values()):
+                    return False
+            return True
+        wait_for(all_up, timeout, "haproxy backends UP")
         return self
 
     def admin(self, command: str) -> str:
@@ -405,18 +448,18 @@ class HAProxy:
         s.close()
         return out.decode()
 
-    def server_states(self) -> dict[str, str]:
-        """{server name: UP / DOWN / ...} from `show stat`."""
+    def stats(self) -> list[dict[str, str]]:
+        """`show stat` as one dict per row (pxname, svname, status, stot, wretr, wredis, ...)."""
         rows = self.admin("show stat").splitlines()
         if not rows:
-            return {}
+            return []
         head = rows[0].lstrip("# ").split(",")
-        out = {}
-        for row in rows[1:]:
-            f = dict(zip(head, row.split(",")))
-            if f.get("pxname") == "hosts" and f.get("svname") not in ("BACKEND", "FRONTEND"):
-                out[f["svname"]] = f.get("status", "").split(" ")[0]
-        return out
+        return [dict(zip(head, row.split(","))) for row in rows[1:] if row]
+
+    def server_states(self, backend: str = "hosts") -> dict[str, str]:
+        """{server name: UP / DOWN / ...} of one backend (`hosts`: TCP, `hosts_http`: HTTP) from `show stat`."""
+        return {f["svname"]: f.get("status", "").split(" ")[0] for f in self.stats()
+                if f.get("pxname") == backend and f.get("svname") not in ("BACKEND", "FRONTEND")}
 
     def stop(self) -> None:
         stop_pid(self.proc, wait=5)
@@ -445,12 +488,14 @@ class Fleet:
     they can be made, else on its own 127.0.x.y address."""
 
     def __init__(self, workdir: Path, *, hosts: int = 3, volumes: int = 3, poll_interval: float = 0.5,
-                 use_netns: bool | None = None, tag: str = "f", extra_args: list[str] | None = None):
+                 use_netns: bool | None = None, tag: str = "f", extra_args: list[str] | None = None,
+                 http: bool = True):
         self.dir = Path(workdir)
         self.use_netns = netns_available() is None if use_netns is None else use_netns
         self.places = Places(self.use_netns, tag)
         self.n_hosts, self.n_volumes, self.poll_interval = hosts, volumes, poll_interval
         self.extra_args = extra_args or []
+        self.http = http  # each host also serves the Open Inference Protocol over HTTP, behind HAProxy's `oip`
         self.weed: WeedCluster | None = None
         self.hosts: list[ServeProcess] = []
         self.proxy: HAProxy | None = None
@@ -468,7 +513,7 @@ class Fleet:
             for k in range(self.n_hosts):
                 ip, prefix = self.places.new(f"h{k}")
                 self.hosts.append(ServeProcess(self.host_args(k), host=ip, prefix=prefix, log_dir=self.dir,
-                                               name=f"host{k}"))
+                                               name=f"host{k}", http=self.http))
             for h in self.hosts:
                 h.start(wait_ready=None)
             for h in self.hosts:
