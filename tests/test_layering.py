@@ -131,3 +131,27 @@ def test_the_protocol_module_is_imported_by_the_tcp_front_end_only():
            and path.relative_to(PKG) not in (Path("frontends/tcp.py"), Path("server.py"))
            and unit(path) in ("core", "frontends")]
     assert not bad, bad
+
+
+def _methods(path: Path, cls: str) -> set:
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+# the model manager's own methods (issue 13 item 1): tinyserve/core/models.py is their one owner
+_MODEL_MANAGER = {"_cached", "_resolve", "_default_version", "_failed_loads", "_load", "_load_remote", "_on_demand",
+                  "_retry_blocked", "_arm_blocked_retry", "_unpark", "_fail_parked", "_placement_plan", "_start",
+                  "_oom", "_shed_for_oom", "_scale", "_loaded", "_unloaded", "_update_route", "_unload_targets",
+                  "_transition", "_devices_changed", "_poll_loop", "models_report", "stats_report", "health_report",
+                  "health_dict", "metadata_config", "start_unload", "_stop_models"}
+
+
+def test_the_model_manager_lives_in_core_models_not_in_the_server():
+    """server.py is the composition root: its Server defines none of the model manager's methods
+    (it forwards its public ones), tinyserve/core/models.py's Models defines them all."""
+    models = _methods(PKG / "core" / "models.py", "Models")
+    assert _MODEL_MANAGER <= models, sorted(_MODEL_MANAGER - models)
+    forwarded = {"health_report", "health_dict", "models_report", "stats_report"}  # one-line public forwards
+    server = _methods(PKG / "server.py", "Server")
+    assert not (_MODEL_MANAGER - forwarded) & server, sorted((_MODEL_MANAGER - forwarded) & server)

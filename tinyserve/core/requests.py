@@ -125,7 +125,7 @@ def _frame_bytes(parts: list) -> int:
 
 
 class Requests:
-    """See the module docstring.  `models`: the model manager (today tinyserve.server.Server)."""
+    """See the module docstring.  `models`: the model manager (tinyserve.core.models.Models)."""
 
     def __init__(self, models, config) -> None:
         self.m = models

@@ -1,8 +1,10 @@
-"""`Core`: the server core's API (tinyserve.core.api.CoreAPI) over a running server.
+"""`Core`: the server core's API (tinyserve.core.api.CoreAPI) over the model manager
+(tinyserve.core.models.Models) and the request path (tinyserve.core.requests.Requests).
 
-Today the model manager and the request path still live in `tinyserve.server.Server`; `Core` is the
-one door every front end (tcp, http, grpc) uses, so they never touch the server's internals.  It receives the server object (it does not import the server:
-the core imports no front end and not the composition root).  Everything runs on the loop thread.
+`Core` is the one door every front end (tcp, http, grpc) uses, so they never touch the core's
+internals.  The composition root (tinyserve.server) builds the two and hands them in, with the
+server-wide wire limits, token and body memory (the core imports no front end and not the
+composition root).  Everything runs on the loop thread.
 """
 
 from __future__ import annotations
@@ -26,21 +28,30 @@ def _meta(spec) -> TensorMeta:
 class Core:
     """The wire-free API of one server (see tinyserve.core.api for the contract)."""
 
-    def __init__(self, server: Any) -> None:
-        self._s = server
+    def __init__(self, models: Any, requests: Any = None, *, limits=None, token: bytes | None = None,
+                 body_memory=None) -> None:
+        if requests is None:  # Core(server): over a composed server's model manager and request path
+            server = models
+            models, requests = server.models, server.requests
+            limits, token, body_memory = server._limits, server._token, server._frame_memory
+        self._s = models  # the model manager
+        self._r = requests  # the request path
+        self._limits = limits
+        self._token = token
+        self._body_memory = body_memory
 
     # --- the server ----------------------------------------------------------------------------------
     @property
     def limits(self):
-        return self._s._limits
+        return self._limits
 
     @property
     def body_memory(self):
-        return self._s._frame_memory
+        return self._body_memory
 
     @property
     def token(self) -> bytes | None:
-        return self._s._token
+        return self._token
 
     @property
     def loop(self):
@@ -51,16 +62,16 @@ class Core:
         return self._s._draining
 
     def add_flush(self, flush) -> None:
-        self._s.requests.add_flush(flush)
+        self._r.add_flush(flush)
 
     def read_done(self) -> None:
-        self._s.requests._read_done()
+        self._r._read_done()
 
     def count_op(self, code: str | None = None) -> None:
-        self._s.requests.count_op(code)
+        self._r.count_op(code)
 
     def count_refused(self, model, version, code: str, message: str) -> None:
-        self._s.requests.count_refused(model, version, code, message)
+        self._r.count_refused(model, version, code, message)
 
     def live(self) -> bool:
         return not self._s._stopping
@@ -192,5 +203,5 @@ class Core:
     def infer(self, name: str, version: int | None, inputs: Mapping[str, tuple], *,
               outputs: Sequence[str] | None = None, timeout_s: float | None = None, priority: int = 0,
               responder, tag) -> None:
-        self._s.requests.submit_infer(name, version, inputs if callable(inputs) else dict(inputs), outputs=outputs, timeout_s=timeout_s,
+        self._r.submit_infer(name, version, inputs if callable(inputs) else dict(inputs), outputs=outputs, timeout_s=timeout_s,
                              priority=priority, responder=responder, tag=tag)
