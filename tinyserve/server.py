@@ -355,6 +355,10 @@ class Server:
             raise
         m._tick_handle = loop.call_later(1.0, m._tick)
         if m._poller is not None:
+            # the first poll's loads finish before the server is ready (a host in poll mode serves
+            # what the repository selects before a balancer's readiness check passes); later ones
+            # run in the background
+            await m.poll_step()
             m._poll_task = loop.create_task(m._poll_loop())
         # the objects of torch, the programs and the loaded models live as long as the server: move
         # them out of the collector's reach so a full collection while serving stays short (one took

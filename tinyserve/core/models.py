@@ -424,35 +424,41 @@ class Models:
         poller = self._poller
         while not self._stopping:
             await asyncio.sleep(poller.seconds_to_next())
-            try:
-                changes, listing = await self._io(self._poll_once)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("tinyserve: polling the repository failed: %s", exc)
+            await self.poll_step()
+
+    async def poll_step(self) -> None:
+        """One poll of the repository and the loads/unloads it asks for (the start-up one runs before
+        the server says it is ready, so a host in poll mode is ready once it serves what the
+        repository selects: a balancer sends it nothing earlier)."""
+        try:
+            changes, listing = await self._io(self._poll_once)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("tinyserve: polling the repository failed: %s", exc)
+            return
+        if self._remote and listing is not None:
+            self._index.data = listing
+        self._repo_changed()
+        if changes.error:
+            log.warning("tinyserve: polling the repository: %s", changes.error)
+        for name, versions in sorted(changes.load.items()):
+            for v in sorted(versions):
+                if self._stopping:
+                    return
+                try:
+                    await self._load(name, v)
+                except Exception as exc:  # logged as load_failed; the old versions keep serving
+                    log.warning("tinyserve: poll: loading %s version %s failed: %s", name, v, exc)
+        for name, versions in sorted(changes.unload.items()):
+            keep = [i for (n, v), i in self._instances.items() if n == name and i.state == READY
+                    and v not in versions]
+            if not keep:
+                log.warning("tinyserve: poll: %s: keeping versions %s (no newer version is ready)", name, versions)
                 continue
-            if self._remote and listing is not None:
-                self._index.data = listing
-            self._repo_changed()
-            if changes.error:
-                log.warning("tinyserve: polling the repository: %s", changes.error)
-            for name, versions in sorted(changes.load.items()):
-                for v in sorted(versions):
-                    if self._stopping:
-                        return
-                    try:
-                        await self._load(name, v)
-                    except Exception as exc:  # logged as load_failed; the old versions keep serving
-                        log.warning("tinyserve: poll: loading %s version %s failed: %s", name, v, exc)
-            for name, versions in sorted(changes.unload.items()):
-                keep = [i for (n, v), i in self._instances.items() if n == name and i.state == READY
-                        and v not in versions]
-                if not keep:
-                    log.warning("tinyserve: poll: %s: keeping versions %s (no newer version is ready)", name, versions)
-                    continue
-                targets = [t for v in versions for t in self._unload_targets(name, v)]
-                if targets:
-                    await asyncio.gather(*(t.unload() for t in targets), return_exceptions=True)
+            targets = [t for v in versions for t in self._unload_targets(name, v)]
+            if targets:
+                await asyncio.gather(*(t.unload() for t in targets), return_exceptions=True)
 
     def _poll_once(self):
         changes = self._poller.poll()
