@@ -81,7 +81,7 @@ def cmd_pack(args) -> int:
         version, summary = pack(repo, args.name, args.source, version=args.version, program=args.program,
                                 config=config, compression=args.compression, level=args.level,
                                 threads=args.threads, progress=update, files=files or None, key=args.key,
-                                metadata=not args.no_metadata,
+                                metadata=not args.no_metadata, task=args.task,
                                 **({"max_source_bytes": args.max_source_bytes} if args.max_source_bytes else {}))
     finally:
         close()
@@ -758,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(README: bring your model); any file source may be compressed with gzip, "
                                    "bzip2, xz or zstd (recognised by its bytes, decompressed up to "
                                    "--max-source-bytes)")
+    pk.add_argument("--task", default=None,
+                    help="what a Hugging Face model directory (config.json + model.safetensors) is packed for: "
+                         "feature-extraction (docs/repository.md section 4.8)")
     pk.add_argument("--max-source-bytes", type=int, default=None,
                     help="the most bytes a source may hold decompressed (default 64 GiB); a larger one is refused")
     pk.add_argument("--repo", required=True, help="repository root directory")

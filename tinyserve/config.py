@@ -37,9 +37,9 @@ __all__ = [
     "parse_devices",
 ]
 
-PLATFORMS = ("torch_export", "python", "weights", "torchscript", "onnx")  # "weights": no program, weights only
+PLATFORMS = ("torch_export", "python", "weights", "torchscript", "onnx", "hf")  # "weights": no program, weights only
 DEFAULT_PROGRAM = {"torch_export": "program.pt2", "python": "model.py", "weights": None,
-                   "torchscript": "program.jit", "onnx": "model.onnx"}
+                   "torchscript": "program.jit", "onnx": "model.onnx", "hf": "config.json"}
 DEFAULT_WEIGHTS = "weights.tsw"
 CONFIG_FILES = ("model.json", "model.toml")  # reserved file names in a version directory
 
@@ -540,7 +540,7 @@ def _request_specs(cfg, side: str) -> tuple:
         specs = tuple(specs)
     if not isinstance(specs, tuple):
         raise ConfigError(f"{side} must be a list of tensor specs, got {_type_name(specs)}")
-    if specs and cfg.platform != "python":
+    if specs and cfg.platform not in ("python", "hf"):  # hf: the format's own hooks (tinyserve/formats/hf.py)
         raise ConfigError(f"{side} describes what a python model's hooks take or give; platform is {cfg.platform!r}")
     if len(specs) > MAX_IO_TENSORS:
         raise ConfigError(f"{side} has {len(specs)} tensors, limit {MAX_IO_TENSORS}")

@@ -629,12 +629,14 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
          level: int | str | None = None, threads: int | None = None,
          progress: Callable[[int, int], None] | None = None,
          files: Mapping[str, str | os.PathLike] | None = None, key: str | None = None,
-         metadata: bool = True, max_source_bytes: int = DEFAULT_SOURCE_LIMIT) -> tuple[int, PackSummary]:
+         metadata: bool = True, max_source_bytes: int = DEFAULT_SOURCE_LIMIT,
+         task: str | None = None) -> tuple[int, PackSummary]:
     """Pack `source` as version `version` (None: the next) of model `name`; returns (version, summary).
     `files` maps file names of the version directory to files copied there (e.g. a tokenizer a
     python model file reads); names follow the repository's file-name rule.  `key` names the state
     dict inside a checkpoint; `metadata=False` leaves the checkpoint's other values out of the config.
-    For a weights file, ``summary.source`` is the `Source` read (state-dict key, metadata, left out)."""
+    For a weights file, ``summary.source`` is the `Source` read (state-dict key, metadata, left out).
+    `task` (e.g. ``feature-extraction``) is what a Hugging Face model directory is packed for."""
     repo.validate_name(name)
     for fname in files or {}:
         problem = name_problem(fname)
@@ -648,6 +650,8 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
         # a numeric level sets zstd's level; 'auto' and 'planes' code floats with Huffman, which has none
         raise errors.ConfigError(f"level {level!r} needs compression 'zstd' ('max': any compression but "
                                  f"'none'), but compression is {compression!r}")
+    if task is not None and not os.path.isdir(source):
+        raise errors.ConfigError(f"--task {task!r} applies to a Hugging Face model directory, not to {source!r}")
     src = None
     original, codec = source, None
     staging = repo.stage(name)
@@ -676,7 +680,8 @@ def pack(repo: Repository, name: str, source: str, *, version: int | None = None
             if program is not None or key is not None:
                 raise errors.ConfigError(f"{source}: --program and --key apply to weights files, not to "
                                          f"{identify(source)[1] if kind != 'hf_dir' else 'a model directory'}")
-            tensors = pack_format(kind, source, outdir, cfg, max_source_bytes)
+            tensors = pack_format(kind, source, outdir, cfg, max_source_bytes,
+                                  **({"task": task} if kind == "hf_dir" else {}))
         else:
             src = read_source(source, key, metadata=metadata)
             tensors = src.tensors

@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 
 # platform -> (module, loader function); imported when a version of that platform loads
-FORMAT_LOADERS = {"torchscript": ("torchscript", "load_torchscript"), "onnx": ("onnx_model", "load_onnx")}
+FORMAT_LOADERS = {"torchscript": ("torchscript", "load_torchscript"), "onnx": ("onnx_model", "load_onnx"),
+                  "hf": ("hf", "load_hf")}
 
 
 def load_format(config, version_dir, weights, device="cpu"):
@@ -30,7 +31,8 @@ def load_format(config, version_dir, weights, device="cpu"):
 
 
 # identify() kind -> (module, packer function)
-FORMAT_PACKERS = {"torchscript": ("torchscript", "pack_torchscript"), "onnx": ("onnx_model", "pack_onnx")}
+FORMAT_PACKERS = {"torchscript": ("torchscript", "pack_torchscript"), "onnx": ("onnx_model", "pack_onnx"),
+                  "hf_dir": ("hf", "pack_hf")}
 DEFAULT_SOURCE_LIMIT = 64 << 30  # bytes a source may hold uncompressed (pack --max-source-bytes)
 
 
