@@ -163,10 +163,11 @@ def test_mismatched_weights_are_refused(tmp_path, model_dir, change, message):
 
 def test_task_is_required_and_checked(tmp_path, model_dir):
     repo = Repository(tmp_path / "repo", create=True)
-    with pytest.raises(errors.ConfigError, match=r"needs --task \(one of feature-extraction\)"):
+    with pytest.raises(errors.ConfigError, match=r"needs --task \(one of feature-extraction, text-classification\)"):
         pack(repo, "m", str(model_dir))
     with pytest.raises(errors.UnsupportedError, match=r"task 'summarization'.*feature-extraction"):
         pack(repo, "m", str(model_dir), task="summarization")
+    assert not (tmp_path / "repo" / "m").exists() or not any((tmp_path / "repo" / "m").iterdir())
     with pytest.raises(errors.ConfigError, match=r"--task 'feature-extraction' applies to a Hugging Face model "
                                                  r"directory"):
         pack(repo, "m", str(model_dir / "model.safetensors"), task="feature-extraction")
@@ -184,3 +185,39 @@ def test_missing_extra_names_hf(tmp_path, model_dir, monkeypatch):
     repo = Repository(tmp_path / "repo", create=True)
     with pytest.raises(errors.ConfigError, match=r"hf platform needs transformers.*tinyserve\[hf\]"):
         pack(repo, "m", str(model_dir), task="feature-extraction")
+
+
+def test_text_classification_equals_transformers(tmp_path, model_dir):
+    """--task text-classification: a BERT sequence classifier made from the MiniLM directory (its bare
+    encoder tensors, which the classifier holds under 'bert.', plus a seeded 3-label head) packs,
+    loads and gives transformers' logits (atol 1e-5)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    src = _copy(model_dir, tmp_path / "src", skip=("modules.json",))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(num_labels=3, architectures=["BertForSequenceClassification"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    tensors["classifier.weight"] = torch.randn(3, 384, generator=g) * 0.1
+    tensors["classifier.bias"] = torch.randn(3, generator=g)
+    save_file(tensors, str(src / "model.safetensors"))
+    repo = Repository(tmp_path / "repo", create=True)
+    pack(repo, "cls", str(src), task="text-classification")
+    c = repo.read_config("cls")
+    assert [(s.name, s.dtype, s.shape) for s in c.outputs] == [("logits", "float32", (-1, 3))]
+    assert dict(c.extra)["task"] == "text-classification"
+    loaded = load_version(repo.resolve("cls"))
+    inputs = loaded.hooks.preprocess({"text": [s.encode() for s in SENTENCES]})
+    got = loaded.hooks.postprocess({"logits": loaded(inputs["input_ids"], inputs["attention_mask"])})["logits"]
+
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    ref = AutoModelForSequenceClassification.from_pretrained(str(src), local_files_only=True).eval()
+    enc = tok(SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], enc["input_ids"])
+    with torch.inference_mode():
+        want = ref(**enc).logits
+    assert got.shape == (len(SENTENCES), 3) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL, rtol=0)
+    assert not torch.allclose(want[0], want[1])  # a real head, not a constant

@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--max-source-bytes)")
     pk.add_argument("--task", default=None,
                     help="what a Hugging Face model directory (config.json + model.safetensors) is packed for: "
-                         "feature-extraction (docs/repository.md section 4.8)")
+                         "feature-extraction or text-classification (docs/repository.md section 4.8)")
     pk.add_argument("--max-source-bytes", type=int, default=None,
                     help="the most bytes a source may hold decompressed (default 64 GiB); a larger one is refused")
     pk.add_argument("--repo", required=True, help="repository root directory")

@@ -1,11 +1,11 @@
 """Hugging Face model directories, platform ``hf`` (docs/repository.md section 4.8; the ``tinyserve[hf]``
 extra: transformers and tokenizers).
 
-Pack (``tinyserve pack DIR --task feature-extraction``): DIR holds ``config.json`` and
+Pack (``tinyserve pack DIR --task feature-extraction|text-classification``): DIR holds ``config.json`` and
 ``model.safetensors`` (and, for text input, ``tokenizer.json``).  The model is built with
-``transformers.AutoModel.from_config`` with its parameters on the meta device; the checkpoint's tensors
+``transformers.AutoModel`` (or ``AutoModelForSequenceClassification``) ``from_config`` with its parameters on the meta device; the checkpoint's tensors
 are matched to its state dict (a name that carries the model's ``base_model_prefix`` + ``.`` is taken
-without it; tensors that are the model's non-persistent buffers are left out) and every mismatch
+without it, or one without it with it, when that is what the model has; tensors that are the model's non-persistent buffers are left out) and every mismatch
 (missing, unexpected, other shape or dtype) is refused, naming them.  The matched tensors go into the
 weights file; ``config.json``, ``tokenizer.json`` and the sentence-transformers files present are
 copied as version files; the pooling (mean or cls, from ``1_Pooling/config.json``, default mean),
@@ -16,7 +16,8 @@ Load: the same construction (parameters on the meta device, under ``program.impo
 weights tinyserve mapped or decoded bound with ``load_state_dict(assign=True, strict=True)``, eval
 mode.  The request sends ``text`` (bytes, [-1]: UTF-8 strings); ``preprocess`` tokenizes them
 (truncation at the token limit, padding to the longest of the request) into ``input_ids`` and
-``attention_mask``; the module returns ``embedding`` float32 [-1, hidden].
+``attention_mask``; the module returns ``embedding`` float32 [-1, hidden] (pooled) or ``logits``
+float32 [-1, num_labels].
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from tinyserve.program import import_guard
 from tinyserve.weights import TORCH_DTYPES
 
 _EXTRA = "pip install 'tinyserve[hf]'"
-TASKS = ("feature-extraction",)
+TASKS = ("feature-extraction", "text-classification")
+# task -> (transformers auto class, output name)
+AUTO = {"feature-extraction": ("AutoModel", "embedding"), "text-classification": ("AutoModelForSequenceClassification", "logits")}
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -100,7 +103,7 @@ def build(config_path: Path, task: str, where: str):
         with import_guard(f"building {where}"):
             hf_config = transformers.AutoConfig.from_pretrained(str(config_path.parent), local_files_only=True)
             with _params_on_meta():
-                model = transformers.AutoModel.from_config(hf_config)
+                model = getattr(transformers, AUTO[task][0]).from_config(hf_config)
     except errors.TinyserveError:
         raise
     except Exception as exc:  # transformers raises ValueError, KeyError, OSError for unknown or bad configs
@@ -175,10 +178,14 @@ def match_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], w
     out: dict[str, torch.Tensor] = {}
     unexpected = []
     for name, t in tensors.items():
-        key = name if name in want else name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+        key = name
+        if name not in want and prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in want:
+            key = name[len(prefix) + 1:]  # a task model's checkpoint for the bare encoder
+        elif name not in want and prefix and f"{prefix}.{name}" in want:
+            key = f"{prefix}.{name}"  # a bare encoder's checkpoint for a task model
         if key in want:
             out[key] = t
-        elif key not in transient:
+        elif key not in transient and not (prefix and f"{prefix}.{key}" in transient):
             unexpected.append(name)
     problems = [f"missing {k!r} ({TORCH_DTYPES.get(w.dtype)} {list(w.shape)})" for k, w in want.items() if k not in out]
     n_missing = len(problems)
@@ -214,24 +221,26 @@ def pack_hf(path: str, out_dir: str | os.PathLike, cfg: dict, limit: int, task: 
         raise errors.LimitError(f"{src / WEIGHTS}: more than {limit} bytes (the source limit, --max-source-bytes)")
     _read_json(src / CONFIG, "config.json")
     model, hf_config = build(src / CONFIG, task, path)
-    pooling, normalize = _pooling(src)
+    pooling, normalize = _pooling(src) if task == "feature-extraction" else ("mean", False)
     max_length = _max_length(src, hf_config)
     tensors = match_weights(model, _read_safetensors(src / WEIGHTS), path)
     out_dir = Path(out_dir)
     for name in COPIED:
         if (src / name).is_file():
             shutil.copyfile(src / name, out_dir / name)
-    hidden = int(hf_config.hidden_size)
+    out_name = AUTO[task][1]
+    width = int(hf_config.hidden_size) if task == "feature-extraction" else int(hf_config.num_labels)
     cfg["platform"] = "hf"
     cfg["program"] = CONFIG
     cfg["inputs"] = [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
                      {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]}]
-    cfg["outputs"] = [{"name": "embedding", "dtype": "float32", "shape": [-1, hidden]}]
+    cfg["outputs"] = [{"name": out_name, "dtype": "float32", "shape": [-1, width]}]
     cfg["request_inputs"] = [{"name": INPUT, "dtype": "bytes", "shape": [-1]}]
-    cfg["request_outputs"] = [{"name": "embedding", "dtype": "float32", "shape": [-1, hidden]}]
+    cfg["request_outputs"] = [{"name": out_name, "dtype": "float32", "shape": [-1, width]}]
     extra = dict(cfg.get("extra") or {})
-    extra.update({"task": task, "tokenizer": TOKENIZER, "pooling": pooling, "normalize": normalize,
-                  "max_length": max_length})
+    extra.update({"task": task, "tokenizer": TOKENIZER, "max_length": max_length})
+    if task == "feature-extraction":
+        extra.update({"pooling": pooling, "normalize": normalize})
     extra.setdefault("max_texts", MAX_TEXTS)
     cfg["extra"] = extra
     return tensors
@@ -272,10 +281,25 @@ def _invalid_input():
     return importlib.import_module("tinyserve" + ".wire").InvalidInput
 
 
+class ClassifierModel(torch.nn.Module):
+    """The transformers sequence classifier; returns its logits as float32."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() == 0:
+            return torch.zeros((input_ids.shape[0], self.model.config.num_labels), dtype=torch.float32,
+                               device=input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.to(torch.float32)
+
+
 class TextHooks:
     """preprocess / postprocess of a text model (docs/repository.md section 4.2's calling convention)."""
 
-    def __init__(self, tokenizer, max_texts: int, name: str) -> None:
+    def __init__(self, tokenizer, max_texts: int, name: str, output: str = "embedding") -> None:
+        self.output = output
         self.tokenizer = tokenizer
         self.max_texts = max_texts
         self.name = name
@@ -307,7 +331,7 @@ class TextHooks:
                 "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)}
 
     def postprocess(self, outputs: dict) -> dict:
-        return {"embedding": outputs["embedding"].to(torch.float32).contiguous()}
+        return {self.output: outputs[self.output].to(torch.float32).contiguous()}
 
 
 def load_tokenizer(path: Path, max_length: int):
@@ -344,5 +368,8 @@ def load_hf(version_dir: str | os.PathLike, weights: Mapping[str, torch.Tensor],
     tok_path = version_dir / tok_name
     if not tok_path.resolve().is_relative_to(version_dir.resolve()) or not tok_path.is_file():
         raise errors.ModelError(f"{version_dir}: extra.tokenizer {tok_name!r} is not a file of the version")
-    hooks = TextHooks(load_tokenizer(tok_path, max_length), max_texts, config.name if config is not None else "hf")
+    hooks = TextHooks(load_tokenizer(tok_path, max_length), max_texts, config.name if config is not None else "hf",
+                      AUTO[task][1])
+    if task == "text-classification":
+        return ClassifierModel(model).eval(), hooks
     return EmbeddingModel(model, pooling, bool(extra.get("normalize"))).eval(), hooks
