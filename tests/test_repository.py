@@ -286,7 +286,7 @@ def test_install_rejects_incomplete(repo, problem):
         elif problem == "symlink":
             os.symlink("/etc/passwd", st.path / "extra")
         elif problem == "bad-config":
-            (st.path / "model.json").write_text(json.dumps({**config_dict(), "platform": "onnx"}))
+            (st.path / "model.json").write_text(json.dumps({**config_dict(), "platform": "caffe2"}))
         with pytest.raises((ConfigError, RepositoryError)) as info:
             repo.install(st, "m")
         assert st.closed
@@ -297,7 +297,7 @@ def test_install_rejects_incomplete(repo, problem):
         "no-weights": "weights file 'weights.tsw'",
         "no-program": "program file 'program.pt2'",
         "symlink": "symlink",
-        "bad-config": "'onnx'",
+        "bad-config": "'caffe2'",
     }[problem]
     assert expect in msg
     assert staging_entries(repo.root) == [] and repo.versions("m") == []
