@@ -427,7 +427,8 @@ def cmd_serve(args) -> int:
                           require_model=args.require_model, cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                           storage=storage, model_control=args.model_control, poll_interval_s=args.poll_interval,
                           version_policies=dict(args.version_policy), memory_budget=args.memory_budget,
-                          statistics=not args.no_statistics, device=args.device, instances=args.instances)
+                          statistics=not args.no_statistics, device=args.device, instances=args.instances,
+                          inline_max_us=args.inline_max_us)
     configure_logging(json_lines=args.log_json)
     return run(config)
 
@@ -845,6 +846,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-json", action="store_true", help="logs as one JSON object per line")
     sv.add_argument("--no-statistics", action="store_true",
                     help="no per-request statistics and no ejection (only to measure what they cost)")
+    sv.add_argument("--inline-max-us", type=int, default=200, metavar="US",
+                    help="run a request on the event loop, without the hand-off to the model's worker "
+                         "thread, when that worker is idle and the model's recent calls took at most US "
+                         "microseconds (unbatched CPU models with one worker; 0: always the worker)")
     sv.add_argument("--device", type=_device_arg, default="cpu",
                     help="cpu, cuda:N, a comma list (cuda:0,cuda:1: instances spread over them), or auto "
                          "(every GPU torch sees, else cpu)")

@@ -100,6 +100,24 @@ class ModelError(TinyserveError):
     code = "MODEL_ERROR"
 
 
+# --- requests (the wire codes; tinyserve.wire defines the others on WireError) ----------------------
+class WireError(TinyserveError):
+    """A protocol-level error with a wire code; `fatal` ones close the connection.  `rid`: the request
+    id the error reply carries when the request is not otherwise known (a BAD_FRAME whose header
+    yielded its id), else 0."""
+
+    fatal = False
+    rid = 0
+
+
+class InvalidInput(WireError):
+    """A request's tensors are wrong for the model (wire code INVALID_INPUT, the client's mistake):
+    also what a model's preprocess hook raises to refuse a request (here, so that code below the
+    wire in the layering, tinyserve.formats, can raise it)."""
+
+    code = "INVALID_INPUT"
+
+
 ERROR_CLASSES: dict[str, type[TinyserveError]] = {
     cls.code: cls
     for cls in (

@@ -26,6 +26,18 @@ round-robin, all taking from the one queue; `stop_device` stops one copy after a
 An allocation failure while running calls the server's `on_oom` hook (evict idle models) and retries
 once.
 
+Inline runs (`inline_ok`, `run_inline`): the thread hand-off (a queue put, the worker woken, the reply
+or a completion back) costs about 20 us of CPU and a second thread wake-up per request, as much as a
+small model's whole call.  So the loop may run a request itself, but only when the worker could not
+be doing anything else and the call is known to be short: a program with no user Python in it
+(INLINE_PLATFORMS, no hooks: a Python model file or a hook could block on anything, so they always
+run on the worker), one worker, one device (the host), no batching, nothing in flight (every request
+submitted before this one is finished), its calls over the last ones (an exponential average of the
+measured call time, at least INLINE_MIN_CALLS of them, the first ones on the worker) at most
+`inline_max_ns` (the server's `inline_max_us`; 0: never), and the request no bigger (input elements)
+than one already seen to run within it.  A call that turns out slow raises the average, and the next
+requests go to the worker again.  An allocation failure in an inline run sends the request to the worker, which makes room and retries as above.
+
 Python model files (docs/repository.md section 4.2) may define, besides `build(params)`:
 
 * `preprocess(inputs: dict) -> dict`: receives the request's tensors by name (numeric dtypes as torch
@@ -316,6 +328,27 @@ class _Turnstile:
 
 to_array = wire.to_array
 COALESCE = 32  # most finished requests held back while the worker has a backlog
+INLINE_MIN_CALLS = 16  # calls measured (on the worker) before the loop may run a request inline
+# programs without user Python (no hooks): their call time follows the input size, and they cannot
+# block on anything else (a Python model file or a hook may: those always run on the worker)
+INLINE_PLATFORMS = frozenset(("torch_export", "torchscript", "onnx"))
+_InferenceMode = getattr(torch._C, "_InferenceMode", None)  # the guard under torch.inference_mode()
+
+
+def _elements(inputs: dict) -> int:
+    """A request's input elements (items for `bytes`): what a program's call time grows with."""
+    n = 0
+    for t in inputs.values():
+        k = 1
+        for d in t[1]:
+            k *= d
+        n += k
+    return n
+
+
+class _Requeue(BaseException):
+    """An inline run ran out of memory: the request goes to the worker, which may make room (a
+    BaseException, so that the model-error handling of _run_request lets it through)."""
 
 
 def _release(model: LoadedModel) -> str:
@@ -459,6 +492,14 @@ class ModelInstance:
         # the infer replies of this version (wire.ReplyEncoder: the same bytes as tensor_parts +
         # encode_frame, the header's constant part packed once); the TCP front end's _finish may use it
         self.reply_encoder = wire.ReplyEncoder(name, version)
+        # inline runs (module docstring): the server's threshold, and the measured call time (an
+        # exponential average over the last ~8 calls, ns) and how many calls it has seen
+        self.inline_max_ns = 0
+        self.call_ns = 0
+        self.calls = 0
+        self.fast_elements = -1  # the largest request (input elements) seen to run within inline_max_ns
+        self.inline_runs = 0  # requests the loop ran itself (the loop writes it)
+        self._inline_kind = False  # set at load: a program that may run inline (INLINE_PLATFORMS, no hooks)
 
     def __repr__(self) -> str:
         return f"<ModelInstance {self.name}:{self.version} {self.state}>"
@@ -785,6 +826,7 @@ class ModelInstance:
         self.output_names = frozenset(s.name for s in cfg.request_outputs) if cfg.request_outputs and self._post \
             else frozenset(self._out_names)
         self.checks_inputs = self._pre is None
+        self._inline_kind = cfg.platform in INLINE_PLATFORMS and self._pre is None and self._post is None
         if cfg.batching is not None:  # with hooks: preprocess -> one batched module call -> postprocess
             self.batching = cfg.batching
             self.max_queue = cfg.batching.max_queue_size
@@ -887,14 +929,11 @@ class ModelInstance:
                 post_many(left)
             ready.clear()
 
+        finish_one = self._finish_one
+
         def done(req: Request) -> None:
             if finish is not None:
-                try:
-                    finish(req)
-                except Exception as exc:  # never lose a reply
-                    log.exception("tinyserve: finishing a reply of %s failed", self)
-                    req.error = errors.TinyserveError(f"encoding the reply failed: {exc!r}")
-                    req.reply = None
+                finish_one(req)
             ready.append(req)
             if len(ready) >= limit:
                 flush()
@@ -1191,17 +1230,93 @@ class ModelInstance:
                 self._taken_cells.append(cell)
         for req in requests:
             cell[0] += 1  # started: no longer queued (the depth QUEUE_FULL and elastic scaling read)
-            req.t_run = perf_ns()
+            req.t_run = t = perf_ns()
             self._run_request(req, monotonic(), rep)
-            req.t_done = perf_ns()
+            req.t_done = t_done = perf_ns()
             cell[1] += 1  # finished with the model (memory placement: no longer work in flight)
+            if self.inline_max_ns and self._inline_kind:
+                self._measured(req, t_done - t)
             if rec is not None and req.result is not None:
                 sizes = rec.batches  # rec.batch(1), inlined: this is the per-request path
                 sizes[1] = sizes.get(1, 0) + 1
             if done is not None:
                 done(req)
 
-    def _run_request(self, req: Request, now: float, rep: _Replica) -> None:
+    def _measured(self, req: Request, ns: int) -> None:
+        """One call's time (any thread; an estimate, so unlocked): the average, and the largest
+        request seen to run fast enough."""
+        self.call_ns += (ns - self.call_ns) >> 3
+        self.calls += 1
+        if req.result is not None and ns <= self.inline_max_ns:
+            n = _elements(req.inputs)
+            if n > self.fast_elements:
+                self.fast_elements = n
+
+    def inline_ok(self, req: Request, new: int = 1) -> bool:
+        """On the loop: may the loop run `req` itself (module docstring, inline runs)?  ``new``: the
+        requests submitted but not yet handed over (counted in ``submitted``)."""
+        return (self._inline_kind and self.state is READY and self.batching is None and self._workers == 1
+                and not self._multi and not self._shared_queue and self._on_host
+                and self.calls >= INLINE_MIN_CALLS and self.call_ns <= self.inline_max_ns
+                and self.submitted - new == self.finished and _elements(req.inputs) <= self.fast_elements)
+
+    def run_inline(self, req: Request) -> list | None:
+        """On the loop, after `inline_ok`: run one request as the worker would (its reply encoded by
+        `finish`, written by `respond` where it can).  Returns the requests the loop must still
+        answer (Completions' deliver), or None when it went to the worker instead (out of memory)."""
+        req.instance = self
+        tls = self._tls
+        cell = getattr(tls, "cell", None)
+        rep = self._replicas[0]
+        if cell is None:  # the loop thread's own counters and recorder (each thread writes its own)
+            cell = tls.cell = [0, 0]
+            tls.rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
+            with self._workers_lock:
+                self._taken_cells.append(cell)
+                rep.cells.append(cell)
+        rec = tls.rec
+        if rec is not None:
+            rec.dequeued(1)
+        cell[0] += 1
+        guard = _InferenceMode(True) if _InferenceMode is not None else None  # as in the workers
+        try:
+            req.t_run = t = time.perf_counter_ns()
+            if guard is None:
+                with torch.inference_mode():
+                    self._run_request(req, time.monotonic(), rep, inline=True)
+            else:
+                self._run_request(req, time.monotonic(), rep, inline=True)
+            req.t_done = t_done = time.perf_counter_ns()
+        except _Requeue:
+            cell[0] -= 1
+            req.t_run = 0
+            self._q.put([req])
+            return None
+        finally:
+            del guard
+        cell[1] += 1
+        self.inline_runs += 1
+        self._measured(req, t_done - t)
+        if rec is not None and req.result is not None:
+            sizes = rec.batches
+            sizes[1] = sizes.get(1, 0) + 1
+        self._finish_one(req)
+        respond = self._respond
+        return respond([req], rec) if respond is not None else [req]
+
+    def _finish_one(self, req: Request) -> None:
+        """The reply of a finished request, encoded by the server's `finish` (never lost: a failure
+        becomes the request's error)."""
+        finish = self._finish
+        if finish is not None:
+            try:
+                finish(req)
+            except Exception as exc:  # never lose a reply
+                log.exception("tinyserve: finishing a reply of %s failed", self)
+                req.error = errors.TinyserveError(f"encoding the reply failed: {exc!r}")
+                req.reply = None
+
+    def _run_request(self, req: Request, now: float, rep: _Replica, inline: bool = False) -> None:
         if req.owner is not None and getattr(req.owner, "closed", False):
             req.error = wire.Unavailable("the request's connection closed before it ran")
             return  # nobody would read the result: do not run it
@@ -1214,6 +1329,8 @@ class ModelInstance:
             try:
                 req.result = self._run_one(req, rep)
             except Exception as exc:
+                if inline and _is_oom(exc):
+                    raise _Requeue from None  # the worker makes room (never the loop: it would wait on itself)
                 if not (_is_oom(exc) and self._make_room()):
                     raise
                 req.result = self._run_one(req, rep)  # once more, after the server freed memory

@@ -129,6 +129,10 @@ class ServerConfig:
     device: str = "cpu"
     instances: int = 1  # worker threads per loaded version (a model's placement.min_instances wins)
     statistics: bool = True  # per-request statistics and the ejection policy's bookkeeping (off: for A/B cost runs)
+    # the loop runs a request itself, without the thread hand-off, when the version's worker is idle and
+    # its measured calls take at most this long (unbatched, one worker, on the CPU; runtime.py, inline
+    # runs); 0: every request goes to the worker thread
+    inline_max_us: int = 200
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -195,6 +199,8 @@ class ServerConfig:
         elif self.memory_budget is not None:
             _positive_int("memory_budget", self.memory_budget, 1 << 60)
         _positive_int("instances", self.instances, 256)
+        if type(self.inline_max_us) is not int or not 0 <= self.inline_max_us <= 1_000_000:
+            raise errors.ConfigError(f"inline_max_us must be an integer 0..1000000 (0: off), got {self.inline_max_us!r}")
         parse_devices(self.device, "device")  # ConfigError naming what is wrong
         pinned = self.pinned
         if isinstance(pinned, str):

@@ -42,13 +42,7 @@ _TORCH_NAMES: dict = {}  # torch.dtype -> wire name (None: not sendable), filled
 
 
 # --- wire error codes (docs/protocol.md section 5) ------------------------------------------------
-class WireError(errors.TinyserveError):
-    """A protocol-level error with a wire code; `fatal` ones close the connection.  `rid`: the request
-    id the error reply carries when the request is not otherwise known (a BAD_FRAME whose header
-    yielded its id), else 0."""
-
-    fatal = False
-    rid = 0
+WireError = errors.WireError  # (defined with InvalidInput in tinyserve.errors, below the layers that raise it)
 
 
 def _wire_error(name: str, code: str, fatal: bool = False, base=WireError):
@@ -60,7 +54,7 @@ FrameTooLarge = _wire_error("FrameTooLarge", "FRAME_TOO_LARGE", fatal=True)
 Unauthenticated = _wire_error("Unauthenticated", "UNAUTHENTICATED", fatal=True)
 BadRequest = _wire_error("BadRequest", "BAD_REQUEST")
 DuplicateId = _wire_error("DuplicateId", "DUPLICATE_ID")
-InvalidInput = _wire_error("InvalidInput", "INVALID_INPUT", base=WireError)
+InvalidInput = errors.InvalidInput
 Unavailable = _wire_error("Unavailable", "UNAVAILABLE")
 TooManyRequests = _wire_error("TooManyRequests", "TOO_MANY_REQUESTS")
 DeadlineExceeded = _wire_error("DeadlineExceeded", "DEADLINE_EXCEEDED")

@@ -637,6 +637,7 @@ class Models:
         inst.on_oom = self._oom
         inst.key = key
         inst.recording = self._statistics
+        inst.inline_max_ns = self.config.inline_max_us * 1000
         inst.placement_key = pkey
         if pkey is not None:
             inst.max_batch_override = self._batch_caps.get(pkey) or None  # the workspace fits the budget

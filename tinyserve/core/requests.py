@@ -207,6 +207,14 @@ class Requests:
             for inst, req in pending:
                 groups.setdefault(inst, []).append(req)
         for inst, reqs in groups.items():
+            if len(reqs) == 1 and inst.inline_max_ns and inst.inline_ok(reqs[0]):
+                # a fast model with an idle worker: the loop runs it (no thread hand-off; runtime.py)
+                if self._statistics:
+                    inst.loop_rec.admits += 1
+                left = inst.run_inline(reqs[0])
+                if left:
+                    self._deliver(left)
+                continue
             try:
                 inst.submit_many(reqs)
                 if self._statistics:

@@ -271,16 +271,6 @@ class EmbeddingModel(torch.nn.Module):
         return pooled.to(torch.float32)
 
 
-def _invalid_input():
-    """wire.InvalidInput (the server answers it INVALID_INPUT, the client's mistake).  tinyserve.wire
-    is to the right of formats in the dependency order (tests/test_layering.py), so it is looked up,
-    not imported: preprocess runs only in a server, which has imported it.  (A layering exception:
-    the refusal class belongs left of formats, e.g. in errors; see the hf section of the report.)"""
-    import importlib
-
-    return importlib.import_module("tinyserve" + ".wire").InvalidInput
-
-
 class ClassifierModel(torch.nn.Module):
     """The transformers sequence classifier; returns its logits as float32."""
 
@@ -305,7 +295,7 @@ class TextHooks:
         self.name = name
 
     def preprocess(self, inputs: dict) -> dict:
-        InvalidInput = _invalid_input()
+        InvalidInput = errors.InvalidInput  # answered INVALID_INPUT (the client's mistake)
         if set(inputs) != {INPUT}:
             raise InvalidInput(f"model {self.name}: takes one input {INPUT!r} (a bytes tensor of UTF-8 texts), "
                                f"got {sorted(inputs)}")

@@ -1,0 +1,202 @@
+"""Inline runs (runtime.py, module docstring): the loop runs a request itself when the version's worker
+is idle and the program is known to be fast; everything else goes to the worker thread."""
+
+import http.client
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tinyserve import errors
+from tinyserve.pack import pack
+from tinyserve.repository import Repository
+from tinyserve.runtime import INLINE_MIN_CALLS
+from tinyserve.server import ServerConfig
+
+from test_server import GATE_MODEL, Client, Gate, ServerThread, mlp_ref  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+# a threshold no call on a loaded CI machine reaches: what is tested is the rules, not the clock (the
+# threshold's own effect is tested by feeding measured times: test_slow_calls_...)
+SLACK = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def gate():
+    g = Gate()
+    yield g
+    g.release()
+    g.listener.close()
+
+
+@pytest.fixture(scope="module")
+def repo_root(tmp_path_factory, gate):
+    tmp = tmp_path_factory.mktemp("inline")
+    repo = Repository(tmp / "repo", create=True)
+    pack(repo, "mlp", "tinyserve.examples:mlp")
+    lin = torch.nn.Linear(4, 4)
+    torch.save({"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()}, tmp / "gate.pt")
+    (tmp / "gate.py").write_text(GATE_MODEL)
+    pack(repo, "gate", str(tmp / "gate.pt"), program=str(tmp / "gate.py"),
+         config={"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
+                 "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": gate.port}})
+    return tmp / "repo"
+
+
+def instance(st, name):
+    return st.run(lambda: next(i for i in st.server.instances() if i.name == name))
+
+
+def counts(st, inst):
+    return st.run(lambda: (inst.inline_runs, inst.taken, inst.finished))
+
+
+def test_a_fast_program_runs_on_the_loop_once_measured(repo_root):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, inline_max_us=SLACK), "uvloop")
+    try:
+        inst = instance(st, "mlp")
+        rng = np.random.default_rng(0)
+        with Client(st.port) as c:
+            for i in range(INLINE_MIN_CALLS + 10):
+                x = rng.standard_normal((1, 64), dtype=np.float32)
+                h, p = c.infer("mlp", {"x": x})
+                assert h["ok"], h
+                np.testing.assert_array_equal(p["output0"], mlp_ref(x))  # bit-identical
+            inline, taken, finished = counts(st, inst)
+            assert inline == 10  # the first INLINE_MIN_CALLS ran on the worker, to be measured
+            assert taken == finished == INLINE_MIN_CALLS + 10
+            assert st.run(lambda: inst.fast_elements) == 64
+            # a request larger than any measured one goes to the worker, and its answer is right
+            x = rng.standard_normal((8, 64), dtype=np.float32)
+            h, p = c.infer("mlp", {"x": x})
+            assert h["ok"], h
+            np.testing.assert_array_equal(p["output0"], mlp_ref(x))  # bit-identical
+            assert counts(st, inst)[0] == inline
+            # once that size ran fast (the worker measured it), it may run inline too
+            h, p = c.infer("mlp", {"x": x})
+            assert h["ok"] and counts(st, inst)[0] == inline + 1
+            # a model error inline is answered like one on the worker, and the next request is fine
+            h, _ = c.infer("mlp", {"x": np.ones((1, 3), np.float32)})
+            assert not h["ok"] and h["error"]["code"] == "INVALID_INPUT"
+            h, p = c.infer("mlp", {"x": x[:1]})
+            assert h["ok"]
+            mlp = c.call("stats", model="mlp")  # inline requests are counted like the others
+            assert mlp["requests"] == INLINE_MIN_CALLS + 14 and mlp["errors"].get("INVALID_INPUT") == 1
+            assert 0 < mlp["latency_us"]["p50"] <= mlp["latency_us"]["max"]
+    finally:
+        st.stop()
+
+
+def test_slow_calls_send_requests_back_to_the_worker(repo_root):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, inline_max_us=SLACK), "asyncio")
+    try:
+        inst = instance(st, "mlp")
+        x = np.ones((1, 64), np.float32)
+        with Client(st.port) as c:
+            for _ in range(INLINE_MIN_CALLS + 2):
+                assert c.infer("mlp", {"x": x})[0]["ok"]
+            before = counts(st, inst)[0]
+            assert before > 0
+            # the model turns slow (measured calls well over the threshold): the average rises above it
+            st.run(lambda: [inst._measured(type("R", (), {"result": None, "inputs": {}})(), 10 * inst.inline_max_ns)
+                            for _ in range(8)])
+            assert c.infer("mlp", {"x": x})[0]["ok"]
+            assert counts(st, inst)[0] == before  # that one ran on the worker
+    finally:
+        st.stop()
+
+
+def test_python_models_always_run_on_the_worker(repo_root, gate):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp", "gate"), torch_threads=1, inline_max_us=SLACK), "uvloop")
+    try:
+        g = instance(st, "gate")
+        with Client(st.port) as busy, Client(st.port) as other:
+            for _ in range(INLINE_MIN_CALLS + 4):  # fast calls: a program would now run inline
+                assert busy.infer("gate", {"x": np.ones((1, 4), np.float32)})[0]["ok"]
+            assert counts(st, g)[0] == 0
+            busy.infer_send("gate", {"x": np.full((1, 4), 42, np.float32)})  # blocks in the model
+            gate.wait()
+            try:
+                assert other.call("ping")["ok"]  # the loop is free
+                assert other.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+            finally:
+                gate.release()
+            assert busy.recv()[0]["ok"]
+    finally:
+        st.stop()
+
+
+def test_off_when_the_threshold_is_zero(repo_root):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, inline_max_us=0), "uvloop")
+    try:
+        inst = instance(st, "mlp")
+        with Client(st.port) as c:
+            for _ in range(INLINE_MIN_CALLS + 4):
+                assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+        assert counts(st, inst)[0] == 0
+    finally:
+        st.stop()
+    with pytest.raises(errors.ConfigError, match="inline_max_us"):
+        ServerConfig(repo=repo_root, inline_max_us=-1)
+
+
+def test_out_of_memory_inline_goes_to_the_worker_which_makes_room(repo_root):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, inline_max_us=SLACK), "uvloop")
+    try:
+        inst = instance(st, "mlp")
+        x = np.ones((1, 64), np.float32)
+        with Client(st.port) as c:
+            for _ in range(INLINE_MIN_CALLS + 2):
+                assert c.infer("mlp", {"x": x})[0]["ok"]
+            loop_thread = st.thread.ident
+            seen = []
+            real_run_one = inst._run_one
+            fail = []  # the threads of the failed tries: the inline one, then the worker's first
+
+            def run_one(req, rep):
+                if len(fail) < 2:
+                    fail.append(threading.get_ident())
+                    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+                return real_run_one(req, rep)
+
+            def on_oom(i):
+                seen.append(threading.get_ident())
+                return True
+
+            def patch():
+                inst._run_one = run_one
+                inst.on_oom = on_oom
+            st.run(patch)
+            inline = counts(st, inst)[0]
+            h, p = c.infer("mlp", {"x": x})
+            assert h["ok"], h
+            np.testing.assert_array_equal(p["output0"], mlp_ref(x))  # bit-identical
+            assert len(fail) == 2 and fail[0] == loop_thread and fail[1] != loop_thread
+            assert seen == [fail[1]]  # the worker made room (never the loop) and ran it again
+            assert counts(st, inst)[0] == inline
+    finally:
+        st.stop()
+
+
+def test_inline_replies_on_the_http_front_end(repo_root):
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, http_port=0, inline_max_us=SLACK), "uvloop")
+    try:
+        inst = instance(st, "mlp")
+        conn = http.client.HTTPConnection("127.0.0.1", st.server.http_port, timeout=30)
+        rng = np.random.default_rng(1)
+        for _ in range(INLINE_MIN_CALLS + 6):
+            x = rng.standard_normal((1, 64), dtype=np.float32)
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": x.ravel().tolist()}]}
+            conn.request("POST", "/v2/models/mlp/infer", json.dumps(body), {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            out = json.loads(r.read())
+            assert r.status == 200, out
+            y = np.array(out["outputs"][0]["data"], np.float32).reshape(out["outputs"][0]["shape"])
+            np.testing.assert_allclose(y, mlp_ref(x), rtol=1e-6, atol=1e-7)  # through JSON text
+        conn.close()
+        assert counts(st, inst)[0] > 0
+    finally:
+        st.stop()
