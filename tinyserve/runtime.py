@@ -254,6 +254,22 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc))
 
 
+def _direct_call(module):
+    """What the per-request path calls for `module`: its `forward` for a torch.export program's graph
+    module with no hooks (torch.fx.GraphModule's __call__ adds only nn.Module's hook dispatch and an
+    error-context wrapper around forward: a few us per call), else the module itself."""
+    if module is None:
+        return None
+    from torch.nn.modules import module as nn_module
+
+    if (isinstance(module, torch.fx.GraphModule) and not module._forward_pre_hooks and not module._forward_hooks
+            and not module._backward_hooks and not module._backward_pre_hooks
+            and not nn_module._global_forward_pre_hooks and not nn_module._global_forward_hooks
+            and not nn_module._global_backward_hooks and not nn_module._global_backward_pre_hooks):
+        return module.forward
+    return module
+
+
 def _to_host(outputs: dict) -> dict:
     """A device model's outputs, copied to the CPU for the reply (one synchronisation)."""
     return {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in outputs.items()}
@@ -277,7 +293,7 @@ _WAKE = _Marker("wake")  # a device fault: a worker of the faulted device ends, 
 class _Replica:
     """One loaded copy of the model on one device, and the workers assigned to it."""
 
-    __slots__ = ("index", "device", "health", "torch_device", "on_host", "model", "module", "workers", "cells",
+    __slots__ = ("index", "device", "health", "torch_device", "on_host", "model", "module", "call", "workers", "cells",
                  "down")
 
     def __init__(self, index: int, device: str) -> None:
@@ -288,6 +304,7 @@ class _Replica:
         self.on_host = self.torch_device.type == "cpu"
         self.model: LoadedModel | None = None
         self.module = None  # model.module, for the hot path
+        self.call = None  # what the hot path calls: the module, or its forward where that is the same (_direct_call)
         self.workers = 0  # worker threads assigned to it now
         self.cells: list[list[int]] = []  # its workers' taken counters (ended workers' too)
         self.down = ""  # why it stopped (a device fault); "" while it serves
@@ -767,7 +784,7 @@ class ModelInstance:
                 rep.workers = max(0, rep.workers - 1)
             drop = rep is not None and not last and rep.down and rep.workers == 0 and rep.model is not None
             if drop:
-                model, rep.model, rep.module = rep.model, None, None
+                model, rep.model, rep.module, rep.call = rep.model, None, None, None
                 if self.model is model:
                     self.model = next((r.model for r in self._replicas if r.model is not None), None)
         if drop:
@@ -779,7 +796,7 @@ class ModelInstance:
             models = [r.model for r in self._replicas if r.model is not None]
             self.model = None
             for r in self._replicas:
-                r.model = r.module = None
+                r.model = r.module = r.call = None
             self._pre = self._post = None
             for model in models:
                 self._release(model)
@@ -809,6 +826,7 @@ class ModelInstance:
                 w = {k: v.to(r.torch_device, copy=True) for k, v in weights.items()}
             m = load_version(self.path, verify=self._verify, check_inputs=False, device=r.torch_device, weights=w)
             r.model, r.module = m, m.module
+            r.call = _direct_call(m.module)
             models.append(m)
         model = models[0]
         cfg = model.config
@@ -1120,7 +1138,7 @@ class ModelInstance:
         t_run = time.perf_counter_ns()
         err = None
         try:
-            module = rep.module
+            module = rep.call
             if module is None:
                 raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
             buckets = self.batching.buckets
@@ -1369,12 +1387,12 @@ class ModelInstance:
         else:
             inputs = req.inputs
             args = [to_array(*inputs[n], torch=True) for n in self._in_names]
-        module = rep.module
-        if module is None:
+        call = rep.call
+        if call is None:
             raise errors.ModelError(f"model {self.name!r} holds weights only; it has no program to run")
         if not rep.on_host:
             args = [a.to(rep.torch_device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in args]
-        outputs = self._outputs_of(module(*args))
+        outputs = self._outputs_of(call(*args))
         if not rep.on_host:
             outputs = _to_host(outputs)
         if self._post is not None:
