@@ -49,7 +49,7 @@ from tinyserve import errors
 from tinyserve.config import ModelConfig, TensorSpec, name_problem
 from tinyserve.formats import DEFAULT_SOURCE_LIMIT, FORMAT_PACKERS, pack_format
 from tinyserve.formats.sources import codec_of, decompress
-from tinyserve.program import MODEL_FILE, export_module
+from tinyserve.program import MODEL_FILE, export_module, import_guard
 from tinyserve.repository import Repository
 from tinyserve.spec import MAGIC as TSW_MAGIC
 from tinyserve.weights import TORCH_DTYPES, PackSummary, verify_file, write_weights
@@ -550,17 +550,19 @@ def check_program(version_dir: str | os.PathLike, config: ModelConfig, tensors: 
     sys.modules[name] = mod
     try:
         try:
-            spec.loader.exec_module(mod)
+            with import_guard(f"checking model file {path.name}"):  # first imports alone, as loads do (program.py)
+                spec.loader.exec_module(mod)
         except Exception as exc:
             raise errors.ModelError(f"model file {path.name}: importing it failed: {exc!r}") from exc
         if not callable(getattr(mod, "build", None)):
             raise errors.ModelError(f"model file {path.name}: defines no build(config) function")
         try:
-            with torch.device("meta"):
+            with import_guard(f"building model file {path.name}"), torch.device("meta"):  # build may import too
                 module = mod.build(dict(config.extra))
         except Exception:  # some builds need real tensors (torch.load, data-dependent init)
             try:
-                module = mod.build(dict(config.extra))
+                with import_guard(f"building model file {path.name}"):
+                    module = mod.build(dict(config.extra))
             except Exception as exc:
                 raise errors.ModelError(f"model file {path.name}: build(config) failed: {exc!r}") from exc
         if not isinstance(module, torch.nn.Module):
