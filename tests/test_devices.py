@@ -283,10 +283,10 @@ def test_server_refuses_bad_devices_and_budgets(gpus, drepo, monkeypatch):
 
 
 def test_auto_is_every_gpu_else_the_cpu(gpus, drepo, monkeypatch):
-    assert Server(ServerConfig(repo=drepo, device="auto"))._devices == ["cuda:0", "cuda:1"]
+    assert Server(ServerConfig(repo=drepo, device="auto")).models._devices == ["cuda:0", "cuda:1"]
     monkeypatch.setattr(memory, "resolver", memory.DeviceResolver(gpus=0))
     srv = Server(ServerConfig(repo=drepo, device="auto"))
-    assert srv._devices == ["cpu"] and srv.placement is None  # no budget, no GPU: no placement (as before)
+    assert srv.models._devices == ["cpu"] and srv.placement is None  # no budget, no GPU: no placement (as before)
 
 
 def test_parsing_the_device_and_budget_flags():
@@ -365,7 +365,7 @@ def test_a_fault_on_one_device_leaves_the_other_copy_serving(gpus, drepo, name):
         inst = _inst(s, name)
         with Client(s.port) as c:
             _hammer(s.port, name, clients=2, each=10)
-            s.run(lambda: s.server._devices_changed((DeviceReading("gpu1", "gpu", False, "device lost"),)))
+            s.run(lambda: s.server.models._devices_changed((DeviceReading("gpu1", "gpu", False, "device lost"),)))
             per = _per_device(c, name)
             assert per["cuda:1"]["state"] == "FAULTED" and "device lost" in per["cuda:1"]["reason"]
             assert per["cuda:0"]["state"] == "SERVING"
@@ -382,7 +382,7 @@ def test_a_fault_on_one_device_leaves_the_other_copy_serving(gpus, drepo, name):
             assert pl["devices"] == ["cuda:0"] and set(pl["reserved_by_device"]) == {"cuda:0"}
             assert c.call("health")["models"][name]["device"] == "gpu0"  # what it runs on now
             # the last serving device faults too: the version is failed as a whole
-            s.run(lambda: s.server._devices_changed((DeviceReading("gpu0", "gpu", False, "xid 79"),
+            s.run(lambda: s.server.models._devices_changed((DeviceReading("gpu0", "gpu", False, "xid 79"),
                                                      DeviceReading("gpu1", "gpu", False, "device lost"))))
             error_of(_raw_infer(c, name), "UNAVAILABLE", "gpu0", "xid 79")
     finally:
@@ -409,7 +409,7 @@ def test_a_fault_on_the_only_copy_with_workers_fails_the_version_and_answers_wha
             busy = next(r for r in inst._replicas if r.workers)
             assert sorted(r.workers for r in inst._replicas) == [0, 1]
             assert not s.run(lambda: inst.stop_device(busy.device, "test"))  # refused: it is the last
-            s.run(lambda: s.server._devices_changed((DeviceReading(busy.health, "gpu", False, "xid 48"),)))
+            s.run(lambda: s.server.models._devices_changed((DeviceReading(busy.health, "gpu", False, "xid 48"),)))
             c.infer_send("a", {"x": np.zeros((1, 4), np.float32)})
             gate.release()
             assert held.recv()[0]["ok"]  # what was running finishes

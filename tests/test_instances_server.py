@@ -80,17 +80,17 @@ def test_elastic_instances_follow_the_queue(irepo, gate):
         while s.run(lambda: (lambda i: i.submitted - i.taken)(s.server._instances[("egate", 1)])) < 5:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        s.run(lambda: s.server._scale(clock()))  # deep since now
+        s.run(lambda: s.server.models._scale(clock()))  # deep since now
         clock.t += 1.1
-        s.run(lambda: s.server._scale(clock()))  # deep for 1.1 s >= 1 s: one worker more
+        s.run(lambda: s.server.models._scale(clock()))  # deep for 1.1 s >= 1 s: one worker more
         assert _workers(s, "egate") == 2
         gate.wait()  # the new worker took a queued request: it is inside the model now
         clock.t += 1.1
-        s.run(lambda: s.server._scale(clock()))
+        s.run(lambda: s.server.models._scale(clock()))
         assert _workers(s, "egate") == 3
         gate.wait()
         clock.t += 1.1
-        s.run(lambda: s.server._scale(clock()))
+        s.run(lambda: s.server.models._scale(clock()))
         assert _workers(s, "egate") == 3  # max_instances
         # let everything through: release the three held, and each queued one as it enters the model
         stop = threading.Event()
@@ -116,9 +116,9 @@ def test_elastic_instances_follow_the_queue(irepo, gate):
             r.join(10)
             gate.listener.settimeout(60)
         clock.t += 0.1
-        s.run(lambda: s.server._scale(clock()))  # queue empty: idle since now
+        s.run(lambda: s.server.models._scale(clock()))  # queue empty: idle since now
         clock.t += 2.1
-        s.run(lambda: s.server._scale(clock()))  # idle 2.1 s >= 2 s: one fewer
+        s.run(lambda: s.server.models._scale(clock()))  # idle 2.1 s >= 2 s: one fewer
         deadline = time.monotonic() + 30
         while _workers(s, "egate") != 2:
             assert time.monotonic() < deadline

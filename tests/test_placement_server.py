@@ -310,7 +310,7 @@ def test_a_load_blocked_on_busy_models_runs_once_one_of_them_is_idle(tmp_path, g
             while not s.run(lambda: s.server._blocked):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            assert s.run(lambda: s.server._blocked_timer is not None)  # retried on a timer meanwhile
+            assert s.run(lambda: s.server.models._blocked_timer is not None)  # retried on a timer meanwhile
             assert _resident(s) == ["a", "b"]
             conn = gate.open.pop(1)  # let b's request finish (a's stays held)
             conn.sendall(b"x")
@@ -321,7 +321,7 @@ def test_a_load_blocked_on_busy_models_runs_once_one_of_them_is_idle(tmp_path, g
             assert h["ok"], h
             np.testing.assert_array_equal(outputs_of(h, out)["y"], x0 + VALUE["c"])
             assert _resident(s) == ["a", "c"]
-            assert s.run(lambda: not s.server._blocked and s.server._blocked_timer is None)
+            assert s.run(lambda: not s.server._blocked and s.server.models._blocked_timer is None)
             gate.release()
             h, out = ca.recv()
             assert h["id"] == ha and h["ok"], h

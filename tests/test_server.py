@@ -1339,7 +1339,7 @@ def test_device_fault_marks_its_models_not_ready(repo_root, kind):
 
     s = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1), kind)
     try:
-        s.run(lambda: s.server._devices_changed((DeviceReading("cpu", "host", False, "the device is lost"),)))
+        s.run(lambda: s.server.models._devices_changed((DeviceReading("cpu", "host", False, "the device is lost"),)))
         with Client(s.port) as c:
             error_of(c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0], "UNAVAILABLE", "device cpu")
             h = c.call("health")
@@ -1396,7 +1396,7 @@ def test_a_failed_version_is_reported_and_an_older_ready_one_serves_meanwhile(re
         with Client(s.port) as c:
             x = np.ones((1, 64), np.float32)
             assert c.infer("mlp", {"x": x})[0]["version"] == 5
-            s.run(lambda: s.server._transition(s.server.policy.mark_failed(("mlp", 5), "too many errors", 0.0)))
+            s.run(lambda: s.server.models._transition(s.server.policy.mark_failed(("mlp", 5), "too many errors", 0.0)))
             deadline = time.monotonic() + 30
             while s.run(lambda: ("mlp", 5) in s.server._instances) and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -293,14 +293,6 @@ class Server:
         self.http_port: int | None = None  # the bound ports of the front ends, once started
         self.grpc_port: int | None = None
 
-    def __getattr__(self, name: str):
-        """The model manager's other state and methods (`_scale`, `_devices_changed`, `_transition`,
-        `_blocked_timer`, `_devices`, ...), read through the server as before the split."""
-        models = self.__dict__.get("models")
-        if models is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(models, name)
-
     # the lifecycle flags the composition root drives live on the model manager (it and the core read them)
     def _models_attr(name: str):  # noqa: N805 - a property factory, used in the class body only
         return property(lambda self: getattr(self.models, name), lambda self, v: setattr(self.models, name, v))
