@@ -202,6 +202,41 @@ def load_export_program(version_dir: str | os.PathLike, weights: Mapping[str, to
     return module
 
 
+def bind_attributes(module: torch.nn.Module) -> int:
+    """Make the graph's weight reads cheap: a torch.export module's generated code reads every
+    weight as ``self.fc1.weight`` on each call, and each step is nn.Module's ``__getattr__`` fallback
+    (about 1.7 us, so 3.4 us a weight: 20 us of a 50 us MLP call).  Each tensor a ``get_attr`` node
+    reads is also put in the root module's ``__dict__`` under a flat name, and the node reads that:
+    the same tensor objects (the same kernels, the same bits), found by a plain attribute lookup.
+    Call after the module has moved to its device (the tensors are taken as they are then).  Returns
+    how many reads were rebound (0 for anything but a torch.fx.GraphModule)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return 0
+    names: dict[str, str] = {}
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not isinstance(node.target, str) or node.target in module.__dict__:
+            continue
+        flat = names.get(node.target)
+        if flat is None:
+            obj = module
+            try:
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if not isinstance(obj, torch.Tensor):
+                continue
+            flat = f"_ts_attr{len(names)}"
+            while flat in module.__dict__ or hasattr(type(module), flat):
+                flat += "_"
+            module.__dict__[flat] = obj  # not nn.Module.__setattr__: no registration, a plain attribute
+            names[node.target] = flat
+        node.target = flat
+    if names:
+        module.recompile()
+    return len(names)
+
+
 def _user_placeholders(module: torch.fx.GraphModule) -> list:
     """The placeholders of an unlifted program's graph (its inputs: the weights are attributes)."""
     return [n for n in module.graph.nodes if n.op == "placeholder"]

@@ -86,7 +86,7 @@ from tinyserve.config import MAX_WARMUP_ELEMENTS, ModelConfig
 from tinyserve import memory
 from tinyserve.memory import health_name, rss_anon
 from tinyserve.formats import FORMAT_LOADERS, load_format
-from tinyserve.program import import_guard, load_export_program, load_python_model
+from tinyserve.program import bind_attributes, import_guard, load_export_program, load_python_model
 from tinyserve.repository import load_config_dir
 from tinyserve.weights import DTYPE_TO_TORCH, TORCH_DTYPES, LoadStats, WeightsFile
 
@@ -172,6 +172,8 @@ def load_version(version_dir: str | os.PathLike, *, verify: str = "compressed", 
         module, hooks = load_format(config, version_dir, weights, device)
     if module is not None and device.type != "cpu":
         module.to(device)  # what the program made itself (non-persistent buffers, constants); weights are there
+    if config.platform == "torch_export" and module is not None:
+        bind_attributes(module)  # the graph's weight reads as plain attributes (program.py)
     t3 = time.perf_counter()
     return LoadedModel(config, version_dir, module, weights, stats,
                        {"open_s": t1 - t0, "weights_s": t2 - t1, "program_s": t3 - t2, "total_s": t3 - t0},
