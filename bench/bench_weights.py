@@ -5,6 +5,8 @@ pack speed and load memory, for tinyserve against zstd, zipnn, safetensors and t
     .venv/bin/python bench/bench_weights.py --quick          # 128 MiB synthetic set, fewer repeats
     .venv/bin/python bench/bench_weights.py                  # 1 GiB synthetic set, 5 repeats
     .venv/bin/python bench/bench_weights.py --only minilm_fp16   # sections 4, 1, 2 for the named sets only
+    .venv/bin/python bench/bench_weights.py --dump-fp16 F        # MiniLM's float16 elements to F, for
+                                                                 # csrc/bench/prof_decode.c (make -C csrc prof)
 
 Method (see bench/README.md): every candidate runs on the same data in the same run; repeats are
 interleaved (A B C A B C ...) after one untimed warm-up round; each figure is the median of the
@@ -260,6 +262,22 @@ def datasets(args, log) -> tuple[dict[str, dict], Path, Path]:
         return {k: minilm[k] for k in args.only}, None, None
     synth, st_path, pt_path = synthetic(args.synthetic_mib, log)
     return {"minilm_fp32": fp32, "minilm_bf16": bf16, "minilm_fp16": fp16, "synthetic_bf16": synth}, st_path, pt_path
+
+
+def dump_fp16(path: Path) -> int:
+    """The minilm_fp16 set's floating tensors, concatenated as raw float16 bytes (written atomically)."""
+    import torch
+    from safetensors.torch import load_file
+
+    parts = [v.to(torch.float16).reshape(-1).view(torch.uint8).numpy().tobytes()
+             for v in load_file(str(MINILM)).values() if v.is_floating_point()]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for b in parts:
+            f.write(b)
+    os.replace(tmp, path)
+    print(f"{path}: {sum(map(len, parts)) // 2} float16 elements")
+    return 0
 
 
 def raw_bytes(sd: dict) -> int:
@@ -791,8 +809,12 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the packed files in bench/data/run-<pid>/")
     ap.add_argument("--only", help="comma-separated MiniLM sets (minilm_fp32, minilm_bf16, minilm_fp16): run sections "
                     "4, 1 and 2 for them only; results go to weights-<sets>-<date>.json / -latest.md")
+    ap.add_argument("--dump-fp16", metavar="FILE", help="write MiniLM cast to float16 (every floating tensor's "
+                    "elements, little-endian, in state-dict order) to FILE for csrc/bench/prof_decode.c, and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.dump_fp16:
+        return dump_fp16(Path(args.dump_fp16))
     if args.only:
         args.only = [x for x in args.only.split(",") if x]
         if not args.only or not set(args.only) <= {"minilm_fp32", "minilm_bf16", "minilm_fp16"}:
