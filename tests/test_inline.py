@@ -15,7 +15,7 @@ from tinyserve.repository import Repository
 from tinyserve.runtime import INLINE_MIN_CALLS
 from tinyserve.server import ServerConfig
 
-from test_server import GATE_MODEL, Client, Gate, ServerThread, mlp_ref  # noqa: E402
+from test_server import GATE_MODEL, Client, Gate, ServerThread, mlp_ref, outputs_of  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,3 +200,39 @@ def test_inline_replies_on_the_http_front_end(repo_root):
         assert counts(st, inst)[0] > 0
     finally:
         st.stop()
+
+
+def test_one_cpu_runs_a_whole_turn_inline(repo_root):
+    """With one CPU to run on, every request of a turn may run inline (no overlap to gain from the
+    worker); pipelined requests are all answered, right, and none went to the worker."""
+    st = ServerThread(ServerConfig(repo=repo_root, models=("mlp",), torch_threads=1, inline_max_us=SLACK), "uvloop")
+    try:
+        inst = instance(st, "mlp")
+        st.run(lambda: setattr(st.server.requests, "_one_cpu", True))
+        rng = np.random.default_rng(4)
+        with Client(st.port) as c:
+            for _ in range(INLINE_MIN_CALLS):
+                assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+            inline, taken, _ = counts(st, inst)
+            xs = {}
+            for _ in range(64):  # sent back to back: turns of several requests
+                x = rng.standard_normal((1, 64), dtype=np.float32)
+                xs[c.infer_send("mlp", {"x": x})] = x
+            for _ in range(64):
+                h, p = c.recv()
+                assert h["ok"], h
+                np.testing.assert_array_equal(outputs_of(h, p)["output0"], mlp_ref(xs.pop(h["id"])))
+            assert not xs
+            now_inline, now_taken, now_finished = counts(st, inst)
+            assert now_inline - inline == 64 and now_taken - taken == 64 == now_finished - taken
+    finally:
+        st.stop()
+
+
+def test_usable_cpus_follows_the_affinity(monkeypatch):
+    from tinyserve.core import requests
+
+    monkeypatch.setattr(requests.os, "sched_getaffinity", lambda pid: {3})
+    assert requests._usable_cpus() == 1
+    monkeypatch.setattr(requests.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert requests._usable_cpus() == 3

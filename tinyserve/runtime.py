@@ -36,7 +36,9 @@ submitted before this one is finished), its calls over the last ones (an exponen
 measured call time, at least INLINE_MIN_CALLS of them, the first ones on the worker) at most
 `inline_max_ns` (the server's `inline_max_us`; 0: never), and the request no bigger (input elements)
 than one already seen to run within it.  A call that turns out slow raises the average, and the next
-requests go to the worker again.  An allocation failure in an inline run sends the request to the worker, which makes room and retries as above.
+requests go to the worker again.  (The server hands one request per turn of its loop to
+`run_inline`, or all of a turn's when the process has one CPU: docs/scheduler.md section 1.1.)  An
+allocation failure in an inline run sends the request to the worker, which makes room and retries as above.
 
 Python model files (docs/repository.md section 4.2) may define, besides `build(params)`:
 
@@ -1274,17 +1276,20 @@ class ModelInstance:
 
     def inline_ok(self, req: Request, new: int = 1) -> bool:
         """On the loop: may the loop run `req` itself (module docstring, inline runs)?  ``new``: the
-        requests submitted but not yet handed over (counted in ``submitted``)."""
+        requests submitted but neither run nor handed over yet, `req` included (counted in
+        ``submitted``)."""
         return (self._inline_kind and self.state is READY and self.batching is None and self._workers == 1
                 and not self._multi and not self._shared_queue and self._on_host
                 and self.calls >= INLINE_MIN_CALLS and self.call_ns <= self.inline_max_ns
                 and self.submitted - new == self.finished and _elements(req.inputs) <= self.fast_elements)
 
-    def run_inline(self, req: Request) -> list | None:
-        """On the loop, after `inline_ok`: run one request as the worker would (its reply encoded by
-        `finish`, written by `respond` where it can).  Returns the requests the loop must still
-        answer (Completions' deliver), or None when it went to the worker instead (out of memory)."""
-        req.instance = self
+    def run_inline(self, reqs: list[Request]) -> tuple[list, list]:
+        """On the loop, after `inline_ok(reqs[0], len(reqs))`: run the requests in order as the worker
+        would, while `inline_ok` holds for each (their replies encoded by `finish`, then written by
+        `respond` together, one write per connection where it can).  Returns (the requests the loop
+        must still answer: Completions' deliver, the requests not run: for the worker's queue).  One
+        that runs out of memory goes to the worker's queue at once (it makes room); the rest then
+        fail `inline_ok` (in flight) and are returned."""
         tls = self._tls
         cell = getattr(tls, "cell", None)
         rep = self._replicas[0]
@@ -1295,34 +1300,46 @@ class ModelInstance:
                 self._taken_cells.append(cell)
                 rep.cells.append(cell)
         rec = tls.rec
-        if rec is not None:
-            rec.dequeued(1)
-        cell[0] += 1
+        done: list[Request] = []
+        rest: list[Request] = []
+        perf_ns, monotonic = time.perf_counter_ns, time.monotonic
         guard = _InferenceMode(True) if _InferenceMode is not None else None  # as in the workers
         try:
-            req.t_run = t = time.perf_counter_ns()
-            if guard is None:
-                with torch.inference_mode():
-                    self._run_request(req, time.monotonic(), rep, inline=True)
-            else:
-                self._run_request(req, time.monotonic(), rep, inline=True)
-            req.t_done = t_done = time.perf_counter_ns()
-        except _Requeue:
-            cell[0] -= 1
-            req.t_run = 0
-            self._q.put([req])
-            return None
+            for i, req in enumerate(reqs):
+                if i and not self.inline_ok(req, len(reqs) - i):
+                    rest = reqs[i:]
+                    break
+                req.instance = self
+                cell[0] += 1
+                req.t_run = t = perf_ns()
+                try:
+                    if guard is None:
+                        with torch.inference_mode():
+                            self._run_request(req, monotonic(), rep, inline=True)
+                    else:
+                        self._run_request(req, monotonic(), rep, inline=True)
+                except _Requeue:
+                    cell[0] -= 1
+                    req.t_run = 0
+                    self._q.put([req])
+                    continue
+                req.t_done = t_done = perf_ns()
+                cell[1] += 1
+                self.inline_runs += 1
+                self._measured(req, t_done - t)
+                if rec is not None:
+                    rec.dequeued(1)
+                    if req.result is not None:
+                        sizes = rec.batches
+                        sizes[1] = sizes.get(1, 0) + 1
+                self._finish_one(req)
+                done.append(req)
         finally:
             del guard
-        cell[1] += 1
-        self.inline_runs += 1
-        self._measured(req, t_done - t)
-        if rec is not None and req.result is not None:
-            sizes = rec.batches
-            sizes[1] = sizes.get(1, 0) + 1
-        self._finish_one(req)
         respond = self._respond
-        return respond([req], rec) if respond is not None else [req]
+        if done and respond is not None:
+            done = respond(done, rec)
+        return done, rest
 
     def _finish_one(self, req: Request) -> None:
         """The reply of a finished request, encoded by the server's `finish` (never lost: a failure

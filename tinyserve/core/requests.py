@@ -11,6 +11,7 @@ unloads anything itself.  Front ends reach it only through tinyserve.core.servic
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -124,6 +125,13 @@ def _frame_bytes(parts: list) -> int:
     return _body_len(parts[0])[0] + 4
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 class Requests:
     """See the module docstring.  `models`: the model manager (tinyserve.core.models.Models)."""
 
@@ -142,6 +150,8 @@ class Requests:
         self._submit_scheduled = False
         self._flushes: list[Callable[[], None]] = []  # the front ends' reply flushes (add_flush)
         self.stats = Stats()  # what no model version counts: other ops, protocol errors, unroutable infers
+        # the CPUs this process may run on: with one, a worker thread never runs beside the loop
+        self._one_cpu = _usable_cpus() == 1
 
     def add_flush(self, flush: Callable[[], None]) -> None:
         """A front end that coalesces replies: `flush()` after each batch of replies sent on the loop."""
@@ -207,14 +217,19 @@ class Requests:
             for inst, req in pending:
                 groups.setdefault(inst, []).append(req)
         for inst, reqs in groups.items():
-            if len(reqs) == 1 and inst.inline_max_ns and inst.inline_ok(reqs[0]):
-                # a fast model with an idle worker: the loop runs it (no thread hand-off; runtime.py)
+            if inst.inline_max_ns and (len(reqs) == 1 or self._one_cpu) and inst.inline_ok(reqs[0], len(reqs)):
+                # a fast model with an idle worker: the loop runs it (no thread hand-off; runtime.py).
+                # Several requests of one turn too when this process has one CPU to run on: the
+                # worker could not run beside the loop, so the hand-off would buy no overlap
                 if self._statistics:
-                    inst.loop_rec.admits += 1
-                left = inst.run_inline(reqs[0])
+                    inst.loop_rec.admits += len(reqs)
+                left, reqs = inst.run_inline(reqs)
                 if left:
                     self._deliver(left)
-                continue
+                if not reqs:
+                    continue
+                if self._statistics:
+                    inst.loop_rec.admits -= len(reqs)  # counted again below
             try:
                 inst.submit_many(reqs)
                 if self._statistics:
