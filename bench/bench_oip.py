@@ -28,9 +28,11 @@ requests are real `inference.GRPCInferenceService/ModelInfer` calls (a serialize
 with raw_input_contents in a gRPC length-prefixed message, content-type application/grpc); h2load
 counts HTTP/2 responses but not grpc-status trailers, so every point is also checked against the
 server's own statistics (`GET /v2/models/M/stats`: success count delta = the generator's count).
-perf_analyzer (gRPC and HTTP binary) is run against Triton as a cross-check of the generators
-(first round); it cannot drive tinyserve: it needs Triton's model-configuration endpoint
-(`GET /v2/models/M/config`, gRPC `ModelConfig`), which tinyserve does not serve.
+perf_analyzer (gRPC and HTTP, binary tensors) is run against both servers in the first round, the
+same points for each, as a cross-check of the generators: it reads each server's model
+configuration (`GET /v2/models/M/config`, gRPC `ModelConfig`) and statistics, then measures
+(at most 3 trials; stability check loosened to --stability-percentage 1000, since on a shared machine
+the default refuses most points); its ratios are printed beside the wrk / h2load ones.
 
 Figures: p50/p99 from the generator's per-request latencies, req/s = requests / measured seconds,
 server CPU per request = CPU time of the server's process tree (/proc, Triton's python-backend stub
@@ -73,6 +75,9 @@ PROTOCOLS = ("http", "grpc")
 SYSTEMS = ("tinyserve", "triton")
 CLIENT = {"http": "wrk (HTTP/1.1 JSON)", "grpc": "h2load (gRPC over HTTP/2)"}
 BATCHING = {"max_batch_size": 32, "max_queue_delay_us": 2000}
+# perf_analyzer's points (protocol, concurrency, model), each against both servers in the first round
+PA_POINTS = (("http", 1, "mlp"), ("grpc", 1, "mlp"), ("http", 32, "mlp"), ("grpc", 32, "mlp"),
+             ("http", 32, "mlp_b"), ("grpc", 32, "mlp_b"))
 SETUP_VERSION = 1
 
 
@@ -517,7 +522,7 @@ def run_perf_analyzer(facts: dict, gen_core: int, proto: str, port: int, model: 
     csv.unlink(missing_ok=True)
     cmd = ["taskset", "-c", str(gen_core), facts["perf_analyzer"], "-m", model, "-u", f"127.0.0.1:{port}", "-i", proto,
            "--shape", "x:1,64", "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
-           "--max-trials", "3", "--stability-percentage", "100", "-f", str(csv)]
+           "--max-trials", "3", "--stability-percentage", "1000", "-f", str(csv)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "LD_LIBRARY_PATH": facts["palib"]})
     if r.returncode != 0 or not csv.exists():
@@ -649,15 +654,27 @@ def render(res: dict) -> str:
     for t in res["targets"]:
         L.append(f"| {t['target']} | {t['value']:.2f}x | {'PASS' if t['pass'] else 'FAIL'} |")
     if res.get("perf_analyzer"):
-        L += ["", "perf_analyzer against Triton (cross-check of the generators; it cannot drive tinyserve: "
-              + res["perf_analyzer_tinyserve"] + "):", "",
-              "| protocol | c | model | p50 ms | p99 ms | req/s |", "|---|---:|---|---:|---:|---:|"]
+        L += ["", "perf_analyzer (binary tensors; first round only, one run per point: a cross-check of the "
+              "generators, not a median):", "",
+              "| protocol | c | model | system | p50 ms | p99 ms | req/s |", "|---|---:|---|---|---:|---:|---:|"]
+        by = {}
         for p in res["perf_analyzer"]:
+            by[(p["protocol"], p["c"], p["model"], p.get("system", "triton"))] = p
             if "error" in p:
-                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | error: {p['error'][:120]} | | |")
+                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | {p.get('system', 'triton')} | "
+                         f"error: {p['error'][-160:]!r} | | |")
             else:
-                L.append(f"| {p['protocol']} binary | {p['c']} | {p['model']} | {p['p50_ms']:.3f} | {p['p99_ms']:.2f} | "
-                         f"{p['rps']:,.0f} |")
+                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | {p.get('system', 'triton')} | "
+                         f"{p['p50_ms']:.3f} | {p['p99_ms']:.2f} | {p['rps']:,.0f} |")
+        ratios = []
+        for (proto, c, model, system), p in by.items():
+            t = by.get((proto, c, model, "triton"))
+            if system == "tinyserve" and t and "error" not in p and "error" not in t:
+                ratios.append(f"| {proto} | {c} | {model} | {p['p50_ms'] / t['p50_ms']:.2f}x | "
+                              f"{p['rps'] / t['rps']:.2f}x |")
+        if ratios:
+            L += ["", "perf_analyzer ratios tinyserve / Triton:", "", "| protocol | c | model | p50 | req/s |",
+                  "|---|---:|---|---:|---:|"] + ratios
     L += ["", "Answers to one row, against the module run in the script: " + "; ".join(
         f"{k} {'bit-identical' if v['bit_identical'] else 'max |diff| %.2g' % v['max_abs_diff']}"
         for k, v in res["answers"].items()) + "."]
@@ -811,10 +828,6 @@ def main(argv=None) -> int:
         bad = [k for k, v in answers.items() if v["max_abs_diff"] > 1e-5]
         if bad:
             raise RuntimeError(f"answers differ from the module: {bad}: {answers}")
-        pa_ts = subprocess.run([facts["perf_analyzer"], "-m", "mlp", "-u", f"127.0.0.1:{servers['tinyserve']['http']}",
-                                "--shape", "x:1,64", "--measurement-interval", "500"], capture_output=True, text=True,
-                               timeout=60, env={**os.environ, "LD_LIBRARY_PATH": facts["palib"]})
-        pa_ts_msg = (pa_ts.stdout + pa_ts.stderr).strip().splitlines()[-1] if pa_ts.returncode else "it ran"
         points, pa = [], []
         for rnd in range(rounds):
             for proto in PROTOCOLS:
@@ -828,13 +841,14 @@ def main(argv=None) -> int:
                             f"{p['rps']:8.0f} req/s cpu {p['server_cpu_us_per_req']:.0f} us/req other {p['other_load_on_server_core']:.2f}"
                             f"{'' if p['answers_confirmed'] else ' UNCONFIRMED (success delta %d)' % p['server_success_delta']}")
             if rnd == 0 and not args.no_perf_analyzer:
-                for proto, c, model in (("grpc", 1, "mlp"), ("http", 1, "mlp"), ("grpc", 32, "mlp"), ("grpc", 32, "mlp_b")):
-                    port = servers["triton"]["grpc" if proto == "grpc" else "http"]
-                    r = run_perf_analyzer(facts, cores[1], proto, port, model, c, work / "pa.csv",
-                                          1000 if args.quick else 2000)
-                    r.update({"protocol": proto, "c": c, "model": model, "system": "triton"})
-                    pa.append(r)
-                    log(f"perf_analyzer triton {proto} c{c} {model}: {r}")
+                for proto, c, model in PA_POINTS:
+                    for system in SYSTEMS:
+                        port = servers[system]["grpc" if proto == "grpc" else "http"]
+                        r = run_perf_analyzer(facts, cores[1], proto, port, model, c, work / "pa.csv",
+                                              1000 if args.quick else 2000)
+                        r.update({"protocol": proto, "c": c, "model": model, "system": system})
+                        pa.append(r)
+                        log(f"perf_analyzer {system} {proto} c{c} {model}: {r}")
     finally:
         for s in servers.values():
             s["proc"].stop()
@@ -842,7 +856,7 @@ def main(argv=None) -> int:
     res = {"date": date, "commit": commit, "machine": mach, "command": command_line(ROOT, "bench/bench_oip.py", argv),
            "versions": versions, "cores": cores, "rounds": rounds, "seconds": seconds, "warm_s": warm_s,
            "answers": answers, "rows": rows, "ratios": ratios, "targets": targets(ratios), "perf_analyzer": pa,
-           "perf_analyzer_tinyserve": pa_ts_msg, "points": points, "loadavg_end": loadavg(),
+           "points": points, "loadavg_end": loadavg(),
            "wall_s": time.perf_counter() - t_start}
     text = render(res)
     print(text)

@@ -157,6 +157,12 @@ def test_messages_and_service_match_the_stock_client():
             assert f.containing_oneof is None or f.containing_oneof.name == tf.containing_oneof.name
             checked += 1
     assert checked > 100
+    for e in pb.DESCRIPTOR.enum_types_by_name.values():  # ModelConfig's enums: the same names and numbers
+        assert [(v.name, v.number) for v in e.values] == \
+            [(v.name, v.number) for v in theirs.FindEnumTypeByName(e.full_name).values]
+    fmt = pb.ModelInput.DESCRIPTOR.enum_types_by_name["Format"]
+    assert [(v.name, v.number) for v in fmt.values] == \
+        [(v.name, v.number) for v in theirs.FindEnumTypeByName(fmt.full_name).values]
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     stock = theirs.FindServiceByName("inference.GRPCInferenceService")
     for meth in ours.methods:
@@ -201,6 +207,32 @@ def test_health_metadata_and_an_infer(uvloop):
         assert resp.model_name == "addone" and len(resp.raw_output_contents) == 2
     finally:
         s.close()
+
+
+def test_model_config(srv):
+    """ModelConfig: Triton's ModelConfig message (the subset tinyserve sets), read by the stock client."""
+    c = srv.client
+    cfg = c.get_model_config("addone", as_json=True)["config"]
+    assert cfg == {"name": "addone", "platform": "pytorch", "backend": "tinyserve", "max_batch_size": 8,
+                   "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["3"]}],
+                   "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["3"]},
+                              {"name": "z", "data_type": "TYPE_FP32", "dims": ["3"]}],
+                   "dynamic_batching": {}, "model_transaction_policy": {}}
+    m = c.get_model_config("addone", "2").config  # tritonclient's own ModelConfig message
+    assert m.HasField("dynamic_batching") and m.WhichOneof("scheduling_choice") == "dynamic_batching"
+    assert not m.model_transaction_policy.decoupled and m.max_batch_size == 8
+    up = c.get_model_config("upper").config
+    assert up.max_batch_size == 0 and up.WhichOneof("scheduling_choice") is None
+    assert [(t.name, t.data_type, list(t.dims)) for t in list(up.input) + list(up.output)] == [
+        ("text", 13, [-1]), ("upper", 13, [-1])]  # TYPE_STRING
+    for dt in ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BF16"):
+        got = c.get_model_config(f"identity_{dt}", as_json=True)["config"]["input"][0]
+        assert got == {"name": "x", "data_type": f"TYPE_{dt}", "dims": ["-1", "-1"]}
+    assert refused(c.get_model_config, "nope") == ("NOT_FOUND", "model 'nope' is not in the repository")
+    code, msg = refused(c.get_model_config, "addone", "9")
+    assert code == "NOT_FOUND" and "has no version 9" in msg
+    code, msg = refused(c.get_model_config, "addone", "x")
+    assert code == "INVALID_ARGUMENT" and "model version 'x'" in msg
 
 
 def test_unknown_models_and_versions(srv):
@@ -440,7 +472,10 @@ def test_statistics(srv):
     assert inf["success"] == {"count": "3", "ns": str(one["total_sum_us"] * 1000)}
     assert inf["queue"]["ns"] == str(one["queue_sum_us"] * 1000)
     assert inf["compute_infer"]["ns"] == str(one["compute_sum_us"] * 1000)
-    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in m["batch_stats"]] == [("1", "1"), ("2", "2")]
+    # the three compute counts agree (perf_analyzer refuses statistics where they do not)
+    assert inf["compute_input"] == inf["compute_output"] == {"count": "3"}
+    assert [(b["batch_size"], b["compute_input"]["count"], b["compute_infer"]["count"], b["compute_output"]["count"])
+            for b in m["batch_stats"]] == [("1", "1", "1", "1"), ("2", "2", "2", "2")]
     fail = c.get_inference_statistics("fail", "1", as_json=True)["model_stats"][0]
     assert fail["inference_stats"]["fail"] == {"count": "1"} and fail["inference_stats"]["success"] == {}
     every = c.get_inference_statistics(as_json=True)["model_stats"]
@@ -590,7 +625,9 @@ def test_a_message_that_does_not_parse(srv):
     finally:
         ch.close()
     assert srv.client.is_server_live()
-    assert refused(srv.stub().ModelConfig, tpb.ModelConfigRequest(name="addone"))[0] == "UNIMPLEMENTED"
+    # an RPC tinyserve does not serve (shared memory): gRPC's UNIMPLEMENTED, the server serving on
+    assert refused(srv.stub().SystemSharedMemoryStatus, tpb.SystemSharedMemoryStatusRequest())[0] == "UNIMPLEMENTED"
+    assert srv.client.get_model_config("addone").config.name == "addone"
 
 
 def test_stream_window_holds_back_a_client_that_sends_without_reading(srv, monkeypatch):

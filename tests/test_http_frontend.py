@@ -211,6 +211,46 @@ def test_health_metadata_ready_with_tritonclient(srv):
     c.close()
 
 
+def test_model_config_with_tritonclient(srv):
+    """GET /v2/models/{m}[/versions/{v}]/config: Triton's model configuration fields, derived from the
+    model's metadata (batch dimension left out of dims when the model batches)."""
+    c = srv.client()
+    cfg = c.get_model_config("addone")
+    assert cfg == {
+        "name": "addone", "platform": "pytorch", "backend": "tinyserve", "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [3],
+                   "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False}],
+        "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [3], "label_filename": "", "is_shape_tensor": False}
+                   for n in ("y", "z")],
+        "model_transaction_policy": {"decoupled": False}, "dynamic_batching": {}}
+    assert c.get_model_config("addone", "2")["name"] == "addone"
+    # not batching: full shapes (-1 for any size), no dynamic_batching
+    up = c.get_model_config("upper")
+    assert up["max_batch_size"] == 0 and "dynamic_batching" not in up and up["platform"] == "python"
+    assert [(t["name"], t["data_type"], t["dims"]) for t in up["input"] + up["output"]] == [
+        ("text", "TYPE_STRING", [-1]), ("upper", "TYPE_STRING", [-1])]
+    for dt in oip.DTYPE_OF:
+        if dt != "BYTES":
+            m = c.get_model_config(f"identity_{dt}")
+            assert m["input"][0]["data_type"] == m["output"][0]["data_type"] == f"TYPE_{dt}"
+            assert m["input"][0]["dims"] == [-1, -1]
+    with pytest.raises(InferenceServerException, match="not in the repository") as ei:
+        c.get_model_config("nope")
+    assert ei.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="has no version 9") as ei:
+        c.get_model_config("addone", "9")
+    assert ei.value.status() == "404"
+    raw = Raw(srv.port)
+    raw.send(request("POST", "/v2/models/addone/config", b"{}") + request("GET", "/v2/models/addone/versions/x/config")
+             + request("GET", "/v2/models/addone/config/"))
+    post, bad, slash = raw.read(3)
+    assert (post["status"], post["headers"]["allow"]) == (405, "GET")
+    assert bad["status"] == 400 and "model version 'x'" in json.loads(bad["body"])["error"]
+    assert slash["status"] == 200 and json.loads(slash["body"]) == cfg
+    raw.close()
+    c.close()
+
+
 def test_served_on_the_asyncio_loop_too():
     with served(uvloop=False) as s:
         c = s.client()

@@ -924,6 +924,9 @@ class HttpFrontEnd:
                     if op == "stats":
                         self._want(method, b"GET", path)
                         return conn._fill(slot, _json_response(self._stats(name, version), close))
+                    if op == "config":
+                        self._want(method, b"GET", path)
+                        return self._spawn(conn, slot, self._config(name, version, close))
             if kind == "repository" and n >= 3:
                 if n == 3 and parts[2] == "index":
                     self._want(method, b"POST", path)
@@ -983,6 +986,9 @@ class HttpFrontEnd:
         doc = {"name": md.name, "versions": [str(v) for v in md.versions], "platform": md.platform,
                "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
         return _json_response(doc, close)
+
+    async def _config(self, name: str, version: int | None, close: bool) -> bytes:
+        return _json_response(oip.model_config(await self.core.model_metadata(name, version)), close)
 
     def _json_body(self, req: _Request, what: str) -> dict:
         body = self._decoded(req)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tinyserve import errors
 
-__all__ = ["DATATYPE_OF", "DTYPE_OF", "GRPC_STATUS", "HTTP_STATUS", "UNSUPPORTED_DATATYPES",
-           "dtype_of", "http_status", "grpc_status"]
+__all__ = ["CONFIG_TYPE_OF", "DATATYPE_OF", "DTYPE_OF", "GRPC_STATUS", "HTTP_STATUS", "UNSUPPORTED_DATATYPES",
+           "dtype_of", "http_status", "grpc_status", "model_config"]
 
 # the protocol's datatype -> tinyserve's dtype (docs/protocol.md section 3)
 DTYPE_OF: dict[str, str] = {
@@ -14,6 +14,9 @@ DTYPE_OF: dict[str, str] = {
     "FP16": "float16", "FP32": "float32", "FP64": "float64", "BF16": "bfloat16", "BYTES": "bytes",
 }
 DATATYPE_OF: dict[str, str] = {v: k for k, v in DTYPE_OF.items()}
+# tinyserve's dtype -> the data_type of Triton's model configuration (its DataType enum's names; BYTES is
+# TYPE_STRING there)
+CONFIG_TYPE_OF: dict[str, str] = {v: "TYPE_STRING" if k == "BYTES" else "TYPE_" + k for k, v in DTYPE_OF.items()}
 # datatypes the protocol defines that tinyserve's tensors cannot hold (refused by name)
 UNSUPPORTED_DATATYPES = ("UINT16", "UINT32", "UINT64")
 
@@ -28,6 +31,38 @@ def dtype_of(datatype: object, tensor: str) -> str:
         raise wire.InvalidInput(f"input {tensor!r}: datatype {wire.shown(datatype)} {what} "
                                 f"(supported: {', '.join(DTYPE_OF)})")
     return dt
+
+
+def model_config(md) -> dict:
+    """Triton's model configuration (the fields of its ModelConfig that clients such as perf_analyzer
+    and tritonclient's get_model_config read) of a `core.api.ModelMetadata`, as a JSON-safe dict with
+    the protobuf field names; the gRPC front end parses the same dict into its ModelConfig message.
+
+    A batching model (max_batch_size > 0) reports Triton's convention: `dims` without the batch
+    dimension, `dynamic_batching` present.  Should a tensor of a batching model not start with the
+    -1 batch dimension (no tinyserve config allows it), the model is reported as not batching, with
+    full shapes: what a client must send is then still what the config says."""
+    mbs = int(md.max_batch_size or 0)
+    tensors = tuple(md.inputs) + tuple(md.outputs)
+    if mbs > 0 and not all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors):
+        mbs = 0
+    skip = 1 if mbs > 0 else 0
+
+    def data_type(t) -> str:
+        return CONFIG_TYPE_OF.get(t.dtype, "TYPE_INVALID")
+
+    doc: dict = {
+        "name": md.name, "platform": md.platform, "backend": "tinyserve", "max_batch_size": mbs,
+        "input": [{"name": t.name, "data_type": data_type(t), "format": "FORMAT_NONE",
+                   "dims": [int(d) for d in t.shape[skip:]], "is_shape_tensor": False,
+                   "allow_ragged_batch": False, "optional": False} for t in md.inputs],
+        "output": [{"name": t.name, "data_type": data_type(t), "dims": [int(d) for d in t.shape[skip:]],
+                    "label_filename": "", "is_shape_tensor": False} for t in md.outputs],
+        "model_transaction_policy": {"decoupled": False},
+    }
+    if mbs > 0:
+        doc["dynamic_batching"] = {}
+    return doc
 
 
 # tinyserve's wire code -> HTTP status (the body is {"error": message}) and gRPC status code name
