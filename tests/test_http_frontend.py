@@ -333,6 +333,38 @@ def test_bf16_json_input_rounds_to_nearest_even(srv):
     raw.close()
 
 
+def test_json_beyond_strict_json_is_read_and_written_as_before(srv):
+    """The JSON fast path (orjson) hands what it refuses to the standard library: NaN / Infinity
+    literals are read, an integer literal past 64 bits is refused by value (orjson reads it as a float),
+    and non-finite outputs are written as NaN / Infinity (never as null)."""
+    raw = Raw(srv.port)
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [NaN, Infinity, -Infinity, 1.5]}]}'
+    raw.send(request("POST", "/v2/models/identity_FP32/infer", body))
+    r = raw.one()
+    assert r["status"] == 200, r
+    assert b"[NaN,Infinity,-Infinity,1.5]" in r["body"]
+    data = json.loads(r["body"])["outputs"][0]["data"]
+    assert data[0] != data[0] and data[1:] == [float("inf"), float("-inf"), 1.5]
+    raw.send(infer_req("identity_INT64", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1],
+                                                      "data": [2 ** 64]}]}))
+    r = raw.one()
+    assert r["status"] == 400 and "INT64 data holds 1.8446744073709552e+19 (a JSON float), not a INT64" in error_of(r)
+    raw.send(infer_req("identity_INT64", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1],
+                                                      "data": [2 ** 63]}]}))
+    r = raw.one()
+    assert r["status"] == 400 and "holds 9223372036854775808, outside" in error_of(r)
+    raw.send(infer_req("identity_FP32", b'{"inputs": [1,]}'))  # refused by both parsers: the stdlib's message
+    r = raw.one()
+    assert r["status"] == 400 and "not valid JSON: Expecting value: line 1 column 15 (char 14)" in error_of(r)
+    # the binary-header form (a memoryview slice of the body) takes the same fallback
+    j = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [NaN]}]}'
+    raw.send(request("POST", "/v2/models/identity_FP32/infer", j + b"\0" * 3,
+                     {"Inference-Header-Content-Length": str(len(j))}))
+    r = raw.one()
+    assert r["status"] == 400 and "3 bytes of binary data" in error_of(r)
+    raw.close()
+
+
 def test_infer_bytes_json_and_binary(srv):
     c = srv.client()
     words = np.array([b"hello", b"", "grüße".encode(), b"x" * 1000], dtype=object)

@@ -3,10 +3,12 @@ tinyserve's error codes to HTTP and gRPC statuses.  Wire-library free (no httpto
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinyserve import errors
 
 __all__ = ["CONFIG_TYPE_OF", "DATATYPE_OF", "DTYPE_OF", "GRPC_STATUS", "HTTP_STATUS", "UNSUPPORTED_DATATYPES",
-           "dtype_of", "http_status", "grpc_status", "model_config"]
+           "dtype_of", "http_status", "grpc_status", "model_config", "output_arrays"]
 
 # the protocol's datatype -> tinyserve's dtype (docs/protocol.md section 3)
 DTYPE_OF: dict[str, str] = {
@@ -63,6 +65,43 @@ def model_config(md) -> dict:
     if mbs > 0:
         doc["dynamic_batching"] = {}
     return doc
+
+
+# --- outputs ----------------------------------------------------------------------------------------
+_LE = {k: np.dtype(v).newbyteorder("<") for k, v in {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
+    "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}.items()}
+_TORCH: list = []  # [torch.Tensor, {torch dtype: tinyserve dtype numpy views directly}] once a tensor is met
+
+
+def _torch_fast():
+    import torch
+
+    _TORCH[:] = [torch.Tensor, {getattr(torch, n): n for n in _LE}]
+    return _TORCH
+
+
+def output_arrays(result) -> list:
+    """[(name, tinyserve dtype, shape list, data)] of a finished request's outputs (`req.result`:
+    {name: host torch tensor, numpy array or list of bytes}).  `data` is a 1-d little-endian numpy
+    array for the dtypes numpy holds (a view of a contiguous CPU tensor's memory, no copy), else
+    (bytes, bfloat16, float8) a memoryview of the wire bytes (`wire.tensor_parts`' layout).
+    Raises wire.InvalidInput for a value that cannot be sent."""
+    from tinyserve import wire
+
+    tt, fast = _TORCH or _torch_fast()
+    out = []
+    for name, value in result.items():
+        if type(value) is tt and value.is_cpu and not value.requires_grad and value.is_contiguous():
+            dtype = fast.get(value.dtype)
+            if dtype is not None:
+                out.append((name, dtype, list(value.shape), value.numpy().reshape(-1)))
+                continue
+        descs, views = wire.tensor_parts({name: value})
+        d, view = descs[0], views[0]
+        le = _LE.get(d["dtype"])
+        out.append((name, d["dtype"], d["shape"], np.frombuffer(view, le) if le is not None else view))
+    return out
 
 
 # tinyserve's wire code -> HTTP status (the body is {"error": message}) and gRPC status code name
