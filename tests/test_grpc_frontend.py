@@ -315,6 +315,10 @@ def test_output_selection_id_and_parameters(srv):
     name, version, inputs, outputs, timeout_s, priority = srv.core.infer_calls[-1]
     assert (name, version, outputs, priority) == ("addone", 1, ["z"], 3)
     assert timeout_s == pytest.approx(0.25)  # the timeout parameter (us) is below the call's deadline
+    srv.client.infer("addone", [infer_input("x", x)])  # no deadline, no timeout parameter: none
+    assert srv.core.infer_calls[-1][4] is None
+    srv.client.infer("addone", [infer_input("x", x)], client_timeout=7.0)  # the call's deadline bounds it
+    assert 0 < srv.core.infer_calls[-1][4] <= 7.5  # (gRPC computes what remains: a few ms of slack)
     code, msg = refused(srv.client.infer, "addone", [infer_input("x", x)], outputs=[tc.InferRequestedOutput("w")])
     assert code == "INVALID_ARGUMENT" and "output 'w' is not an output of model 'addone'" in msg
     code, msg = refused(srv.client.infer, "addone", [infer_input("x", x)], sequence_id=4)
@@ -582,6 +586,35 @@ def test_in_flight_cap_and_a_cancelled_call():
         r = c.infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))], client_timeout=TIMEOUT)
         assert r.as_numpy("y").tolist() == [[1, 1, 1]]
         assert s.lt.call(lambda: s.fe.in_flight) == 0
+    finally:
+        s.close()
+
+
+def test_concurrent_calls_cap():
+    """At most max_concurrent_calls calls run at once (each holds a server thread): the next is refused
+    RESOURCE_EXHAUSTED by gRPC, and served again once a call has ended."""
+    s = Served(fe_kw={"max_concurrent_calls": 1})
+    try:
+        c = s.client
+        box: list = []
+        c.async_infer("gate", [infer_input("x", np.array([1.0], np.float32))],
+                      lambda result, error: box.append((result, error)), client_timeout=TIMEOUT)
+        _wait_for(s.core.infer_calls)  # the one call is held in the core
+        code, msg = refused(c.get_model_metadata, "addone")
+        assert code == "RESOURCE_EXHAUSTED" and "Concurrent RPC limit exceeded" in msg
+        s.core.gate.set()
+        result, error = _wait_for(box)
+        assert error is None and result.as_numpy("y").tolist() == [1.0]
+        for _ in range(int(TIMEOUT / 0.01)):  # the thread is back once the call's status is sent
+            try:
+                assert c.get_model_metadata("addone").name == "addone"
+                break
+            except InferenceServerException:
+                threading.Event().wait(0.01)
+        else:
+            raise AssertionError("no call was served after the held one ended")
+        with pytest.raises(Exception, match="max_concurrent_calls 0 must be >= 1"):
+            GrpcFrontEnd(s.core, max_concurrent_calls=0)
     finally:
         s.close()
 
