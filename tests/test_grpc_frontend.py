@@ -68,7 +68,7 @@ from tinyserve.frontends import _kserve_v2_pb2 as pb  # noqa: E402
 from tinyserve.frontends.grpc import GrpcFrontEnd  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from oip_fakecore import FakeCore, LoopThread  # noqa: E402
+from oip_fakecore import FakeCore, LoopThread, ParkingCore  # noqa: E402
 
 TIMEOUT = 20.0  # every client call's deadline (seconds)
 
@@ -585,6 +585,38 @@ def test_in_flight_cap_and_a_cancelled_call():
             threading.Event().wait(0.01)
         r = c.infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))], client_timeout=TIMEOUT)
         assert r.as_numpy("y").tolist() == [[1, 1, 1]]
+        assert s.lt.call(lambda: s.fe.in_flight) == 0
+    finally:
+        s.close()
+
+
+def test_a_parked_request_the_core_refuses_later_gets_its_error():
+    """send_error (the core refusing a request it had parked behind an on-demand load) ends the unary
+    call with that error's status and a stream's request with an error response; slots released."""
+    s = Served()
+    try:
+        s.core.close()
+        s.core = s.fe.core = core = ParkingCore()
+        box: list = []
+        s.client.async_infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))],
+                             lambda result, error: box.append(error), client_timeout=TIMEOUT)
+        for _ in range(int(TIMEOUT / 0.01)):
+            if core.parked:
+                break
+            threading.Event().wait(0.01)
+        assert s.lt.call(core.fail_parked, "MODEL_ERROR", "model 'addone' version 1 failed to load: boom") == 1
+        err = _wait_for(box)
+        assert "INTERNAL" in str(err.status()) and err.message() == "model 'addone' version 1 failed to load: boom"
+        got: list = []
+        s.client.start_stream(lambda result, error: got.append(error))
+        s.client.async_stream_infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))], request_id="p")
+        for _ in range(int(TIMEOUT / 0.01)):
+            if core.parked:
+                break
+            threading.Event().wait(0.01)
+        s.lt.call(core.fail_parked, "UNAVAILABLE", "model 'addone' was unloaded", True)
+        assert _wait_for(got).message() == "model 'addone' was unloaded"
+        s.client.stop_stream()
         assert s.lt.call(lambda: s.fe.in_flight) == 0
     finally:
         s.close()

@@ -19,7 +19,7 @@ import httptools
 import numpy as np
 import pytest
 
-from oip_fakecore import FakeCore, LoopThread
+from oip_fakecore import FakeCore, LoopThread, ParkingCore
 from tinyserve import wire
 from tinyserve.frontends import oip
 from tinyserve.frontends.http import HttpFrontEnd
@@ -404,6 +404,41 @@ def test_timeout_and_priority_reach_the_core(srv):
     *_, timeout_s, priority = srv.core.infer_calls[-1]
     assert timeout_s == 0.25 and priority == 3
     c.close()
+
+
+def test_a_parked_request_the_core_refuses_later_gets_its_error():
+    """The core parks a request behind an on-demand load and, when the load fails, answers it with
+    send_error: the client gets that error's status and message (in order), the slot is released;
+    with close=True the connection closes after it."""
+    s = Served()
+    try:
+        s.core.close()
+        s.core = s.fe.core = core = ParkingCore()
+        raw = Raw(s.port)
+        body = {"inputs": [_fp32([1, 3], [1, 2, 3])]}
+        raw.send(infer_req("addone", body) + request("GET", "/v2/health/live"))
+        for _ in range(1000):
+            if core.parked:
+                break
+            time.sleep(0.01)
+        assert s.lt.call(lambda: s.fe.in_flight) == 1
+        assert s.lt.call(core.fail_parked, "MODEL_ERROR", "model 'addone' version 1 failed to load: boom") == 1
+        err, live = raw.read(2)
+        assert (err["status"], error_of(err)) == (500, "model 'addone' version 1 failed to load: boom")
+        assert live["status"] == 200 and s.lt.call(lambda: s.fe.in_flight) == 0
+        raw.send(infer_req("addone", body))
+        for _ in range(1000):
+            if core.parked:
+                break
+            time.sleep(0.01)
+        s.lt.call(core.fail_parked, "UNAVAILABLE", "model 'addone' was unloaded", True)
+        r = raw.one()
+        assert r["status"] == 503 and r["headers"].get("connection") == "close"
+        raw.read(0)
+        assert raw.s.recv(1) == b""  # closed after it
+        raw.close()
+    finally:
+        s.close()
 
 
 def test_model_errors_and_unavailable(srv):

@@ -282,7 +282,7 @@ class _Unary:
         self.error = wire.error_from_reply("UNAVAILABLE", "the call ended before its reply")
         self.done.release()
 
-    def send_error(self, tag, code: str, message: str) -> None:
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
         self.owner.in_flight -= 1
         self.error = wire.error_from_reply(code, message)
         self.done.release()
@@ -339,7 +339,7 @@ class _Stream:
         self.owner.in_flight -= 1
         self.queue.put(None)
 
-    def send_error(self, tag, code: str, message: str) -> None:
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
         self.owner.in_flight -= 1
         self.queue.put(_stream_error(tag, wire.error_from_reply(code, message)))
 

@@ -733,6 +733,22 @@ class _Connection(asyncio.Protocol):
             self._unhold(tag.held)
             tag.held = 0
 
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
+        """Loop: the core refused the request after `infer` returned (it waited for an on-demand load
+        that failed): its error response; `close`: the connection closes after it."""
+        slot = tag
+        self.fe._release()
+        slot.infer = None
+        if self.closed:
+            if slot.held:
+                self._unhold(slot.held)
+                slot.held = 0
+            return
+        if close:
+            slot.close = True
+            self._stopped = True
+        self._fill(slot, _error_code(code, message, slot.close))
+
     # --- closing -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Close after the responses are written.  Plain TCP closes lingering: our side is shut down
