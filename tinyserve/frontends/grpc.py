@@ -5,9 +5,10 @@ grpcio's synchronous server: each call runs in one of its threads (at most `max_
 The core is called on its own event loop only: an infer request is parsed and checked in the call's
 thread, queued on the loop (`call_soon_threadsafe`), and the call's thread waits for the reply, which
 the worker that ran the request has already serialized; every other RPC runs its coroutine on the
-loop (`run_coroutine_threadsafe`).  Measured against grpc.aio on the same loop (bench/bench_oip.py,
-bench/results/oip-latest.md), this costs less CPU per call: grpc.aio's per-call tasks, futures and
-handler checks outweigh the two thread hand-offs.  Messages are the ones `kserve_v2.proto`
+loop (`run_coroutine_threadsafe`).  Measured against grpc.aio on the same loop (bench/bench_oip.py
+--baseline, bench/results/oip-latest.md), this costs less CPU per call with many calls in flight
+(c=32: about 15-20% less; grpc.aio's per-call tasks, futures and handler checks outweigh the thread
+hand-offs) and somewhat more with one (c=1: about 10% more, one more thread hop per call).  Messages are the ones `kserve_v2.proto`
 declares, generated into `_kserve_v2_pb2` with a private descriptor pool: another copy of the same
 protocol in the process (tritonclient's generated `inference` package) registers the same full names
 in the default pool, which protobuf refuses.
