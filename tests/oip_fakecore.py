@@ -32,7 +32,7 @@ import numpy as np
 from tinyserve import errors, wire
 from tinyserve.core.api import IndexEntry, ModelMetadata, TensorMeta
 
-__all__ = ["FakeCore", "FakeRequest", "LoopThread", "OIP_DTYPES"]
+__all__ = ["FakeCore", "FakeRequest", "LoopThread", "OIP_DTYPES", "ParkingCore"]
 
 # the OIP datatypes tinyserve supports -> tinyserve dtype (kept here so the fake needs no front end)
 OIP_DTYPES = {"BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32",
@@ -417,6 +417,34 @@ def _batch(req: FakeRequest) -> int:
     for dtype, shape, view in req.inputs.values():
         return shape[0] if len(shape) else 1
     return 1
+
+
+class ParkingCore(FakeCore):
+    """A FakeCore whose `infer` of model `parked_model` queues nothing: the request is held, as the real
+    core parks one behind an on-demand load, until `fail_parked(code, message, close)` (on the loop)
+    answers every held request with `responder.send_error` (the load failed)."""
+
+    def __init__(self, parked_model: str = "addone", **kw) -> None:
+        super().__init__(**kw)
+        self.parked_model = parked_model
+        self.parked: list = []
+
+    def infer(self, name, version, inputs, *, outputs=None, timeout_s=None, priority=0, responder, tag):
+        if name == self.parked_model:
+            self._model(name, version)
+            self.parked.append((responder, tag))
+            return
+        super().infer(name, version, inputs, outputs=outputs, timeout_s=timeout_s, priority=priority,
+                      responder=responder, tag=tag)
+
+    def fail_parked(self, code: str, message: str, close: bool = False) -> int:
+        held, self.parked = self.parked, []
+        for responder, tag in held:
+            if close:
+                responder.send_error(tag, code, message, close=True)
+            else:
+                responder.send_error(tag, code, message)
+        return len(held)
 
 
 class LoopThread:

@@ -68,7 +68,7 @@ from tinyserve.frontends import _kserve_v2_pb2 as pb  # noqa: E402
 from tinyserve.frontends.grpc import GrpcFrontEnd  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from oip_fakecore import FakeCore, LoopThread  # noqa: E402
+from oip_fakecore import FakeCore, LoopThread, ParkingCore  # noqa: E402
 
 TIMEOUT = 20.0  # every client call's deadline (seconds)
 
@@ -157,6 +157,12 @@ def test_messages_and_service_match_the_stock_client():
             assert f.containing_oneof is None or f.containing_oneof.name == tf.containing_oneof.name
             checked += 1
     assert checked > 100
+    for e in pb.DESCRIPTOR.enum_types_by_name.values():  # ModelConfig's enums: the same names and numbers
+        assert [(v.name, v.number) for v in e.values] == \
+            [(v.name, v.number) for v in theirs.FindEnumTypeByName(e.full_name).values]
+    fmt = pb.ModelInput.DESCRIPTOR.enum_types_by_name["Format"]
+    assert [(v.name, v.number) for v in fmt.values] == \
+        [(v.name, v.number) for v in theirs.FindEnumTypeByName(fmt.full_name).values]
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     stock = theirs.FindServiceByName("inference.GRPCInferenceService")
     for meth in ours.methods:
@@ -201,6 +207,32 @@ def test_health_metadata_and_an_infer(uvloop):
         assert resp.model_name == "addone" and len(resp.raw_output_contents) == 2
     finally:
         s.close()
+
+
+def test_model_config(srv):
+    """ModelConfig: Triton's ModelConfig message (the subset tinyserve sets), read by the stock client."""
+    c = srv.client
+    cfg = c.get_model_config("addone", as_json=True)["config"]
+    assert cfg == {"name": "addone", "platform": "pytorch", "backend": "tinyserve", "max_batch_size": 8,
+                   "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["3"]}],
+                   "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["3"]},
+                              {"name": "z", "data_type": "TYPE_FP32", "dims": ["3"]}],
+                   "dynamic_batching": {}, "model_transaction_policy": {}}
+    m = c.get_model_config("addone", "2").config  # tritonclient's own ModelConfig message
+    assert m.HasField("dynamic_batching") and m.WhichOneof("scheduling_choice") == "dynamic_batching"
+    assert not m.model_transaction_policy.decoupled and m.max_batch_size == 8
+    up = c.get_model_config("upper").config
+    assert up.max_batch_size == 0 and up.WhichOneof("scheduling_choice") is None
+    assert [(t.name, t.data_type, list(t.dims)) for t in list(up.input) + list(up.output)] == [
+        ("text", 13, [-1]), ("upper", 13, [-1])]  # TYPE_STRING
+    for dt in ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BF16"):
+        got = c.get_model_config(f"identity_{dt}", as_json=True)["config"]["input"][0]
+        assert got == {"name": "x", "data_type": f"TYPE_{dt}", "dims": ["-1", "-1"]}
+    assert refused(c.get_model_config, "nope") == ("NOT_FOUND", "model 'nope' is not in the repository")
+    code, msg = refused(c.get_model_config, "addone", "9")
+    assert code == "NOT_FOUND" and "has no version 9" in msg
+    code, msg = refused(c.get_model_config, "addone", "x")
+    assert code == "INVALID_ARGUMENT" and "model version 'x'" in msg
 
 
 def test_unknown_models_and_versions(srv):
@@ -283,6 +315,10 @@ def test_output_selection_id_and_parameters(srv):
     name, version, inputs, outputs, timeout_s, priority = srv.core.infer_calls[-1]
     assert (name, version, outputs, priority) == ("addone", 1, ["z"], 3)
     assert timeout_s == pytest.approx(0.25)  # the timeout parameter (us) is below the call's deadline
+    srv.client.infer("addone", [infer_input("x", x)])  # no deadline, no timeout parameter: none
+    assert srv.core.infer_calls[-1][4] is None
+    srv.client.infer("addone", [infer_input("x", x)], client_timeout=7.0)  # the call's deadline bounds it
+    assert 0 < srv.core.infer_calls[-1][4] <= 7.5  # (gRPC computes what remains: a few ms of slack)
     code, msg = refused(srv.client.infer, "addone", [infer_input("x", x)], outputs=[tc.InferRequestedOutput("w")])
     assert code == "INVALID_ARGUMENT" and "output 'w' is not an output of model 'addone'" in msg
     code, msg = refused(srv.client.infer, "addone", [infer_input("x", x)], sequence_id=4)
@@ -440,7 +476,10 @@ def test_statistics(srv):
     assert inf["success"] == {"count": "3", "ns": str(one["total_sum_us"] * 1000)}
     assert inf["queue"]["ns"] == str(one["queue_sum_us"] * 1000)
     assert inf["compute_infer"]["ns"] == str(one["compute_sum_us"] * 1000)
-    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in m["batch_stats"]] == [("1", "1"), ("2", "2")]
+    # the three compute counts agree (perf_analyzer refuses statistics where they do not)
+    assert inf["compute_input"] == inf["compute_output"] == {"count": "3"}
+    assert [(b["batch_size"], b["compute_input"]["count"], b["compute_infer"]["count"], b["compute_output"]["count"])
+            for b in m["batch_stats"]] == [("1", "1", "1", "1"), ("2", "2", "2", "2")]
     fail = c.get_inference_statistics("fail", "1", as_json=True)["model_stats"][0]
     assert fail["inference_stats"]["fail"] == {"count": "1"} and fail["inference_stats"]["success"] == {}
     every = c.get_inference_statistics(as_json=True)["model_stats"]
@@ -551,6 +590,67 @@ def test_in_flight_cap_and_a_cancelled_call():
         s.close()
 
 
+def test_a_parked_request_the_core_refuses_later_gets_its_error():
+    """send_error (the core refusing a request it had parked behind an on-demand load) ends the unary
+    call with that error's status and a stream's request with an error response; slots released."""
+    s = Served()
+    try:
+        s.core.close()
+        s.core = s.fe.core = core = ParkingCore()
+        box: list = []
+        s.client.async_infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))],
+                             lambda result, error: box.append(error), client_timeout=TIMEOUT)
+        for _ in range(int(TIMEOUT / 0.01)):
+            if core.parked:
+                break
+            threading.Event().wait(0.01)
+        assert s.lt.call(core.fail_parked, "MODEL_ERROR", "model 'addone' version 1 failed to load: boom") == 1
+        err = _wait_for(box)
+        assert "INTERNAL" in str(err.status()) and err.message() == "model 'addone' version 1 failed to load: boom"
+        got: list = []
+        s.client.start_stream(lambda result, error: got.append(error))
+        s.client.async_stream_infer("addone", [infer_input("x", np.zeros((1, 3), np.float32))], request_id="p")
+        for _ in range(int(TIMEOUT / 0.01)):
+            if core.parked:
+                break
+            threading.Event().wait(0.01)
+        s.lt.call(core.fail_parked, "UNAVAILABLE", "model 'addone' was unloaded", True)
+        assert _wait_for(got).message() == "model 'addone' was unloaded"
+        s.client.stop_stream()
+        assert s.lt.call(lambda: s.fe.in_flight) == 0
+    finally:
+        s.close()
+
+
+def test_concurrent_calls_cap():
+    """At most max_concurrent_calls calls run at once (each holds a server thread): the next is refused
+    RESOURCE_EXHAUSTED by gRPC, and served again once a call has ended."""
+    s = Served(fe_kw={"max_concurrent_calls": 1})
+    try:
+        c = s.client
+        box: list = []
+        c.async_infer("gate", [infer_input("x", np.array([1.0], np.float32))],
+                      lambda result, error: box.append((result, error)), client_timeout=TIMEOUT)
+        _wait_for(s.core.infer_calls)  # the one call is held in the core
+        code, msg = refused(c.get_model_metadata, "addone")
+        assert code == "RESOURCE_EXHAUSTED" and "Concurrent RPC limit exceeded" in msg
+        s.core.gate.set()
+        result, error = _wait_for(box)
+        assert error is None and result.as_numpy("y").tolist() == [1.0]
+        for _ in range(int(TIMEOUT / 0.01)):  # the thread is back once the call's status is sent
+            try:
+                assert c.get_model_metadata("addone").name == "addone"
+                break
+            except InferenceServerException:
+                threading.Event().wait(0.01)
+        else:
+            raise AssertionError("no call was served after the held one ended")
+        with pytest.raises(Exception, match="max_concurrent_calls 0 must be >= 1"):
+            GrpcFrontEnd(s.core, max_concurrent_calls=0)
+    finally:
+        s.close()
+
+
 # --- streaming ---------------------------------------------------------------------------------------------
 def test_stream_infer(srv):
     c = srv.client
@@ -590,7 +690,9 @@ def test_a_message_that_does_not_parse(srv):
     finally:
         ch.close()
     assert srv.client.is_server_live()
-    assert refused(srv.stub().ModelConfig, tpb.ModelConfigRequest(name="addone"))[0] == "UNIMPLEMENTED"
+    # an RPC tinyserve does not serve (shared memory): gRPC's UNIMPLEMENTED, the server serving on
+    assert refused(srv.stub().SystemSharedMemoryStatus, tpb.SystemSharedMemoryStatusRequest())[0] == "UNIMPLEMENTED"
+    assert srv.client.get_model_config("addone").config.name == "addone"
 
 
 def test_stream_window_holds_back_a_client_that_sends_without_reading(srv, monkeypatch):

@@ -19,7 +19,7 @@ import httptools
 import numpy as np
 import pytest
 
-from oip_fakecore import FakeCore, LoopThread
+from oip_fakecore import FakeCore, LoopThread, ParkingCore
 from tinyserve import wire
 from tinyserve.frontends import oip
 from tinyserve.frontends.http import HttpFrontEnd
@@ -211,6 +211,46 @@ def test_health_metadata_ready_with_tritonclient(srv):
     c.close()
 
 
+def test_model_config_with_tritonclient(srv):
+    """GET /v2/models/{m}[/versions/{v}]/config: Triton's model configuration fields, derived from the
+    model's metadata (batch dimension left out of dims when the model batches)."""
+    c = srv.client()
+    cfg = c.get_model_config("addone")
+    assert cfg == {
+        "name": "addone", "platform": "pytorch", "backend": "tinyserve", "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [3],
+                   "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False}],
+        "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [3], "label_filename": "", "is_shape_tensor": False}
+                   for n in ("y", "z")],
+        "model_transaction_policy": {"decoupled": False}, "dynamic_batching": {}}
+    assert c.get_model_config("addone", "2")["name"] == "addone"
+    # not batching: full shapes (-1 for any size), no dynamic_batching
+    up = c.get_model_config("upper")
+    assert up["max_batch_size"] == 0 and "dynamic_batching" not in up and up["platform"] == "python"
+    assert [(t["name"], t["data_type"], t["dims"]) for t in up["input"] + up["output"]] == [
+        ("text", "TYPE_STRING", [-1]), ("upper", "TYPE_STRING", [-1])]
+    for dt in oip.DTYPE_OF:
+        if dt != "BYTES":
+            m = c.get_model_config(f"identity_{dt}")
+            assert m["input"][0]["data_type"] == m["output"][0]["data_type"] == f"TYPE_{dt}"
+            assert m["input"][0]["dims"] == [-1, -1]
+    with pytest.raises(InferenceServerException, match="not in the repository") as ei:
+        c.get_model_config("nope")
+    assert ei.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="has no version 9") as ei:
+        c.get_model_config("addone", "9")
+    assert ei.value.status() == "404"
+    raw = Raw(srv.port)
+    raw.send(request("POST", "/v2/models/addone/config", b"{}") + request("GET", "/v2/models/addone/versions/x/config")
+             + request("GET", "/v2/models/addone/config/"))
+    post, bad, slash = raw.read(3)
+    assert (post["status"], post["headers"]["allow"]) == (405, "GET")
+    assert bad["status"] == 400 and "model version 'x'" in json.loads(bad["body"])["error"]
+    assert slash["status"] == 200 and json.loads(slash["body"]) == cfg
+    raw.close()
+    c.close()
+
+
 def test_served_on_the_asyncio_loop_too():
     with served(uvloop=False) as s:
         c = s.client()
@@ -293,6 +333,38 @@ def test_bf16_json_input_rounds_to_nearest_even(srv):
     raw.close()
 
 
+def test_json_beyond_strict_json_is_read_and_written_as_before(srv):
+    """The JSON fast path (orjson) hands what it refuses to the standard library: NaN / Infinity
+    literals are read, an integer literal past 64 bits is refused by value (orjson reads it as a float),
+    and non-finite outputs are written as NaN / Infinity (never as null)."""
+    raw = Raw(srv.port)
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [NaN, Infinity, -Infinity, 1.5]}]}'
+    raw.send(request("POST", "/v2/models/identity_FP32/infer", body))
+    r = raw.one()
+    assert r["status"] == 200, r
+    assert b"[NaN,Infinity,-Infinity,1.5]" in r["body"]
+    data = json.loads(r["body"])["outputs"][0]["data"]
+    assert data[0] != data[0] and data[1:] == [float("inf"), float("-inf"), 1.5]
+    raw.send(infer_req("identity_INT64", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1],
+                                                      "data": [2 ** 64]}]}))
+    r = raw.one()
+    assert r["status"] == 400 and "INT64 data holds 1.8446744073709552e+19 (a JSON float), not a INT64" in error_of(r)
+    raw.send(infer_req("identity_INT64", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1],
+                                                      "data": [2 ** 63]}]}))
+    r = raw.one()
+    assert r["status"] == 400 and "holds 9223372036854775808, outside" in error_of(r)
+    raw.send(infer_req("identity_FP32", b'{"inputs": [1,]}'))  # refused by both parsers: the stdlib's message
+    r = raw.one()
+    assert r["status"] == 400 and "not valid JSON: Expecting value: line 1 column 15 (char 14)" in error_of(r)
+    # the binary-header form (a memoryview slice of the body) takes the same fallback
+    j = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [NaN]}]}'
+    raw.send(request("POST", "/v2/models/identity_FP32/infer", j + b"\0" * 3,
+                     {"Inference-Header-Content-Length": str(len(j))}))
+    r = raw.one()
+    assert r["status"] == 400 and "3 bytes of binary data" in error_of(r)
+    raw.close()
+
+
 def test_infer_bytes_json_and_binary(srv):
     c = srv.client()
     words = np.array([b"hello", b"", "grüße".encode(), b"x" * 1000], dtype=object)
@@ -332,6 +404,41 @@ def test_timeout_and_priority_reach_the_core(srv):
     *_, timeout_s, priority = srv.core.infer_calls[-1]
     assert timeout_s == 0.25 and priority == 3
     c.close()
+
+
+def test_a_parked_request_the_core_refuses_later_gets_its_error():
+    """The core parks a request behind an on-demand load and, when the load fails, answers it with
+    send_error: the client gets that error's status and message (in order), the slot is released;
+    with close=True the connection closes after it."""
+    s = Served()
+    try:
+        s.core.close()
+        s.core = s.fe.core = core = ParkingCore()
+        raw = Raw(s.port)
+        body = {"inputs": [_fp32([1, 3], [1, 2, 3])]}
+        raw.send(infer_req("addone", body) + request("GET", "/v2/health/live"))
+        for _ in range(1000):
+            if core.parked:
+                break
+            time.sleep(0.01)
+        assert s.lt.call(lambda: s.fe.in_flight) == 1
+        assert s.lt.call(core.fail_parked, "MODEL_ERROR", "model 'addone' version 1 failed to load: boom") == 1
+        err, live = raw.read(2)
+        assert (err["status"], error_of(err)) == (500, "model 'addone' version 1 failed to load: boom")
+        assert live["status"] == 200 and s.lt.call(lambda: s.fe.in_flight) == 0
+        raw.send(infer_req("addone", body))
+        for _ in range(1000):
+            if core.parked:
+                break
+            time.sleep(0.01)
+        s.lt.call(core.fail_parked, "UNAVAILABLE", "model 'addone' was unloaded", True)
+        r = raw.one()
+        assert r["status"] == 503 and r["headers"].get("connection") == "close"
+        raw.read(0)
+        assert raw.s.recv(1) == b""  # closed after it
+        raw.close()
+    finally:
+        s.close()
 
 
 def test_model_errors_and_unavailable(srv):

@@ -3,6 +3,12 @@ driven by the stock clients tritonclient.http and tritonclient.grpc, next to tin
 client: the same model answers bit-identically on all three; metadata, readiness, repository
 load/unload and statistics reach the real core; refusals come back as protocol errors."""
 
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +34,7 @@ def repo_root(tmp_path_factory):
     repo = Repository(tmp / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp")
     pack(repo, "spare", "tinyserve.examples:mlp")
+    pack(repo, "batched", "tinyserve.examples:mlp", config={"batching": {"max_batch_size": 16, "max_queue_delay_us": 500}})
     return str(repo.root)
 
 
@@ -95,6 +102,72 @@ def test_metadata_readiness_and_repository(st):
     finally:
         h.close()
         g.close()
+
+
+def test_model_config_from_the_real_core(st):
+    """Triton's model configuration endpoint (HTTP GET .../config, gRPC ModelConfig) from the model's
+    tinyserve config, loaded ('mlp') or only in the repository ('batched')."""
+    h, g = _clients(st)
+    try:
+        cfg = h.get_model_config("mlp")
+        assert (cfg["name"], cfg["platform"], cfg["max_batch_size"]) == ("mlp", "torch_export", 0)
+        assert "dynamic_batching" not in cfg
+        assert [(t["name"], t["data_type"], t["dims"]) for t in cfg["input"]] == [("x", "TYPE_FP32", [-1, IN])]
+        assert [(t["data_type"], t["dims"]) for t in cfg["output"]] == [("TYPE_FP32", [-1, 10])]
+        b = h.get_model_config("batched", "1")
+        assert b["max_batch_size"] == 16 and b["dynamic_batching"] == {}
+        assert [t["dims"] for t in b["input"] + b["output"]] == [[IN], [10]]
+        gc = g.get_model_config("batched").config
+        assert gc.max_batch_size == 16 and gc.WhichOneof("scheduling_choice") == "dynamic_batching"
+        assert [list(t.dims) for t in list(gc.input) + list(gc.output)] == [[IN], [10]]
+        assert g.get_model_config("mlp").config.input[0].data_type == 11  # TYPE_FP32
+        with pytest.raises(InferenceServerException, match="nope"):
+            g.get_model_config("nope")
+    finally:
+        h.close()
+        g.close()
+
+
+def _perf_analyzer():
+    """(perf_analyzer binary, LD_LIBRARY_PATH) or None: $TINYSERVE_PERF_ANALYZER, one on PATH, or the one
+    bench/bench_oip.py's setup installed (its setup.json, default work directory)."""
+    exe = os.environ.get("TINYSERVE_PERF_ANALYZER") or shutil.which("perf_analyzer")
+    if exe:
+        return exe, os.environ.get("LD_LIBRARY_PATH", "")
+    stamp = pathlib.Path("/tmp/tinyserve-bench-oip/setup.json")
+    try:
+        facts = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    exe = facts.get("perf_analyzer")
+    return (exe, facts.get("palib", "")) if exe and os.access(exe, os.X_OK) else None
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_drives_tinyserve(st, protocol):
+    """Triton's own load generator reads the model config and statistics and runs a short bounded
+    measurement against tinyserve; the server's success count grows by at least what it reports."""
+    pa = _perf_analyzer()
+    if pa is None:
+        pytest.skip("perf_analyzer not found (set TINYSERVE_PERF_ANALYZER or run bench/bench_oip.py once)")
+    exe, libs = pa
+    h, _ = _clients(st)
+    try:
+        def count():
+            return sum(int(m["inference_stats"]["success"]["count"]) for m in h.get_inference_statistics("mlp")["model_stats"])
+        before = count()
+        port = st.server.http_port if protocol == "http" else st.server.grpc_port
+        r = subprocess.run([exe, "-m", "mlp", "-u", f"127.0.0.1:{port}", "-i", protocol, "--shape", f"x:1,{IN}",
+                            "--concurrency-range", "2:2", "--measurement-interval", "300", "--max-trials", "3",
+                            "--stability-percentage", "100"],
+                           capture_output=True, text=True, timeout=90, env={**os.environ, "LD_LIBRARY_PATH": libs})
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-2000:]
+        assert "Throughput:" in out and "Successful request count" in out, out[-2000:]
+        reported = int(out.split("Request count:", 1)[1].split()[0])
+        assert reported > 0 and count() - before >= reported
+    finally:
+        h.close()
 
 
 def test_statistics_count_requests_of_every_front_end(st):

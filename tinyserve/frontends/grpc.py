@@ -1,28 +1,39 @@
 """The Open Inference Protocol (KServe v2) over gRPC: `inference.GRPCInferenceService` on grpcio's
-asyncio server, translated to the core's API (`tinyserve.core.api`) and nothing else.
+server, translated to the core's API (`tinyserve.core.api`) and nothing else.
 
-The server runs on the core's own event loop (grpc.aio runs on uvloop as on asyncio; handlers run on
-the loop thread, so the core is called directly, with no hop between threads).  Messages are the ones
-`kserve_v2.proto` declares, generated into `_kserve_v2_pb2` with a private descriptor pool: another
-copy of the same protocol in the process (tritonclient's generated `inference` package) registers the
-same full names in the default pool, which protobuf refuses.
+grpcio's synchronous server: each call runs in one of its threads (at most `max_concurrent_calls`).
+The core is called on its own event loop only: an infer request is parsed and checked in the call's
+thread, queued on the loop (`call_soon_threadsafe`), and the call's thread waits for the reply, which
+the worker that ran the request has already serialized; every other RPC runs its coroutine on the
+loop (`run_coroutine_threadsafe`).  Measured against grpc.aio on the same loop (bench/bench_oip.py
+--baseline, bench/results/oip-latest.md), this costs less CPU per call with many calls in flight
+(c=32: about 15-20% less; grpc.aio's per-call tasks, futures and handler checks outweigh the thread
+hand-offs) and somewhat more with one (c=1: about 10% more, one more thread hop per call).  Messages are the ones `kserve_v2.proto`
+declares, generated into `_kserve_v2_pb2` with a private descriptor pool: another copy of the same
+protocol in the process (tritonclient's generated `inference` package) registers the same full names
+in the default pool, which protobuf refuses.
 
 Infer: the request's tensors become the core's (dtype, shape, memoryview) form with every count, shape
 and size checked against `core.limits` before anything is allocated (gRPC itself refuses a message over
 `max_message_bytes` before parsing it).  Replies are encoded in the worker thread that ran the request
-(`finish`) into the serialized response, so the loop only hands bytes to gRPC.  docs/http-grpc.md
+(`finish`) into the serialized response, so the loop only hands bytes over.  docs/http-grpc.md
 section "gRPC" is the normative description.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
+import logging
+import queue
 import struct
+import threading
 from collections.abc import Mapping
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from tinyserve import errors, wire
@@ -50,6 +61,10 @@ _TYPED = {
 _REFUSED_PARAMS = ("sequence_id", "sequence_start", "sequence_end")
 _FINAL = "triton_enable_empty_final_response"
 STREAM_WINDOW = 256  # a stream's requests read and not yet answered
+_NO_DEADLINE_S = 1e9  # a call without a deadline reports about 2^63 ns remaining
+WAIT_S = 0.5  # how often a call's thread waiting for the core checks that the call is still active
+_READ_ALL = "read all"  # the stream reader's last queue item: (_READ_ALL, requests read)
+log = logging.getLogger("tinyserve.grpc")
 
 
 def _status(exc: BaseException) -> grpc.StatusCode:
@@ -235,13 +250,17 @@ def _error_of(req) -> errors.TinyserveError:
 
 
 class _Unary:
-    """The responder of one ModelInfer call: the reply lands in a future the handler awaits."""
+    """The responder of one ModelInfer call.  The handler's thread waits on `done` (a lock held from
+    the start) until the loop has set `reply` or `error` and released it."""
 
-    __slots__ = ("closed", "fut", "limit", "owner")
+    __slots__ = ("closed", "done", "reply", "error", "limit", "owner")
 
-    def __init__(self, owner: GrpcFrontEnd, fut: asyncio.Future) -> None:
+    def __init__(self, owner: GrpcFrontEnd) -> None:
         self.closed = False
-        self.fut = fut
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.reply = None
+        self.error: errors.TinyserveError | None = None
         self.limit = owner.max_message_bytes
         self.owner = owner
 
@@ -253,14 +272,26 @@ class _Unary:
 
     def send_reply(self, req) -> None:
         self.owner.in_flight -= 1
-        if not self.fut.done():
-            if req.reply is None:
-                self.fut.set_exception(_error_of(req))
-            else:
-                self.fut.set_result(req.reply)
+        if req.reply is None:
+            self.error = _error_of(req)
+        else:
+            self.reply = req.reply
+        self.done.release()
 
     def discard(self, tag) -> None:
         self.owner.in_flight -= 1
+        self.error = wire.error_from_reply("UNAVAILABLE", "the call ended before its reply")
+        self.done.release()
+
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
+        self.owner.in_flight -= 1
+        self.error = wire.error_from_reply(code, message)
+        self.done.release()
+
+    def refused(self, tag, exc: errors.TinyserveError) -> None:
+        """The loop could not queue the request (nothing was counted in flight)."""
+        self.error = exc
+        self.done.release()
 
 
 def _field2(inner: bytes) -> bytes:
@@ -281,16 +312,16 @@ def _stream_error(tag: _Tag, exc: BaseException) -> bytes:
 
 
 class _Stream:
-    """The responder of one ModelStreamInfer call: replies (serialized ModelStreamInferResponse) go
-    into a queue in completion order."""
+    """The responder of one ModelStreamInfer call: replies (serialized ModelStreamInferResponse, or
+    None for a discarded one) go into a thread-safe queue in completion order; the call's response
+    generator (a server thread) takes them out."""
 
-    __slots__ = ("closed", "queue", "limit", "pending", "owner")
+    __slots__ = ("closed", "queue", "limit", "owner")
 
     def __init__(self, owner: GrpcFrontEnd) -> None:
         self.closed = False
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.limit = owner.max_message_bytes
-        self.pending = 0  # queued in the core, not completed yet
         self.owner = owner
 
     def finish(self, req) -> None:
@@ -302,14 +333,19 @@ class _Stream:
         return False
 
     def send_reply(self, req) -> None:
-        self.pending -= 1
         self.owner.in_flight -= 1
-        self.queue.put_nowait(req.reply if req.reply is not None else _stream_error(req.tag, _error_of(req)))
+        self.queue.put(req.reply if req.reply is not None else _stream_error(req.tag, _error_of(req)))
 
     def discard(self, tag) -> None:
-        self.pending -= 1
         self.owner.in_flight -= 1
-        self.queue.put_nowait(None)
+        self.queue.put(None)
+
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
+        self.owner.in_flight -= 1
+        self.queue.put(_stream_error(tag, wire.error_from_reply(code, message)))
+
+    def refused(self, tag, exc: errors.TinyserveError) -> None:
+        self.queue.put(_stream_error(tag, exc))
 
 
 # --- the front end ----------------------------------------------------------------------------------
@@ -319,11 +355,13 @@ class GrpcFrontEnd:
     ssl: None, or (certfile, keyfile) paths of PEM files (TLS for every RPC).  max_message_bytes: the
     largest request or reply message (default: the core's frame limit); gRPC refuses a larger request
     with RESOURCE_EXHAUSTED before reading it.  max_in_flight: infer requests queued at once over
-    every connection of this front end (more: RESOURCE_EXHAUSTED, TOO_MANY_REQUESTS)."""
+    every connection of this front end (more: RESOURCE_EXHAUSTED, TOO_MANY_REQUESTS).
+    max_concurrent_calls: calls served at once (each holds one of the server's threads while it
+    runs; a stream holds two); gRPC answers a call beyond it RESOURCE_EXHAUSTED."""
 
     def __init__(self, core, *, host: str = "127.0.0.1", port: int = 0, ssl: tuple[str, str] | None = None,
                  max_message_bytes: int | None = None, max_in_flight: int = 4096,
-                 max_concurrent_streams: int = 128) -> None:
+                 max_concurrent_streams: int = 128, max_concurrent_calls: int = 256) -> None:
         self.core = core
         self.host = host
         self._port = port
@@ -334,8 +372,13 @@ class GrpcFrontEnd:
             raise errors.ConfigError(f"max_message_bytes {self.max_message_bytes} is outside 1..2^31-1 (gRPC's cap)")
         self.max_in_flight = max_in_flight
         self.max_concurrent_streams = max_concurrent_streams
-        self.in_flight = 0
-        self._server: grpc.aio.Server | None = None
+        if max_concurrent_calls < 1:
+            raise errors.ConfigError(f"max_concurrent_calls {max_concurrent_calls} must be >= 1")
+        self.max_concurrent_calls = max_concurrent_calls
+        self.in_flight = 0  # loop thread only
+        self._server: grpc.Server | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         token = core.token
         self._auth = None if token is None else b"Bearer " + (token.encode() if isinstance(token, str) else token)
 
@@ -355,41 +398,67 @@ class GrpcFrontEnd:
             except OSError as exc:
                 raise errors.ConfigError(f"TLS certificate {certfile!r} / key {keyfile!r}: {exc}") from None
             creds = grpc.ssl_server_credentials([(key, cert)])
+        self._loop = asyncio.get_running_loop()
         n = self.max_message_bytes
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams), ("grpc.so_reuseport", 0),
-        ])
-        server.add_generic_rpc_handlers((self._handlers(),))
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.max_concurrent_calls,
+                                                     thread_name_prefix="tinyserve-grpc")
+        server = grpc.server(pool, handlers=(self._handlers(),), maximum_concurrent_rpcs=self.max_concurrent_calls,
+                             options=[("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n),
+                                      ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+                                      ("grpc.so_reuseport", 0)])
         address = f"{self.host}:{self._port}"
-        port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+        try:
+            port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if not port:
+            pool.shutdown(wait=False)
             raise errors.ConfigError(f"gRPC front end: cannot listen on {address}")
-        await server.start()
-        self._server, self._port = server, port
+        server.start()
+        self._server, self._pool, self._port = server, pool, port
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+        """Stop listening; calls in progress get `grace` seconds (None: none) to finish.  The loop keeps
+        turning meanwhile (the calls' requests complete through it)."""
+        server, pool = self._server, self._pool
+        if server is not None:
+            self._server = self._pool = None
+            stopped = server.stop(grace)
+            await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+            pool.shutdown(wait=False)
 
-    # --- plumbing ---------------------------------------------------------------------------------
+    # --- plumbing (see the module docstring: calls run in the server's threads) --------------------
     def _handlers(self):
-        def unary(fn, req_cls, raw_reply: bool = False):
-            async def handler(request, context):
-                try:
-                    self._check_auth(context)
-                    if type(request) is _Unparsed:
-                        raise request.error
-                    return await fn(request, context)
-                except errors.TinyserveError as exc:
-                    await context.abort(_status(exc), str(exc))
-                except (ValueError, TypeError, OverflowError, KeyError) as exc:  # a bug, not the client's fault
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        def guarded(call, request, context):
+            try:
+                self._check_auth(context)
+                if type(request) is _Unparsed:
+                    raise request.error
+                return call(request, context)
+            except errors.TinyserveError as exc:
+                context.abort(_status(exc), str(exc))
+            except (ValueError, TypeError, OverflowError, KeyError) as exc:  # a bug, not the client's fault
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
-            return grpc.unary_unary_rpc_method_handler(
-                handler, request_deserializer=_parser(req_cls),
-                response_serializer=_identity if raw_reply else _serialize)
+        def unary(fn, req_cls):
+            loop = self._loop
+
+            def handler(request, context):
+                return guarded(lambda r, c: asyncio.run_coroutine_threadsafe(fn(r, c), loop).result(), request,
+                               context)
+
+            return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=_parser(req_cls),
+                                                       response_serializer=_serialize)
+
+        def infer(request, context):
+            return guarded(self._model_infer, request, context)
+
+        def stream(request_iterator, context):
+            try:
+                self._check_auth(context)
+            except errors.TinyserveError as exc:
+                context.abort(_status(exc), str(exc))
+            return self._model_stream_infer(request_iterator, context)
 
         methods = {
             "ServerLive": unary(self._server_live, pb.ServerLiveRequest),
@@ -397,14 +466,15 @@ class GrpcFrontEnd:
             "ModelReady": unary(self._model_ready, pb.ModelReadyRequest),
             "ServerMetadata": unary(self._server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": unary(self._model_metadata, pb.ModelMetadataRequest),
-            "ModelInfer": unary(self._model_infer, pb.ModelInferRequest, raw_reply=True),
+            "ModelConfig": unary(self._model_config, pb.ModelConfigRequest),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                infer, request_deserializer=_parser(pb.ModelInferRequest), response_serializer=_identity),
             "ModelStatistics": unary(self._model_statistics, pb.ModelStatisticsRequest),
             "RepositoryIndex": unary(self._repository_index, pb.RepositoryIndexRequest),
             "RepositoryModelLoad": unary(self._repository_load, pb.RepositoryModelLoadRequest),
             "RepositoryModelUnload": unary(self._repository_unload, pb.RepositoryModelUnloadRequest),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                self._model_stream_infer, request_deserializer=_parser(pb.ModelInferRequest),
-                response_serializer=_identity),
+                stream, request_deserializer=_parser(pb.ModelInferRequest), response_serializer=_identity),
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
@@ -442,6 +512,10 @@ class GrpcFrontEnd:
                 dst.add(name=t.name, datatype=oip.DATATYPE_OF.get(t.dtype, t.dtype.upper()), shape=list(t.shape))
         return resp
 
+    async def _model_config(self, request, context):
+        md = await self.core.model_metadata(request.name, _version(request.version))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(oip.model_config(md), pb.ModelConfig()))
+
     # --- statistics and repository ----------------------------------------------------------------
     async def _model_statistics(self, request, context):
         rows = self.core.statistics(request.name or None, _version(request.version))
@@ -458,9 +532,12 @@ class GrpcFrontEnd:
             st.fail.count = failed
             st.queue.count, st.queue.ns = ok, int(row.get("queue_sum_us", 0)) * 1000
             st.compute_infer.count, st.compute_infer.ns = ok, int(row.get("compute_sum_us", 0)) * 1000
+            # not measured apart from compute_infer: counted, 0 ns (perf_analyzer requires the three
+            # compute counts to agree)
+            st.compute_input.count = st.compute_output.count = ok
             for size in sorted(batches):
                 b = ms.batch_stats.add(batch_size=size)
-                b.compute_infer.count = batches[size]
+                b.compute_input.count = b.compute_infer.count = b.compute_output.count = batches[size]
         return resp
 
     async def _repository_index(self, request, context):
@@ -484,11 +561,9 @@ class GrpcFrontEnd:
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference --------------------------------------------------------------------------------
-    def _submit(self, request, context, responder) -> _Tag:
-        """Check one ModelInferRequest and queue it in the core (or raise a TinyserveError)."""
-        if self.in_flight >= self.max_in_flight:
-            raise wire.TooManyRequests(f"{self.in_flight} infer requests in flight on the gRPC front end "
-                                       f"reach max_in_flight {self.max_in_flight}")
+    def _prepare(self, request, context) -> tuple:
+        """A server thread: check one ModelInferRequest and turn it into the core's arguments (or
+        raise a TinyserveError).  Reads nothing but the request, the call's deadline and the limits."""
         version = _version(request.model_version)
         priority, timeout_s, final = 0, None, False
         for key, p in request.parameters.items():
@@ -504,6 +579,8 @@ class GrpcFrontEnd:
             elif key in _REFUSED_PARAMS:
                 raise wire.BadRequest(f"parameter {key!r}: sequence batching is not supported by tinyserve")
         remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining > _NO_DEADLINE_S:  # the sync server's "infinite future"
+            remaining = None
         if remaining is not None and (timeout_s is None or remaining < timeout_s):
             if remaining <= 0:
                 raise wire.DeadlineExceeded("the call's deadline passed before the request was queued")
@@ -517,70 +594,98 @@ class GrpcFrontEnd:
                     raise wire.BadRequest(f"output {o.name!r}: the classification extension is not supported")
                 outputs.append(o.name)
         tag = _Tag(request.model_name, request.model_version, request.id, final)
-        self.in_flight += 1  # released by the responder's send_reply / discard
-        try:
-            self.core.infer(request.model_name, version, inputs, outputs=outputs, timeout_s=timeout_s,
-                            priority=priority, responder=responder, tag=tag)
-        except BaseException:
-            self.in_flight -= 1
-            raise
-        return tag
+        return request.model_name, version, inputs, outputs, timeout_s, priority, tag
 
-    async def _model_infer(self, request, context):
-        responder = _Unary(self, asyncio.get_running_loop().create_future())
-        self._submit(request, context, responder)
+    def _queue(self, job: tuple, responder) -> None:
+        """The loop: queue a prepared request in the core; a refusal goes to the responder."""
+        name, version, inputs, outputs, timeout_s, priority, tag = job
         try:
-            return await responder.fut
-        except asyncio.CancelledError:
-            responder.closed = True  # the core discards the reply (and releases the in-flight slot)
-            raise
-
-    async def _model_stream_infer(self, request_iterator, context):
-        try:
-            self._check_auth(context)
+            if self.in_flight >= self.max_in_flight:
+                raise wire.TooManyRequests(f"{self.in_flight} infer requests in flight on the gRPC front end "
+                                           f"reach max_in_flight {self.max_in_flight}")
+            self.in_flight += 1  # released by the responder's send_reply / discard / send_error
+            try:
+                self.core.infer(name, version, inputs, outputs=outputs, timeout_s=timeout_s, priority=priority,
+                                responder=responder, tag=tag)
+            except BaseException:
+                self.in_flight -= 1
+                raise
         except errors.TinyserveError as exc:
-            await context.abort(_status(exc), str(exc))
+            responder.refused(tag, exc)
+        except Exception as exc:  # a bug: the call still gets an answer
+            responder.refused(tag, wire.error_from_reply("INTERNAL", f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _model_infer(self, request, context):
+        """A server thread: one unary ModelInfer call."""
+        job = self._prepare(request, context)
+        responder = _Unary(self)
+        self._loop.call_soon_threadsafe(self._queue, job, responder)
+        done = responder.done
+        while not done.acquire(timeout=WAIT_S):
+            if not context.is_active():  # cancelled: the core discards the reply (and releases the slot)
+                responder.closed = True
+                return b""
+        if responder.error is not None:
+            raise responder.error
+        return responder.reply
+
+    def _model_stream_infer(self, request_iterator, context):
+        """A server thread: one ModelStreamInfer call; a reader thread takes the requests in, this
+        generator yields the responses in completion order."""
         responder = _Stream(self)
-        queue = responder.queue
-        done = object()
+        replies = responder.queue
         # requests read but whose responses are not yielded yet: past this window the stream stops
         # reading, so a client that does not read its responses is held back by HTTP/2 flow control
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = threading.Semaphore(STREAM_WINDOW)
+        loop = self._loop
 
-        async def read() -> None:
+        def read() -> None:
+            n = 0
             try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    try:
-                        if type(request) is _Unparsed:
-                            queue.put_nowait(_stream_error(_Tag("", "", "", False), request.error))
-                            continue
-                        self._submit(request, None, responder)
-                    except errors.TinyserveError as exc:
-                        tag = _Tag(request.model_name, request.model_version, request.id, False)
-                        queue.put_nowait(_stream_error(tag, exc))
+                for request in request_iterator:
+                    while not window.acquire(timeout=WAIT_S):
+                        if not context.is_active():
+                            return
+                    n += 1
+                    if type(request) is _Unparsed:
+                        replies.put(_stream_error(_Tag("", "", "", False), request.error))
                         continue
-                    responder.pending += 1
-            except (grpc.RpcError, asyncio.InvalidStateError):  # the client went away mid-stream
+                    try:
+                        job = self._prepare(request, None)
+                    except errors.TinyserveError as exc:
+                        replies.put(_stream_error(_Tag(request.model_name, request.model_version, request.id, False),
+                                                  exc))
+                        continue
+                    loop.call_soon_threadsafe(self._queue, job, responder)
+            except grpc.RpcError:  # the client went away mid-stream
                 pass
+            except Exception as exc:  # noqa: BLE001 - a bug: logged, the stream ends
+                log.error("tinyserve grpc: stream reader failed", exc_info=exc)
             finally:
-                queue.put_nowait(done)
+                replies.put((_READ_ALL, n))
 
-        reader = asyncio.ensure_future(read())
-        reading = True
-        try:
-            while reading or responder.pending > 0 or not queue.empty():  # replies may be queued already
-                item = await queue.get()
-                if item is done:
-                    reading = False
-                    continue
-                window.release()
-                if item is None:
-                    continue
-                yield item
-        finally:
-            responder.closed = True  # replies still to come are discarded by the core
-            reader.cancel()
+        def responses():
+            threading.Thread(target=read, name="tinyserve-grpc-stream", daemon=True).start()
+            got, total = 0, None
+            try:
+                while total is None or got < total:  # replies may still come after the last request
+                    try:
+                        item = replies.get(timeout=WAIT_S)
+                    except queue.Empty:
+                        if not context.is_active():
+                            return
+                        continue
+                    if type(item) is tuple:
+                        total = item[1]
+                        continue
+                    got += 1
+                    window.release()
+                    if item is not None:
+                        yield item
+            finally:
+                responder.closed = True  # replies still to come are discarded by the core
+
+        return responses()
 
 
 class _Unparsed:

@@ -39,6 +39,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import struct
 import zlib
 from collections import deque
@@ -47,6 +48,7 @@ from urllib.parse import unquote
 
 import httptools
 import numpy as np
+import orjson
 
 from tinyserve import errors, wire
 from tinyserve.frontends import oip
@@ -78,6 +80,18 @@ _NP = {k: np.dtype(v).newbyteorder("<") for k, v in wire.NUMPY_DTYPES.items()}
 _INT_RANGE = {k: (int(np.iinfo(_NP[k]).min), int(np.iinfo(_NP[k]).max))
               for k in ("uint8", "int8", "int16", "int32", "int64")}
 _U32 = struct.Struct("<I")
+_DATATYPE_OF = oip.DATATYPE_OF
+_dumps = orjson.dumps
+
+
+def _loads(data):
+    """A JSON document (bytes-like).  orjson first; what it refuses is parsed again by the standard
+    library, which accepts a superset (NaN and Infinity literals, integers past 64 bits, lone
+    surrogate escapes) and whose error message is the one reported."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(data) if type(data) is memoryview else data)
 
 
 class _Stop(Exception):
@@ -719,6 +733,22 @@ class _Connection(asyncio.Protocol):
             self._unhold(tag.held)
             tag.held = 0
 
+    def send_error(self, tag, code: str, message: str, close: bool = False) -> None:
+        """Loop: the core refused the request after `infer` returned (it waited for an on-demand load
+        that failed): its error response; `close`: the connection closes after it."""
+        slot = tag
+        self.fe._release()
+        slot.infer = None
+        if self.closed:
+            if slot.held:
+                self._unhold(slot.held)
+                slot.held = 0
+            return
+        if close:
+            slot.close = True
+            self._stopped = True
+        self._fill(slot, _error_code(code, message, slot.close))
+
     # --- closing -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Close after the responses are written.  Plain TCP closes lingering: our side is shut down
@@ -924,6 +954,9 @@ class HttpFrontEnd:
                     if op == "stats":
                         self._want(method, b"GET", path)
                         return conn._fill(slot, _json_response(self._stats(name, version), close))
+                    if op == "config":
+                        self._want(method, b"GET", path)
+                        return self._spawn(conn, slot, self._config(name, version, close))
             if kind == "repository" and n >= 3:
                 if n == 3 and parts[2] == "index":
                     self._want(method, b"POST", path)
@@ -983,6 +1016,9 @@ class HttpFrontEnd:
         doc = {"name": md.name, "versions": [str(v) for v in md.versions], "platform": md.platform,
                "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
         return _json_response(doc, close)
+
+    async def _config(self, name: str, version: int | None, close: bool) -> bytes:
+        return _json_response(oip.model_config(await self.core.model_metadata(name, version)), close)
 
     def _json_body(self, req: _Request, what: str) -> dict:
         body = self._decoded(req)
@@ -1092,7 +1128,7 @@ class HttpFrontEnd:
                                      f"{self.max_json_bytes} (send tensors as binary data)")
         mv = memoryview(body)
         try:
-            doc = json.loads(body if hlen == size else bytes(mv[:hlen]))
+            doc = _loads(body if hlen == size else mv[:hlen])
         except (ValueError, RecursionError) as exc:
             raise wire.BadRequest(f"the inference request is not valid JSON: {exc}") from None
         inputs, outputs, binary_of, default_binary, rid, timeout_s, priority = parse_infer(doc, mv[hlen:], self.limits)
@@ -1112,33 +1148,40 @@ class HttpFrontEnd:
     def _encode_infer(self, info: _Infer, req, close: bool):
         """Worker thread: the HTTP response of a finished infer request."""
         try:
-            descs, views = wire.tensor_parts(req.result)
+            arrays = oip.output_arrays(req.result)
         except wire.InvalidInput as exc:
             raise errors.ModelError(f"model {info.model!r}: cannot send its output: {exc}") from None
         outs, bins, nbin = [], [], 0
         binary_of, default = info.binary, info.default_binary
-        for d, v in zip(descs, views):
-            dt = oip.DATATYPE_OF.get(d["dtype"])
-            name = d["name"]
+        finite = True  # orjson writes NaN and infinities as null: such replies go through json
+        for name, dtype, shape, data in arrays:
+            dt = _DATATYPE_OF.get(dtype)
             if dt is None:
-                raise errors.ModelError(f"model {info.model!r}: output {name!r} has dtype {d['dtype']}, which the "
+                raise errors.ModelError(f"model {info.model!r}: output {name!r} has dtype {dtype}, which the "
                                         f"Open Inference Protocol cannot carry")
-            entry = {"name": name, "datatype": dt, "shape": d["shape"]}
             if binary_of.get(name, default):
-                entry["parameters"] = {"binary_data_size": v.nbytes}
+                v = data if type(data) is memoryview else memoryview(data.view(np.uint8))
+                outs.append({"name": name, "datatype": dt, "shape": shape, "parameters": {"binary_data_size": v.nbytes}})
                 if v.nbytes:
                     bins.append(v)
                     nbin += v.nbytes
+                continue
+            if type(data) is memoryview:
+                values = _to_json(dtype, data, name, _numel(shape))
+                if dtype == "bfloat16" and finite:
+                    finite = all(map(math.isfinite, values))
             else:
-                entry["data"] = _to_json(d["dtype"], v, name, _numel(d["shape"]))
-            outs.append(entry)
+                values = data.tolist()
+                if finite and data.dtype.kind == "f" and data.size and not np.isfinite(data).all():
+                    finite = False
+            outs.append({"name": name, "datatype": dt, "shape": shape, "data": values})
         inst = getattr(req, "instance", None)
         version = getattr(inst, "version", None) if inst is not None else None
         doc = {"model_name": info.model, "model_version": _version_str(version if version is not None else info.version)}
         if info.rid is not None:
             doc["id"] = info.rid
         doc["outputs"] = outs
-        j = json.dumps(doc, separators=(",", ":")).encode()
+        j = _dumps(doc) if finite else json.dumps(doc, separators=(",", ":")).encode()
         if not bins and not any("parameters" in o for o in outs):
             return _head(200, _JSON, len(j), close) + j
         head = _head(200, b"application/octet-stream", len(j) + nbin, close,
