@@ -345,6 +345,10 @@ def test_json_beyond_strict_json_is_read_and_written_as_before(srv):
     assert b"[NaN,Infinity,-Infinity,1.5]" in r["body"]
     data = json.loads(r["body"])["outputs"][0]["data"]
     assert data[0] != data[0] and data[1:] == [float("inf"), float("-inf"), 1.5]
+    raw.send(infer_req("identity_FP32", {"id": "null", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1],
+                                                                  "data": [0.5]}]}))  # the text null: same reply
+    r = raw.one()
+    assert r["status"] == 200 and json.loads(r["body"])["id"] == "null" and b'"data":[0.5]' in r["body"]
     raw.send(infer_req("identity_INT64", {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1],
                                                       "data": [2 ** 64]}]}))
     r = raw.one()
