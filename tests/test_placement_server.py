@@ -362,3 +362,17 @@ def test_an_explicit_unload_releases_the_room_even_if_the_last_plan_saw_the_mode
     finally:
         gate.release()
         s.stop()
+
+
+def test_a_ready_version_whose_route_is_not_set_yet_is_served(prepo):
+    """The window between a version turning READY (the worker's load done) and its route being set (the
+    load's completion, a later loop callback): a request naming no version is served by it, not refused
+    UNAVAILABLE '... is READY' (seen under load in the rotation test above)."""
+    s = ServerThread(ServerConfig(repo=prepo, torch_threads=1, memory_budget=BUDGET), "uvloop")
+    try:
+        with Client(s.port) as c:
+            _ask(c, "b")  # loaded on demand
+            assert s.run(lambda: s.server.models._routes.pop("b").state) == "READY"  # as in the window
+            _ask(c, "b")
+    finally:
+        s.stop()

@@ -278,7 +278,10 @@ class Requests:
                 versions = self.m._cached(("versions", name), self.m._index.versions, name)  # BAD_REQUEST
                 version = self.m._default_version(name, versions, self.m._failed_loads(name))
                 inst = self._instances.get((name, version))
-                if inst is not None:  # (UNLOADING: an explicit unload under way)
+                if inst is not None:
+                    if inst.state is READY:  # loaded, and its route not set yet (the load's completion
+                        return inst          # runs in a later callback): it is the version to serve
+                    # (UNLOADING: an explicit unload under way)
                     raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}")
                 return self.m._on_demand(name, version)
             if states:
