@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from tinyserve import errors
 from tinyserve.pack import pack
@@ -15,7 +14,7 @@ from tinyserve.repository import Repository
 from tinyserve.runtime import INLINE_MIN_CALLS
 from tinyserve.server import ServerConfig
 
-from test_server import GATE_MODEL, Client, Gate, ServerThread, mlp_ref, outputs_of  # noqa: E402
+from test_server import Client, ServerThread, gate, mlp_ref, outputs_of, pack_gate  # noqa: E402,F401  (gate: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,29 +24,23 @@ SLACK = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def gate():
-    g = Gate()
-    yield g
-    g.release()
-    g.listener.close()
-
-
-@pytest.fixture(scope="module")
 def repo_root(tmp_path_factory, gate):
     tmp = tmp_path_factory.mktemp("inline")
     repo = Repository(tmp / "repo", create=True)
     pack(repo, "mlp", "tinyserve.examples:mlp")
-    lin = torch.nn.Linear(4, 4)
-    torch.save({"lin.weight": lin.weight.detach(), "lin.bias": lin.bias.detach()}, tmp / "gate.pt")
-    (tmp / "gate.py").write_text(GATE_MODEL)
-    pack(repo, "gate", str(tmp / "gate.pt"), program=str(tmp / "gate.py"),
-         config={"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}],
-                 "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4]}], "extra": {"port": gate.port}})
+    pack_gate(repo, tmp, "gate", gate.port)
     return tmp / "repo"
 
 
 def instance(st, name):
     return st.run(lambda: next(i for i in st.server.instances() if i.name == name))
+
+
+def warm(c, model, n, x=None):
+    """n requests one at a time (the calls the instance measures before it may run any inline)."""
+    x = np.ones((1, 64 if model == "mlp" else 4), np.float32) if x is None else x
+    for _ in range(n):
+        assert c.infer(model, {"x": x})[0]["ok"]
 
 
 def counts(st, inst):
@@ -96,8 +89,7 @@ def test_slow_calls_send_requests_back_to_the_worker(repo_root):
         inst = instance(st, "mlp")
         x = np.ones((1, 64), np.float32)
         with Client(st.port) as c:
-            for _ in range(INLINE_MIN_CALLS + 2):
-                assert c.infer("mlp", {"x": x})[0]["ok"]
+            warm(c, "mlp", INLINE_MIN_CALLS + 2, x)
             before = counts(st, inst)[0]
             assert before > 0
             # the model turns slow (measured calls well over the threshold): the average rises above it
@@ -114,8 +106,7 @@ def test_python_models_always_run_on_the_worker(repo_root, gate):
     try:
         g = instance(st, "gate")
         with Client(st.port) as busy, Client(st.port) as other:
-            for _ in range(INLINE_MIN_CALLS + 4):  # fast calls: a program would now run inline
-                assert busy.infer("gate", {"x": np.ones((1, 4), np.float32)})[0]["ok"]
+            warm(busy, "gate", INLINE_MIN_CALLS + 4)  # fast calls: a program would now run inline
             assert counts(st, g)[0] == 0
             busy.infer_send("gate", {"x": np.full((1, 4), 42, np.float32)})  # blocks in the model
             gate.wait()
@@ -134,8 +125,7 @@ def test_off_when_the_threshold_is_zero(repo_root):
     try:
         inst = instance(st, "mlp")
         with Client(st.port) as c:
-            for _ in range(INLINE_MIN_CALLS + 4):
-                assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+            warm(c, "mlp", INLINE_MIN_CALLS + 4)
         assert counts(st, inst)[0] == 0
     finally:
         st.stop()
@@ -149,8 +139,7 @@ def test_out_of_memory_inline_goes_to_the_worker_which_makes_room(repo_root):
         inst = instance(st, "mlp")
         x = np.ones((1, 64), np.float32)
         with Client(st.port) as c:
-            for _ in range(INLINE_MIN_CALLS + 2):
-                assert c.infer("mlp", {"x": x})[0]["ok"]
+            warm(c, "mlp", INLINE_MIN_CALLS + 2, x)
             loop_thread = st.thread.ident
             seen = []
             real_run_one = inst._run_one
@@ -211,8 +200,7 @@ def test_one_cpu_runs_a_whole_turn_inline(repo_root):
         st.run(lambda: setattr(st.server.requests, "_one_cpu", True))
         rng = np.random.default_rng(4)
         with Client(st.port) as c:
-            for _ in range(INLINE_MIN_CALLS):
-                assert c.infer("mlp", {"x": np.ones((1, 64), np.float32)})[0]["ok"]
+            warm(c, "mlp", INLINE_MIN_CALLS)
             inline, taken, _ = counts(st, inst)
             xs = {}
             for _ in range(64):  # sent back to back: turns of several requests
