@@ -353,7 +353,6 @@ INLINE_MIN_CALLS = 16  # calls measured (on the worker) before the loop may run 
 # programs without user Python (no hooks): their call time follows the input size, and they cannot
 # block on anything else (a Python model file or a hook may: those always run on the worker)
 INLINE_PLATFORMS = frozenset(("torch_export", "torchscript", "onnx"))
-_InferenceMode = getattr(torch._C, "_InferenceMode", None)  # the guard under torch.inference_mode()
 
 
 def _elements(inputs: dict) -> int:
@@ -520,7 +519,7 @@ class ModelInstance:
         self.calls = 0
         self.fast_elements = -1  # the largest request (input elements) seen to run within inline_max_ns
         self.inline_runs = 0  # requests the loop ran itself (the loop writes it)
-        self._inline_kind = False  # set at load: a program that may run inline (INLINE_PLATFORMS, no hooks)
+        self._inline_kind = False  # set at load: inline runs on, and a version that may run inline
 
     def __repr__(self) -> str:
         return f"<ModelInstance {self.name}:{self.version} {self.state}>"
@@ -848,7 +847,6 @@ class ModelInstance:
         self.output_names = frozenset(s.name for s in cfg.request_outputs) if cfg.request_outputs and self._post \
             else frozenset(self._out_names)
         self.checks_inputs = self._pre is None
-        self._inline_kind = cfg.platform in INLINE_PLATFORMS and self._pre is None and self._post is None
         if cfg.batching is not None:  # with hooks: preprocess -> one batched module call -> postprocess
             self.batching = cfg.batching
             self.max_queue = cfg.batching.max_queue_size
@@ -856,6 +854,10 @@ class ModelInstance:
         self.decoded_bytes = model.weights_stats.decoded_bytes  # one copy (placement counts it per device)
         self.config = cfg
         self.model = model
+        # what inline runs need that cannot change once loaded (inline_ok checks the rest per request)
+        self._inline_kind = bool(self.inline_max_ns and cfg.platform in INLINE_PLATFORMS and self._pre is None
+                                 and self._post is None and self.batching is None and self._on_host
+                                 and not self._multi)
 
     def _warmup_args(self, device) -> tuple[list, str]:
         """The warm-up run's inputs (the config's `warmup`, docs/repository.md section 3.6) and how
@@ -1242,27 +1244,45 @@ class ModelInstance:
         `_serve_batched`).  ``rep``: the copy that runs them (default: the first)."""
         if rep is None:
             rep = self._replicas[0]
-        monotonic = time.monotonic
-        perf_ns = time.perf_counter_ns
         rec = getattr(self._tls, "rec", None)
+        cell = self._thread_cell(None)  # (set by the worker; run() called outside the workers: tests, tools)
+        timed = self._run_timed
+        for req in requests:
+            timed(req, rep, cell, rec)
+            if done is not None:
+                done(req)
+
+    def _thread_cell(self, rep: _Replica | None) -> list[int]:
+        """This thread's [taken, finished] counters for the instance (created and registered on first
+        use; with ``rep``, counted for that copy's device too)."""
         cell = getattr(self._tls, "cell", None)
-        if cell is None:  # run() called outside the workers (tests, tools)
+        if cell is None:
             cell = self._tls.cell = [0, 0]
             with self._workers_lock:
                 self._taken_cells.append(cell)
-        for req in requests:
-            cell[0] += 1  # started: no longer queued (the depth QUEUE_FULL and elastic scaling read)
-            req.t_run = t = perf_ns()
-            self._run_request(req, monotonic(), rep)
-            req.t_done = t_done = perf_ns()
-            cell[1] += 1  # finished with the model (memory placement: no longer work in flight)
-            if self.inline_max_ns and self._inline_kind:
-                self._measured(req, t_done - t)
-            if rec is not None and req.result is not None:
-                sizes = rec.batches  # rec.batch(1), inlined: this is the per-request path
-                sizes[1] = sizes.get(1, 0) + 1
-            if done is not None:
-                done(req)
+                if rep is not None:
+                    rep.cells.append(cell)
+        return cell
+
+    def _run_timed(self, req: Request, rep: _Replica, cell: list[int], rec, inline: bool = False) -> None:
+        """Run one request alone, counted and timed: `cell` (taken, finished), its call time (inline
+        runs' measurements), the recorder's batch sizes.  Raises _Requeue (inline only) with the request
+        counted as not taken."""
+        cell[0] += 1  # started: no longer queued (the depth QUEUE_FULL and elastic scaling read)
+        req.t_run = t = time.perf_counter_ns()
+        try:
+            self._run_request(req, time.monotonic(), rep, inline)
+        except _Requeue:
+            cell[0] -= 1
+            req.t_run = 0
+            raise
+        req.t_done = t_done = time.perf_counter_ns()
+        cell[1] += 1  # finished with the model (memory placement: no longer work in flight)
+        if self._inline_kind:
+            self._measured(req, t_done - t)
+        if rec is not None and req.result is not None:
+            sizes = rec.batches  # rec.batch(1), inlined: this is the per-request path
+            sizes[1] = sizes.get(1, 0) + 1
 
     def _measured(self, req: Request, ns: int) -> None:
         """One call's time (any thread; an estimate, so unlocked): the average, and the largest
@@ -1278,8 +1298,7 @@ class ModelInstance:
         """On the loop: may the loop run `req` itself (module docstring, inline runs)?  ``new``: the
         requests submitted but neither run nor handed over yet, `req` included (counted in
         ``submitted``)."""
-        return (self._inline_kind and self.state is READY and self.batching is None and self._workers == 1
-                and not self._multi and not self._shared_queue and self._on_host
+        return (self._inline_kind and self.state is READY and self._workers == 1 and not self._shared_queue
                 and self.calls >= INLINE_MIN_CALLS and self.call_ns <= self.inline_max_ns
                 and self.submitted - new == self.finished and _elements(req.inputs) <= self.fast_elements)
 
@@ -1290,52 +1309,30 @@ class ModelInstance:
         must still answer: Completions' deliver, the requests not run: for the worker's queue).  One
         that runs out of memory goes to the worker's queue at once (it makes room); the rest then
         fail `inline_ok` (in flight) and are returned."""
-        tls = self._tls
-        cell = getattr(tls, "cell", None)
         rep = self._replicas[0]
-        if cell is None:  # the loop thread's own counters and recorder (each thread writes its own)
-            cell = tls.cell = [0, 0]
+        cell = self._thread_cell(rep)  # the loop thread's own counters and recorder
+        tls = self._tls
+        if not hasattr(tls, "rec"):
             tls.rec = self.metrics.recorder() if self.metrics is not None and self.recording else None
-            with self._workers_lock:
-                self._taken_cells.append(cell)
-                rep.cells.append(cell)
         rec = tls.rec
         done: list[Request] = []
         rest: list[Request] = []
-        perf_ns, monotonic = time.perf_counter_ns, time.monotonic
-        guard = _InferenceMode(True) if _InferenceMode is not None else None  # as in the workers
-        try:
+        with torch.inference_mode():  # as in the workers
             for i, req in enumerate(reqs):
                 if i and not self.inline_ok(req, len(reqs) - i):
                     rest = reqs[i:]
                     break
                 req.instance = self
-                cell[0] += 1
-                req.t_run = t = perf_ns()
                 try:
-                    if guard is None:
-                        with torch.inference_mode():
-                            self._run_request(req, monotonic(), rep, inline=True)
-                    else:
-                        self._run_request(req, monotonic(), rep, inline=True)
+                    self._run_timed(req, rep, cell, rec, inline=True)
                 except _Requeue:
-                    cell[0] -= 1
-                    req.t_run = 0
                     self._q.put([req])
                     continue
-                req.t_done = t_done = perf_ns()
-                cell[1] += 1
                 self.inline_runs += 1
-                self._measured(req, t_done - t)
                 if rec is not None:
                     rec.dequeued(1)
-                    if req.result is not None:
-                        sizes = rec.batches
-                        sizes[1] = sizes.get(1, 0) + 1
                 self._finish_one(req)
                 done.append(req)
-        finally:
-            del guard
         respond = self._respond
         if done and respond is not None:
             done = respond(done, rec)

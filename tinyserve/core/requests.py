@@ -217,19 +217,18 @@ class Requests:
             for inst, req in pending:
                 groups.setdefault(inst, []).append(req)
         for inst, reqs in groups.items():
-            if inst.inline_max_ns and (len(reqs) == 1 or self._one_cpu) and inst.inline_ok(reqs[0], len(reqs)):
+            if (len(reqs) == 1 or self._one_cpu) and inst.inline_ok(reqs[0], len(reqs)):
                 # a fast model with an idle worker: the loop runs it (no thread hand-off; runtime.py).
                 # Several requests of one turn too when this process has one CPU to run on: the
                 # worker could not run beside the loop, so the hand-off would buy no overlap
-                if self._statistics:
-                    inst.loop_rec.admits += len(reqs)
+                n = len(reqs)
                 left, reqs = inst.run_inline(reqs)
+                if self._statistics:
+                    inst.loop_rec.admits += n - len(reqs)  # (the rest are counted as queued below)
                 if left:
                     self._deliver(left)
                 if not reqs:
                     continue
-                if self._statistics:
-                    inst.loop_rec.admits -= len(reqs)  # counted again below
             try:
                 inst.submit_many(reqs)
                 if self._statistics:
@@ -270,6 +269,13 @@ class Requests:
             if inst is not None:
                 return inst
             states = [i for (n, _), i in self._instances.items() if n == name]
+            if any(i.state is READY for i in states):
+                # a version turned READY and its load's completion, which sets the route, runs in a
+                # later callback: the route as it will be, now
+                self.m._update_route(name)
+                inst = self._routes.get(name)
+                if inst is not None:
+                    return inst
             if self.placement is not None:
                 if any(i.state is LOADING or i.evicted for i in states):
                     return _PARK  # a load under way, or an eviction: the request runs after (a reload)
@@ -278,10 +284,7 @@ class Requests:
                 versions = self.m._cached(("versions", name), self.m._index.versions, name)  # BAD_REQUEST
                 version = self.m._default_version(name, versions, self.m._failed_loads(name))
                 inst = self._instances.get((name, version))
-                if inst is not None:
-                    if inst.state is READY:  # loaded, and its route not set yet (the load's completion
-                        return inst          # runs in a later callback): it is the version to serve
-                    # (UNLOADING: an explicit unload under way)
+                if inst is not None:  # (UNLOADING: an explicit unload under way)
                     raise wire.Unavailable(f"model {name!r} version {version} is {inst.state}")
                 return self.m._on_demand(name, version)
             if states:

@@ -295,24 +295,23 @@ class TextHooks:
         self.name = name
 
     def preprocess(self, inputs: dict) -> dict:
-        InvalidInput = errors.InvalidInput  # answered INVALID_INPUT (the client's mistake)
         if set(inputs) != {INPUT}:
-            raise InvalidInput(f"model {self.name}: takes one input {INPUT!r} (a bytes tensor of UTF-8 texts), "
-                               f"got {sorted(inputs)}")
+            raise errors.InvalidInput(f"model {self.name}: takes one input {INPUT!r} (a bytes tensor of UTF-8 texts), "
+                                      f"got {sorted(inputs)}")
         items = inputs[INPUT]
         if not isinstance(items, list):
-            raise InvalidInput(f"model {self.name}: input {INPUT!r} must have dtype bytes (UTF-8 texts), got a "
-                               f"{getattr(items, 'dtype', type(items).__name__)} tensor")
+            raise errors.InvalidInput(f"model {self.name}: input {INPUT!r} must have dtype bytes (UTF-8 texts), got a "
+                                      f"{getattr(items, 'dtype', type(items).__name__)} tensor")
         if len(items) > self.max_texts:
-            raise InvalidInput(f"model {self.name}: input {INPUT!r}: {len(items)} texts, at most {self.max_texts} "
-                               "per request (extra.max_texts)")
+            raise errors.InvalidInput(f"model {self.name}: input {INPUT!r}: {len(items)} texts, at most "
+                                      f"{self.max_texts} per request (extra.max_texts)")
         texts = []
         for i, item in enumerate(items):
             try:
                 texts.append(bytes(item).decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise InvalidInput(f"model {self.name}: input {INPUT!r}: text {i} is not UTF-8 ({exc.reason} at "
-                                   f"byte {exc.start})") from None
+                raise errors.InvalidInput(f"model {self.name}: input {INPUT!r}: text {i} is not UTF-8 ({exc.reason} at "
+                                          f"byte {exc.start})") from None
         if not texts:
             empty = torch.zeros((0, 0), dtype=torch.int64)
             return {"input_ids": empty, "attention_mask": empty.clone()}
